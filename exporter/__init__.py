@@ -1,0 +1,1 @@
+"""The agent: a Prometheus exporter and health checks (iscsimple-agent)."""

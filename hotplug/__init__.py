@@ -1,0 +1,1 @@
+"""The Xen block hotplug script (block-iscsimple) and the operator CLI (iscsimple)."""
