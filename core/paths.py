@@ -1,0 +1,49 @@
+"""Where iscsimple looks for things. Every root is injectable so tests, the demo
+and `--path.*` flags can point the same code at a fixture tree."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+DEFAULT_CONFIG = Path("/etc/iscsimple/iscsimple.toml")
+DEFAULT_TAB = Path("/etc/xen/scripts/block-iscsimple-tab.conf")
+DEFAULT_STATE = Path("/run/iscsimple")
+DEFAULT_RECORDS = Path("/var/lib/iscsimple")
+
+
+@dataclass(frozen=True)
+class HostPaths:
+    procfs: Path = Path("/proc")
+    sysfs: Path = Path("/sys")
+    devfs: Path = Path("/dev")
+    # Registry of attachments: volatile, gone at reboot like the arrays it describes.
+    state: Path = DEFAULT_STATE
+    # Durable records (stale iSCSI copies): must survive a reboot.
+    records: Path = DEFAULT_RECORDS
+    tab: Path = DEFAULT_TAB
+    config: Path = DEFAULT_CONFIG
+
+    @classmethod
+    def from_env(cls, env: os._Environ[str] | dict[str, str] | None = None) -> HostPaths:
+        """Defaults, overridden by ISCSIMPLE_CONFIG / ISCSIMPLE_TAB / ISCSIMPLE_STATE / ISCSIMPLE_RECORDS.
+
+        xl runs the hotplug script with a minimal environment, so production uses the
+        defaults; the variables exist for tests and for hosts with unusual layouts.
+        """
+        env = os.environ if env is None else env
+        overrides = {
+            field: Path(env[var])
+            for field, var in (
+                ("config", "ISCSIMPLE_CONFIG"),
+                ("tab", "ISCSIMPLE_TAB"),
+                ("state", "ISCSIMPLE_STATE"),
+                ("records", "ISCSIMPLE_RECORDS"),
+            )
+            if env.get(var)
+        }
+        return replace(cls(), **overrides)
+
+    def with_(self, **changes: Path) -> HostPaths:
+        return replace(self, **changes)

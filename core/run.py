@@ -1,0 +1,120 @@
+"""Running external commands: argv lists only, and never without a time bound.
+
+A hotplug must finish within libxl's 40 s budget even when the iSCSI target is
+dead, so every call takes a timeout and an optional overall Deadline; on expiry
+the whole process group is killed (libxl would not kill our children for us).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from .errors import OperationError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 10.0
+
+
+class CommandError(OperationError):
+    """A command exited non-zero (or could not be started)."""
+
+    def __init__(self, argv: Sequence[str], returncode: int | None, stderr: str, message: str | None = None):
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr = stderr
+        detail = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit status {returncode}"
+        super().__init__(message or f"{' '.join(argv)} failed: {detail}")
+
+
+class CommandTimeout(CommandError):
+    def __init__(self, argv: Sequence[str], timeout: float, stderr: str = ""):
+        super().__init__(
+            argv, None, stderr, f"{' '.join(argv)} did not finish within {timeout:.0f} s and was killed"
+        )
+        self.timeout = timeout
+
+
+class DeadlineExceeded(OperationError):
+    pass
+
+
+class Deadline:
+    """An overall time budget shared by several steps."""
+
+    def __init__(self, seconds: float, clock=time.monotonic):
+        self._clock = clock
+        self.seconds = seconds
+        self.expires = clock() + seconds
+
+    def remaining(self) -> float:
+        return self.expires - self._clock()
+
+    def bound(self, timeout: float, what: str = "the operation") -> float:
+        """The smaller of `timeout` and what is left; raise if nothing is left."""
+        left = self.remaining()
+        if left <= 0:
+            raise DeadlineExceeded(f"gave up on {what}: the {self.seconds:.0f} s budget is spent")
+        return min(timeout, left)
+
+
+@dataclass(frozen=True)
+class Result:
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    deadline: Deadline | None = None,
+    check: bool = True,
+    input: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Result:
+    if isinstance(argv, str):  # a shell string would be split wrongly and invites injection
+        raise TypeError("run() takes an argv list, not a string")
+    argv = [str(a) for a in argv]
+    limit = deadline.bound(timeout, argv[0]) if deadline else timeout
+    started = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(env) if env is not None else None,
+            start_new_session=True,  # so a timeout can kill the command and everything it started
+        )
+    except OSError as e:
+        raise CommandError(argv, None, str(e), f"cannot run {argv[0]}: {e.strerror or e}") from None
+    try:
+        stdout, stderr = proc.communicate(input, timeout=limit)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        stdout, stderr = proc.communicate()
+        log.warning("timed out after %.1f s: %s", limit, " ".join(argv))
+        raise CommandTimeout(argv, limit, stderr or "") from None
+    seconds = time.monotonic() - started
+    log.debug("ran in %.2f s, exit %d: %s", seconds, proc.returncode, " ".join(argv))
+    result = Result(tuple(argv), proc.returncode, stdout, stderr, seconds)
+    if check and proc.returncode != 0:
+        raise CommandError(argv, proc.returncode, stderr)
+    return result
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)

@@ -1,0 +1,114 @@
+"""The tab file: which local device mirrors which LABEL.
+
+    # LABEL        LOCAL DEVICE
+    vm1-disk       /dev/vg0/vm1-disk
+    vm2-disk       MISSING-until-the-lv-is-made
+
+One entry per line, ``#`` starts a comment, blank lines are ignored. A DEVICE
+beginning with ``MISSING`` leaves the local leg out. Errors read ``FILE:LINE: message``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InputError
+from .spec import MISSING_PREFIX, check_label
+
+
+class TabError(InputError):
+    def __init__(self, path: Path | str, line: int | None, message: str):
+        where = f"{path}:{line}" if line else f"{path}"
+        super().__init__(f"{where}: {message}")
+        self.path = str(path)
+        self.line = line
+
+
+@dataclass(frozen=True)
+class TabEntry:
+    label: str
+    device: str | None  # None: MISSING, no local leg
+    path: str
+    line: int
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.line}"
+
+
+@dataclass
+class Tab:
+    path: str
+    entries: dict[str, TabEntry] = field(default_factory=dict)
+
+    def lookup(self, label: str) -> TabEntry:
+        try:
+            return self.entries[label]
+        except KeyError:
+            raise TabError(
+                self.path,
+                None,
+                f"no entry for LABEL {label!r}; add a line '{label} /dev/VG/LV' "
+                f"(or '{label} MISSING' for a mirror without local leg)",
+            ) from None
+
+
+def parse_tab(text: str, path: Path | str = "<tab>") -> Tab:
+    """Parse the whole file and report the first error with its line."""
+    tab = Tab(path=str(path))
+    devices: dict[str, TabEntry] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        fields = line.split()
+        if len(fields) != 2:
+            raise TabError(
+                path,
+                number,
+                f"expected 'LABEL DEVICE' (two columns), found {len(fields)}: {raw.strip()!r}",
+            )
+        label, device = fields
+        check_label(label, lambda msg, n=number: TabError(path, n, msg))
+        if label in tab.entries:
+            first = tab.entries[label]
+            raise TabError(
+                path,
+                number,
+                f"LABEL {label!r} is already defined on line {first.line}; labels are unique per host",
+            )
+        if device.startswith(MISSING_PREFIX):
+            entry = TabEntry(label, None, str(path), number)
+        else:
+            if not device.startswith("/"):
+                raise TabError(
+                    path,
+                    number,
+                    f"DEVICE {device!r} for {label!r} is a relative path; write the absolute path, e.g. /dev/vg0/{label}",
+                )
+            # Two mirrors writing one local device would destroy both copies.
+            if device in devices:
+                other = devices[device]
+                raise TabError(
+                    path,
+                    number,
+                    f"DEVICE {device} is already the local leg of {other.label!r} (line {other.line})",
+                )
+            entry = TabEntry(label, device, str(path), number)
+            devices[device] = entry
+        tab.entries[label] = entry
+    return tab
+
+
+def read_tab(path: Path | str) -> Tab:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise TabError(
+            path, None, "tab file not found; create it with one 'LABEL DEVICE' line per mirrored disk"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TabError(path, None, f"cannot read the tab file: {e}") from None
+    return parse_tab(text, path)

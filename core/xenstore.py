@@ -1,0 +1,87 @@
+"""xenstore, through one thin interface.
+
+Production talks to xenstored with the `xenstore-*` tools, as Xen's own hotplug
+scripts do. Tests (and the real-kernel test bed, which has no Xen) replace it by
+a JSON-file double, selected with ISCSIMPLE_XENSTORE_FILE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Protocol
+
+from .atomic import write_atomic
+from .run import CommandError, run
+
+XENSTORE_TIMEOUT = 5.0
+
+
+class XenStore(Protocol):
+    def read(self, key: str) -> str | None: ...
+    def write(self, key: str, value: str) -> None: ...
+    def rm(self, key: str) -> None: ...
+
+
+class CommandXenStore:
+    def read(self, key: str) -> str | None:
+        result = run(["xenstore-read", key], timeout=XENSTORE_TIMEOUT, check=False)
+        if result.returncode != 0:
+            return None
+        return result.stdout.rstrip("\n")
+
+    def write(self, key: str, value: str) -> None:
+        run(["xenstore-write", key, value], timeout=XENSTORE_TIMEOUT)
+
+    def rm(self, key: str) -> None:
+        # Already gone is fine: removal is idempotent.
+        with contextlib.suppress(CommandError):
+            run(["xenstore-rm", key], timeout=XENSTORE_TIMEOUT)
+
+
+class FileXenStore:
+    """A JSON file of key → value, for tests and for hosts without Xen. `rm` removes subtrees too."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+
+    @contextmanager
+    def _locked(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(self.path.suffix + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def _load(self) -> dict[str, str]:
+        try:
+            return json.loads(self.path.read_text() or "{}")
+        except FileNotFoundError:
+            return {}
+
+    def read(self, key: str) -> str | None:
+        with self._locked():
+            return self._load().get(key)
+
+    def write(self, key: str, value: str) -> None:
+        with self._locked():
+            data = self._load()
+            data[key] = value
+            write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True), fsync=False)
+
+    def rm(self, key: str) -> None:
+        with self._locked():
+            data = self._load()
+            kept = {k: v for k, v in data.items() if k != key and not k.startswith(key + "/")}
+            if kept != data:
+                write_atomic(self.path, json.dumps(kept, indent=1, sort_keys=True), fsync=False)
+
+
+def open_xenstore(env: Mapping[str, str] | None = None) -> XenStore:
+    env = os.environ if env is None else env
+    path = env.get("ISCSIMPLE_XENSTORE_FILE")
+    return FileXenStore(path) if path else CommandXenStore()
