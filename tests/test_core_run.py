@@ -1,0 +1,81 @@
+"""The bounded command runner: argv only, timeouts kill the whole process group."""
+
+import os
+import sys
+import time
+
+import pytest
+
+from iscsimple.core.run import CommandError, CommandTimeout, Deadline, DeadlineExceeded, run
+
+
+def test_runs_argv_and_captures_output():
+    result = run([sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr)"])
+    assert result.returncode == 0
+    assert result.stdout == "out\n"
+    assert result.stderr == "err\n"
+
+
+def test_refuses_a_shell_string():
+    with pytest.raises(TypeError):
+        run("echo hi")
+
+
+def test_nonzero_exit_raises_with_last_stderr_line():
+    with pytest.raises(CommandError) as e:
+        run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; print('first', file=sys.stderr); print('iscsiadm: no records found', file=sys.stderr); sys.exit(21)",
+            ]
+        )
+    assert e.value.returncode == 21
+    assert str(e.value).endswith("failed: iscsiadm: no records found")
+
+
+def test_nonzero_exit_without_check_returns():
+    assert run([sys.executable, "-c", "raise SystemExit(3)"], check=False).returncode == 3
+
+
+def test_missing_program_is_an_operation_error():
+    with pytest.raises(CommandError, match="cannot run no-such-program-here"):
+        run(["no-such-program-here"])
+
+
+def test_timeout_kills_the_command_and_its_children(tmp_path):
+    pidfile = tmp_path / "child.pid"
+    # The command starts a grandchild that would outlive a plain kill of the direct child.
+    script = (
+        "import subprocess, sys, time\n"
+        f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(pidfile)!r}, 'w').write(str(p.pid))\n"
+        "time.sleep(60)\n"
+    )
+    started = time.monotonic()
+    with pytest.raises(CommandTimeout) as e:
+        run([sys.executable, "-c", script], timeout=1.0)
+    assert time.monotonic() - started < 10
+    assert "did not finish within 1 s" in str(e.value)
+    child = int(pidfile.read_text())
+    for _ in range(100):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the grandchild survived the timeout")
+
+
+def test_deadline_bounds_each_command():
+    deadline = Deadline(0.5)
+    with pytest.raises(CommandTimeout):
+        run([sys.executable, "-c", "import time; time.sleep(30)"], timeout=20, deadline=deadline)
+
+
+def test_spent_deadline_refuses_to_start():
+    clock = iter([0.0, 100.0]).__next__
+    deadline = Deadline(30, clock=clock)
+    with pytest.raises(DeadlineExceeded, match="30 s budget is spent"):
+        run(["true"], deadline=deadline)
