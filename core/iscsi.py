@@ -1,0 +1,211 @@
+"""Reader of the open-iscsi sessions in sysfs (the kernel's scsi_transport_iscsi).
+
+Layout (iscsi_tcp; the session device hangs under its Scsi_Host):
+
+    /sys/class/iscsi_session/session1 -> ../../devices/platform/host0/session1/iscsi_session/session1
+        targetname, tpgt, state (LOGGED_IN|FAILED|FREE), recovery_tmo
+    /sys/devices/platform/host0/session1/                    the session device
+        connection1:0/iscsi_connection/connection1:0/        persistent_address, persistent_port, state
+        target0:0:0/0:0:0:1/                                 one SCSI device per LUN: state, block/sda/dev
+
+Reading sysfs needs no daemon and no command, so it works while iscsid hangs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "IscsiReadResult",
+    "IscsiSession",
+    "ScsiLun",
+    "find_lun_block",
+    "read_iscsi_sessions",
+]
+
+_SESSION = re.compile(r"^session([0-9]{1,9})$")
+_HCTL = re.compile(r"^([0-9]{1,9}):([0-9]{1,9}):([0-9]{1,9}):([0-9]{1,19})$")
+
+
+@dataclass(frozen=True)
+class ScsiLun:
+    hctl: str  # "0:0:0:1"
+    lun: int
+    state: str | None  # running, blocked, transport-offline, offline, ...
+    block: str | None  # "sda"; None while the disk is not (or no longer) attached
+    dev: str | None  # "8:0"
+
+
+@dataclass(frozen=True)
+class IscsiSession:
+    sid: int
+    name: str  # "session1"
+    target: str  # IQN
+    tpgt: int | None
+    state: str | None  # LOGGED_IN | FAILED | FREE
+    recovery_tmo: int | None  # seconds the kernel queues I/O before failing it
+    host: str | None  # "host0"
+    portal_address: str | None
+    portal_port: int | None
+    connection_state: str | None  # up, down, failed
+    luns: tuple[ScsiLun, ...] = ()
+
+    @property
+    def portal(self) -> str | None:
+        if self.portal_address is None:
+            return None
+        address = f"[{self.portal_address}]" if ":" in self.portal_address else self.portal_address
+        return address if self.portal_port is None else f"{address}:{self.portal_port}"
+
+    def lun(self, number: int) -> ScsiLun | None:
+        return next((lun for lun in self.luns if lun.lun == number), None)
+
+
+@dataclass
+class IscsiReadResult:
+    sessions: list[IscsiSession] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def read_iscsi_sessions(sysfs: Path) -> IscsiReadResult:
+    """All iSCSI sessions, sorted by sid. No iscsi_session class (module not loaded) = no sessions."""
+    result = IscsiReadResult()
+    class_dir = os.path.join(sysfs, "class", "iscsi_session")
+    try:
+        names = [e.name for e in os.scandir(class_dir) if _SESSION.match(e.name)]
+    except FileNotFoundError:
+        return result
+    except OSError as e:
+        result.errors.append(f"{class_dir}: cannot list: {e.strerror or e}")
+        return result
+    for name in sorted(names, key=lambda n: int(n[7:])):
+        try:
+            session = _read_session(sysfs, class_dir, name, result.errors)
+        except OSError as e:  # one broken session never hides the others
+            result.errors.append(f"{os.path.join(class_dir, name)}: {e}")
+            continue
+        if session is not None:
+            result.sessions.append(session)
+    return result
+
+
+def find_lun_block(sysfs: Path, target: str, lun: int) -> list[tuple[IscsiSession, ScsiLun]]:
+    """Sessions to `target` whose LUN `lun` has a block device (several with multiple portals)."""
+    found = []
+    for session in read_iscsi_sessions(sysfs).sessions:
+        if session.target != target:
+            continue
+        scsi_lun = session.lun(lun)
+        if scsi_lun is not None and scsi_lun.block is not None:
+            found.append((session, scsi_lun))
+    return found
+
+
+def _read_session(sysfs: Path, class_dir: str, name: str, errors: list[str]) -> IscsiSession | None:
+    attrs_dir = os.path.realpath(os.path.join(class_dir, name))
+    target = _read(attrs_dir, "targetname", errors, required=True)
+    if target is None:
+        if not os.path.isdir(attrs_dir):
+            return None  # logged out while we read it
+        target = ""
+    # .../host0/session1/iscsi_session/session1 -> the session device is two levels up.
+    session_dir = os.path.dirname(os.path.dirname(attrs_dir))
+    host = os.path.basename(os.path.dirname(session_dir))
+    address, port, connection_state = _read_connection(session_dir, errors)
+    return IscsiSession(
+        sid=int(name[7:]),
+        name=name,
+        target=target,
+        tpgt=_int(_read(attrs_dir, "tpgt", errors, required=True), attrs_dir, "tpgt", errors),
+        state=_read(attrs_dir, "state", errors, required=True),
+        recovery_tmo=_int(
+            _read(attrs_dir, "recovery_tmo", errors, required=True), attrs_dir, "recovery_tmo", errors
+        ),
+        host=host if host.startswith("host") else None,
+        portal_address=address,
+        portal_port=port,
+        connection_state=connection_state,
+        luns=_read_luns(sysfs, session_dir, errors),
+    )
+
+
+def _read_connection(session_dir: str, errors: list[str]) -> tuple[str | None, int | None, str | None]:
+    # open-iscsi uses one connection per session (connection<sid>:0); take the first.
+    for conn in sorted(_list(session_dir, "connection")):
+        conn_dir = os.path.join(session_dir, conn, "iscsi_connection", conn)
+        if not os.path.isdir(conn_dir):
+            continue
+        address = _read(conn_dir, "persistent_address", errors, required=True) or None
+        port = _int(
+            _read(conn_dir, "persistent_port", errors, required=True), conn_dir, "persistent_port", errors
+        )
+        return address, port, _read(conn_dir, "state", errors, required=False)
+    return None, None, None
+
+
+def _read_luns(sysfs: Path, session_dir: str, errors: list[str]) -> tuple[ScsiLun, ...]:
+    luns = []
+    for target in _list(session_dir, "target"):
+        target_dir = os.path.join(session_dir, target)
+        for hctl in _list(target_dir, ""):
+            m = _HCTL.match(hctl)
+            if m is None:
+                continue
+            lun_dir = os.path.join(target_dir, hctl)
+            blocks = sorted(_list(os.path.join(lun_dir, "block"), ""))
+            block = blocks[0] if blocks else None
+            luns.append(
+                ScsiLun(
+                    hctl=hctl,
+                    lun=int(m[4]),
+                    state=_read(lun_dir, "state", errors, required=True),
+                    block=block,
+                    dev=_block_dev(sysfs, lun_dir, block),
+                )
+            )
+    luns.sort(key=lambda lun: lun.lun)
+    return tuple(luns)
+
+
+def _block_dev(sysfs: Path, lun_dir: str, block: str | None) -> str | None:
+    if block is None:
+        return None
+    for directory in (os.path.join(lun_dir, "block", block), os.path.join(sysfs, "block", block)):
+        dev = _read(directory, "dev", [], required=False)
+        if dev and re.fullmatch(r"[0-9]{1,9}:[0-9]{1,9}", dev):
+            return dev
+    return None
+
+
+def _list(directory: str, prefix: str) -> list[str]:
+    try:
+        return [e.name for e in os.scandir(directory) if e.name.startswith(prefix)]
+    except OSError:
+        return []
+
+
+def _read(directory: str, attr: str, errors: list[str], required: bool) -> str | None:
+    path = os.path.join(directory, attr)
+    try:
+        with open(path, "rb") as f:
+            return f.read(4096).decode("utf-8", "replace").strip()
+    except FileNotFoundError:
+        if required:
+            errors.append(f"{path}: missing")
+    except OSError as e:
+        if required:
+            errors.append(f"{path}: unreadable: {e.strerror or e}")
+    return None
+
+
+def _int(text: str | None, directory: str, attr: str, errors: list[str]) -> int | None:
+    if text is None or text == "":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        errors.append(f"{os.path.join(directory, attr)}: cannot parse {text[:80]!r}")
+        return None

@@ -1,0 +1,269 @@
+"""Reader of the md arrays in sysfs: /sys/block/<array>/md/ and its dev-<member>/ dirs.
+
+This runs on every scrape for up to thousands of arrays, so it reads each small
+attribute file once, lists only the directories it needs and never opens a
+block device or runs a command. Attribute meanings: Documentation/admin-guide/md.rst.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from iscsimple.core.errors import OperationError
+
+__all__ = [
+    "REDUNDANT_LEVELS",
+    "MdArray",
+    "MdMember",
+    "MdReadResult",
+    "SysfsError",
+    "read_md_array",
+    "read_md_arrays",
+]
+
+# Personalities with a sync_request method; only they have degraded, sync_action,
+# sync_completed... (the kernel's md_redundancy_group).
+REDUNDANT_LEVELS = frozenset({"raid1", "raid4", "raid5", "raid6", "raid10"})
+
+
+T = TypeVar("T")
+
+
+class SysfsError(OperationError):
+    """A sysfs object we were asked for is not there (array stopped, session gone)."""
+
+
+@dataclass(frozen=True)
+class MdMember:
+    name: str  # "sda", "loop1", "dm-3" (the dev-<name> directory)
+    slot: int | None  # role in the array; None for "none" (spare or faulty)
+    state: frozenset[str]  # flags of dev-*/state: in_sync, write_mostly, faulty, write_error, spare, ...
+    errors: int | None  # corrected read errors
+    recovery_start: int | None  # sectors already recovered; None for "none" (not recovering)
+    dev: str | None  # "8:0"
+
+    @property
+    def in_sync(self) -> bool:
+        return "in_sync" in self.state
+
+    @property
+    def write_mostly(self) -> bool:
+        return "write_mostly" in self.state
+
+    @property
+    def faulty(self) -> bool:
+        return "faulty" in self.state
+
+    @property
+    def spare(self) -> bool:
+        return "spare" in self.state
+
+    @property
+    def blocked(self) -> bool:
+        return "blocked" in self.state
+
+    @property
+    def write_error(self) -> bool:
+        return "write_error" in self.state
+
+    @property
+    def replacement(self) -> bool:
+        return "replacement" in self.state
+
+    @property
+    def recovering(self) -> bool:
+        """Has a slot but is not in sync yet: data is being copied onto it."""
+        return self.slot is not None and not self.in_sync and not self.faulty
+
+
+@dataclass(frozen=True)
+class MdArray:
+    name: str  # "md127", "md_data"
+    dev: str | None  # "9:127"
+    level: str | None  # "raid1"; None if the file is missing or empty (inactive array)
+    array_state: str | None  # clear, inactive, suspended, readonly, read-auto, clean, active, ...
+    metadata_version: str | None  # "none" for --build arrays, "1.2", "external:imsm"
+    raid_disks: int | None
+    degraded: int | None  # number of missing/failed slots
+    sync_action: str | None  # idle, resync, recover, check, repair, reshape, frozen
+    last_sync_action: str | None
+    sync_completed: tuple[int, int] | None  # (done, total) sectors; None for "none"/"delayed"
+    sync_speed_kib: int | None  # KiB/s of the running sync; None for "none"
+    component_size_kib: int | None
+    size_bytes: int | None  # /sys/block/<name>/size * 512
+    members: tuple[MdMember, ...]
+    sync_delayed: bool = False  # sync_completed says "delayed" (waiting for another array)
+
+    def member(self, name: str) -> MdMember | None:
+        return next((m for m in self.members if m.name == name), None)
+
+
+@dataclass
+class MdReadResult:
+    arrays: dict[str, MdArray] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+
+def read_md_arrays(sysfs: Path) -> MdReadResult:
+    """Every md array under sysfs/block. A broken array is reported in errors, never hides others."""
+    result = MdReadResult()
+    block = os.path.join(sysfs, "block")
+    try:
+        names = sorted(entry.name for entry in os.scandir(block) if entry.name.startswith("md"))
+    except FileNotFoundError:
+        return result
+    except OSError as e:
+        result.errors.append(f"{block}: cannot list: {e.strerror or e}")
+        return result
+    for name in names:
+        md_dir = os.path.join(block, name, "md")
+        if not os.path.isdir(md_dir):
+            continue  # not an md device after all, or stopped meanwhile
+        try:
+            array = _read_array(block, name, result.errors)
+        except _Gone:
+            continue  # stopped while we read it: not an error, it simply is no more
+        except (OSError, ValueError) as e:  # never let one array hide the others
+            result.errors.append(f"{md_dir}: {e}")
+            continue
+        result.arrays[name] = array
+    return result
+
+
+def read_md_array(sysfs: Path, name: str, errors: list[str] | None = None) -> MdArray:
+    """One array by kernel name ("md127"). Raises SysfsError if it does not exist (any more).
+
+    Problems with single attributes are appended to `errors` when given.
+    """
+    block = os.path.join(sysfs, "block")
+    if "/" in name or name in ("", ".", "..") or not os.path.isdir(os.path.join(block, name, "md")):
+        raise SysfsError(f"md array {name} not found in {block}")
+    try:
+        return _read_array(block, name, errors if errors is not None else [])
+    except _Gone:
+        raise SysfsError(f"md array {name} disappeared while being read") from None
+
+
+class _Gone(Exception):
+    pass
+
+
+class _Attrs:
+    """Reads attribute files of one directory, noting unreadable required ones in errors."""
+
+    def __init__(self, directory: str, errors: list[str]):
+        self.directory = directory
+        self.errors = errors
+
+    def text(self, attr: str, required: bool) -> str | None:
+        path = os.path.join(self.directory, attr)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(4096)
+        except FileNotFoundError:
+            if required:
+                self.errors.append(f"{path}: missing")
+            return None
+        except OSError as e:
+            if required:
+                self.errors.append(f"{path}: unreadable: {e.strerror or e}")
+            return None
+        return data.decode("utf-8", "replace").strip()
+
+    def parsed(self, attr: str, required: bool, parse: Callable[[str], T], none_words=("none",)) -> T | None:
+        text = self.text(attr, required)
+        if text is None or text in none_words:
+            return None
+        try:
+            return parse(text)
+        except ValueError:
+            self.errors.append(f"{os.path.join(self.directory, attr)}: cannot parse {text[:80]!r}")
+            return None
+
+
+def _read_array(block: str, name: str, errors: list[str]) -> MdArray:
+    disk_dir = os.path.join(block, name)
+    md_dir = os.path.join(disk_dir, "md")
+    md = _Attrs(md_dir, errors)
+    disk = _Attrs(disk_dir, errors)
+
+    array_state = md.text("array_state", required=True)
+    if array_state is None and not os.path.isdir(md_dir):
+        raise _Gone
+    level = md.text("level", required=True) or None
+    redundant = level in REDUNDANT_LEVELS
+    sync_completed_text = md.text("sync_completed", required=redundant)
+    sectors = disk.parsed("size", True, int)
+    members = _read_members(md_dir, errors)
+    return MdArray(
+        name=name,
+        dev=disk.parsed("dev", True, _parse_dev),
+        level=level,
+        array_state=array_state,
+        metadata_version=md.text("metadata_version", required=True),
+        raid_disks=md.parsed("raid_disks", True, _parse_raid_disks),
+        degraded=md.parsed("degraded", redundant, int),
+        sync_action=md.text("sync_action", required=redundant),
+        last_sync_action=md.text("last_sync_action", required=redundant),
+        sync_completed=_parse_sync_completed(sync_completed_text, md_dir, errors),
+        sync_speed_kib=md.parsed("sync_speed", redundant, int),
+        component_size_kib=md.parsed("component_size", True, int),
+        size_bytes=sectors * 512 if sectors is not None else None,
+        members=members,
+        sync_delayed=sync_completed_text == "delayed",
+    )
+
+
+def _read_members(md_dir: str, errors: list[str]) -> tuple[MdMember, ...]:
+    try:
+        entries = [e.name for e in os.scandir(md_dir) if e.name.startswith("dev-")]
+    except FileNotFoundError:
+        raise _Gone from None
+    members = []
+    for entry in entries:
+        member_dir = os.path.join(md_dir, entry)
+        attrs = _Attrs(member_dir, errors)
+        state_text = attrs.text("state", required=True)
+        if state_text is None and not os.path.isdir(member_dir):
+            continue  # removed from the array while we read it
+        members.append(
+            MdMember(
+                name=entry[4:],
+                slot=attrs.parsed("slot", True, int),
+                state=frozenset(filter(None, (state_text or "").split(","))),
+                errors=attrs.parsed("errors", True, int),
+                recovery_start=attrs.parsed("recovery_start", True, int),
+                # dev-X/block links to the member's block device dir, whatever kind (disk,
+                # partition, dm, loop), so one read gives its major:minor.
+                dev=attrs.parsed("block/dev", False, _parse_dev),
+            )
+        )
+    members.sort(key=lambda m: (m.slot is None, m.slot or 0, m.name))
+    return tuple(members)
+
+
+def _parse_dev(text: str) -> str:
+    major, minor = text.split(":")
+    return f"{int(major)}:{int(minor)}"
+
+
+def _parse_raid_disks(text: str) -> int:
+    # During a reshape the kernel prints "3 (2)": new count, then the old one.
+    return int(text.split()[0]) if text else int(text)
+
+
+def _parse_sync_completed(text: str | None, md_dir: str, errors: list[str]) -> tuple[int, int] | None:
+    if text is None or text in ("none", "delayed"):
+        return None
+    done, sep, total = text.partition("/")
+    try:
+        if not sep:
+            raise ValueError(text)
+        return int(done), int(total)
+    except ValueError:
+        errors.append(f"{os.path.join(md_dir, 'sync_completed')}: cannot parse {text[:80]!r}")
+        return None

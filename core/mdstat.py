@@ -1,0 +1,303 @@
+"""Reader of /proc/mdstat.
+
+The format is whatever the kernel's md_seq_show() prints (drivers/md/md.c):
+
+    Personalities : [raid1]
+    md127 : active (auto-read-only) raid1 loop1[2] sda[1](W)(F)
+          65536 blocks super non-persistent [2/1] [U_]
+          bitmap: 0/1 pages [0KB], 65536KB chunk
+          [=======>.............]  recovery = 37.9% (25088/65536) finish=0.2min speed=2280K/sec
+
+    unused devices: <none>
+
+Lines the agent does not need (bitmap, level-specific chunk/layout text) are
+accepted and skipped; a line inside an array block that matches nothing the
+kernel prints raises MdstatError, because silently misreading an array's state
+is worse than reporting that we could not read it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from iscsimple.core.errors import InputError
+
+__all__ = [
+    "Mdstat",
+    "MdstatArray",
+    "MdstatError",
+    "MdstatMember",
+    "MdstatProgress",
+    "format_mdstat",
+    "parse_mdstat",
+    "read_mdstat",
+]
+
+
+class MdstatError(InputError):
+    """/proc/mdstat (or a capture of it) holds a line we cannot make sense of."""
+
+
+@dataclass(frozen=True)
+class MdstatMember:
+    name: str  # "sda", "loop1", "dm-3", "nvme0n1p2"
+    index: int  # the number in brackets: the descriptor number, not the slot
+    write_mostly: bool = False  # (W)
+    faulty: bool = False  # (F)
+    spare: bool = False  # (S)
+    replacement: bool = False  # (R)
+    journal: bool = False  # (J)
+
+
+@dataclass(frozen=True)
+class MdstatProgress:
+    action: str  # resync | recovery | check | repair | reshape
+    ratio: float | None  # 0.379 for "37.9%"
+    done_blocks: int | None
+    total_blocks: int | None
+    finish_minutes: float | None
+    speed_kib: int | None  # KiB/s
+
+
+@dataclass(frozen=True)
+class MdstatArray:
+    name: str  # "md127", "md_data"
+    active: bool
+    read_only: str | None  # "read-only" | "auto-read-only" | None
+    level: str | None  # "raid1"; None for inactive arrays
+    members: tuple[MdstatMember, ...]
+    blocks: int | None  # KiB
+    super: str | None  # "1.2", "non-persistent", "external:imsm"; None for 0.90
+    raid_disks: int | None  # n of [n/m]
+    working_disks: int | None  # m of [n/m]
+    status: str | None  # "U_"
+    progress: MdstatProgress | None = None
+    sync_state: str | None = None  # "PENDING" | "DELAYED" | "REMOTE" (resync=...)
+    bitmap: str | None = None  # text after "bitmap: ", kept verbatim
+
+    def member(self, name: str) -> MdstatMember | None:
+        return next((m for m in self.members if m.name == name), None)
+
+
+@dataclass(frozen=True)
+class Mdstat:
+    personalities: tuple[str, ...] = ()
+    arrays: dict[str, MdstatArray] = field(default_factory=dict)
+
+
+_HEADER = re.compile(r"^(?P<name>[^\s:]+) : (?P<state>active|inactive)(?P<rest>(?: .*)?)$")
+_MEMBER = re.compile(r"^(?P<name>[^\s\[\]()]+)\[(?P<index>[0-9]{1,9})\](?P<flags>(?:\([A-Z]\))*)$")
+_LEVEL = re.compile(r"^[a-z][a-z0-9_-]*$")
+_BLOCKS = re.compile(
+    r"^(?P<blocks>[0-9]{1,19}) blocks"
+    r"(?: super (?P<super>\S+))?"
+    # Personality-specific text ("level 5, 512k chunk, algorithm 2", "512K chunks 2 near-copies",
+    # "64k rounding") is not needed; it is plain words, numbers and commas.
+    r"(?P<extra>(?: [\w.,-]+)*?)"
+    r"(?: \[(?P<raid>[0-9]{1,9})/(?P<working>[0-9]{1,9})\] \[(?P<status>[U_]*)\])?$"
+)
+_PROGRESS = re.compile(
+    r"^(?:\[[=>.]*\]\s+)?(?P<action>[a-z]+)\s*=\s*(?P<percent>[0-9]{1,3}(?:\.[0-9]{1,6})?)%"
+    r"(?:\s+\((?P<done>[0-9]{1,19})/(?P<total>[0-9]{1,19})\))?"
+    r"(?:\s+finish=(?P<finish>[0-9]{1,12}(?:\.[0-9]{1,6})?)min)?"
+    r"(?:\s+speed=(?P<speed>[0-9]{1,19})K/sec)?$"
+)
+_SYNC_STATE = re.compile(r"^resync=(?P<state>[A-Z]+)$")
+_BITMAP = re.compile(r"^bitmap: (?P<text>.*)$")
+_PERSONALITIES = re.compile(r"^Personalities :(?P<rest>.*)$")
+_FLAG_FIELDS = {"W": "write_mostly", "F": "faulty", "S": "spare", "R": "replacement", "J": "journal"}
+_RO_MARKERS = {"(read-only)": "read-only", "(auto-read-only)": "auto-read-only"}
+
+
+def read_mdstat(procfs: Path) -> Mdstat:
+    """Read and parse procfs/mdstat. A missing file (md module not loaded) is an empty Mdstat."""
+    try:
+        text = (procfs / "mdstat").read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return Mdstat()
+    return parse_mdstat(text)
+
+
+def parse_mdstat(text: str) -> Mdstat:
+    personalities: tuple[str, ...] = ()
+    arrays: dict[str, MdstatArray] = {}
+    block: _ArrayBlock | None = None
+
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line:
+            continue  # the kernel ends every array block with a whitespace-only line
+        if raw[0].isspace():
+            if block is None:
+                raise MdstatError(f"mdstat line {number}: indented line outside an array: {raw!r}")
+            block.add_line(line, number, raw)
+            continue
+        if block is not None:
+            arrays[block.name] = block.finish()
+            block = None
+        if m := _PERSONALITIES.match(line):
+            personalities = _parse_personalities(m["rest"], number, raw)
+        elif line.startswith("unused devices:") or line.startswith("read_ahead "):
+            pass
+        elif m := _HEADER.match(line):
+            if m["name"] in arrays:
+                raise MdstatError(f"mdstat line {number}: array {m['name']} listed twice: {raw!r}")
+            block = _ArrayBlock.from_header(m, number, raw)
+        else:
+            raise MdstatError(f"mdstat line {number}: not an array, personality or unused line: {raw!r}")
+    if block is not None:
+        arrays[block.name] = block.finish()
+    return Mdstat(personalities=personalities, arrays=arrays)
+
+
+def _parse_personalities(rest: str, number: int, raw: str) -> tuple[str, ...]:
+    names = []
+    for token in rest.split():
+        if not (token.startswith("[") and token.endswith("]") and len(token) > 2):
+            raise MdstatError(f"mdstat line {number}: bad personality {token!r}: {raw!r}")
+        names.append(token[1:-1])
+    return tuple(names)
+
+
+class _ArrayBlock:
+    """Accumulates the lines of one array while parsing."""
+
+    def __init__(self, name: str, active: bool, read_only: str | None, level: str | None, members):
+        self.name = name
+        self.active = active
+        self.read_only = read_only
+        self.level = level
+        self.members: tuple[MdstatMember, ...] = members
+        self.blocks: int | None = None
+        self.super: str | None = None
+        self.raid_disks: int | None = None
+        self.working_disks: int | None = None
+        self.status: str | None = None
+        self.progress: MdstatProgress | None = None
+        self.sync_state: str | None = None
+        self.bitmap: str | None = None
+
+    @classmethod
+    def from_header(cls, m: re.Match[str], number: int, raw: str) -> _ArrayBlock:
+        tokens = m["rest"].split()
+        read_only = None
+        if tokens and tokens[0] in _RO_MARKERS:
+            read_only = _RO_MARKERS[tokens.pop(0)]
+        level = None
+        if tokens and "[" not in tokens[0]:
+            if not _LEVEL.match(tokens[0]):
+                raise MdstatError(f"mdstat line {number}: bad level {tokens[0]!r}: {raw!r}")
+            level = tokens.pop(0)
+        members = tuple(_parse_member(token, number, raw) for token in tokens)
+        return cls(m["name"], m["state"] == "active", read_only, level, members)
+
+    def add_line(self, line: str, number: int, raw: str) -> None:
+        if m := _BLOCKS.match(line):
+            if self.blocks is not None:
+                raise MdstatError(f"mdstat line {number}: second size line for {self.name}: {raw!r}")
+            self.blocks = int(m["blocks"])
+            self.super = m["super"]
+            if m["raid"] is not None:
+                self.raid_disks = int(m["raid"])
+                self.working_disks = int(m["working"])
+                self.status = m["status"]
+        elif m := _PROGRESS.match(line):
+            self.progress = MdstatProgress(
+                action=m["action"],
+                ratio=round(float(m["percent"]) / 100, 6),
+                done_blocks=_int_or_none(m["done"]),
+                total_blocks=_int_or_none(m["total"]),
+                finish_minutes=float(m["finish"]) if m["finish"] is not None else None,
+                speed_kib=_int_or_none(m["speed"]),
+            )
+        elif m := _SYNC_STATE.match(line):
+            self.sync_state = m["state"]
+        elif m := _BITMAP.match(line):
+            self.bitmap = m["text"]
+        else:
+            raise MdstatError(f"mdstat line {number}: cannot parse line of {self.name}: {raw!r}")
+
+    def finish(self) -> MdstatArray:
+        return MdstatArray(
+            name=self.name,
+            active=self.active,
+            read_only=self.read_only,
+            level=self.level,
+            members=self.members,
+            blocks=self.blocks,
+            super=self.super,
+            raid_disks=self.raid_disks,
+            working_disks=self.working_disks,
+            status=self.status,
+            progress=self.progress,
+            sync_state=self.sync_state,
+            bitmap=self.bitmap,
+        )
+
+
+def _parse_member(token: str, number: int, raw: str) -> MdstatMember:
+    m = _MEMBER.match(token)
+    if m is None:
+        raise MdstatError(f"mdstat line {number}: bad member {token!r}: {raw!r}")
+    # Letters the kernel may add in future are ignored rather than fatal: the member
+    # itself was understood.
+    flags = {_FLAG_FIELDS[letter]: True for letter in m["flags"][1::3] if letter in _FLAG_FIELDS}
+    return MdstatMember(name=m["name"], index=int(m["index"]), **flags)
+
+
+def _int_or_none(text: str | None) -> int | None:
+    return int(text) if text is not None else None
+
+
+def format_mdstat(mdstat: Mdstat) -> str:
+    """Render an Mdstat the way the kernel prints it (for demo hosts and tests)."""
+    out = ["Personalities : " + "".join(f"[{p}] " for p in mdstat.personalities)]
+    for array in mdstat.arrays.values():
+        head = f"{array.name} : {'active' if array.active else 'inactive'}"
+        if array.read_only:
+            head += f" ({array.read_only})"
+        if array.level:
+            head += f" {array.level}"
+        for member in array.members:
+            head += f" {member.name}[{member.index}]" + _member_flags(member)
+        out.append(head)
+        size = ""
+        if array.blocks is not None:
+            size = f"{array.blocks} blocks"
+            if array.super is not None:
+                size += f" super {array.super}"
+            if array.raid_disks is not None:
+                size += f" [{array.raid_disks}/{array.working_disks}] [{array.status}]"
+        out.append("      " + size)
+        if array.sync_state:
+            out.append(f"      \tresync={array.sync_state}")
+        if array.progress is not None:
+            out.append("      " + _format_progress(array.progress))
+        if array.bitmap is not None:
+            out.append(f"      bitmap: {array.bitmap}")
+        out.append("      ")
+    out.append("unused devices: <none>")
+    return "\n".join(out) + "\n"
+
+
+def _member_flags(member: MdstatMember) -> str:
+    flags = "(W)" if member.write_mostly else ""
+    flags += "(J)" if member.journal else ""
+    if member.faulty:
+        return flags + "(F)"
+    flags += "(S)" if member.spare else ""
+    return flags + ("(R)" if member.replacement else "")
+
+
+def _format_progress(p: MdstatProgress) -> str:
+    text = f"[====>...............]  {p.action} ="
+    text += f"{p.ratio * 100:5.1f}%" if p.ratio is not None else "  0.0%"
+    if p.done_blocks is not None and p.total_blocks is not None:
+        text += f" ({p.done_blocks}/{p.total_blocks})"
+    if p.finish_minutes is not None:
+        text += f" finish={p.finish_minutes}min"
+    if p.speed_kib is not None:
+        text += f" speed={p.speed_kib}K/sec"
+    return text
