@@ -337,9 +337,7 @@ def _kernel_name(device: str | None, paths: HostPaths | None) -> str | None:
     return name if Path(real).parent == Path(os.path.realpath(paths.devfs)) else None
 
 
-def _leg(
-    role: str, configured: bool, member: MdMember | None, device: str | None, md: MdArray | None
-) -> LegView:
+def _leg(role: str, configured: bool, member: MdMember | None, device: str | None) -> LegView:
     return LegView(
         role=role,
         configured=configured,

@@ -10,6 +10,7 @@ refuses to attach a LABEL that has one; heal or `iscsimple resolve` clear it.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -68,8 +69,13 @@ class StaleRecords:
         return remove_durably(self.path(label))
 
     def list(self) -> list[StaleRecord]:
+        # Only "no records yet" is empty; an unreadable directory must surface, not look like "no stale copies".
         try:
-            names = sorted(p.stem for p in self.directory.glob("*.json"))
+            names = sorted(
+                n[: -len(".json")]
+                for n in os.listdir(self.directory)
+                if n.endswith(".json") and not n.startswith(".")
+            )
         except FileNotFoundError:
             return []
         return [r for r in (self.get(n) for n in names) if r is not None]
