@@ -8,6 +8,7 @@ block device or runs a command. Attribute meanings: Documentation/admin-guide/md
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ __all__ = [
 
 # Personalities with a sync_request method; only they have degraded, sync_action,
 # sync_completed... (the kernel's md_redundancy_group).
+_INT = re.compile(r"-?[0-9]{1,20}")
 REDUNDANT_LEVELS = frozenset({"raid1", "raid4", "raid5", "raid6", "raid10"})
 
 
@@ -185,37 +187,38 @@ class _Attrs:
             return None
 
 
-def _read_array(block: str, name: str, errors: list[str]) -> MdArray:
+def _read_array(block: str, name: str, all_errors: list[str]) -> MdArray:
     disk_dir = os.path.join(block, name)
     md_dir = os.path.join(disk_dir, "md")
+    errors: list[str] = []
     md = _Attrs(md_dir, errors)
     disk = _Attrs(disk_dir, errors)
 
-    array_state = md.text("array_state", required=True)
-    if array_state is None and not os.path.isdir(md_dir):
-        raise _Gone
     level = md.text("level", required=True) or None
     redundant = level in REDUNDANT_LEVELS
     sync_completed_text = md.text("sync_completed", required=redundant)
-    sectors = disk.parsed("size", True, int)
-    members = _read_members(md_dir, errors)
-    return MdArray(
+    sectors = disk.parsed("size", True, _parse_int)
+    array = MdArray(
         name=name,
         dev=disk.parsed("dev", True, _parse_dev),
         level=level,
-        array_state=array_state,
+        array_state=md.text("array_state", required=True),
         metadata_version=md.text("metadata_version", required=True),
         raid_disks=md.parsed("raid_disks", True, _parse_raid_disks),
-        degraded=md.parsed("degraded", redundant, int),
+        degraded=md.parsed("degraded", redundant, _parse_int),
         sync_action=md.text("sync_action", required=redundant),
         last_sync_action=md.text("last_sync_action", required=redundant),
         sync_completed=_parse_sync_completed(sync_completed_text, md_dir, errors),
-        sync_speed_kib=md.parsed("sync_speed", redundant, int),
-        component_size_kib=md.parsed("component_size", True, int),
+        sync_speed_kib=md.parsed("sync_speed", redundant, _parse_int),
+        component_size_kib=md.parsed("component_size", True, _parse_int),
         size_bytes=sectors * 512 if sectors is not None else None,
-        members=members,
+        members=_read_members(md_dir, errors),
         sync_delayed=sync_completed_text == "delayed",
     )
+    if errors and not os.path.isdir(md_dir):
+        raise _Gone  # stopped while we read it: the missing files are no fault
+    all_errors.extend(errors)
+    return array
 
 
 def _read_members(md_dir: str, errors: list[str]) -> tuple[MdMember, ...]:
@@ -226,34 +229,44 @@ def _read_members(md_dir: str, errors: list[str]) -> tuple[MdMember, ...]:
     members = []
     for entry in entries:
         member_dir = os.path.join(md_dir, entry)
-        attrs = _Attrs(member_dir, errors)
+        member_errors: list[str] = []
+        attrs = _Attrs(member_dir, member_errors)
         state_text = attrs.text("state", required=True)
-        if state_text is None and not os.path.isdir(member_dir):
-            continue  # removed from the array while we read it
-        members.append(
-            MdMember(
-                name=entry[4:],
-                slot=attrs.parsed("slot", True, int),
-                state=frozenset(filter(None, (state_text or "").split(","))),
-                errors=attrs.parsed("errors", True, int),
-                recovery_start=attrs.parsed("recovery_start", True, int),
-                # dev-X/block links to the member's block device dir, whatever kind (disk,
-                # partition, dm, loop), so one read gives its major:minor.
-                dev=attrs.parsed("block/dev", False, _parse_dev),
-            )
+        member = MdMember(
+            name=entry[4:],
+            slot=attrs.parsed("slot", True, _parse_int),
+            state=frozenset(filter(None, (state_text or "").split(","))),
+            errors=attrs.parsed("errors", True, _parse_int),
+            recovery_start=attrs.parsed("recovery_start", True, _parse_int),
+            # dev-X/block links to the member's block device dir, whatever kind (disk,
+            # partition, dm, loop), so one read gives its major:minor.
+            dev=attrs.parsed("block/dev", False, _parse_dev),
         )
+        if member_errors and not os.path.isdir(member_dir):
+            continue  # removed from the array (mdadm --remove) while we read it
+        errors.extend(member_errors)
+        members.append(member)
     members.sort(key=lambda m: (m.slot is None, m.slot or 0, m.name))
     return tuple(members)
 
 
+def _parse_int(text: str) -> int:
+    # Stricter than int(): sysfs numbers are plain decimal ("1_000", " +5" or 5000 digits are garbage).
+    if not _INT.fullmatch(text):
+        raise ValueError(text)
+    return int(text)
+
+
 def _parse_dev(text: str) -> str:
-    major, minor = text.split(":")
-    return f"{int(major)}:{int(minor)}"
+    major, sep, minor = text.partition(":")
+    if not sep:
+        raise ValueError(text)
+    return f"{_parse_int(major)}:{_parse_int(minor)}"
 
 
 def _parse_raid_disks(text: str) -> int:
     # During a reshape the kernel prints "3 (2)": new count, then the old one.
-    return int(text.split()[0]) if text else int(text)
+    return _parse_int(text.split(" ", 1)[0])
 
 
 def _parse_sync_completed(text: str | None, md_dir: str, errors: list[str]) -> tuple[int, int] | None:
@@ -263,7 +276,7 @@ def _parse_sync_completed(text: str | None, md_dir: str, errors: list[str]) -> t
     try:
         if not sep:
             raise ValueError(text)
-        return int(done), int(total)
+        return _parse_int(done.strip()), _parse_int(total.strip())
     except ValueError:
         errors.append(f"{os.path.join(md_dir, 'sync_completed')}: cannot parse {text[:80]!r}")
         return None

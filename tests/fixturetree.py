@@ -24,6 +24,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 SHARED_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
@@ -178,3 +180,143 @@ def _recreate_dev_links(listing: Path, dev: Path) -> None:
             link = directory / m["name"]
             if not link.is_symlink():
                 link.symlink_to(m["target"])
+
+
+# --- generated trees ---------------------------------------------------------------------------
+# Small builders for sysfs trees the captures do not cover (many arrays, odd states).
+# They lay files and links out like the kernel does, so readers cannot tell them apart.
+
+
+@dataclass(frozen=True)
+class FakeMember:
+    name: str  # "sda", "loop1", "dm-3"
+    slot: int | None = 0
+    state: str = "in_sync"
+    errors: int = 0
+    recovery_start: int | None = None
+    dev: str | None = "8:0"  # None: no dev-X/block link (the device vanished)
+
+
+def write_md_array(
+    sysfs: Path,
+    name: str,
+    members: Sequence[FakeMember] = (),
+    *,
+    minor: int = 127,
+    level: str = "raid1",
+    array_state: str = "clean",
+    metadata_version: str = "none",
+    raid_disks: str | int = 2,
+    degraded: int | None = 0,
+    sync_action: str = "idle",
+    last_sync_action: str = "none",
+    sync_completed: str = "none",
+    sync_speed: str = "none",
+    component_size: int = 65536,
+) -> Path:
+    """An md array at sysfs/devices/virtual/block/<name>, linked from sysfs/block; returns its md/ dir."""
+    disk = sysfs / "devices" / "virtual" / "block" / name
+    md = disk / "md"
+    md.mkdir(parents=True)
+    _write(disk, dev=f"9:{minor}", size=str(component_size * 2))
+    attrs = {
+        "level": level,
+        "array_state": array_state,
+        "metadata_version": metadata_version,
+        "raid_disks": str(raid_disks),
+        "component_size": str(component_size),
+    }
+    if level in ("raid1", "raid4", "raid5", "raid6", "raid10"):  # the kernel's md_redundancy_group
+        attrs |= {
+            "sync_action": sync_action,
+            "last_sync_action": last_sync_action,
+            "sync_completed": sync_completed,
+            "sync_speed": sync_speed,
+        }
+        if degraded is not None:
+            attrs["degraded"] = str(degraded)
+    _write(md, **attrs)
+    for member in members:
+        member_dir = md / f"dev-{member.name}"
+        member_dir.mkdir()
+        _write(
+            member_dir,
+            state=member.state,
+            slot="none" if member.slot is None else str(member.slot),
+            errors=str(member.errors),
+            recovery_start="none" if member.recovery_start is None else str(member.recovery_start),
+        )
+        if member.dev is not None:
+            device = sysfs / "devices" / "virtual" / "block" / member.name
+            device.mkdir(parents=True, exist_ok=True)
+            _write(device, dev=member.dev)
+            (member_dir / "block").symlink_to(os.path.relpath(device, member_dir))
+        if member.slot is not None and "faulty" not in member.state:
+            (md / f"rd{member.slot}").symlink_to(member_dir.name)
+    _link(sysfs / "block" / name, disk)
+    return md
+
+
+@dataclass(frozen=True)
+class FakeLun:
+    lun: int
+    block: str | None = "sda"  # None: the SCSI device has no disk (yet)
+    dev: str | None = "8:0"
+    state: str = "running"
+
+
+def write_iscsi_session(
+    sysfs: Path,
+    sid: int,
+    target: str,
+    luns: Sequence[FakeLun] = (),
+    *,
+    host: int | None = None,
+    tpgt: int = 1,
+    state: str = "LOGGED_IN",
+    recovery_tmo: int = 120,
+    address: str = "192.0.2.10",
+    port: int = 3260,
+    connection_state: str = "up",
+) -> Path:
+    """An iscsi_tcp session as the kernel shows it; returns the session device dir."""
+    host = sid - 1 if host is None else host
+    session = sysfs / "devices" / "platform" / f"host{host}" / f"session{sid}"
+    attrs = session / "iscsi_session" / f"session{sid}"
+    attrs.mkdir(parents=True)
+    _write(
+        attrs,
+        targetname=target,
+        tpgt=str(tpgt),
+        state=state,
+        recovery_tmo=str(recovery_tmo),
+        target_state="SCANNED",
+    )
+    (attrs / "device").symlink_to(f"../../../session{sid}")
+    _link(sysfs / "class" / "iscsi_session" / f"session{sid}", attrs)
+    connection = session / f"connection{sid}:0" / "iscsi_connection" / f"connection{sid}:0"
+    connection.mkdir(parents=True)
+    _write(connection, persistent_address=address, persistent_port=str(port), state=connection_state)
+    _link(sysfs / "class" / "iscsi_connection" / f"connection{sid}:0", connection)
+    for lun in luns:
+        lun_dir = session / f"target{host}:0:0" / f"{host}:0:0:{lun.lun}"
+        lun_dir.mkdir(parents=True)
+        _write(lun_dir, state=lun.state)
+        if lun.block is not None:
+            disk = lun_dir / "block" / lun.block
+            disk.mkdir(parents=True)
+            if lun.dev is not None:
+                _write(disk, dev=lun.dev)
+            _link(sysfs / "block" / lun.block, disk)
+            _link(sysfs / "class" / "block" / lun.block, disk)
+    return session
+
+
+def _write(directory: Path, **attrs: str) -> None:
+    for attr, value in attrs.items():
+        (directory / attr).write_text(value + "\n")
+
+
+def _link(link: Path, target: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(os.path.relpath(target, link.parent))
