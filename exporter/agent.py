@@ -1,0 +1,393 @@
+"""iscsimple-agent: Prometheus exporter and health checks for mirrored iSCSI disks.
+
+Entry point only: flags, logging, wiring. The parts:
+- refresh.Refresher reads the host into one HostSnapshot (the only thread that reads);
+- events.* (udev, /proc/mdstat poll) and the apscheduler jobs ask it to refresh;
+- health.HealthChecker logs state changes and runs the checks after each refresh;
+- exposition.render turns the snapshot into bytes; web.AgentHTTPServer serves them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from iscsimple import __version__ as VERSION
+from iscsimple.core.atomic import write_atomic
+from iscsimple.core.errors import InputError
+from iscsimple.core.paths import DEFAULT_RECORDS, DEFAULT_STATE, HostPaths
+from iscsimple.core.snapshot import HostSnapshot
+
+from .collectors import default_collectors
+from .events import MdstatWatcher, UdevWatcher, udev_monitor
+from .health import HealthChecker, HealthCollector
+from .refresh import Refresher, Watcher
+from .web import AgentHTTPServer, Endpoints
+from .webconfig import WebConfig, load_web_config
+
+log = logging.getLogger("iscsimple.agent")
+
+# Port 9977: in the exporters' range 9100-9999 of the Prometheus "Default port allocations"
+# wiki, and not listed there when we checked (see README "Agent").
+DEFAULT_PORT = 9977
+DEFAULT_LISTEN = f":{DEFAULT_PORT}"
+
+
+@dataclass
+class AgentOptions:
+    paths: HostPaths
+    refresh_interval: float = 10.0
+    stall_after: float = 300.0
+    udev: bool = True
+    mdstat_events: bool = True
+    textfile: Path | None = None
+    textfile_interval: float = 15.0
+    watchers: list[Watcher] = field(default_factory=list)  # extra actions after each refresh
+
+
+class Agent:
+    """Everything but the HTTP server; usable in-process by tests, the demo and benchmarks."""
+
+    def __init__(self, options: AgentOptions):
+        self.options = options
+        self.health = HealthChecker(stall_after=options.stall_after)
+        self.refresher = Refresher(lambda: HostSnapshot.read(options.paths))
+        collectors = default_collectors(self.refresher.snapshot)
+        collectors.append(HealthCollector(self.refresher.snapshot, self.health))
+        self.refresher.collectors = collectors
+        self.refresher.watchers = [self.health.observe, *options.watchers]
+        self.scheduler = BackgroundScheduler(daemon=True)
+        self._watchers: list[UdevWatcher | MdstatWatcher] = []
+        self.started = threading.Event()
+
+    # -- life cycle ---------------------------------------------------------------
+
+    def start(self, udev_monitor_factory=udev_monitor) -> Agent:
+        self.refresher.refresh_now()  # ready before the first scrape
+        self.refresher.start()
+        o = self.options
+        if o.mdstat_events:
+            self._watchers.append(MdstatWatcher(o.paths.procfs / "mdstat", self.refresher.request).start())
+        if o.udev:
+            monitor = udev_monitor_factory()
+            if monitor is not None:
+                self._watchers.append(UdevWatcher(monitor, self.refresher.request).start())
+        self.scheduler.add_job(
+            self.refresher.request,
+            "interval",
+            args=["schedule"],
+            seconds=o.refresh_interval,
+            id="refresh",
+            max_instances=1,
+            coalesce=True,
+        )
+        if o.textfile is not None:
+            self.scheduler.add_job(
+                self.write_textfile, "interval", seconds=o.textfile_interval, id="textfile", coalesce=True
+            )
+        self.scheduler.start()
+        self.started.set()
+        return self
+
+    def stop(self) -> None:
+        for watcher in self._watchers:
+            watcher.stop()
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        self.refresher.stop()
+
+    # -- what the web server asks -----------------------------------------------------
+
+    def metrics(self, accept: str) -> tuple[bytes, str]:
+        rendered = self.refresher.current
+        if rendered is None:
+            return b"# no snapshot yet\n", "text/plain; charset=utf-8"
+        return rendered.body(accept)
+
+    def healthy(self) -> tuple[bool, str]:
+        if self.started.is_set() and not self.refresher.thread.is_alive():
+            return False, "the refresh thread died; restart the agent"
+        return True, "Healthy"
+
+    def ready(self) -> tuple[bool, str]:
+        rendered = self.refresher.current
+        if rendered is None:
+            return False, "not ready: the host has not been read yet"
+        return (
+            True,
+            "Ready" if rendered.up else "Ready (some sources failed: see iscsimple_collector_success)",
+        )
+
+    def summary(self) -> str:
+        rendered = self.refresher.current
+        if rendered is None:
+            return ""
+        s = rendered.snapshot
+        lines = []
+        for a in s.arrays:
+            flags = [f for f, on in (("LOCAL ONLY", a.local_only), ("unprotected", a.unprotected)) if on]
+            lines.append(
+                f"{a.label:<20} VM {a.domain or '?':<12} iscsi={a.iscsi.state:<10} local={a.local.state:<10} "
+                f"{a.sync_action} {a.sync_completed_ratio:6.1%} {' '.join(flags)}"
+            )
+        for v in s.sessions:
+            lines.append(f"session {v.target} {v.portal}: {v.state or 'gone'}")
+        return "\n".join(lines) or "no iscsimple disks attached"
+
+    def write_textfile(self) -> None:
+        rendered = self.refresher.current
+        if rendered is not None and self.options.textfile is not None:
+            write_textfile(self.options.textfile, rendered.text)
+
+
+def write_textfile(path: Path, text: bytes) -> None:
+    """For node_exporter's textfile collector: the file must appear whole (it reads *.prom)."""
+    write_atomic(path, text, mode=0o644, fsync=False)
+
+
+# -- command line -----------------------------------------------------------------------
+
+
+def _listen_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not HOST:PORT (e.g. :{DEFAULT_PORT} or 127.0.0.1:{DEFAULT_PORT})"
+        )
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+def _seconds(text: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    for unit in sorted(units, key=len, reverse=True):
+        if text.endswith(unit) and text[: -len(unit)]:
+            number = text[: -len(unit)]
+            break
+    else:
+        unit, number = "s", text
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 15s, 500ms or 2m") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="iscsimple-agent",
+        description="Prometheus exporter and health checks for Xen VM disks mirrored from iSCSI onto local disks.",
+        allow_abbrev=False,
+    )
+    p.add_argument(
+        "--web.listen-address",
+        dest="listen",
+        type=_listen_address,
+        default=None,
+        help=f"address to serve metrics on (default {DEFAULT_LISTEN}; the demo uses 127.0.0.1)",
+    )
+    p.add_argument(
+        "--web.config.file",
+        dest="web_config",
+        type=Path,
+        help="exporter-toolkit web config (YAML): TLS cert/key and basic_auth_users with bcrypt hashes",
+    )
+    p.add_argument(
+        "--path.procfs", dest="procfs", type=Path, default=Path("/proc"), help="procfs mount point"
+    )
+    p.add_argument("--path.sysfs", dest="sysfs", type=Path, default=Path("/sys"), help="sysfs mount point")
+    p.add_argument(
+        "--path.state",
+        dest="state",
+        type=Path,
+        default=DEFAULT_STATE,
+        help="the hotplug script's registry of attachments",
+    )
+    p.add_argument(
+        "--path.records",
+        dest="records",
+        type=Path,
+        default=DEFAULT_RECORDS,
+        help="durable records (stale iSCSI copies), must survive reboots",
+    )
+    p.add_argument("--path.devfs", dest="devfs", type=Path, default=Path("/dev"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--refresh.interval",
+        dest="refresh_interval",
+        type=_seconds,
+        default=10.0,
+        help="re-read the host at least this often (events refresh at once); default 10s",
+    )
+    p.add_argument(
+        "--health.stall-after",
+        dest="stall_after",
+        type=_seconds,
+        default=300.0,
+        help="flag a resync/recovery without progress for this long; default 5m",
+    )
+    p.add_argument("--once", action="store_true", help="print the metrics to stdout (or --textfile) and exit")
+    p.add_argument(
+        "--textfile",
+        type=Path,
+        help="also write the metrics to this .prom file atomically, for node_exporter's textfile collector",
+    )
+    p.add_argument(
+        "--textfile.interval",
+        dest="textfile_interval",
+        type=_seconds,
+        default=15.0,
+        help="how often to write --textfile; default 15s",
+    )
+    p.add_argument("--no-udev", dest="udev", action="store_false", help="do not watch udev events")
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="run on a simulated host that plays attach, resync, an iSCSI outage and recovery",
+    )
+    p.add_argument(
+        "--demo.speed",
+        dest="demo_speed",
+        type=float,
+        default=1.0,
+        help="play the demo scenario this many times faster; default 1",
+    )
+    p.add_argument(
+        "--log.level",
+        dest="log_level",
+        default="info",
+        choices=["debug", "info", "warn", "error"],
+        help="default info",
+    )
+    p.add_argument("--version", action="version", version=f"iscsimple-agent {VERSION}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level={"warn": logging.WARNING}.get(args.log_level, getattr(logging, args.log_level.upper())),
+        format="%(asctime)s %(levelname)-7s %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
+        stream=sys.stderr,
+    )
+    if args.demo_speed <= 0:
+        parser.error("--demo.speed must be more than 0")
+    try:
+        web_config = load_web_config(args.web_config) if args.web_config else WebConfig()
+    except InputError as e:
+        print(f"iscsimple-agent: {e}", file=sys.stderr)
+        return 2
+    if args.demo:
+        return _run_demo(args, web_config)
+
+    paths = HostPaths(
+        procfs=args.procfs, sysfs=args.sysfs, devfs=args.devfs, state=args.state, records=args.records
+    )
+    for flag, path in (("--path.procfs", args.procfs), ("--path.sysfs", args.sysfs)):
+        if not path.is_dir():
+            print(
+                f"iscsimple-agent: {flag} {path} is not a directory; point it at the host's mount",
+                file=sys.stderr,
+            )
+            return 2
+    options = AgentOptions(
+        paths=paths,
+        refresh_interval=args.refresh_interval,
+        stall_after=args.stall_after,
+        # udev reports this machine's devices: meaningless when reading another tree.
+        udev=args.udev and args.sysfs == Path("/sys"),
+        textfile=args.textfile,
+        textfile_interval=args.textfile_interval,
+    )
+    agent = Agent(options)
+    if args.once:
+        rendered = agent.refresher.refresh_now()
+        if args.textfile:
+            write_textfile(args.textfile, rendered.text)
+        else:
+            sys.stdout.buffer.write(rendered.text)
+            sys.stdout.flush()
+        return 0 if rendered.up else 1
+    return _serve(agent, args.listen or _listen_address(DEFAULT_LISTEN), web_config)
+
+
+def _serve(agent: Agent, listen: tuple[str, int], web_config: WebConfig, on_ready=None) -> int:
+    try:
+        server = AgentHTTPServer(
+            listen, Endpoints(agent.metrics, agent.healthy, agent.ready, agent.summary), web_config
+        )
+    except OSError as e:
+        print(
+            f"iscsimple-agent: cannot listen on {listen[0]}:{listen[1]}: {e.strerror or e}; "
+            "choose another with --web.listen-address",
+            file=sys.stderr,
+        )
+        return 2
+    if web_config.cleartext_passwords:
+        log.warning("basic_auth_users without tls_server_config: passwords cross the network in clear")
+    agent.start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server.serve_in_thread()
+    log.info("iscsimple-agent %s listening on %s/metrics", VERSION, server.url)
+    if on_ready is not None:
+        on_ready(server)
+    stop.wait()
+    log.info("stopping")
+    server.shutdown()
+    agent.stop()
+    return 0
+
+
+def _run_demo(args, web_config: WebConfig) -> int:
+    from .demo import DemoScenario, SimulatedHost
+
+    with tempfile.TemporaryDirectory(prefix="iscsimple-demo-") as tmp:
+        holder: dict[str, Agent] = {}
+
+        def on_change(_what: str) -> None:
+            # The simulated kernel's "uevent": refresh at once, as udev/mdstat would.
+            if "agent" in holder:
+                holder["agent"].refresher.request("demo host changed")
+
+        host = SimulatedHost(Path(tmp), on_change=on_change)
+        agent = Agent(
+            AgentOptions(
+                paths=host.paths,
+                refresh_interval=min(args.refresh_interval, 5.0),
+                stall_after=min(args.stall_after, 120.0),
+                udev=False,
+                mdstat_events=False,
+                textfile=args.textfile,
+                textfile_interval=args.textfile_interval,
+            )
+        )
+        holder["agent"] = agent
+        scenario = DemoScenario(host, speed=args.demo_speed)
+        listen = args.listen or ("127.0.0.1", DEFAULT_PORT)
+
+        def on_ready(server: AgentHTTPServer) -> None:
+            print(
+                f"\n  iscsimple demo: open {server.url}/ and {server.url}/metrics\n",
+                file=sys.stderr,
+                flush=True,
+            )
+            log.info("demo host tree in %s (--path.procfs/--path.sysfs/--path.state for other tools)", tmp)
+            threading.Thread(target=scenario.run_forever, name="demo", daemon=True).start()
+
+        try:
+            return _serve(agent, listen, web_config, on_ready=on_ready)
+        finally:
+            scenario.stop()

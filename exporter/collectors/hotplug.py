@@ -1,0 +1,37 @@
+"""What the hotplug script recorded about its own operations (registry hotplug-stats.json)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client.core import CounterMetricFamily, Metric
+
+from iscsimple.core.snapshot import HostSnapshot
+
+from .base import SnapshotCollector, gauge
+
+
+class HotplugCollector(SnapshotCollector):
+    name = "hotplug"
+    sources = ("hotplug",)
+
+    def families(self, snapshot: HostSnapshot) -> Iterable[Metric]:
+        total = CounterMetricFamily(
+            "iscsimple_hotplug_operations",
+            "Hotplug operations block-iscsimple ran since boot, by result. A growing failure count means "
+            "VMs fail to start or stop: see the hotplug-error in xenstore and the xl log.",
+            labels=["operation", "result"],
+        )
+        last = gauge(
+            "iscsimple_hotplug_last_duration_seconds",
+            "How long the last hotplug operation took. libxl gives a hotplug script 40 s before it fails "
+            "the device: values near that mean VM starts are about to fail.",
+            ["operation"],
+        )
+        stats = snapshot.hotplug
+        for operation, results in sorted(stats.totals.items()):
+            for result in sorted({"success", "failure", *results}):
+                total.add_metric([operation, result], float(results.get(result, 0)))
+        for operation, seconds in sorted(stats.last_seconds.items()):
+            last.add_metric([operation], seconds)
+        return total, last

@@ -1,0 +1,129 @@
+"""Kernel events that make the agent re-read the host at once.
+
+- udev (pyudev): block devices and iSCSI/SCSI objects appearing, going or
+  changing (a LUN going offline, a session being torn down, an md array built).
+- /proc/mdstat: md bumps an event counter on every array change (a leg failed,
+  recovery started or ended) and wakes pollers with POLLPRI|POLLERR, which is how
+  `mdadm --monitor` waits (select() on exceptfds). The file must then be read
+  again (from the start) to re-arm the notification.
+Each watcher runs in its own daemon thread and only calls `on_event(reason)`;
+the refresher coalesces bursts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+UDEV_SUBSYSTEMS = ("block", "scsi", "iscsi_session", "iscsi_connection")
+
+
+class Monitor(Protocol):
+    """The part of pyudev.Monitor the watcher uses (tests inject a fake)."""
+
+    def poll(self, timeout: float | None = None) -> Any: ...
+
+
+def udev_monitor() -> Monitor | None:
+    """A pyudev monitor on the subsystems we care about, or None where udev cannot be watched."""
+    try:
+        import pyudev
+
+        context = pyudev.Context()
+        # Events processed by udevd when it runs (device links exist by then), else raw kernel uevents.
+        source = "udev" if os.path.exists("/run/udev/control") else "kernel"
+        monitor = pyudev.Monitor.from_netlink(context, source=source)
+        for subsystem in UDEV_SUBSYSTEMS:
+            monitor.filter_by(subsystem)
+        monitor.start()
+        return monitor
+    except Exception as e:  # no netlink in this sandbox/container: the schedule still refreshes
+        log.warning("cannot watch udev events (%s); relying on /proc/mdstat and the schedule", e)
+        return None
+
+
+class UdevWatcher:
+    def __init__(self, monitor: Monitor, on_event: Callable[[str], None]):
+        self.monitor = monitor
+        self.on_event = on_event
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="udev", daemon=True)
+
+    def start(self) -> UdevWatcher:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                device = self.monitor.poll(timeout=1.0)
+            except Exception as e:
+                log.warning("udev monitor failed (%s); relying on the schedule", e)
+                return
+            if device is None:
+                continue
+            action = getattr(device, "action", None) or "change"
+            name = getattr(device, "sys_name", None) or "?"
+            subsystem = getattr(device, "subsystem", None) or "?"
+            log.debug("udev: %s %s %s", action, subsystem, name)
+            self.on_event(f"udev {action} {subsystem} {name}")
+
+
+class MdstatWatcher:
+    """Waits for md events on /proc/mdstat the way mdadm --monitor does."""
+
+    def __init__(
+        self,
+        path: Path,
+        on_event: Callable[[str], None],
+        opener: Callable[[], Any] | None = None,
+        poll_timeout: float = 1.0,
+    ):
+        self.path = Path(path)
+        self.on_event = on_event
+        self.opener = opener or (lambda: open(self.path, "rb"))  # noqa: SIM115 - kept open on purpose
+        self.poll_timeout = poll_timeout
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="mdstat", daemon=True)
+
+    def start(self) -> MdstatWatcher:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        try:
+            f = self.opener()
+        except OSError as e:
+            log.info("not watching %s for md events: %s", self.path, e.strerror or e)
+            return
+        with f:
+            _rearm(f)
+            poller = select.poll()
+            poller.register(f.fileno(), select.POLLPRI | select.POLLERR)
+            while not self._stop.is_set():
+                events = poller.poll(self.poll_timeout * 1000)
+                if not any(mask & (select.POLLPRI | select.POLLERR) for _, mask in events):
+                    continue
+                _rearm(f)
+                self.on_event("md event (/proc/mdstat)")
+
+
+def _rearm(f) -> None:
+    """Reading mdstat from the start acknowledges the event (md_seq_start stores the counter)."""
+    with contextlib.suppress(OSError, ValueError):
+        f.seek(0)
+    f.read()

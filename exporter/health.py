@@ -1,0 +1,231 @@
+"""Health checks beyond what the kernel says, and plain-words logging of state changes.
+
+`HealthChecker.observe(snapshot)` runs after every refresh (events or schedule)
+in the refresh thread, compares with what it saw before and:
+- logs each change of a leg, an array or a session once, in words an operator
+  can act on;
+- flags a resync/recovery that makes no progress for `stall_after` seconds;
+- flags write-mostly on the wrong leg (reads would cross the network);
+- counts session up/down changes and flags a session that flaps.
+Its verdicts are exported by HealthCollector from an immutable HealthReport.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from prometheus_client.core import CounterMetricFamily, Metric
+
+from iscsimple.core.snapshot import ArrayView, HostSnapshot, SessionView
+
+from .collectors.base import SnapshotCollector, gauge
+
+log = logging.getLogger("iscsimple.agent")
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    stalled: frozenset[str] = frozenset()  # labels
+    write_mostly_wrong: frozenset[str] = frozenset()
+    flapping: frozenset[tuple[str, str]] = frozenset()  # (target, portal)
+    session_changes: dict[tuple[str, str], int] = field(default_factory=dict)
+
+
+@dataclass
+class _Progress:
+    ratio: float
+    since: float  # monotonic time the ratio last moved (or the sync started)
+
+
+class HealthChecker:
+    def __init__(
+        self,
+        stall_after: float = 300.0,
+        flap_window: float = 600.0,
+        flap_changes: int = 4,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.stall_after = stall_after
+        self.flap_window = flap_window
+        self.flap_changes = flap_changes
+        self.clock = clock
+        self.report = HealthReport()
+        self._previous: HostSnapshot | None = None
+        self._progress: dict[str, _Progress] = {}
+        self._changes: dict[tuple[str, str], deque[float]] = {}
+        self._change_totals: dict[tuple[str, str], int] = {}
+
+    def observe(self, snapshot: HostSnapshot) -> HealthReport:
+        now = self.clock()
+        before = {a.label: a for a in self._previous.arrays} if self._previous else {}
+        for view in snapshot.arrays:
+            _log_array_changes(before.get(view.label), view, first=self._previous is None)
+        for label in before.keys() - {a.label for a in snapshot.arrays}:
+            log.info("%s is no longer attached (registry entry gone)", label)
+        self._sessions(snapshot, now)
+        stalled = self._stalls(snapshot, now)
+        wrong = frozenset(a.label for a in snapshot.arrays if a.md is not None and a.write_mostly_wrong)
+        for label in wrong - self.report.write_mostly_wrong:
+            log.warning(
+                "%s: write-mostly is set on the wrong leg; VM reads go over iSCSI instead of the local disk",
+                label,
+            )
+        flapping = frozenset(k for k, times in self._changes.items() if len(times) >= self.flap_changes)
+        for target, portal in flapping - self.report.flapping:
+            log.warning(
+                "session to %s (%s) is flapping: %d up/down changes in %.0f minutes",
+                target,
+                portal,
+                len(self._changes[(target, portal)]),
+                self.flap_window / 60,
+            )
+        for target, portal in self.report.flapping - flapping:
+            log.info("session to %s (%s) stopped flapping", target, portal)
+        self.report = HealthReport(stalled, wrong, flapping, dict(self._change_totals))
+        self._previous = snapshot
+        return self.report
+
+    def _sessions(self, snapshot: HostSnapshot, now: float) -> None:
+        before = {(s.target, s.portal): s for s in self._previous.sessions} if self._previous else {}
+        for view in snapshot.sessions:
+            key = (view.target, view.portal)
+            old = before.get(key)
+            if old is None and self._previous is None:
+                if not view.up:
+                    log.warning("session to %s (%s) is %s", view.target, view.portal, _session_words(view))
+            elif old is not None and old.state != view.state:
+                _log_session_change(old, view)
+                if old.up != view.up:
+                    self._changes.setdefault(key, deque()).append(now)
+                    self._change_totals[key] = self._change_totals.get(key, 0) + 1
+            times = self._changes.get(key)
+            while times and now - times[0] > self.flap_window:
+                times.popleft()
+
+    def _stalls(self, snapshot: HostSnapshot, now: float) -> frozenset[str]:
+        stalled = set()
+        syncing = set()
+        for view in snapshot.arrays:
+            if not view.syncing:
+                continue
+            syncing.add(view.label)
+            ratio = view.sync_completed_ratio
+            progress = self._progress.get(view.label)
+            if progress is None or ratio != progress.ratio:
+                self._progress[view.label] = _Progress(ratio, now)
+                continue
+            if now - progress.since >= self.stall_after:
+                stalled.add(view.label)
+                if view.label not in self.report.stalled:
+                    log.warning(
+                        "%s: %s has made no progress for %.0f s (stuck at %.1f%%)",
+                        view.label,
+                        view.sync_action,
+                        now - progress.since,
+                        ratio * 100,
+                    )
+        for label in set(self._progress) - syncing:
+            del self._progress[label]
+        return frozenset(stalled)
+
+
+def _session_words(view: SessionView) -> str:
+    if view.session is None:
+        return "gone (the registry expects it: arrays on this target have no iSCSI leg)"
+    return {
+        "LOGGED_IN": "LOGGED_IN",
+        "FAILED": "FAILED (connection lost; the kernel queues I/O until recovery_tmo)",
+        "FREE": "FREE (recovery timed out; I/O to its LUNs fails)",
+    }.get(view.state or "", str(view.state))
+
+
+def _log_session_change(old: SessionView, new: SessionView) -> None:
+    level = logging.INFO if new.up else logging.WARNING
+    log.log(level, "session to %s (%s): %s -> %s", new.target, new.portal, old.state, _session_words(new))
+
+
+def _log_array_changes(old: ArrayView | None, new: ArrayView, first: bool) -> None:
+    vm = f"{new.label} (VM {new.domain})" if new.domain else new.label
+    if old is None:
+        if not first:
+            log.info("%s attached: iSCSI leg %s, local leg %s", vm, new.iscsi.state, new.local.state)
+        elif new.local_only or new.unprotected:
+            log.warning("%s: iSCSI leg %s, local leg %s", vm, new.iscsi.state, new.local.state)
+        old_local_only, old_unprotected = False, False
+        if first:
+            old_local_only, old_unprotected = new.local_only, new.unprotected
+    else:
+        for leg_old, leg_new in ((old.iscsi, new.iscsi), (old.local, new.local)):
+            if leg_old.state != leg_new.state:
+                log.info("%s: %s leg %s -> %s", vm, leg_new.role, leg_old.state, leg_new.state)
+        if old.sync_action != new.sync_action:
+            if new.syncing:
+                log.info("%s: md started %s", vm, new.sync_action)
+            else:
+                log.info("%s: md %s finished or stopped (now %s)", vm, old.sync_action, new.sync_action)
+        old_local_only, old_unprotected = old.local_only, old.unprotected
+    if new.local_only and not old_local_only:
+        log.warning(
+            "%s runs on its LOCAL leg alone: iSCSI leg %s, session %s. The iSCSI copy is going stale; "
+            "do not migrate, stop or re-attach this VM elsewhere until the mirror is healed",
+            vm,
+            new.iscsi.state,
+            new.session.state if new.session else "gone",
+        )
+    elif old_local_only and not new.local_only:
+        log.info("%s no longer runs on its local leg alone", vm)
+    if new.unprotected and not old_unprotected:
+        log.warning("%s is unprotected: local leg %s, the VM depends on iSCSI alone", vm, new.local.state)
+    elif old_unprotected and not new.unprotected:
+        log.info("%s is protected again: local leg in sync", vm)
+
+
+class HealthCollector(SnapshotCollector):
+    """Exports the HealthReport of the snapshot just observed."""
+
+    name = "health"
+    sources = ()
+
+    def __init__(self, current: Callable[[], HostSnapshot], checker: HealthChecker):
+        super().__init__(current)
+        self.checker = checker
+
+    def families(self, snapshot: HostSnapshot) -> Iterable[Metric]:
+        report = self.checker.report
+        stalled = gauge(
+            "iscsimple_array_sync_stalled",
+            "1 when the array's resync/recovery has not advanced for the agent's stall time: the mirror "
+            "will not become whole by itself. Check the leg being written and the md log in dmesg.",
+            ["label"],
+        )
+        wrong = gauge(
+            "iscsimple_array_write_mostly_wrong",
+            "1 when write-mostly is on the wrong leg (the local one): VM reads cross the network. Fix it "
+            "with: echo -writemostly > /sys/block/MD/md/dev-LOCAL/state, then writemostly on the iSCSI leg.",
+            ["label"],
+        )
+        flapping = gauge(
+            "iscsimple_iscsi_session_flapping",
+            "1 when the session went up/down repeatedly within the agent's flap window: a bad network "
+            "path or target; mirrors on it may go in and out of local-only.",
+            ["target", "portal"],
+        )
+        changes = CounterMetricFamily(
+            "iscsimple_iscsi_session_changes",
+            "Session up/down changes the agent saw (catches flaps shorter than the scrape interval).",
+            labels=["target", "portal"],
+        )
+        for view in snapshot.arrays:
+            if view.md is None:
+                continue
+            stalled.add_metric([view.label], 1.0 if view.label in report.stalled else 0.0)
+            wrong.add_metric([view.label], 1.0 if view.label in report.write_mostly_wrong else 0.0)
+        for view in snapshot.sessions:
+            key = (view.target, view.portal)
+            flapping.add_metric(list(key), 1.0 if key in report.flapping else 0.0)
+            changes.add_metric(list(key), float(report.session_changes.get(key, 0)))
+        return stalled, wrong, flapping, changes
