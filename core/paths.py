@@ -11,6 +11,8 @@ DEFAULT_CONFIG = Path("/etc/iscsimple/iscsimple.toml")
 DEFAULT_TAB = Path("/etc/xen/scripts/block-iscsimple-tab.conf")
 DEFAULT_STATE = Path("/run/iscsimple")
 DEFAULT_RECORDS = Path("/var/lib/iscsimple")
+# Xen's hotplug lock directory (tools/hotplug/Linux/locking.sh, LOCK_BASEDIR).
+DEFAULT_LOCKS = Path("/var/run/xen-hotplug")
 
 
 @dataclass(frozen=True)
@@ -24,10 +26,13 @@ class HostPaths:
     records: Path = DEFAULT_RECORDS
     tab: Path = DEFAULT_TAB
     config: Path = DEFAULT_CONFIG
+    # Hotplug locks, shared with Xen's own block scripts.
+    locks: Path = DEFAULT_LOCKS
 
     @classmethod
     def from_env(cls, env: os._Environ[str] | dict[str, str] | None = None) -> HostPaths:
-        """Defaults, overridden by ISCSIMPLE_CONFIG / ISCSIMPLE_TAB / ISCSIMPLE_STATE / ISCSIMPLE_RECORDS.
+        """Defaults, overridden by ISCSIMPLE_CONFIG / ISCSIMPLE_TAB / ISCSIMPLE_STATE / ISCSIMPLE_RECORDS,
+        and ISCSIMPLE_PROCFS / ISCSIMPLE_SYSFS / ISCSIMPLE_DEVFS / ISCSIMPLE_LOCKS (fake roots in tests).
 
         xl runs the hotplug script with a minimal environment, so production uses the
         defaults; the variables exist for tests and for hosts with unusual layouts.
@@ -40,6 +45,10 @@ class HostPaths:
                 ("tab", "ISCSIMPLE_TAB"),
                 ("state", "ISCSIMPLE_STATE"),
                 ("records", "ISCSIMPLE_RECORDS"),
+                ("procfs", "ISCSIMPLE_PROCFS"),
+                ("sysfs", "ISCSIMPLE_SYSFS"),
+                ("devfs", "ISCSIMPLE_DEVFS"),
+                ("locks", "ISCSIMPLE_LOCKS"),
             )
             if env.get(var)
         }

@@ -63,6 +63,8 @@ class Attachment:
     vbd: str | None = None  # the guest's device, e.g. "xvda2"
     xenbus_path: str | None = None
     we_logged_in: bool = False  # this attach created the iSCSI session
+    # open-iscsi replacement timeout (s) the attach chose for the session: what `status` shows
+    replacement_timeout: int | None = None
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     last: OperationResult | None = None

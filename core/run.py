@@ -104,7 +104,7 @@ def run(
         stdout, stderr = proc.communicate(input, timeout=limit)
     except subprocess.TimeoutExpired:
         _kill_group(proc)
-        stdout, stderr = proc.communicate()
+        stderr = _reap_after_kill(proc)
         log.warning("timed out after %.1f s: %s", limit, " ".join(argv))
         raise CommandTimeout(argv, limit, stderr or "") from None
     seconds = time.monotonic() - started
@@ -118,3 +118,23 @@ def run(
 def _kill_group(proc: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+# A killed command is normally gone at once; one stuck in the kernel (D state, e.g.
+# mdadm --stop on an array with I/O queued to a dead iSCSI session) or a grandchild
+# that left our process group and holds the pipes could keep us waiting forever.
+REAP_GRACE = 1.0
+
+
+def _reap_after_kill(proc: subprocess.Popen) -> str:
+    """What the killed command wrote to stderr, waiting at most REAP_GRACE; never blocks longer."""
+    try:
+        _, stderr = proc.communicate(timeout=REAP_GRACE)
+        return stderr or ""
+    except subprocess.TimeoutExpired:
+        log.warning("pid %d did not exit after SIGKILL; leaving it behind", proc.pid)
+        for pipe in (proc.stdout, proc.stderr, proc.stdin):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+        return ""

@@ -79,3 +79,17 @@ def test_spent_deadline_refuses_to_start():
     deadline = Deadline(30, clock=clock)
     with pytest.raises(DeadlineExceeded, match="30 s budget is spent"):
         run(["true"], deadline=deadline)
+
+
+def test_timeout_is_bounded_even_when_a_escaped_grandchild_holds_the_pipes():
+    # A grandchild in its own session survives the group kill and keeps stdout/stderr
+    # open; the runner must still return (it stands for a process stuck in the kernel).
+    script = (
+        "import subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(8)'], start_new_session=True)\n"
+        "time.sleep(60)\n"
+    )
+    started = time.monotonic()
+    with pytest.raises(CommandTimeout):
+        run([sys.executable, "-c", script], timeout=0.5)
+    assert time.monotonic() - started < 4
