@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from iscsimple.core.sysfs import AttrReader, parse_dev, parse_int
+
 __all__ = [
     "IscsiReadResult",
     "IscsiSession",
@@ -84,7 +86,7 @@ def read_iscsi_sessions(sysfs: Path) -> IscsiReadResult:
     for name in sorted(names, key=lambda n: int(n[7:])):
         try:
             session = _read_session(sysfs, class_dir, name, result.errors)
-        except OSError as e:  # one broken session never hides the others
+        except (OSError, ValueError) as e:  # one broken session never hides the others
             result.errors.append(f"{os.path.join(class_dir, name)}: {e}")
             continue
         if session is not None:
@@ -106,30 +108,30 @@ def find_lun_block(sysfs: Path, target: str, lun: int) -> list[tuple[IscsiSessio
 
 def _read_session(sysfs: Path, class_dir: str, name: str, errors: list[str]) -> IscsiSession | None:
     attrs_dir = os.path.realpath(os.path.join(class_dir, name))
-    target = _read(attrs_dir, "targetname", errors, required=True)
-    if target is None:
-        if not os.path.isdir(attrs_dir):
-            return None  # logged out while we read it
-        target = ""
+    session_errors: list[str] = []
+    attrs = AttrReader(attrs_dir, session_errors)
+    target = attrs.text("targetname", required=True)
     # .../host0/session1/iscsi_session/session1 -> the session device is two levels up.
     session_dir = os.path.dirname(os.path.dirname(attrs_dir))
     host = os.path.basename(os.path.dirname(session_dir))
-    address, port, connection_state = _read_connection(session_dir, errors)
-    return IscsiSession(
-        sid=int(name[7:]),
+    address, port, connection_state = _read_connection(session_dir, session_errors)
+    session = IscsiSession(
+        sid=int(name[len("session") :]),
         name=name,
-        target=target,
-        tpgt=_int(_read(attrs_dir, "tpgt", errors, required=True), attrs_dir, "tpgt", errors),
-        state=_read(attrs_dir, "state", errors, required=True),
-        recovery_tmo=_int(
-            _read(attrs_dir, "recovery_tmo", errors, required=True), attrs_dir, "recovery_tmo", errors
-        ),
+        target=target or "",
+        tpgt=attrs.parsed("tpgt", True, parse_int),
+        state=attrs.text("state", required=True),
+        recovery_tmo=attrs.parsed("recovery_tmo", True, parse_int),
         host=host if host.startswith("host") else None,
         portal_address=address,
         portal_port=port,
         connection_state=connection_state,
-        luns=_read_luns(sysfs, session_dir, errors),
+        luns=_read_luns(sysfs, session_dir, session_errors),
     )
+    if session_errors and not os.path.isdir(attrs_dir):
+        return None  # logged out while we read it: the missing files are no fault
+    errors.extend(session_errors)
+    return session
 
 
 def _read_connection(session_dir: str, errors: list[str]) -> tuple[str | None, int | None, str | None]:
@@ -138,11 +140,12 @@ def _read_connection(session_dir: str, errors: list[str]) -> tuple[str | None, i
         conn_dir = os.path.join(session_dir, conn, "iscsi_connection", conn)
         if not os.path.isdir(conn_dir):
             continue
-        address = _read(conn_dir, "persistent_address", errors, required=True) or None
-        port = _int(
-            _read(conn_dir, "persistent_port", errors, required=True), conn_dir, "persistent_port", errors
+        attrs = AttrReader(conn_dir, errors)
+        return (
+            attrs.text("persistent_address", required=True) or None,
+            attrs.parsed("persistent_port", True, parse_int, none_words=("",)),
+            attrs.text("state", required=False),
         )
-        return address, port, _read(conn_dir, "state", errors, required=False)
     return None, None, None
 
 
@@ -155,13 +158,14 @@ def _read_luns(sysfs: Path, session_dir: str, errors: list[str]) -> tuple[ScsiLu
             if m is None:
                 continue
             lun_dir = os.path.join(target_dir, hctl)
+            # One disk per SCSI device; a LUN being scanned or deleted has none.
             blocks = sorted(_list(os.path.join(lun_dir, "block"), ""))
             block = blocks[0] if blocks else None
             luns.append(
                 ScsiLun(
                     hctl=hctl,
                     lun=int(m[4]),
-                    state=_read(lun_dir, "state", errors, required=True),
+                    state=AttrReader(lun_dir, errors).text("state", required=True),
                     block=block,
                     dev=_block_dev(sysfs, lun_dir, block),
                 )
@@ -173,9 +177,10 @@ def _read_luns(sysfs: Path, session_dir: str, errors: list[str]) -> tuple[ScsiLu
 def _block_dev(sysfs: Path, lun_dir: str, block: str | None) -> str | None:
     if block is None:
         return None
+    ignored: list[str] = []  # optional: the disk may be going away
     for directory in (os.path.join(lun_dir, "block", block), os.path.join(sysfs, "block", block)):
-        dev = _read(directory, "dev", [], required=False)
-        if dev and re.fullmatch(r"[0-9]{1,9}:[0-9]{1,9}", dev):
+        dev = AttrReader(directory, ignored).parsed("dev", False, parse_dev)
+        if dev is not None:
             return dev
     return None
 
@@ -185,27 +190,3 @@ def _list(directory: str, prefix: str) -> list[str]:
         return [e.name for e in os.scandir(directory) if e.name.startswith(prefix)]
     except OSError:
         return []
-
-
-def _read(directory: str, attr: str, errors: list[str], required: bool) -> str | None:
-    path = os.path.join(directory, attr)
-    try:
-        with open(path, "rb") as f:
-            return f.read(4096).decode("utf-8", "replace").strip()
-    except FileNotFoundError:
-        if required:
-            errors.append(f"{path}: missing")
-    except OSError as e:
-        if required:
-            errors.append(f"{path}: unreadable: {e.strerror or e}")
-    return None
-
-
-def _int(text: str | None, directory: str, attr: str, errors: list[str]) -> int | None:
-    if text is None or text == "":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        errors.append(f"{os.path.join(directory, attr)}: cannot parse {text[:80]!r}")
-        return None

@@ -8,13 +8,10 @@ block device or runs a command. Attribute meanings: Documentation/admin-guide/md
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
-from iscsimple.core.errors import OperationError
+from iscsimple.core.sysfs import AttrReader, SysfsError, parse_dev, parse_int
 
 __all__ = [
     "REDUNDANT_LEVELS",
@@ -28,15 +25,7 @@ __all__ = [
 
 # Personalities with a sync_request method; only they have degraded, sync_action,
 # sync_completed... (the kernel's md_redundancy_group).
-_INT = re.compile(r"-?[0-9]{1,20}")
 REDUNDANT_LEVELS = frozenset({"raid1", "raid4", "raid5", "raid6", "raid10"})
-
-
-T = TypeVar("T")
-
-
-class SysfsError(OperationError):
-    """A sysfs object we were asked for is not there (array stopped, session gone)."""
 
 
 @dataclass(frozen=True)
@@ -154,63 +143,30 @@ class _Gone(Exception):
     pass
 
 
-class _Attrs:
-    """Reads attribute files of one directory, noting unreadable required ones in errors."""
-
-    def __init__(self, directory: str, errors: list[str]):
-        self.directory = directory
-        self.errors = errors
-
-    def text(self, attr: str, required: bool) -> str | None:
-        path = os.path.join(self.directory, attr)
-        try:
-            with open(path, "rb") as f:
-                data = f.read(4096)
-        except FileNotFoundError:
-            if required:
-                self.errors.append(f"{path}: missing")
-            return None
-        except OSError as e:
-            if required:
-                self.errors.append(f"{path}: unreadable: {e.strerror or e}")
-            return None
-        return data.decode("utf-8", "replace").strip()
-
-    def parsed(self, attr: str, required: bool, parse: Callable[[str], T], none_words=("none",)) -> T | None:
-        text = self.text(attr, required)
-        if text is None or text in none_words:
-            return None
-        try:
-            return parse(text)
-        except ValueError:
-            self.errors.append(f"{os.path.join(self.directory, attr)}: cannot parse {text[:80]!r}")
-            return None
-
-
 def _read_array(block: str, name: str, all_errors: list[str]) -> MdArray:
     disk_dir = os.path.join(block, name)
     md_dir = os.path.join(disk_dir, "md")
     errors: list[str] = []
-    md = _Attrs(md_dir, errors)
-    disk = _Attrs(disk_dir, errors)
+    md = AttrReader(md_dir, errors)
+    disk = AttrReader(disk_dir, errors)
 
     level = md.text("level", required=True) or None
     redundant = level in REDUNDANT_LEVELS
     sync_completed_text = md.text("sync_completed", required=redundant)
-    sectors = disk.parsed("size", True, _parse_int)
+    sectors = disk.parsed("size", True, parse_int)
     array = MdArray(
         name=name,
-        dev=disk.parsed("dev", True, _parse_dev),
+        dev=disk.parsed("dev", True, parse_dev),
         level=level,
         array_state=md.text("array_state", required=True),
         metadata_version=md.text("metadata_version", required=True),
         raid_disks=md.parsed("raid_disks", True, _parse_raid_disks),
-        degraded=md.parsed("degraded", redundant, _parse_int),
+        degraded=md.parsed("degraded", redundant, parse_int),
         sync_action=md.text("sync_action", required=redundant),
         last_sync_action=md.text("last_sync_action", required=redundant),
         sync_completed=_parse_sync_completed(sync_completed_text, md_dir, errors),
-        sync_speed_kib=md.parsed("sync_speed", redundant, _parse_int),
-        component_size_kib=md.parsed("component_size", True, _parse_int),
+        sync_speed_kib=md.parsed("sync_speed", redundant, parse_int),
+        component_size_kib=md.parsed("component_size", True, parse_int),
         size_bytes=sectors * 512 if sectors is not None else None,
         members=_read_members(md_dir, errors),
         sync_delayed=sync_completed_text == "delayed",
@@ -230,17 +186,17 @@ def _read_members(md_dir: str, errors: list[str]) -> tuple[MdMember, ...]:
     for entry in entries:
         member_dir = os.path.join(md_dir, entry)
         member_errors: list[str] = []
-        attrs = _Attrs(member_dir, member_errors)
+        attrs = AttrReader(member_dir, member_errors)
         state_text = attrs.text("state", required=True)
         member = MdMember(
             name=entry[4:],
-            slot=attrs.parsed("slot", True, _parse_int),
+            slot=attrs.parsed("slot", True, parse_int),
             state=frozenset(filter(None, (state_text or "").split(","))),
-            errors=attrs.parsed("errors", True, _parse_int),
-            recovery_start=attrs.parsed("recovery_start", True, _parse_int),
+            errors=attrs.parsed("errors", True, parse_int),
+            recovery_start=attrs.parsed("recovery_start", True, parse_int),
             # dev-X/block links to the member's block device dir, whatever kind (disk,
             # partition, dm, loop), so one read gives its major:minor.
-            dev=attrs.parsed("block/dev", False, _parse_dev),
+            dev=attrs.parsed("block/dev", False, parse_dev),
         )
         if member_errors and not os.path.isdir(member_dir):
             continue  # removed from the array (mdadm --remove) while we read it
@@ -250,23 +206,9 @@ def _read_members(md_dir: str, errors: list[str]) -> tuple[MdMember, ...]:
     return tuple(members)
 
 
-def _parse_int(text: str) -> int:
-    # Stricter than int(): sysfs numbers are plain decimal ("1_000", " +5" or 5000 digits are garbage).
-    if not _INT.fullmatch(text):
-        raise ValueError(text)
-    return int(text)
-
-
-def _parse_dev(text: str) -> str:
-    major, sep, minor = text.partition(":")
-    if not sep:
-        raise ValueError(text)
-    return f"{_parse_int(major)}:{_parse_int(minor)}"
-
-
 def _parse_raid_disks(text: str) -> int:
     # During a reshape the kernel prints "3 (2)": new count, then the old one.
-    return _parse_int(text.split(" ", 1)[0])
+    return parse_int(text.split(" ", 1)[0])
 
 
 def _parse_sync_completed(text: str | None, md_dir: str, errors: list[str]) -> tuple[int, int] | None:
@@ -276,7 +218,7 @@ def _parse_sync_completed(text: str | None, md_dir: str, errors: list[str]) -> t
     try:
         if not sep:
             raise ValueError(text)
-        return _parse_int(done.strip()), _parse_int(total.strip())
+        return parse_int(done.strip()), parse_int(total.strip())
     except ValueError:
         errors.append(f"{os.path.join(md_dir, 'sync_completed')}: cannot parse {text[:80]!r}")
         return None

@@ -1,0 +1,79 @@
+"""Reading sysfs attribute files: the one place md.py and iscsi.py share.
+
+An attribute is a small text file the kernel fills on read (at most a page). A
+reader that runs on every scrape must survive any of them being missing (the
+object went away), unreadable or holding garbage: that attribute becomes None
+and, if a healthy object always has it, a line in the caller's error list.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from typing import TypeVar
+
+from iscsimple.core.errors import OperationError
+
+__all__ = ["AttrReader", "SysfsError", "parse_dev", "parse_int"]
+
+T = TypeVar("T")
+
+_INT = re.compile(r"-?[0-9]{1,20}")
+_MAX_ATTR_BYTES = 4096  # sysfs attributes are at most one page
+
+
+class SysfsError(OperationError):
+    """A sysfs object we were asked for is not there (array stopped, session gone)."""
+
+
+class AttrReader:
+    """Reads the attribute files of one directory; problems with required ones go to `errors`."""
+
+    def __init__(self, directory: str, errors: list[str]):
+        self.directory = directory
+        self.errors = errors
+
+    def text(self, attr: str, required: bool) -> str | None:
+        """The stripped content, or None if missing/unreadable."""
+        path = os.path.join(self.directory, attr)
+        try:
+            with open(path, "rb") as f:
+                data = f.read(_MAX_ATTR_BYTES)
+        except FileNotFoundError:
+            if required:
+                self.errors.append(f"{path}: missing")
+            return None
+        except OSError as e:
+            if required:
+                self.errors.append(f"{path}: unreadable: {e.strerror or e}")
+            return None
+        return data.decode("utf-8", "replace").strip()
+
+    def parsed(
+        self, attr: str, required: bool, parse: Callable[[str], T], none_words: tuple[str, ...] = ("none",)
+    ) -> T | None:
+        """parse(text); None for a missing file, a none word or a value parse rejects (noted in errors)."""
+        text = self.text(attr, required)
+        if text is None or text in none_words:
+            return None
+        try:
+            return parse(text)
+        except ValueError:
+            self.errors.append(f"{os.path.join(self.directory, attr)}: cannot parse {text[:80]!r}")
+            return None
+
+
+def parse_int(text: str) -> int:
+    """A plain decimal sysfs number. Stricter than int(): "1_000", " +5" or 5000 digits are garbage."""
+    if not _INT.fullmatch(text):
+        raise ValueError(text)
+    return int(text)
+
+
+def parse_dev(text: str) -> str:
+    """A `dev` attribute, "8:0", normalised."""
+    major, sep, minor = text.partition(":")
+    if not sep:
+        raise ValueError(text)
+    return f"{parse_int(major)}:{parse_int(minor)}"
