@@ -33,8 +33,13 @@ class SpecError(InputError):
     """A disk spec was rejected; the message names the bad part and why."""
 
     def __init__(self, spec: str, message: str):
-        super().__init__(f"bad disk spec {spec!r}: {message}")
+        super().__init__(f"bad disk spec {shorten(spec)!r}: {message}")
         self.spec = spec
+
+
+def shorten(text: str, limit: int = 100) -> str:
+    """Echo at most `limit` characters of what a person typed, so an error stays one line to read."""
+    return text if len(text) <= limit + 20 else text[:limit] + "…"
 
 
 @dataclass(frozen=True)
@@ -62,16 +67,18 @@ def parse_spec(text: str) -> DiskSpec:
             "it is empty; expected [lunN@]TARGET[+LABEL], e.g. lun1@iqn.2001-04.com.example:storage+vm1-disk",
         )
 
+    # '+' first: neither TARGET nor LUN may hold one, so a stray '@' in the LABEL is
+    # reported as a bad LABEL character rather than as a bad LUN.
     rest = spec
-    lun = 0
-    if "@" in rest:
-        lun_part, rest = rest.split("@", 1)
-        lun = _parse_lun(spec, lun_part)
-
     label = None
     if "+" in rest:
         rest, label = rest.split("+", 1)
         check_label(label, lambda msg: SpecError(spec, msg))
+
+    lun = 0
+    if "@" in rest:
+        lun_part, rest = rest.split("@", 1)
+        lun = _parse_lun(spec, lun_part)
 
     target = _parse_target(spec, rest)
     if target is None and label is None:
@@ -85,10 +92,12 @@ def parse_spec(text: str) -> DiskSpec:
 
 def _parse_lun(spec: str, part: str) -> int:
     if not part.startswith("lun"):
-        raise SpecError(spec, f"the part before '@' is {part!r}; it must be lunN, e.g. lun0")
+        raise SpecError(spec, f"the part before '@' is {shorten(part)!r}; it must be lunN, e.g. lun0")
     digits = part[3:]
     if not digits.isascii() or not digits.isdigit():
-        raise SpecError(spec, f"LUN {part!r} must be 'lun' followed by a decimal number, e.g. lun0")
+        raise SpecError(spec, f"LUN {shorten(part)!r} must be 'lun' followed by a decimal number, e.g. lun0")
+    if len(digits.lstrip("0")) > len(str(MAX_LUN)):
+        raise SpecError(spec, f"LUN {shorten(part)!r} is out of range (0-{MAX_LUN})")
     lun = int(digits)
     if lun > MAX_LUN:
         raise SpecError(spec, f"LUN {lun} is out of range (0-{MAX_LUN})")
@@ -100,29 +109,42 @@ def check_label(label: str, error) -> str:
     if not label:
         raise error("LABEL after '+' is empty; use letters, digits, '-' and '_'")
     if not _LABEL_RE.fullmatch(label):
-        bad = sorted({c for c in label if not (c.isascii() and (c.isalnum() or c in "-_"))})
+        bad = {c for c in label if not (c.isascii() and (c.isalnum() or c in "-_"))}
         raise error(
-            f"LABEL {label!r} contains {''.join(bad)!r}; only letters, digits, '-' and '_' are allowed"
+            f"LABEL {label!r} contains {describe_chars(bad)}; only letters, digits, '-' and '_' are allowed"
         )
     if len(label) > MAX_LABEL_LEN:
         raise error(
-            f"LABEL {label!r} is {len(label)} characters; at most {MAX_LABEL_LEN} "
+            f"LABEL {shorten(label)!r} is {len(label)} characters; at most {MAX_LABEL_LEN} "
             "(the kernel's name for the md device, md_LABEL, is limited to 31)"
         )
     return label
 
 
+def describe_chars(chars: set[str]) -> str:
+    """ "'A', ' ' (space)": the offending characters, each quoted, invisible ones named."""
+    names = {" ": "space", "\t": "tab", "\u00a0": "no-break space"}
+    parts = []
+    for c in sorted(chars):
+        text = repr(c)
+        if c in names:
+            text += f" ({names[c]})"
+        parts.append(text)
+    return ", ".join(parts)
+
+
 def _parse_target(spec: str, target: str) -> str | None:
     if target.startswith(MISSING_PREFIX):
         return None
+    if "@" in target:
+        raise SpecError(spec, f"TARGET {shorten(target)!r} contains '@'; only one 'lunN@' may come first")
     if not target:
         raise SpecError(
             spec, "TARGET is empty; expected an iSCSI name such as iqn.2001-04.com.example:storage"
         )
-    if len(target.encode()) > MAX_TARGET_LEN:
-        raise SpecError(
-            spec, f"TARGET is {len(target.encode())} bytes; iSCSI names are at most {MAX_TARGET_LEN}"
-        )
+    size = len(target.encode("utf-8", "surrogatepass"))  # argv may carry undecodable bytes
+    if size > MAX_TARGET_LEN:
+        raise SpecError(spec, f"TARGET is {size} bytes long; iSCSI names are at most {MAX_TARGET_LEN}")
     lowered = target.lower()
     if lowered.startswith("iqn."):
         return _check_iqn(spec, target)
@@ -147,10 +169,16 @@ def _parse_target(spec: str, target: str) -> str | None:
 
 def _check_iqn(spec: str, target: str) -> str:
     if not _NAME_CHARS_RE.fullmatch(target):
-        bad = sorted({c for c in target if not _NAME_CHARS_RE.fullmatch(c)})
+        bad = {c for c in target if not _NAME_CHARS_RE.fullmatch(c)}
+        if all(c.isascii() and c.isupper() for c in bad):
+            raise SpecError(
+                spec,
+                f"TARGET {target!r} contains upper-case letters {describe_chars(bad)}; "
+                f"iSCSI names are lower case: write {target.lower()!r}",
+            )
         raise SpecError(
             spec,
-            f"TARGET {target!r} contains {''.join(bad)!r}; iSCSI names use lower-case letters, "
+            f"TARGET {target!r} contains {describe_chars(bad)}; iSCSI names use lower-case letters, "
             "digits, '.', '-' and ':' only",
         )
     m = _IQN_RE.fullmatch(target)

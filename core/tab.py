@@ -10,6 +10,7 @@ beginning with ``MISSING`` leaves the local leg out. Errors read ``FILE:LINE: me
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,50 +56,78 @@ class Tab:
 
 
 def parse_tab(text: str, path: Path | str = "<tab>") -> Tab:
-    """Parse the whole file and report the first error with its line."""
-    tab = Tab(path=str(path))
-    devices: dict[str, TabEntry] = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        fields = line.split()
-        if len(fields) != 2:
-            raise TabError(
-                path,
-                number,
-                f"expected 'LABEL DEVICE' (two columns), found {len(fields)}: {raw.strip()!r}",
-            )
-        label, device = fields
-        check_label(label, lambda msg, n=number: TabError(path, n, msg))
-        if label in tab.entries:
-            first = tab.entries[label]
-            raise TabError(
-                path,
-                number,
-                f"LABEL {label!r} is already defined on line {first.line}; labels are unique per host",
-            )
-        if device.startswith(MISSING_PREFIX):
-            entry = TabEntry(label, None, str(path), number)
-        else:
-            if not device.startswith("/"):
-                raise TabError(
-                    path,
-                    number,
-                    f"DEVICE {device!r} for {label!r} is a relative path; write the absolute path, e.g. /dev/vg0/{label}",
-                )
-            # Two mirrors writing one local device would destroy both copies.
-            if device in devices:
-                other = devices[device]
-                raise TabError(
-                    path,
-                    number,
-                    f"DEVICE {device} is already the local leg of {other.label!r} (line {other.line})",
-                )
-            entry = TabEntry(label, device, str(path), number)
-            devices[device] = entry
-        tab.entries[label] = entry
+    """Parse the whole file; raise the first error with its line."""
+    tab, errors = check_tab_text(text, path)
+    if errors:
+        raise errors[0]
     return tab
+
+
+def check_tab_text(text: str, path: Path | str = "<tab>") -> tuple[Tab, list[TabError]]:
+    """Parse every line and collect every error (for `iscsimple check-config`).
+
+    The Tab holds the lines that were good; a line with an error is left out.
+    """
+    tab = Tab(path=str(path))
+    errors: list[TabError] = []
+    devices: dict[str, TabEntry] = {}
+    # Only "\n" ends a line: str.splitlines() would also split on form feeds and
+    # other separators and give line numbers no editor shows.
+    for number, raw in enumerate(text.split("\n"), start=1):
+        try:
+            entry = _parse_line(raw, number, path, tab, devices)
+        except TabError as e:
+            errors.append(e)
+            continue
+        if entry is not None:
+            tab.entries[entry.label] = entry
+            if entry.device is not None:
+                devices[entry.device] = entry
+    return tab, errors
+
+
+def _parse_line(
+    raw: str, number: int, path: Path | str, tab: Tab, devices: dict[str, TabEntry]
+) -> TabEntry | None:
+    line = raw.split("#", 1)[0].strip()
+    if not line:
+        return None
+    fields = line.split()
+    if len(fields) != 2:
+        raise TabError(
+            path,
+            number,
+            f"expected 'LABEL DEVICE' (two columns), found {len(fields)}: {line!r}",
+        )
+    label, device = fields
+    check_label(label, lambda msg: TabError(path, number, msg))
+    if label in tab.entries:
+        first = tab.entries[label]
+        raise TabError(
+            path,
+            number,
+            f"LABEL {label!r} is already defined on line {first.line}; labels are unique per host",
+        )
+    if device.startswith(MISSING_PREFIX):
+        return TabEntry(label, None, str(path), number)
+    if not device.startswith("/"):
+        raise TabError(
+            path,
+            number,
+            f"DEVICE {device!r} for {label!r} is a relative path; write the absolute path, e.g. /dev/vg0/{label}",
+        )
+    # "/dev/vg0//a" and "/dev/vg0/a" are one device; symlinks are resolved by check-config on the host.
+    device = os.path.normpath(device)
+    # Two mirrors writing one local device would destroy both copies.
+    if device in devices:
+        other = devices[device]
+        raise TabError(
+            path,
+            number,
+            f"DEVICE {device} is already the local leg of {other.label!r} (line {other.line}); "
+            "give each LABEL its own device",
+        )
+    return TabEntry(label, device, str(path), number)
 
 
 def read_tab(path: Path | str) -> Tab:
