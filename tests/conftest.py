@@ -18,3 +18,18 @@ def kernel_state(tmp_path: Path) -> Callable[[str], Path]:
         return materialize(name, tmp_path / "root" / name)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def kernel_state_readonly(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Like kernel_state, but each state is materialised once per session and shared:
+    for tests that only read the tree (file creation is slow on some disks)."""
+    base = tmp_path_factory.mktemp("kernel-states")
+    roots: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in roots:
+            roots[name] = materialize(name, base / f"{len(roots)}-{name}")
+        return roots[name]
+
+    return get

@@ -37,9 +37,9 @@ def test_every_capture_has_an_expectation():
 
 
 @pytest.mark.parametrize("state", sorted(EXPECTED))
-def test_captured_state(kernel_state, state):
+def test_captured_state(kernel_state_readonly, state):
     session_state, connection_state, lun_state, dev = EXPECTED[state]
-    result = read_iscsi_sessions(kernel_state(state) / "sys")
+    result = read_iscsi_sessions(kernel_state_readonly(state) / "sys")
     assert result.errors == []
     assert result.sessions == [
         IscsiSession(
@@ -59,8 +59,8 @@ def test_captured_state(kernel_state, state):
     assert result.sessions[0].portal == "127.0.0.1:3260"
 
 
-def test_logged_out_state_has_no_sessions(kernel_state):
-    result = read_iscsi_sessions(kernel_state("12") / "sys")
+def test_logged_out_state_has_no_sessions(kernel_state_readonly):
+    result = read_iscsi_sessions(kernel_state_readonly("12") / "sys")
     assert (result.sessions, result.errors) == ([], [])
 
 
@@ -70,16 +70,16 @@ def test_no_iscsi_module_no_sessions(tmp_path):
 
 
 @pytest.mark.parametrize("state", ["04", "06"])
-def test_find_lun_block_in_captures(kernel_state, state):
-    sysfs = kernel_state(state) / "sys"
+def test_find_lun_block_in_captures(kernel_state_readonly, state):
+    sysfs = kernel_state_readonly(state) / "sys"
     [(session, lun)] = find_lun_block(sysfs, TARGET, 1)
     assert (session.name, lun.block, lun.hctl) == ("session1", "sda", "0:0:0:1")
     assert find_lun_block(sysfs, TARGET, 0) == []  # LUN 0 is the target's controller, no disk
     assert find_lun_block(sysfs, "iqn.2026-11.test.local:other", 1) == []
 
 
-def test_find_lun_block_logged_out(kernel_state):
-    assert find_lun_block(kernel_state("12") / "sys", TARGET, 1) == []
+def test_find_lun_block_logged_out(kernel_state_readonly):
+    assert find_lun_block(kernel_state_readonly("12") / "sys", TARGET, 1) == []
 
 
 # --- generated trees ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import pytest
 from fixturetree import KERNEL_CAPTURES, STATES, materialize
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from iscsimple.core.errors import InputError
 from iscsimple.core.mdstat import (
     Mdstat,
@@ -357,7 +358,7 @@ def mdstats(draw):
     )
 
 
-@settings(max_examples=200)
+@settings(max_examples=100)
 @given(mdstats())
 def test_round_trip_of_well_formed_mdstat(mdstat):
     assert parse_mdstat(format_mdstat(mdstat)) == mdstat
