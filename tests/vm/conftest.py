@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from storagebed import StorageBed
-from vmharness import Guest, GuestError, VmUnavailable, prepare_kernel
+from vmharness import Guest, GuestError, VmUnavailable, prepare_kernel, prepare_xen
 
 TIMINGS: dict[str, float] = {}
 
@@ -43,6 +43,44 @@ def kernel_guest(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def xen_guest(tmp_path_factory):
+    """Xen 4.17 with the Debian kernel as dom0 (no domU: `xl block-attach 0` attaches to dom0)."""
+    start = time.monotonic()
+    try:
+        kernel, xen = prepare_kernel(), prepare_xen()
+    except VmUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+    record("xen hypervisor download+unpack", time.monotonic() - start)
+    try:
+        guest = Guest.boot(tmp_path_factory.mktemp("xen-guest"), kernel, xen=xen, memory_mib=2048)
+    except (VmUnavailable, GuestError) as exc:
+        pytest.fail(str(exc), pytrace=False)
+    record("boot Xen + dom0 to guest agent (wall)", guest.boot_seconds)
+    try:
+        yield guest
+    finally:
+        guest.shutdown()
+
+
+@pytest.fixture(scope="session")
+def xen_storage(xen_guest):
+    start = time.monotonic()
+    bed = StorageBed(xen_guest)
+    bed.setup()
+    bed.setup_xen()
+    record("dom0 setup: modules, udevd, iscsid, tgtd, xenstored", time.monotonic() - start)
+    return bed
+
+
+@pytest.fixture
+def xen_bed(xen_storage, request):
+    start = time.monotonic()
+    yield xen_storage
+    record(f"{request.node.name} (wall)", time.monotonic() - start)
+    xen_storage.reset()
+
+
+@pytest.fixture(scope="session")
 def storage(kernel_guest):
     start = time.monotonic()
     bed = StorageBed(kernel_guest)
@@ -64,10 +102,9 @@ def bed(storage, request):
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    guest = item.funcargs.get("kernel_guest") if hasattr(item, "funcargs") else None
-    if guest is None and hasattr(item, "funcargs"):
-        bed = item.funcargs.get("bed") or item.funcargs.get("storage")
-        guest = bed.guest if bed is not None else item.funcargs.get("xen_guest")
+    funcargs = getattr(item, "funcargs", {})
+    bed = funcargs.get("bed") or funcargs.get("xen_bed")
+    guest = bed.guest if bed is not None else None
     if report.failed and guest is not None:
         report.sections.append(("guest console (tail)", guest.console_tail(80)))
 

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 import traceback
+import urllib.request
 from pathlib import Path
 
 PORT_NAME = "iscsimple.ctl"
@@ -156,6 +157,32 @@ class Agent:
                 return {"met": False, "value": text, "seconds": time.monotonic() - start}
             time.sleep(interval)
 
+    def op_wait_metric(self, url, line_regex, timeout=30.0, interval=0.05):
+        """Scrape url until one exposition line matches; returns the matching line and when it first did."""
+        start = time.monotonic()
+        rx = re.compile(line_regex, re.M)
+        last = None
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as resp:
+                    last = resp.read().decode(errors="replace")
+            except OSError as exc:
+                last = f"(scrape failed: {exc})"
+            if m := rx.search(last):
+                return {
+                    "met": True,
+                    "line": m.group(0),
+                    "at": time.monotonic(),
+                    "seconds": time.monotonic() - start,
+                }
+            if time.monotonic() - start > timeout:
+                return {"met": False, "text": last[-5000:], "seconds": time.monotonic() - start}
+            time.sleep(interval)
+
+    def op_http_get(self, url, timeout=10.0):
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return {"status": resp.status, "text": resp.read().decode(errors="replace")}
+
     def op_now(self):
         return {"monotonic": time.monotonic()}
 
@@ -203,41 +230,40 @@ class Agent:
             shutil.copyfile(src, root / name)
         links = []
         for md in sorted(glob.glob("/sys/block/md*")):
-            _copy_dir(Path(md), root, depth=0, keep=("md",))
+            _copy_dir(Path(md), root)
             for sub in sorted(glob.glob(md + "/md")) + sorted(glob.glob(md + "/md/dev-*")):
-                _copy_dir(Path(sub), root, depth=0, keep=())
+                _copy_dir(Path(sub), root)
         for cls in ("iscsi_session", "iscsi_connection", "iscsi_host"):
             for link in sorted(glob.glob(f"/sys/class/{cls}/*")):
                 real = os.path.realpath(link)
                 links.append(f"{link} -> {real}")
-                _copy_dir(Path(real), root, depth=0, keep=())
+                _copy_dir(Path(real), root)
         for host in sorted(glob.glob("/sys/class/iscsi_host/*")):
             for scsi_host in glob.glob(host + "/device/scsi_host/*"):
                 real = os.path.realpath(scsi_host)
                 links.append(f"{scsi_host} -> {real}")
-                _copy_dir(Path(real), root, depth=0, keep=())
+                _copy_dir(Path(real), root)
         for session in sorted(glob.glob("/sys/class/iscsi_session/*")):
             device = Path(os.path.realpath(session)).parent.parent
             for lun in sorted(device.glob("target*/*:*:*:*")):
-                _copy_dir(lun, root, depth=0, keep=())
+                _copy_dir(lun, root)
                 for blk in sorted(lun.glob("block/*")):
                     links.append(f"/sys/block/{blk.name} -> {blk}")
-                    _copy_dir(blk, root, depth=0, keep=())
+                    _copy_dir(blk, root)
         (root / "class_links.txt").write_text("".join(line + "\n" for line in links))
-        dev_links = []
-        for d in ("/dev/disk/by-id", "/dev/disk/by-path", "/dev/md"):
-            dev_links.append(d + ":")
-            for entry in sorted(glob.glob(d + "/*")):
-                dev_links.append(f"{os.path.basename(entry)} -> {os.readlink(entry)}")
-            dev_links.append("")
-        (root / "dev_links.txt").write_text("\n".join(dev_links) + "\n")
+        dev_links = [
+            f"{d}:\n{_listing(Path(d))}"
+            for d in ("/dev/disk/by-id", "/dev/disk/by-path", "/dev/md")
+            if os.path.isdir(d)
+        ]
+        (root / "dev_links.txt").write_text("\n".join(dev_links))
         for name, argv in commands:
             res = subprocess.run(argv, capture_output=True, timeout=30, check=False)
             (root / name).write_bytes(res.stdout + res.stderr)
         return {"dir": str(root)}
 
 
-def _copy_dir(src: Path, root: Path, depth: int, keep: tuple[str, ...]) -> None:
+def _copy_dir(src: Path, root: Path) -> None:
     """Copy the readable regular files of one sysfs directory (and a `ls -la` of it) to root + its path."""
     dst = root / str(src).lstrip("/")
     dst.mkdir(parents=True, exist_ok=True)
@@ -253,14 +279,22 @@ def _copy_dir(src: Path, root: Path, depth: int, keep: tuple[str, ...]) -> None:
 
 
 def _listing(src: Path) -> str:
-    """Like `ls -la` (modes, names, link targets), without a process per directory."""
-    lines = []
-    for entry in sorted(src.iterdir()):
-        st = entry.lstat()
-        line = f"{stat.filemode(st.st_mode)} {st.st_size:6d} {entry.name}"
-        if entry.is_symlink():
-            line += " -> " + os.readlink(entry)
-        lines.append(line)
+    """`ls -la` of a directory, in ls's format (tests/fixturetree.py parses the links back out of it),
+    without a process per directory."""
+    entries = [(".", src), ("..", src.parent), *((e.name, e) for e in sorted(src.iterdir()))]
+    rows = []
+    for name, path in entries:
+        st = os.lstat(path)
+        shown = f"{name} -> {os.readlink(path)}" if stat.S_ISLNK(st.st_mode) else name
+        when = time.strftime("%b %e %H:%M", time.localtime(st.st_mtime))
+        rows.append(
+            (stat.filemode(st.st_mode), str(st.st_nlink), "root", "root", str(st.st_size), when, shown)
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = ["total 0"]
+    for row in rows:
+        cells = [row[0], row[1].rjust(widths[1]), row[2], row[3], row[4].rjust(widths[4]), row[5], row[6]]
+        lines.append(" ".join(cells))
     return "\n".join(lines) + "\n"
 
 
@@ -327,7 +361,27 @@ def power_off() -> None:
     libc.reboot(0x4321FEDC)  # RB_POWER_OFF
 
 
+def writer(device: str, seconds: float, log: str, span: int = 4 << 20) -> None:
+    """A VM's steady writes: 4 KiB O_DIRECT|O_DSYNC blocks round a span, each completion logged with its
+    guest monotonic time (so a test sees stalls and whether writes carried on)."""
+    fd = os.open(device, os.O_WRONLY | os.O_DIRECT | os.O_DSYNC)
+    buf = mmap.mmap(-1, 4096)
+    end = time.monotonic() + seconds
+    offset = 0
+    with open(log, "w", buffering=1) as out:
+        while time.monotonic() < end:
+            buf.seek(0)
+            buf.write(pattern(f"writer-{time.monotonic():.3f}", 4096))
+            os.pwrite(fd, buf, offset)
+            out.write(f"{time.monotonic():.3f} {offset}\n")
+            offset = (offset + 4096) % span
+    os.close(fd)
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "writer":
+        writer(sys.argv[2], float(sys.argv[3]), sys.argv[4])
+        return
     if os.getpid() == 1:
         # PID 1 must reap orphans (daemons' children): the parent does that, the child serves.
         child = os.fork()

@@ -4,13 +4,18 @@ by the tests themselves."""
 
 from __future__ import annotations
 
+import json
 import re
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from vmharness import Guest, GuestError
 
 PORTAL = "127.0.0.1:3260"
 KERNEL_MODULES = ("md_mod", "raid1", "iscsi_tcp", "loop", "sd_mod", "dm_mod")
+XEN_MODULES = ("xen-evtchn", "xen-gntdev", "xen-gntalloc", "xen-privcmd", "xen-blkback", "xen-blkfront")
+XEN_BIN = "/usr/lib/xen-4.17/bin"
 
 
 @dataclass
@@ -42,6 +47,21 @@ class StorageBed:
         g.run(["mkdir", "-p", "/tmp/disks", "/var/lib/iscsi", "/run/lock/iscsi"])
         self.start_iscsid()
         self.start_target()
+
+    def setup_xen(self) -> None:
+        """dom0 under Xen: the backend drivers, xenfs, oxenstored and xen-init-dom0, as xencommons does."""
+        g = self.guest
+        g.run(["modprobe", "-a", *XEN_MODULES])
+        g.run(["mount", "-t", "xenfs", "xenfs", "/proc/xen"])
+        g.run(["mkdir", "-p", "/run/xen", "/run/xen-hotplug", "/var/lib/xenstored", "/var/log/xen"])
+        pidfile = "/run/xen/xenstored.pid"
+        g.spawn(
+            "xenstored",
+            [f"{XEN_BIN}/oxenstored", "--no-fork", "--pid-file", pidfile],
+            log="/tmp/xenstored.log",
+        )
+        g.wait_for(pidfile, "exists", timeout=30)
+        g.run([f"{XEN_BIN}/xen-init-dom0"], timeout=60)
 
     def start_iscsid(self) -> None:
         self.guest.spawn("iscsid", ["iscsid", "-f"], log="/tmp/iscsid.log")
@@ -161,6 +181,26 @@ class StorageBed:
         g.wait_for(f"/sys/block/{md}/md/degraded", "equals", "0", timeout=timeout)
         g.wait_for(f"/sys/block/{md}/md/sync_action", "equals", "idle", timeout=timeout)
 
+    def capture(self, name: str) -> Path:
+        """Save the kernel state in the shared fixtures' layout; returns the host directory."""
+        commands = [
+            ("iscsiadm_session.txt", ["iscsiadm", "-m", "session"]),
+            ("iscsiadm_session_P3.txt", ["iscsiadm", "-m", "session", "-P", "3"]),
+        ]
+        for md in self.guest.glob("/sys/block/md*"):
+            md = md.rsplit("/", 1)[1]
+            commands.append((f"mdadm_detail_{md}.txt", ["mdadm", "--detail", f"/dev/{md}"]))
+            commands.append(
+                (f"mdadm_detail_export_{md}.txt", ["mdadm", "--detail", "--export", f"/dev/{md}"])
+            )
+        self.guest.call("capture", dest=name, commands=commands)
+        return self.guest.results / name
+
+    def core_reading(self) -> dict:
+        """core's readers run on the guest's real /sys (tests/vm/corejson.py), as plain data."""
+        script = str(Path(__file__).resolve().parent / "corejson.py")
+        return json.loads(self.guest.run([sys.executable, script, "/sys"]).stdout)
+
     # -- between tests -------------------------------------------------------------------------------
     def reset(self) -> None:
         """Leave the guest as setup() left it: no arrays, no sessions, no node records, no targets."""
@@ -194,7 +234,9 @@ class StorageBed:
         for dev in self.disks.values():
             g.run(["losetup", "-d", dev], check=False)
         self.disks.clear()
-        g.run(["rm", "-rf", "/tmp/disks", "/run/iscsimple", "/etc/iscsimple"], check=False)
+        g.run(
+            ["rm", "-rf", "/tmp/disks", "/run/iscsimple", "/var/lib/iscsimple", "/etc/iscsimple"], check=False
+        )
         g.run(["mkdir", "-p", "/tmp/disks"])
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gzip
 import hashlib
 import json
 import os
@@ -160,10 +161,9 @@ def prepare_xen() -> Path:
             deb = _download(package, cache / "debs")
             root = cache / package / "root"
             shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
             _run(["dpkg-deb", "-x", str(deb), str(root)])
             gz = root / "boot" / "xen-4.17-amd64.gz"
-            import gzip
-
             tmp = image.with_suffix(".tmp")
             tmp.write_bytes(gzip.decompress(gz.read_bytes()))
             tmp.rename(image)
