@@ -281,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%Y-%m-%dT%H:%M:%S",
         stream=sys.stderr,
     )
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)  # one line per job run is noise
     if args.demo_speed <= 0:
         parser.error("--demo.speed must be more than 0")
     try:
