@@ -1,0 +1,260 @@
+"""Data-safety decisions on one ArrayView: is the iSCSI copy stale, may a heal run, is it done.
+
+Pure functions over the snapshot (plus a fresh sysfs look-up for the heal's
+device), shared by the agent (detector, healer), the hotplug `remove` (which
+records a stale copy when the agent is not running) and `iscsimple resolve`.
+
+The danger they guard against: once md fails the iSCSI leg of a running mirror,
+every later write lands on the local leg only. Building the array from the
+iSCSI copy again (the normal attach) would overwrite those writes silently.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .iscsi import IscsiSession, ScsiLun, find_lun_block
+from .snapshot import ArrayView
+from .stale import StaleRecord
+
+# iSCSI leg states in which the iSCSI copy lacks writes the local leg has:
+# failed by md, gone from the array, or being (re)written from the local leg.
+STALE_ISCSI_STATES = frozenset({"faulty", "missing", "recovering", "spare"})
+# iSCSI leg states a heal starts from (recovering/spare: a heal already runs).
+HEALABLE_ISCSI_STATES = frozenset({"faulty", "missing"})
+
+
+def stale_reason(view: ArrayView) -> str | None:
+    """Why the iSCSI copy of this running array is stale, or None if it is not.
+
+    Stale means: the array runs, its iSCSI leg was configured, md no longer
+    writes to that leg (faulty, removed, or being rebuilt), the local leg is in
+    sync and md counts the array degraded. A local leg that is itself recovering
+    (the initial copy from iSCSI at attach, or a pygrub attach/detach during it)
+    means the iSCSI copy is the good one: never stale then.
+    """
+    md = view.md
+    if md is None or md.array_state in (None, "clear", "inactive"):
+        return None
+    if not view.iscsi.configured or view.local.state != "in_sync":
+        return None
+    if view.iscsi.state not in STALE_ISCSI_STATES:
+        return None
+    # A healthy 2-leg mirror whose iSCSI member we could not name is not degraded:
+    # md's own count keeps a misidentified member from looking like a stale copy.
+    if md.degraded is not None and md.degraded < 1:
+        return None
+    device = view.iscsi.device or "the iSCSI device"
+    return {
+        "faulty": f"md marked the iSCSI leg {device} faulty while {md.name} ran",
+        "missing": f"the iSCSI leg is gone from the running array {md.name}",
+        "recovering": f"the iSCSI leg {device} of {md.name} is being rewritten from the local leg",
+        "spare": f"the iSCSI leg {device} of {md.name} waits to be rewritten from the local leg",
+    }[view.iscsi.state]
+
+
+def stale_record(view: ArrayView, now: float | None = None) -> StaleRecord | None:
+    """The record to write for this array, or None when its iSCSI copy is not stale."""
+    reason = stale_reason(view)
+    if reason is None:
+        return None
+    a = view.attachment
+    return StaleRecord(
+        label=view.label,
+        since=time.time() if now is None else now,
+        md_device=view.md.name if view.md else a.md_device,
+        domain_name=a.domain_name,
+        domain_id=a.domain_id,
+        target=a.target,
+        lun=a.lun,
+        iscsi_device=view.iscsi.device or a.iscsi_device,
+        local_device=a.local_device,
+        reason=reason,
+    )
+
+
+def recovery_complete(view: ArrayView) -> bool:
+    """Both legs hold the same data again: the stale record may be cleared.
+
+    The iSCSI leg is in sync in md (the heal's copy local → iSCSI finished), the
+    local leg too, md counts nothing degraded and no resync/recovery runs.
+    """
+    md = view.md
+    return (
+        md is not None
+        and view.iscsi.state == "in_sync"
+        and view.local.state == "in_sync"
+        and md.degraded == 0
+        and (md.sync_action or "idle") == "idle"
+    )
+
+
+@dataclass(frozen=True)
+class HealPlan:
+    """What a heal does to one array, decided from a fresh look at the LUN."""
+
+    label: str
+    md_path: str  # what mdadm is given, e.g. /dev/md/LABEL
+    md_device: str  # kernel name, e.g. md127
+    remove: str | None  # kernel name of the old iSCSI member to fail and remove; None: already gone
+    add: str  # kernel name of the LUN's device now, e.g. sdb
+    add_dev: str  # its major:minor per sysfs
+    target: str
+    lun: int
+    session: str  # e.g. session3
+    renamed: bool  # the LUN came back under another name than the member md knew
+
+    @property
+    def add_path(self) -> str:
+        return f"/dev/{self.add}"
+
+    def commands(self) -> list[list[str]]:
+        """mdadm calls in order. A kernel member name (not a /dev path) lets mdadm fail and remove
+        a member whose device node is gone (it looks it up as md/dev-NAME)."""
+        argv = []
+        if self.remove is not None:
+            argv.append(["mdadm", self.md_path, "--fail", self.remove])
+            argv.append(["mdadm", self.md_path, "--remove", self.remove])
+        # --re-add is impossible without metadata: a full recovery local → iSCSI.
+        argv.append(["mdadm", self.md_path, "--add", "--write-mostly", self.add_path])
+        return argv
+
+    def describe(self) -> str:
+        steps = []
+        if self.remove is not None:
+            steps.append(f"fail and remove the stale iSCSI member {self.remove}")
+        renamed = " (the LUN came back under a new name)" if self.renamed else ""
+        steps.append(
+            f"add {self.add_path} (LUN {self.lun} of {self.target}){renamed} write-mostly, "
+            "so it recovers from the local leg"
+        )
+        return f"{self.label} ({self.md_path}): " + ", then ".join(steps)
+
+
+@dataclass(frozen=True)
+class HealBlocked:
+    """Why no heal may run now. `reason` is a short token (also a metric label suffix)."""
+
+    reason: str
+    detail: str
+
+
+def plan_heal(view: ArrayView, sysfs: Path, devfs: Path, *, enabled: bool = True) -> HealPlan | HealBlocked:
+    """Decide whether the iSCSI leg of this array may be re-added now, and onto which device.
+
+    The device is looked up fresh by target AND LUN (`find_lun_block`), so a LUN
+    that came back under a new name is found and a device of another target or
+    LUN is never used. The session must be LOGGED_IN and the SCSI device
+    `running`. Time-based policy (stable for N seconds, backoff) is the caller's.
+    """
+    a = view.attachment
+    if not enabled:
+        return HealBlocked("disabled", "heal is disabled in the configuration ([heal] enabled = false)")
+    if view.md is None:
+        return HealBlocked("not_running", f"the array of {view.label} is not running")
+    if a.target is None or not view.iscsi.configured:
+        return HealBlocked("no_iscsi_leg", f"{view.label} has no iSCSI leg")
+    if view.local.state != "in_sync":
+        return HealBlocked(
+            "local_not_in_sync", f"the local leg of {view.label} is {view.local.state}: nothing to heal from"
+        )
+    if view.iscsi.state in ("recovering", "spare"):
+        return HealBlocked("in_progress", f"the iSCSI leg of {view.label} is already {view.iscsi.state}")
+    if view.iscsi.state not in HEALABLE_ISCSI_STATES:
+        return HealBlocked("not_stale", f"the iSCSI leg of {view.label} is {view.iscsi.state}")
+
+    candidates = find_lun_block(sysfs, a.target, a.lun)
+    live = [(s, lun) for s, lun in candidates if s.state == "LOGGED_IN"]
+    if not live:
+        states = ", ".join(f"{s.name} {s.state}" for s, _ in candidates) or "no session with the LUN"
+        return HealBlocked("session_down", f"no logged-in session to {a.target} has LUN {a.lun} ({states})")
+    running = [(s, lun) for s, lun in live if lun.state == "running"]
+    if not running:
+        states = ", ".join(f"{lun.block} {lun.state}" for _, lun in live)
+        return HealBlocked("device_not_ready", f"LUN {a.lun} of {a.target} does not answer yet ({states})")
+    chosen = _choose(running, view)
+    if chosen is None:
+        names = ", ".join(str(lun.block) for _, lun in running)
+        return HealBlocked(
+            "ambiguous_device", f"LUN {a.lun} of {a.target} is reachable as several devices ({names})"
+        )
+    session, lun = chosen
+    assert lun.block is not None  # find_lun_block only returns LUNs with a block device
+    old = view.iscsi.member.name if view.iscsi.member is not None else None
+    members = {m.name for m in view.md.members}
+    if lun.block in members and lun.block != old:
+        return HealBlocked(
+            "wrong_device", f"{lun.block} is already a member of {view.md.name} as another leg: refusing"
+        )
+    problem = _device_problem(sysfs, devfs, lun, allowed_holder=view.md.name if lun.block == old else None)
+    if problem is None:
+        problem = _size_problem(sysfs, lun.block, view)
+    if problem is not None:
+        return HealBlocked("device_unusable", problem)
+    return HealPlan(
+        label=view.label,
+        md_path=a.md_path or f"/dev/{view.md.name}",
+        md_device=view.md.name,
+        remove=old,
+        add=lun.block,
+        add_dev=lun.dev or "",
+        target=a.target,
+        lun=a.lun,
+        session=session.name,
+        renamed=(old or a.iscsi_device or lun.block) != lun.block,
+    )
+
+
+def _choose(
+    running: list[tuple[IscsiSession, ScsiLun]], view: ArrayView
+) -> tuple[IscsiSession, ScsiLun] | None:
+    """One device for the LUN. With several sessions (several portals), prefer the device md or the
+    registry knew; otherwise refuse to guess."""
+    if len(running) == 1:
+        return running[0]
+    known = {n for n in (view.iscsi.device, view.attachment.iscsi_device) if n}
+    same = [c for c in running if c[1].block in known]
+    return same[0] if len(same) == 1 else None
+
+
+def _device_problem(sysfs: Path, devfs: Path, lun: ScsiLun, allowed_holder: str | None) -> str | None:
+    """The device must not be held by anything else (another array, LVM), and its /dev node must be
+    the device sysfs names, so mdadm opens the LUN we checked."""
+    name = lun.block
+    holders_dir = sysfs / "block" / str(name) / "holders"
+    try:
+        holders = set(os.listdir(holders_dir)) - ({allowed_holder} if allowed_holder else set())
+    except FileNotFoundError:
+        holders = set()
+    except OSError as e:
+        return f"cannot read {holders_dir}: {e.strerror or e}"
+    if holders:
+        return f"{name} is in use by {', '.join(sorted(holders))}: refusing to add it"
+    node = devfs / str(name)
+    try:
+        st = os.stat(node)
+    except FileNotFoundError:
+        return f"{node} does not exist (yet)"
+    except OSError as e:
+        return f"cannot stat {node}: {e.strerror or e}"
+    if stat.S_ISBLK(st.st_mode) and lun.dev is not None:
+        dev = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+        if dev != lun.dev:
+            return f"{node} is device {dev}, but sysfs says LUN {lun.lun} is {lun.dev}: refusing"
+    return None
+
+
+def _size_problem(sysfs: Path, name: str, view: ArrayView) -> str | None:
+    """md would refuse a too small device; say why in our words first."""
+    need_kib = view.md.component_size_kib if view.md else None
+    try:
+        sectors = int((sysfs / "block" / name / "size").read_text().strip())
+    except (OSError, ValueError):
+        return None  # unknown: let mdadm decide
+    if need_kib is not None and sectors * 512 < need_kib * 1024:
+        return f"{name} has {sectors * 512} bytes, the array needs {need_kib * 1024}: not the LUN it was?"
+    return None
