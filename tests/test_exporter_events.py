@@ -1,0 +1,169 @@
+"""Kernel events refresh the metrics at once, without waiting for the schedule."""
+
+from __future__ import annotations
+
+import queue
+import socket
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from iscsimple.exporter.agent import Agent, AgentOptions
+from iscsimple.exporter.demo import SimulatedHost
+from iscsimple.exporter.events import MdstatWatcher
+
+TARGET = "iqn.2003-01.org.example:filer"
+HOUR = 3600.0
+
+
+def local_only(agent: Agent, label: str) -> float:
+    body, _ = agent.metrics("")
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            if s.name == "iscsimple_array_local_only" and s.labels["label"] == label:
+                return s.value
+    raise AssertionError(f"no local_only for {label}")
+
+
+def wait_until(predicate, timeout: float = 5.0) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if predicate():
+            return time.monotonic() - started
+        time.sleep(0.01)
+    raise AssertionError(f"condition not met within {timeout:.1f} s")
+
+
+class FakeMonitor:
+    """Stands in for pyudev.Monitor: poll(timeout) returns the next queued device or None."""
+
+    def __init__(self):
+        self.events: queue.Queue = queue.Queue()
+
+    def poll(self, timeout=None):
+        try:
+            return self.events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+
+@pytest.fixture
+def host(tmp_path):
+    host = SimulatedHost(tmp_path / "host")
+    host.attach("web1-disk", "web1", TARGET, 1)
+    host.finish_resync("web1-disk")
+    return host
+
+
+def test_udev_event_refreshes_without_waiting_for_the_schedule(host):
+    monitor = FakeMonitor()
+    agent = Agent(AgentOptions(paths=host.paths, refresh_interval=HOUR, mdstat_events=False))
+    agent.start(udev_monitor_factory=lambda: monitor)
+    try:
+        assert local_only(agent, "web1-disk") == 0
+        host.expire_session(TARGET)  # the kernel changed; nobody told the agent yet
+        time.sleep(0.3)
+        assert local_only(agent, "web1-disk") == 0
+        monitor.events.put(SimpleNamespace(action="change", subsystem="scsi", sys_name="0:0:0:1"))
+        took = wait_until(lambda: local_only(agent, "web1-disk") == 1)
+        assert took < 2.0
+    finally:
+        agent.stop()
+
+
+class OobMdstat:
+    """A file whose fileno signals POLLPRI like /proc/mdstat after an md event: a TCP socket
+    receiving urgent data. read() consumes the urgent byte, as reading mdstat re-arms the poll."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.reads = 0
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def seek(self, _):
+        raise OSError("not seekable")
+
+    def read(self):
+        self.reads += 1
+        try:
+            return self.sock.recv(1, socket.MSG_OOB | socket.MSG_DONTWAIT)
+        except OSError:  # EINVAL/EAGAIN: no urgent byte pending
+            return b""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.sock.close()
+
+
+@pytest.fixture
+def oob_pair():
+    listener = socket.create_server(("127.0.0.1", 0))
+    sender = socket.create_connection(listener.getsockname())
+    receiver, _ = listener.accept()
+    listener.close()
+    yield sender, receiver
+    sender.close()
+
+
+def test_mdstat_poll_event_refreshes_without_waiting_for_the_schedule(host, oob_pair):
+    sender, receiver = oob_pair
+    agent = Agent(AgentOptions(paths=host.paths, refresh_interval=HOUR, udev=False, mdstat_events=False))
+    agent.start()
+    fake = OobMdstat(receiver)
+    watcher = MdstatWatcher(
+        host.paths.procfs / "mdstat", agent.refresher.request, opener=lambda: fake
+    ).start()
+    try:
+        wait_until(lambda: fake.reads >= 1)  # read once at start, as mdadm --monitor does
+        host.expire_session(TARGET)
+        time.sleep(0.3)
+        assert local_only(agent, "web1-disk") == 0
+        sender.send(b"!", socket.MSG_OOB)  # md_wakeup: POLLPRI on the open file
+        took = wait_until(lambda: local_only(agent, "web1-disk") == 1)
+        assert took < 2.0
+        assert fake.reads >= 2  # the event was acknowledged by reading again
+    finally:
+        watcher.stop()
+        agent.stop()
+
+
+def test_mdstat_watcher_ignores_plain_readability(tmp_path):
+    """A regular file is always readable (POLLIN) but never signals POLLPRI: no spurious refreshes."""
+    path = tmp_path / "mdstat"
+    path.write_text("Personalities : [raid1] \nunused devices: <none>\n")
+    events = []
+    watcher = MdstatWatcher(path, events.append, poll_timeout=0.05).start()
+    time.sleep(0.3)
+    watcher.stop()
+    assert events == []
+
+
+def test_burst_of_events_is_coalesced(host):
+    reads = []
+    agent = Agent(AgentOptions(paths=host.paths, refresh_interval=HOUR, udev=False, mdstat_events=False))
+    original = agent.refresher.read
+    gate = threading.Event()
+
+    def slow_read():
+        reads.append(time.monotonic())
+        gate.wait(1.0)
+        return original()
+
+    agent.refresher.read = slow_read
+    agent.refresher.start()
+    try:
+        for i in range(100):
+            agent.refresher.request(f"udev change sd{i}")
+        gate.set()
+        agent.refresher.wait_for_refresh(0, 5)
+        time.sleep(0.3)
+        assert 1 <= len(reads) <= 3
+    finally:
+        agent.stop()

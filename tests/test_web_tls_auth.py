@@ -1,0 +1,192 @@
+"""The real HTTP server with the exporter-toolkit web config: TLS and bcrypt basic auth."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import bcrypt
+import pytest
+import requests
+
+from iscsimple.exporter.web import AgentHTTPServer, Endpoints
+from iscsimple.exporter.webconfig import WebConfigError, load_web_config
+
+PASSWORD = "s3cret-scrape"
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "agent.crt", d / "agent.key"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+def write_config(directory: Path, tls_files, users=True) -> Path:
+    cert, key = tls_files
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
+    text = f"tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n"
+    if users:
+        # Go's htpasswd writes $2y$; bcrypt libraries treat it like $2b$.
+        text += f"basic_auth_users:\n  prometheus: '{hashed.replace('$2b$', '$2y$', 1)}'\n"
+    text += "http_server_config:\n  headers:\n    X-Frame-Options: deny\n"
+    path = directory / "web.yml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def server(tmp_path, tls_files):
+    config = load_web_config(write_config(tmp_path, tls_files))
+    endpoints = Endpoints(
+        metrics=lambda accept: (b"iscsimple_up 1\n", "text/plain; version=0.0.4; charset=utf-8"),
+        healthy=lambda: (True, "Healthy"),
+        ready=lambda: (True, "Ready"),
+    )
+    srv = AgentHTTPServer(("127.0.0.1", 0), endpoints, config)
+    srv.serve_in_thread()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_tls_and_basic_auth(server, tls_files):
+    cert, _ = tls_files
+    url = server.url
+    assert url.startswith("https://127.0.0.1:")
+    ok = requests.get(f"{url}/metrics", auth=("prometheus", PASSWORD), verify=str(cert), timeout=10)
+    assert ok.status_code == 200
+    assert ok.text == "iscsimple_up 1\n"
+    assert ok.headers["X-Frame-Options"] == "deny"
+    for auth in (None, ("prometheus", "wrong"), ("nobody", PASSWORD)):
+        r = requests.get(f"{url}/metrics", auth=auth, verify=str(cert), timeout=10)
+        assert r.status_code == 401, auth
+        assert r.headers["WWW-Authenticate"].startswith("Basic")
+        assert "iscsimple_up" not in r.text
+    # Health endpoints are protected too (as in exporter-toolkit).
+    assert requests.get(f"{url}/-/healthy", verify=str(cert), timeout=10).status_code == 401
+    r = requests.get(f"{url}/-/healthy", auth=("prometheus", PASSWORD), verify=str(cert), timeout=10)
+    assert (r.status_code, r.text) == (200, "Healthy\n")
+
+
+def test_plain_http_to_the_tls_port_gets_nothing(server):
+    port = server.server_address[1]
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/metrics", auth=("prometheus", PASSWORD), timeout=5)
+
+
+def test_client_that_never_handshakes_does_not_block_others(server, tls_files):
+    cert, _ = tls_files
+    idle = socket.create_connection(server.server_address[:2])
+    try:
+        r = requests.get(f"{server.url}/metrics", auth=("prometheus", PASSWORD), verify=str(cert), timeout=5)
+        assert r.status_code == 200
+    finally:
+        idle.close()
+
+
+def test_untrusted_certificate_is_refused_by_a_verifying_client(server):
+    with pytest.raises(requests.exceptions.SSLError):
+        requests.get(f"{server.url}/metrics", timeout=5)  # system CAs do not know our cert
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("tls_server_config:\n  cert_file: a.crt\n", "cert_file and key_file"),
+        ("basic_auth_users:\n  prom: plaintext\n", "not a bcrypt hash"),
+        ("tls_config:\n  cert_file: a\n", "unknown key"),
+        (
+            "tls_server_config:\n  cert_file: nope.crt\n  key_file: nope.key\n",
+            "cannot load the TLS certificate",
+        ),
+        ("tls_server_config: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_web_configs_say_what_is_wrong(tmp_path, text, message):
+    path = tmp_path / "web.yml"
+    path.write_text(text)
+    with pytest.raises(WebConfigError, match=message):
+        load_web_config(path)
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path, tls_files):
+    cert, key = tls_files
+    (tmp_path / "c.crt").write_bytes(cert.read_bytes())
+    (tmp_path / "k.key").write_bytes(key.read_bytes())
+    path = tmp_path / "web.yml"
+    path.write_text("tls_server_config:\n  cert_file: c.crt\n  key_file: k.key\n  min_version: TLS13\n")
+    config = load_web_config(path)
+    assert config.tls.cert_file == tmp_path / "c.crt"
+    assert config.tls.context().minimum_version == ssl.TLSVersion.TLSv1_3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_real_agent_serves_tls_with_auth(tmp_path, tls_files):
+    """The installed entry point, as systemd would run it, against a simulated host."""
+    from iscsimple.exporter.demo import SimulatedHost
+
+    host = SimulatedHost(tmp_path / "host")
+    host.attach("web1-disk", "web1", "iqn.2003-01.org.example:filer", 1)
+    cert, _ = tls_files
+    port = _free_port()
+    p = host.paths
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-c", "from iscsimple.exporter.agent import main; raise SystemExit(main())",
+            "--web.listen-address", f"127.0.0.1:{port}",
+            "--web.config.file", str(write_config(tmp_path, tls_files)),
+            "--path.procfs", str(p.procfs), "--path.sysfs", str(p.sysfs),
+            "--path.state", str(p.state), "--path.records", str(p.records),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                r = requests.get(
+                    f"https://127.0.0.1:{port}/metrics",
+                    auth=("prometheus", PASSWORD),
+                    verify=str(cert),
+                    timeout=5,
+                )
+                break
+            except requests.exceptions.ConnectionError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.1)
+        assert r.status_code == 200
+        assert 'iscsimple_array_unprotected{domain="web1",label="web1-disk"} 1.0' in r.text
+        assert "iscsimple_up 1.0" in r.text
+        assert (
+            requests.get(f"https://127.0.0.1:{port}/metrics", verify=str(cert), timeout=5).status_code == 401
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 0, out.decode()
+    assert b"listening on https://127.0.0.1" in out
