@@ -111,15 +111,12 @@ def read_md_arrays(sysfs: Path) -> MdReadResult:
         result.errors.append(f"{block}: cannot list: {e.strerror or e}")
         return result
     for name in names:
-        md_dir = os.path.join(block, name, "md")
-        if not os.path.isdir(md_dir):
-            continue  # not an md device after all, or stopped meanwhile
         try:
             array = _read_array(block, name, result.errors)
         except _Gone:
-            continue  # stopped while we read it: not an error, it simply is no more
+            continue  # not an array (any more): stopped while we listed or read it
         except (OSError, ValueError) as e:  # never let one array hide the others
-            result.errors.append(f"{md_dir}: {e}")
+            result.errors.append(f"{os.path.join(block, name, 'md')}: {e}")
             continue
         result.arrays[name] = array
     return result
@@ -146,6 +143,11 @@ class _Gone(Exception):
 def _read_array(block: str, name: str, all_errors: list[str]) -> MdArray:
     disk_dir = os.path.join(block, name)
     md_dir = os.path.join(disk_dir, "md")
+    # Listing md/ first tells an array from a plain disk or a stopped array, in one syscall.
+    try:
+        member_dirs = [e.name for e in os.scandir(md_dir) if e.name.startswith("dev-")]
+    except (FileNotFoundError, NotADirectoryError):
+        raise _Gone from None
     errors: list[str] = []
     md = AttrReader(md_dir, errors)
     disk = AttrReader(disk_dir, errors)
@@ -168,7 +170,7 @@ def _read_array(block: str, name: str, all_errors: list[str]) -> MdArray:
         sync_speed_kib=md.parsed("sync_speed", redundant, parse_int),
         component_size_kib=md.parsed("component_size", True, parse_int),
         size_bytes=sectors * 512 if sectors is not None else None,
-        members=_read_members(md_dir, errors),
+        members=_read_members(md_dir, member_dirs, errors),
         sync_delayed=sync_completed_text == "delayed",
     )
     if errors and not os.path.isdir(md_dir):
@@ -177,11 +179,7 @@ def _read_array(block: str, name: str, all_errors: list[str]) -> MdArray:
     return array
 
 
-def _read_members(md_dir: str, errors: list[str]) -> tuple[MdMember, ...]:
-    try:
-        entries = [e.name for e in os.scandir(md_dir) if e.name.startswith("dev-")]
-    except FileNotFoundError:
-        raise _Gone from None
+def _read_members(md_dir: str, entries: list[str], errors: list[str]) -> tuple[MdMember, ...]:
     members = []
     for entry in entries:
         member_dir = os.path.join(md_dir, entry)

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from iscsimple.core.errors import OperationError
 
-__all__ = ["AttrReader", "SysfsError", "parse_dev", "parse_int"]
+__all__ = ["AttrReader", "SysfsError", "parse_dev", "parse_int", "read_bytes"]
 
 T = TypeVar("T")
 
@@ -38,8 +38,7 @@ class AttrReader:
         """The stripped content, or None if missing/unreadable."""
         path = os.path.join(self.directory, attr)
         try:
-            with open(path, "rb") as f:
-                data = f.read(_MAX_ATTR_BYTES)
+            data = read_bytes(path)
         except FileNotFoundError:
             if required:
                 self.errors.append(f"{path}: missing")
@@ -62,6 +61,16 @@ class AttrReader:
         except ValueError:
             self.errors.append(f"{os.path.join(self.directory, attr)}: cannot parse {text[:80]!r}")
             return None
+
+
+def read_bytes(path: str) -> bytes:
+    """One read of an attribute file. os.open/os.read rather than open(): this runs ~100k
+    times per scrape on a big host and the file object layers cost more than the syscalls."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, _MAX_ATTR_BYTES)
+    finally:
+        os.close(fd)
 
 
 def parse_int(text: str) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import builtins
 import os
 import shutil
 
@@ -154,14 +153,14 @@ def test_missing_and_garbage_attributes(tmp_path):
 def test_unreadable_attribute(tmp_path, monkeypatch):
     session = write_iscsi_session(tmp_path, 1, "iqn.2026-11.example:t", [FakeLun(1)])
     denied = str(session / "target0:0:0" / "0:0:0:1" / "state")
-    real_open = builtins.open
+    real_open = os.open
 
     def fake_open(path, *args, **kwargs):
         if os.fspath(path) == denied:
             raise PermissionError(13, "Permission denied", path)
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(os, "open", fake_open)
     result = read_iscsi_sessions(tmp_path)
     assert result.sessions[0].lun(1).state is None
     assert result.errors == [f"{denied}: unreadable: Permission denied"]

@@ -296,7 +296,7 @@ def test_unreadable_file_is_none_and_an_error(tmp_path):
 
 def test_permission_denied_is_reported(tmp_path, monkeypatch):
     write_md_array(tmp_path, "md0", [FakeMember("sda")])
-    real_open = builtins.open
+    real_open = os.open
     denied = str(tmp_path / "block" / "md0" / "md" / "sync_action")
 
     def fake_open(path, *args, **kwargs):
@@ -304,7 +304,7 @@ def test_permission_denied_is_reported(tmp_path, monkeypatch):
             raise PermissionError(13, "Permission denied", path)
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(os, "open", fake_open)
     result = read_md_arrays(tmp_path)
     assert result.arrays["md0"].sync_action is None
     assert result.errors == [f"{denied}: unreadable: Permission denied"]
@@ -366,14 +366,19 @@ def test_array_stopped_while_reading_is_skipped_silently(tmp_path, monkeypatch):
 def test_each_attribute_file_is_read_once_and_no_device_is_opened(kernel_state_readonly, monkeypatch):
     sysfs = kernel_state_readonly("04") / "sys"
     opened: list[str] = []
-    real_open = builtins.open
+    real_open = os.open
 
     def recording_open(path, *args, **kwargs):
         opened.append(os.fspath(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "open", recording_open)
+    def refuse_open(path, *args, **kwargs):
+        raise AssertionError(f"the reader uses os.open only, opened {path}")
+
+    monkeypatch.setattr(os, "open", recording_open)
+    monkeypatch.setattr(builtins, "open", refuse_open)
     read_md_arrays(sysfs)
+    monkeypatch.undo()
     assert len(opened) == len(set(opened))
     assert all(p.startswith(os.fspath(sysfs)) for p in opened)
     # 12 array attributes + 5 per member: bounded work per array on every scrape.
