@@ -149,15 +149,12 @@ def _log_session_change(old: SessionView, new: SessionView) -> None:
 
 
 def _log_array_changes(old: ArrayView | None, new: ArrayView, first: bool) -> None:
+    """Log what changed; on the agent's first look, log only what needs attention."""
     vm = f"{new.label} (VM {new.domain})" if new.domain else new.label
+    old_local_only, old_unprotected = False, False
     if old is None:
         if not first:
             log.info("%s attached: iSCSI leg %s, local leg %s", vm, new.iscsi.state, new.local.state)
-        elif new.local_only or new.unprotected:
-            log.warning("%s: iSCSI leg %s, local leg %s", vm, new.iscsi.state, new.local.state)
-        old_local_only, old_unprotected = False, False
-        if first:
-            old_local_only, old_unprotected = new.local_only, new.unprotected
     else:
         for leg_old, leg_new in ((old.iscsi, new.iscsi), (old.local, new.local)):
             if leg_old.state != leg_new.state:

@@ -1,0 +1,347 @@
+"""Data safety in the agent: remember stale iSCSI copies, heal them, export both.
+
+Runs after every refresh (events or schedule), in the refresh thread, on the
+snapshot just read:
+
+1. `StaleDetector` writes a durable record (core.stale) for each array whose
+   iSCSI copy went stale (core.safety.stale_reason) and logs it once.
+2. `Healer` clears a record once md says both legs are in sync again (whoever
+   did the copy: this agent, `iscsimple resolve`, an operator), and — when the
+   policy allows ([heal] enabled, default on) — re-adds a returned iSCSI leg
+   write-mostly so it recovers from the local leg. It waits until the session
+   and the LUN have looked healthy for `stable_seconds`, doubling that wait after
+   each failed or aborted heal (capped), holds the hotplug's label lock while it
+   acts, and re-checks everything under the lock before running mdadm.
+3. `SafetyCollector` exports `iscsimple_array_iscsi_stale{label,domain}`,
+   `iscsimple_heal_operations_total{result}` and `iscsimple_heal_enabled`.
+
+Crash safety: all state that matters is on disk (the record) or in the kernel
+(the md members). If the agent dies between `--remove` and `--add`, the next run
+sees the leg missing with the record standing and adds it; if it dies during the
+recovery, the next run waits for it and clears the record when it completes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from prometheus_client.core import CounterMetricFamily, Metric
+
+from iscsimple.core.config import ConfigError, load_config
+from iscsimple.core.errors import OperationError
+from iscsimple.core.paths import HostPaths
+from iscsimple.core.registry import Registry
+from iscsimple.core.run import Deadline, run
+from iscsimple.core.safety import HealBlocked, HealPlan, plan_heal, recovery_complete, stale_record
+from iscsimple.core.snapshot import ArrayView, HostSnapshot
+from iscsimple.core.stale import StaleRecord, StaleRecords
+from iscsimple.hotplug.locking import LockTimeout, hotplug_lock, label_lock_name
+
+from .collectors.base import SnapshotCollector, gauge
+
+log = logging.getLogger("iscsimple.agent.safety")
+
+# Xen's tools/hotplug/Linux/locking.sh LOCK_BASEDIR: the hotplug script locks a label there.
+XEN_LOCK_DIR = Path("/var/run/xen-hotplug")
+MDADM_TIMEOUT = 30.0  # one mdadm call; --add on a LUN that just came back may be slow
+LOCK_WAIT = 2.0  # a hotplug holds the label: try again on the next refresh
+HEAL_RESULTS = ("success", "failure", "aborted")  # always exported; skipped_<reason> when seen
+
+Runner = Callable[..., object]
+
+
+class StaleDetector:
+    """Writes a record the first time an array's iSCSI copy is seen stale; logs it once."""
+
+    def __init__(self, records: StaleRecords, clock: Callable[[], float] = time.time):
+        self.records = records
+        self.clock = clock
+        self.write_failures = 0
+        self._announced: set[str] = set()
+
+    def observe(self, snapshot: HostSnapshot) -> dict[str, StaleRecord]:
+        """The records standing after this pass (the snapshot's plus those written now)."""
+        standing = {r.label: r for r in snapshot.stale}
+        self._announced &= set(standing) | {v.label for v in snapshot.arrays}
+        for view in snapshot.arrays:
+            if view.label in standing:
+                continue
+            record = stale_record(view, now=self.clock())
+            if record is None:
+                self._announced.discard(view.label)
+                continue
+            try:
+                self.records.put(record)  # write-once: a record already there is kept
+                standing[view.label] = self.records.get(view.label) or record
+            except (OSError, ValueError) as e:
+                # Export it anyway: the danger is real even if we could not write it down.
+                standing[view.label] = record
+                self.write_failures += 1
+                log.error("cannot write the stale record of %s: %s", view.label, e)
+            if view.label not in self._announced:
+                self._announced.add(view.label)
+                log.warning(
+                    "STALE iSCSI COPY: %s. Do not migrate, stop or move this VM until the mirror is "
+                    "healed; the agent re-adds the iSCSI leg when its session is back.",
+                    record.describe(),
+                )
+        return standing
+
+
+@dataclass
+class _Progress:
+    """What the healer remembers about one label (lost on restart, which is safe: see module doc)."""
+
+    ready_since: float | None = None  # when a heal first looked possible (monotonic)
+    failures: int = 0  # failed or aborted heals since the last completed one
+    healing_since: float | None = None  # we re-added the leg; its recovery runs
+    last_skip: str | None = None
+
+
+class Healer:
+    def __init__(
+        self,
+        paths: HostPaths,
+        records: StaleRecords,
+        *,
+        enabled: bool = True,
+        stable_seconds: float = 30.0,
+        backoff_max_seconds: float = 3600.0,
+        runner: Runner = run,
+        lock_dir: Path = XEN_LOCK_DIR,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.paths = paths
+        self.records = records
+        self.enabled = enabled
+        self.stable_seconds = stable_seconds
+        self.backoff_max_seconds = backoff_max_seconds
+        self.runner = runner
+        self.lock_dir = lock_dir
+        self.clock = clock
+        self.results: dict[str, int] = dict.fromkeys(HEAL_RESULTS, 0)
+        self._progress: dict[str, _Progress] = {}
+
+    def wait_for(self, label: str) -> float:
+        """Seconds the session and LUN must look healthy before the next heal of `label`."""
+        failures = self._progress.get(label, _Progress()).failures
+        return min(self.stable_seconds * 2**failures, self.backoff_max_seconds)
+
+    def observe(self, snapshot: HostSnapshot, standing: dict[str, StaleRecord]) -> dict[str, StaleRecord]:
+        """Clear records of healed arrays, heal what may be healed; returns the records still standing."""
+        standing = dict(standing)
+        for view in snapshot.arrays:
+            if view.label not in standing:
+                self._progress.pop(view.label, None)
+                continue
+            if recovery_complete(view):
+                self._cleared(view, standing)
+                continue
+            self._consider(view)
+        return standing
+
+    # -- one array -----------------------------------------------------------------------------
+
+    def _cleared(self, view: ArrayView, standing: dict[str, StaleRecord]) -> None:
+        try:
+            self.records.clear(view.label)
+        except OSError as e:
+            log.error("cannot clear the stale record of %s: %s", view.label, e)
+            return
+        del standing[view.label]
+        self._progress.pop(view.label, None)
+        log.warning(
+            "healed: the iSCSI copy of %s (%s) is in sync with the local leg again; stale record cleared",
+            view.label,
+            view.domain or "no VM",
+        )
+
+    def _consider(self, view: ArrayView) -> None:
+        progress = self._progress.setdefault(view.label, _Progress())
+        now = self.clock()
+        if progress.healing_since is not None and view.iscsi.state in ("faulty", "missing"):
+            progress.healing_since = None
+            progress.ready_since = None
+            progress.failures += 1
+            self._count("aborted")
+            log.warning(
+                "heal of %s aborted: the iSCSI leg is %s again before its recovery completed; "
+                "next attempt after %.0f s of a healthy session",
+                view.label,
+                view.iscsi.state,
+                self.wait_for(view.label),
+            )
+        plan = plan_heal(view, self.paths.sysfs, self.paths.devfs, enabled=self.enabled)
+        if isinstance(plan, HealBlocked):
+            if plan.reason != "in_progress":
+                progress.ready_since = None
+                self._skip(view.label, progress, plan.reason, plan.detail)
+            return
+        if progress.ready_since is None:
+            progress.ready_since = now
+        wait = self.wait_for(view.label)
+        if now - progress.ready_since < wait:
+            if progress.failures:
+                self._skip(
+                    view.label,
+                    progress,
+                    "backoff",
+                    f"{progress.failures} failed heal(s): waiting for {wait:.0f} s of a healthy session",
+                )
+            return
+        self._heal(view, plan, progress)
+
+    def _heal(self, view: ArrayView, plan: HealPlan, progress: _Progress) -> None:
+        try:
+            with hotplug_lock(self.lock_dir, label_lock_name(view.label), Deadline(LOCK_WAIT)):
+                # A hotplug may have stopped or rebuilt the array since the snapshot: decide again.
+                fresh = HostSnapshot.read(self.paths).array(view.label)
+                again = (
+                    plan_heal(fresh, self.paths.sysfs, self.paths.devfs, enabled=self.enabled)
+                    if fresh
+                    else None
+                )
+                if again != plan:
+                    self._skip(view.label, progress, "changed", "the array changed under us; will look again")
+                    progress.ready_since = None
+                    return
+                log.warning("healing %s", plan.describe())
+                for argv in plan.commands():
+                    self.runner(argv, timeout=MDADM_TIMEOUT)
+                if plan.renamed:
+                    self._note_new_device(view, plan)
+        except LockTimeout:
+            self._skip(view.label, progress, "busy", "a hotplug operation holds the label; will retry")
+            return
+        except OperationError as e:
+            progress.failures += 1
+            progress.ready_since = None
+            self._count("failure")
+            log.error(
+                "heal of %s failed: %s; next attempt after %.0f s of a healthy session",
+                view.label,
+                e,
+                self.wait_for(view.label),
+            )
+            return
+        progress.healing_since = self.clock()
+        progress.last_skip = None
+        self._count("success")
+        log.warning(
+            "heal of %s started: %s recovers from the local leg; the stale record is cleared when it "
+            "is in sync",
+            view.label,
+            plan.add_path,
+        )
+
+    def _note_new_device(self, view: ArrayView, plan: HealPlan) -> None:
+        """Keep the registry naming the LUN's current device (status, detach). Under the label lock."""
+        registry = Registry(self.paths)
+        current = registry.get(view.attachment.id)
+        if current is not None:
+            registry.put(replace(current, iscsi_device=plan.add))
+
+    def _skip(self, label: str, progress: _Progress, reason: str, detail: str) -> None:
+        """Count and log a held-back heal once per change of reason, not on every refresh."""
+        if progress.last_skip == reason:
+            return
+        progress.last_skip = reason
+        self._count(f"skipped_{reason}")
+        log.info("not healing %s yet: %s", label, detail)
+
+    def _count(self, result: str) -> None:
+        self.results[result] = self.results.get(result, 0) + 1
+
+
+@dataclass
+class SafetyState:
+    """What the collector renders: the records standing after the last pass over a snapshot."""
+
+    taken: float | None = None
+    standing: dict[str, StaleRecord] = field(default_factory=dict)
+
+
+class Safety:
+    """The agent's watcher (call it with each snapshot) and the source of SafetyCollector."""
+
+    def __init__(self, detector: StaleDetector, healer: Healer):
+        self.detector = detector
+        self.healer = healer
+        self.state = SafetyState()
+
+    @classmethod
+    def for_host(cls, paths: HostPaths, *, heal: bool = True, **healer_options) -> Safety:
+        """Read the heal policy from the config file; an unreadable config disables healing
+        (the operator may have meant to turn it off) but never detection."""
+        try:
+            enabled = load_config(paths.config).heal_enabled
+        except ConfigError as e:
+            log.error("%s; automatic heal is off until the configuration is fixed", e)
+            enabled = False
+        records = StaleRecords(paths)
+        return cls(StaleDetector(records), Healer(paths, records, enabled=heal and enabled, **healer_options))
+
+    def __call__(self, snapshot: HostSnapshot) -> None:
+        standing = self.detector.observe(snapshot)
+        standing = self.healer.observe(snapshot, standing)
+        self.state = SafetyState(snapshot.taken, standing)
+
+    def standing_for(self, snapshot: HostSnapshot) -> dict[str, StaleRecord]:
+        state = self.state
+        if state.taken == snapshot.taken:
+            return state.standing
+        return {r.label: r for r in snapshot.stale}
+
+
+class SafetyCollector(SnapshotCollector):
+    name = "safety"
+    sources = ("registry", "stale")
+
+    def __init__(self, current: Callable[[], HostSnapshot], safety: Safety):
+        super().__init__(current)
+        self.safety = safety
+
+    def families(self, snapshot: HostSnapshot) -> Iterable[Metric]:
+        standing = self.safety.standing_for(snapshot)
+        stale = gauge(
+            "iscsimple_array_iscsi_stale",
+            "1 while a stale-copy record stands for this LABEL: the local leg holds writes its iSCSI copy "
+            "lacks, on this host only. Do not migrate, stop or move the VM, nor start it on another "
+            "host, until the mirror is healed (the record is cleared then).",
+            ["label", "domain"],
+        )
+        seen = set()
+        for view in snapshot.arrays:
+            if view.label in seen:
+                continue
+            seen.add(view.label)
+            stale.add_metric([view.label, view.domain], 1.0 if view.label in standing else 0.0)
+        for label, record in sorted(standing.items()):
+            if label not in seen:  # VM stopped or host rebooted: the record still matters
+                domain = record.domain_name or ("" if record.domain_id is None else str(record.domain_id))
+                stale.add_metric([label, domain], 1.0)
+        yield stale
+
+        healer = self.safety.healer
+        operations = CounterMetricFamily(
+            "iscsimple_heal_operations_total",
+            "Heals of stale iSCSI copies by result: success (leg re-added, recovering from the local "
+            "leg), failure (an mdadm call failed), aborted (the leg failed again before its recovery "
+            "completed), skipped_<reason> (held back: session down, device not ready, backoff, ...).",
+            labels=["result"],
+        )
+        for result, count in sorted(healer.results.items()):
+            operations.add_metric([result], float(count))
+        yield operations
+        enabled = gauge(
+            "iscsimple_heal_enabled",
+            "1 when the agent re-adds a returned iSCSI leg by itself ([heal] enabled in the config); 0: "
+            "stale copies wait for `iscsimple resolve`.",
+            [],
+        )
+        enabled.add_metric([], 1.0 if healer.enabled else 0.0)
+        yield enabled

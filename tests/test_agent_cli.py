@@ -1,0 +1,163 @@
+"""iscsimple-agent's command line: --once, --textfile, promtool-clean exposition, clear errors."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from iscsimple.exporter.agent import _listen_address, _seconds, main
+from iscsimple.exporter.demo import SimulatedHost
+
+TARGET = "iqn.2003-01.org.example:filer"
+AGENT = [sys.executable, "-c", "from iscsimple.exporter.agent import main; raise SystemExit(main())"]
+
+
+@pytest.fixture
+def host(tmp_path):
+    host = SimulatedHost(tmp_path / "host")
+    host.attach("web1-disk", "web1", TARGET, 1)
+    host.attach("db1-disk", "db1", TARGET, 2)
+    host.finish_resync("db1-disk")
+    host.expire_session(TARGET)
+    host.record_hotplug("add", "success", 1.5)
+    return host
+
+
+def path_flags(host) -> list[str]:
+    p = host.paths
+    return [
+        "--path.procfs", str(p.procfs), "--path.sysfs", str(p.sysfs),
+        "--path.state", str(p.state), "--path.records", str(p.records),
+    ]  # fmt: skip
+
+
+def run_agent(*args, timeout=60):
+    return subprocess.run([*AGENT, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def samples(text: str) -> dict:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+
+
+def test_once_prints_the_exposition(host):
+    r = run_agent("--once", *path_flags(host))
+    assert r.returncode == 0, r.stderr
+    s = samples(r.stdout)
+    assert s[("iscsimple_array_local_only", (("domain", "db1"), ("label", "db1-disk")))] == 1
+    assert s[("iscsimple_array_unprotected", (("domain", "web1"), ("label", "web1-disk")))] == 1
+    assert s[("iscsimple_iscsi_session_up", (("portal", "192.0.2.10:3260"), ("target", TARGET)))] == 0
+    assert s[("iscsimple_hotplug_operations_total", (("operation", "add"), ("result", "success")))] == 1
+    assert s[("iscsimple_up", ())] == 1
+    # State changes are logged in words on stderr, never mixed into the exposition.
+    assert "db1-disk (VM db1) runs on its LOCAL leg alone" in r.stderr
+    assert "runs on its LOCAL" not in r.stdout
+
+
+def test_once_exits_1_when_a_source_failed(host):
+    md = host.paths.sysfs / "block" / host.md_device("web1-disk") / "md"
+    (md / "sync_action").unlink()
+    r = run_agent("--once", *path_flags(host))
+    assert r.returncode == 1
+    assert "iscsimple_up 0.0" in r.stdout
+
+
+@pytest.mark.skipif(
+    shutil.which("promtool") is None, reason="promtool missing: scripts/test installs prometheus"
+)
+def test_promtool_accepts_the_exposition(host, tmp_path):
+    host.set_leg_errors("db1-disk", "local", 3)
+    r = run_agent("--once", *path_flags(host))
+    check = subprocess.run(
+        ["promtool", "check", "metrics"], input=r.stdout, capture_output=True, text=True, timeout=60
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert check.stdout.strip() == "" and check.stderr.strip() == ""  # not even lint warnings
+
+
+def test_textfile_once_writes_atomically(host, tmp_path):
+    out = tmp_path / "textfile" / "iscsimple.prom"
+    out.parent.mkdir()
+    r = run_agent("--once", "--textfile", str(out), *path_flags(host))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == ""
+    s = samples(out.read_text())
+    assert s[("iscsimple_array_local_only", (("domain", "db1"), ("label", "db1-disk")))] == 1
+    assert [p.name for p in out.parent.iterdir()] == ["iscsimple.prom"]  # no temp files left
+
+
+def test_textfile_is_rewritten_on_schedule(host, tmp_path):
+    out = tmp_path / "iscsimple.prom"
+    proc = subprocess.Popen(
+        [*AGENT, "--web.listen-address", "127.0.0.1:0", "--textfile", str(out), "--textfile.interval", "200ms",
+         "--refresh.interval", "200ms", *path_flags(host)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not out.exists():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        host.restore_session(TARGET)
+        key = ("iscsimple_iscsi_session_up", (("portal", "192.0.2.10:3260"), ("target", TARGET)))
+        while samples(out.read_text()).get(key) != 1:
+            assert time.monotonic() < deadline, out.read_text()
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--web.listen-address", "9977"], "is not HOST:PORT"),
+        (["--refresh.interval", "soon"], "is not a duration"),
+        (["--no-such-flag"], "unrecognized arguments"),
+        (["--log.level", "loud"], "invalid choice"),
+    ],
+)
+def test_bad_flags_exit_2_with_a_reason(args, message):
+    r = run_agent(*args)
+    assert r.returncode == 2
+    assert message in r.stderr
+
+
+def test_bad_web_config_exits_2(tmp_path):
+    bad = tmp_path / "web.yml"
+    bad.write_text("basic_auth_users:\n  prometheus: hunter2\n")
+    r = run_agent("--web.config.file", str(bad), "--once")
+    assert r.returncode == 2
+    assert "not a bcrypt hash" in r.stderr and "htpasswd" in r.stderr
+
+
+def test_missing_sysfs_exits_2(tmp_path):
+    r = run_agent("--once", "--path.sysfs", str(tmp_path / "nope"))
+    assert r.returncode == 2
+    assert "--path.sysfs" in r.stderr and "not a directory" in r.stderr
+
+
+def test_port_in_use_exits_2(host):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["--web.listen-address", f"127.0.0.1:{port}", *path_flags(host)]) == 2
+
+
+def test_flag_parsers():
+    assert _listen_address(":9977") == ("0.0.0.0", 9977)
+    assert _listen_address("[::1]:9977") == ("::1", 9977)
+    assert _seconds("500ms") == 0.5
+    assert _seconds("2m") == 120
+    assert _seconds("15") == 15
