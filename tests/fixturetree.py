@@ -251,8 +251,9 @@ def write_md_array(
             device.mkdir(parents=True, exist_ok=True)
             _write(device, dev=member.dev)
             (member_dir / "block").symlink_to(os.path.relpath(device, member_dir))
-        if member.slot is not None and "faulty" not in member.state:
-            (md / f"rd{member.slot}").symlink_to(member_dir.name)
+        role_link = md / f"rd{member.slot}"
+        if member.slot is not None and "faulty" not in member.state and not role_link.is_symlink():
+            role_link.symlink_to(member_dir.name)
     _link(sysfs / "block" / name, disk)
     return md
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import builtins
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 from fixturetree import STATES, FakeMember, write_md_array
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from iscsimple.core import md as md_module
 from iscsimple.core.errors import OperationError
@@ -402,3 +405,73 @@ def test_member_removed_while_reading_is_skipped_silently(tmp_path, monkeypatch)
     result = read_md_arrays(tmp_path)
     assert [x.name for x in result.arrays["md0"].members] == ["sda"]
     assert result.errors == []
+
+
+_STATE_FLAGS = [
+    "in_sync",
+    "write_mostly",
+    "faulty",
+    "spare",
+    "blocked",
+    "write_error",
+    "replacement",
+    "journal",
+]
+
+
+@st.composite
+def fake_members(draw):
+    names = draw(
+        st.lists(st.from_regex(r"\A(sd[a-z]{1,2}|dm-[0-9]{1,3}|loop[0-9])\Z"), max_size=4, unique=True)
+    )
+    return [
+        FakeMember(
+            name,
+            slot=draw(st.none() | st.integers(0, 15)),
+            state=",".join(draw(st.lists(st.sampled_from(_STATE_FLAGS), unique=True))),
+            errors=draw(st.integers(0, 2**31)),
+            recovery_start=draw(st.none() | st.integers(0, 2**40)),
+            dev=draw(st.none() | st.builds("{}:{}".format, st.integers(0, 4095), st.integers(0, 2**20))),
+        )
+        for name in names
+    ]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    members=fake_members(),
+    level=st.sampled_from(["raid1", "raid10", "raid0", "linear"]),
+    array_state=st.sampled_from(["clean", "active", "read-auto", "readonly", "write-pending", "broken"]),
+    completed=st.none() | st.tuples(st.integers(0, 2**40), st.integers(1, 2**40)),
+)
+def test_generated_array_reads_back_exactly(members, level, array_state, completed):
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as tmp:
+        sysfs = Path(tmp)
+        write_md_array(
+            sysfs,
+            "md_vm",
+            members,
+            minor=5,
+            level=level,
+            array_state=array_state,
+            sync_completed="none" if completed is None else f"{completed[0]} / {completed[1]}",
+        )
+        result = read_md_arrays(sysfs)
+    assert result.errors == []
+    array = result.arrays["md_vm"]
+    redundant = level in ("raid1", "raid10")
+    assert (array.level, array.array_state, array.dev) == (level, array_state, "9:5")
+    assert array.sync_completed == (completed if redundant else None)
+    assert array.degraded == (0 if redundant else None)
+    expected = sorted(members, key=lambda x: (x.slot is None, x.slot or 0, x.name))
+    assert array.members == tuple(
+        MdMember(
+            name=x.name,
+            slot=x.slot,
+            state=frozenset(filter(None, x.state.split(","))),
+            errors=x.errors,
+            recovery_start=x.recovery_start,
+            dev=x.dev,
+        )
+        for x in expected
+    )
