@@ -631,7 +631,9 @@ def _mdstat_array(a: _Array) -> list[str]:
         f"      {kib} blocks super non-persistent [2/{len(in_sync)}] [{status}]",
     ]
     if a.sync_action != "idle":
-        per_mille = a.done_sectors * 1000 // max(1, a.sectors)
+        # md_seq_show's integer arithmetic (scale 10, +1 against division by zero): the
+        # capture shows 11.6% for 7936/65536 KiB, not 12.1%.
+        per_mille = ((a.done_sectors >> 10) * 1000) // ((a.sectors >> 10) + 1)
         bar = "=" * (per_mille // 50) + ">" + "." * (20 - per_mille // 50)
         done_kib = a.done_sectors // 2
         speed = max(1, a.speed_kib)
