@@ -1,0 +1,342 @@
+"""The agent's detector and healer on a generated host with a fake mdadm and a fake clock.
+
+Every path of issue 6's heal: record on the faulty transition (logged once),
+heal success and record cleared only when the recovery completes, a renamed
+LUN, never another target's or LUN's device, backoff on failures and aborts,
+a crash between --remove and --add, heal disabled, a hotplug holding the label.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from fixturetree import FakeLun
+from prometheus_client import generate_latest
+from safetybed import LABEL, OTHER_TARGET, TARGET, FakeMdadm, SafetyBed, Session
+
+from iscsimple.core.registry import Registry
+from iscsimple.core.stale import StaleRecords
+from iscsimple.exporter.safety import Healer, Safety, SafetyCollector, StaleDetector
+from iscsimple.hotplug.locking import hotplug_lock, label_lock_name
+
+MD = f"/dev/md/{LABEL}"
+HEAL_SDA = [
+    ["mdadm", MD, "--fail", "sda"],
+    ["mdadm", MD, "--remove", "sda"],
+    ["mdadm", MD, "--add", "--write-mostly", "/dev/sda"],
+]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Host:
+    """The bed plus an agent-side Safety wired exactly as the agent wires it."""
+
+    def __init__(self, tmp_path, *, enabled: bool = True, fail_on: str | None = None):
+        self.bed = SafetyBed(tmp_path)
+        self.clock = Clock()
+        self.mdadm = FakeMdadm(self.bed, fail_on=fail_on)
+        self.records = StaleRecords(self.bed.paths)
+        self.lock_dir = tmp_path / "locks"
+        self.safety = self.new_agent(enabled)
+
+    def new_agent(self, enabled: bool = True) -> Safety:
+        """A fresh agent process: nothing remembered but what is on disk and in the kernel."""
+        self.safety = Safety(
+            StaleDetector(self.records, clock=lambda: 1.7e9),
+            Healer(
+                self.bed.paths,
+                self.records,
+                enabled=enabled,
+                stable_seconds=30,
+                backoff_max_seconds=200,
+                runner=self.mdadm,
+                lock_dir=self.lock_dir,
+                clock=self.clock,
+            ),
+        )
+        return self.safety
+
+    def refresh(self, after: float = 0.0):
+        self.clock.now += after
+        snapshot = self.bed.snapshot()
+        self.safety(snapshot)
+        return snapshot
+
+    def exposition(self) -> str:
+        snapshot = self.refresh()
+        return generate_latest(_Once(SafetyCollector(lambda: snapshot, self.safety))).decode()
+
+    @property
+    def results(self) -> dict[str, int]:
+        return self.safety.healer.results
+
+
+class _Once:
+    def __init__(self, collector):
+        self.collector = collector
+
+    def collect(self):
+        return self.collector.collect()
+
+
+@pytest.fixture
+def host(tmp_path) -> Host:
+    return Host(tmp_path)
+
+
+def test_record_written_on_the_faulty_transition_and_logged_once(host, caplog):
+    caplog.set_level(logging.WARNING, logger="iscsimple.agent.safety")
+    host.refresh()
+    assert host.records.get(LABEL) is None
+    host.bed.fail_iscsi()
+    host.refresh()
+    record = host.records.get(LABEL)
+    assert record is not None
+    assert (record.md_device, record.domain_name, record.target, record.lun, record.iscsi_device) == (
+        "md127",
+        "vm1",
+        TARGET,
+        1,
+        "sda",
+    )
+    assert record.since == 1.7e9 and "faulty" in record.reason
+    for _ in range(3):
+        host.refresh(after=5)
+    assert host.records.get(LABEL) == record  # write-once: the first sighting stands
+    warnings = [r for r in caplog.records if "STALE iSCSI COPY" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "vm1" in warnings[0].getMessage()
+
+
+def test_heal_success_and_record_cleared_only_when_recovery_completes(host):
+    host.bed.fail_iscsi()
+    host.refresh()
+    host.bed.session_back()
+    host.refresh()  # the session looks healthy from now on
+    host.refresh(after=29)
+    assert host.mdadm.calls == []  # not stable long enough yet
+    host.refresh(after=2)
+    assert host.mdadm.calls == HEAL_SDA
+    assert host.results["success"] == 1
+    view = host.bed.view()
+    assert view.iscsi.state == "recovering" and view.iscsi.write_mostly
+    for _ in range(3):  # recovering: the record stands, nothing else is run
+        host.refresh(after=60)
+        assert host.records.get(LABEL) is not None
+    assert len(host.mdadm.calls) == 3
+    assert 'iscsimple_array_iscsi_stale{domain="vm1",label="vm1-disk"} 1.0' in host.exposition()
+    host.bed.finish_recovery()
+    host.refresh()
+    assert host.records.get(LABEL) is None
+    text = host.exposition()
+    assert 'iscsimple_array_iscsi_stale{domain="vm1",label="vm1-disk"} 0.0' in text
+    assert 'iscsimple_heal_operations_total{result="success"} 1.0' in text
+    assert 'iscsimple_heal_operations_total{result="failure"} 0.0' in text
+    assert "iscsimple_heal_enabled 1.0" in text
+
+
+def test_heal_with_the_lun_renamed(host):
+    host.bed.fail_iscsi("sda")
+    host.refresh()
+    host.bed.session_back(block="sdb", dev="8:16")
+    host.refresh()
+    host.refresh(after=31)
+    assert host.mdadm.calls == [
+        ["mdadm", MD, "--fail", "sda"],
+        ["mdadm", MD, "--remove", "sda"],
+        ["mdadm", MD, "--add", "--write-mostly", "/dev/sdb"],
+    ]
+    assert Registry(host.bed.paths).by_label(LABEL).iscsi_device == "sdb"
+    host.bed.finish_recovery()
+    host.refresh()
+    assert host.records.get(LABEL) is None
+    assert host.bed.view().iscsi.device == "sdb"
+
+
+def test_never_heals_onto_a_device_of_another_target_or_lun(host):
+    host.bed.fail_iscsi("sda")
+    host.refresh()
+    host.bed.session_back()
+    host.bed.sessions[0].luns = [FakeLun(2, "sdd", "8:48")]  # our target, but LUN 2
+    host.bed.sessions.append(Session(2, OTHER_TARGET, luns=[FakeLun(1, "sdc", "8:32")]))  # LUN 1 elsewhere
+    for _ in range(5):
+        host.refresh(after=100)
+    assert host.mdadm.calls == []
+    assert host.results["skipped_session_down"] == 1  # counted once, not on every refresh
+    assert host.records.get(LABEL) is not None
+
+
+def test_backoff_doubles_after_each_failure_and_resets_with_a_flap(tmp_path):
+    host = Host(tmp_path, fail_on="--add")
+    host.bed.fail_iscsi()
+    host.refresh()
+    host.bed.session_back()
+    host.refresh()
+    host.refresh(after=31)
+    assert host.results["failure"] == 1
+    assert host.safety.healer.wait_for(LABEL) == 60
+    attempts = len(host.mdadm.calls)
+    host.refresh()  # the window restarts after a failure
+    host.refresh(after=59)
+    assert len(host.mdadm.calls) == attempts
+    assert host.results["skipped_backoff"] == 1
+    host.bed.session_down()  # a flap restarts the window too
+    host.refresh(after=2)
+    host.bed.session_back()
+    host.refresh()
+    host.refresh(after=59)
+    assert len(host.mdadm.calls) == attempts
+    host.refresh(after=2)
+    assert host.results["failure"] == 2
+    assert host.safety.healer.wait_for(LABEL) == 120
+    for _ in range(3):
+        host.refresh()
+        host.refresh(after=1000)
+    assert host.safety.healer.wait_for(LABEL) == 200  # capped
+
+
+def test_a_heal_aborted_by_the_session_failing_again_backs_off(host):
+    host.bed.fail_iscsi()
+    host.refresh()
+    host.bed.session_back()
+    host.refresh()
+    host.refresh(after=31)
+    assert host.results["success"] == 1
+    host.bed.fail_iscsi("sda")  # the target dies again during the recovery
+    host.refresh()
+    assert host.results["aborted"] == 1
+    assert host.records.get(LABEL) is not None
+    assert host.safety.healer.wait_for(LABEL) == 60
+    host.bed.session_back()
+    host.refresh()
+    host.refresh(after=31)
+    assert len(host.mdadm.calls) == 3  # still backing off
+    host.refresh(after=30)
+    assert len(host.mdadm.calls) == 6 and host.results["success"] == 2
+
+
+def test_crash_between_remove_and_add_is_healed_by_the_next_agent(host):
+    class Died(BaseException):
+        pass
+
+    def dies_after_remove(argv, **kwargs):
+        result = FakeMdadm.__call__(host.mdadm, argv, **kwargs)
+        if "--remove" in argv:
+            raise Died
+        return result
+
+    host.safety.healer.runner = dies_after_remove
+    host.bed.fail_iscsi()
+    host.refresh()
+    host.bed.session_back()
+    host.refresh()
+    with pytest.raises(Died):
+        host.refresh(after=31)
+    view = host.bed.view()
+    assert view.iscsi.state == "missing" and view.local.state == "in_sync"
+    assert host.records.get(LABEL) is not None
+
+    host.new_agent()  # restarted by systemd: no memory
+    host.refresh()
+    host.refresh(after=31)
+    assert host.mdadm.calls[-1] == ["mdadm", MD, "--add", "--write-mostly", "/dev/sda"]
+    assert len(host.mdadm.calls) == 3
+    host.bed.finish_recovery()
+    host.refresh()
+    assert host.records.get(LABEL) is None
+
+
+def test_agent_restarted_during_the_recovery_clears_the_record_when_done(host):
+    host.bed.fail_iscsi()
+    host.refresh()
+    host.bed.session_back()
+    host.refresh()
+    host.refresh(after=31)
+    host.new_agent()
+    host.refresh(after=500)
+    assert len(host.mdadm.calls) == 3  # it does not heal twice
+    host.bed.finish_recovery()
+    host.refresh()
+    assert host.records.get(LABEL) is None
+
+
+def test_heal_disabled_only_detects_and_clears(tmp_path):
+    host = Host(tmp_path, enabled=False)
+    host.bed.fail_iscsi()
+    host.refresh()
+    host.bed.session_back()
+    for _ in range(3):
+        host.refresh(after=100)
+    assert host.mdadm.calls == []
+    assert host.results["skipped_disabled"] == 1
+    assert "iscsimple_heal_enabled 0.0" in host.exposition()
+    # An operator heals by hand (or `iscsimple resolve`): the agent still clears the record.
+    for argv in HEAL_SDA:
+        host.mdadm(argv, timeout=10)
+    host.bed.finish_recovery()
+    host.refresh()
+    assert host.records.get(LABEL) is None
+
+
+def test_a_hotplug_holding_the_label_defers_the_heal(host):
+    host.bed.fail_iscsi()
+    host.refresh()
+    host.bed.session_back()
+    host.refresh()
+    with hotplug_lock(host.lock_dir, label_lock_name(LABEL)):
+        host.refresh(after=31)
+    assert host.mdadm.calls == []
+    assert host.results["skipped_busy"] == 1
+    host.refresh(after=1)
+    assert host.mdadm.calls == HEAL_SDA
+
+
+def test_an_array_stopped_while_stale_keeps_its_record_and_metric(host):
+    """VM shut down during the outage: no array, the record stands and is still exported."""
+    host.bed.fail_iscsi()
+    host.refresh()
+    host.bed.stop()
+    Registry(host.bed.paths).remove(host.bed.attachment.id)
+    text = host.exposition()
+    assert 'iscsimple_array_iscsi_stale{domain="vm1",label="vm1-disk"} 1.0' in text
+    host.bed.session_back()
+    host.refresh(after=100)
+    assert host.mdadm.calls == []
+
+
+def test_pygrub_attach_and_detach_during_the_initial_recovery_leaves_no_record(host):
+    """libxl attaches the disk to dom0 for pygrub, then detaches it while the local leg still
+    recovers from iSCSI: the iSCSI copy is the good one, nothing may be recorded."""
+    from fixturetree import FakeMember
+
+    bed = host.bed
+    bed.members = [FakeMember("sda", slot=1, state="in_sync,write_mostly", dev="8:0")]  # --build
+    host.refresh()
+    bed.members.append(FakeMember("dm-3", slot=0, state="spare", dev="253:3"))  # --add LOCAL
+    bed.sync_action = "recover"
+    host.refresh()
+    bed.fail_iscsi()  # even an outage now: the local leg never held the data
+    host.refresh()
+    bed.stop()  # remove: mdadm --stop
+    host.refresh()
+    assert host.records.list() == []
+    assert host.mdadm.calls == []
+
+
+def test_unreadable_config_disables_heal_but_not_detection(tmp_path, caplog):
+    bed = SafetyBed(tmp_path)
+    bed.paths.config.write_text("[heal]\nenabled = 'yes'\n")
+    safety = Safety.for_host(bed.paths, runner=FakeMdadm(bed), lock_dir=tmp_path / "locks")
+    assert safety.healer.enabled is False
+    bed.fail_iscsi()
+    safety(bed.snapshot())
+    assert StaleRecords(bed.paths).get(LABEL) is not None
+    assert "automatic heal is off" in caplog.text
