@@ -1,0 +1,405 @@
+"""add / `iscsimple attach`: give Xen (or the operator) a disk for `[lunN@]TARGET[+LABEL]`.
+
+Steps (README, "How attach works"):
+1. session: reuse the target's session, else log in (node DB record; discovery
+   through the configured portals only for a target the DB lacks), with the
+   replacement timeout chosen for the LUNs it serves;
+2. LUN N's disk from sysfs, by-path as a cross-check, waiting with a bound;
+3. without LABEL that disk is the result; with LABEL check the local device, refuse
+   a running /dev/md/LABEL, then `mdadm --build ... missing --write-mostly ISCSI` and
+   `mdadm /dev/md/LABEL --add LOCAL` (the local leg recovers from iSCSI);
+4. xenstore: physical-device, physical-device-path, hotplug-status=connected.
+
+The registry entry is written before anything happens on the host and updated as
+each step completes, so a remove after a crash knows what may exist. On failure,
+exactly what this add did is undone (and nothing is ever written to a device: the
+only writes are md's own recovery onto the local leg, which is what an add is for).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+
+from iscsimple.core.config import Config
+from iscsimple.core.errors import InputError, IscsimpleError, OperationError
+from iscsimple.core.paths import HostPaths
+from iscsimple.core.registry import (
+    LEG_ISCSI,
+    LEG_LOCAL,
+    STATE_ATTACHED,
+    Attachment,
+    OperationResult,
+    Registry,
+)
+from iscsimple.core.run import Deadline
+from iscsimple.core.spec import DiskSpec
+from iscsimple.core.stale import StaleRecords
+from iscsimple.core.tab import TabEntry, read_tab
+
+from . import iscsiadm, mdadm, session
+from .detach import stop_array, undo
+from .devices import (
+    BlockDevice,
+    active_md_array,
+    check_local_device,
+    md_kernel_names,
+    md_path,
+    wait_for_lun,
+    wait_for_md,
+)
+from .locking import hotplug_lock, label_lock_name, target_lock_name
+from .xen import XenContext
+
+log = logging.getLogger(__name__)
+
+# Kept back from the budget for undoing a failed add, so that failing still ends in time.
+ROLLBACK_RESERVE = 8.0
+
+
+class AttachError(OperationError):
+    """An add failed; the message is the sentence for hotplug-error."""
+
+
+def cli_attachment_id(spec: DiskSpec) -> str:
+    """Registry id of an attachment made with `iscsimple attach SPEC` (not by Xen)."""
+    if spec.label:
+        return f"cli-{spec.label}"
+    return f"cli-lun{spec.lun}-{re.sub(r'[^A-Za-z0-9_.-]', '_', spec.target or '')}"
+
+
+@dataclass
+class _Done:
+    """What this add changed on the host, for an exact rollback."""
+
+    registered: bool = False
+    login_attempted: bool = False
+    logged_in: bool = False
+    built: bool = False
+    published: bool = False
+
+
+def attach(
+    spec: DiskSpec,
+    paths: HostPaths,
+    config: Config,
+    *,
+    xen: XenContext | None = None,
+    deadline: Deadline | None = None,
+    attachment_id: str | None = None,
+    operation: str = "attach",
+) -> Attachment:
+    """Attach `spec`; returns the registry entry (its `device_path` is what Xen gets).
+
+    Raises InputError (bad tab entry, both legs missing) or OperationError; either way
+    nothing this call did is left behind, unless the message says cleanup failed.
+    """
+    deadline = deadline or Deadline(config.attach_budget)
+    registry = Registry(paths)
+    attachment_id = attachment_id or (xen.attachment_id if xen else cli_attachment_id(spec))
+    started = time.monotonic()
+    try:
+        attachment = _attach(spec, paths, config, registry, xen, deadline, attachment_id, started, operation)
+    except BaseException:
+        registry.record_operation(operation, "failure", time.monotonic() - started)
+        raise
+    registry.record_operation(operation, "success", time.monotonic() - started)
+    return attachment
+
+
+def _attach(
+    spec: DiskSpec,
+    paths: HostPaths,
+    config: Config,
+    registry: Registry,
+    xen: XenContext | None,
+    deadline: Deadline,
+    attachment_id: str,
+    started: float,
+    operation: str,
+) -> Attachment:
+    entry = _tab_entry(spec, paths)
+    local_dev = entry.device if entry else None
+    if spec.label and spec.target is None and local_dev is None:
+        raise InputError(
+            f"cannot attach {spec}: both legs are MISSING (the spec's TARGET and {entry.where}); "  # type: ignore[union-attr]
+            "a mirror needs at least one"
+        )
+    _refuse_stale(spec, paths)
+    # Forward steps stop early enough for the rollback to finish within the budget.
+    forward = Deadline(max(deadline.remaining() - min(ROLLBACK_RESERVE, deadline.seconds / 4), 0.1))
+
+    with ExitStack() as locks:
+        if spec.label:
+            locks.enter_context(hotplug_lock(paths.locks, label_lock_name(spec.label), forward))
+        _clear_leftover(attachment_id, spec, paths, config, registry, forward)
+        if spec.label:
+            _refuse_busy_label(spec.label, attachment_id, paths, registry)
+            if local_dev:  # fail before logging in; the size is checked once the LUN is known
+                _check_local(local_dev, paths, None, entry)  # type: ignore[arg-type]
+
+        attachment = _new_attachment(spec, attachment_id, local_dev, xen, paths)
+        done = _Done()
+        try:
+            device = _steps(spec, paths, config, registry, xen, forward, attachment, entry, done)
+            attachment = registry.get(attachment_id) or attachment
+            result = OperationResult(operation, "success", time.monotonic() - started, time.time())
+            attachment = registry.put(replace(attachment, state=STATE_ATTACHED, last=result))
+            log.info("attached %s as %s (%s)", spec, device.path, device.name)
+            return attachment
+        except BaseException as e:
+            problems = _rollback(spec, paths, config, registry, xen, deadline, attachment_id, done)
+            message = _sentence(spec, e)
+            if problems:
+                message += f"; cleanup incomplete ({'; '.join(problems)}): run remove again"
+            log.error("%s", message)
+            if isinstance(e, IscsimpleError):
+                error = type(e)(message) if isinstance(e, InputError) else AttachError(message)
+                raise error from e
+            raise AttachError(message) from e
+
+
+def _steps(
+    spec: DiskSpec,
+    paths: HostPaths,
+    config: Config,
+    registry: Registry,
+    xen: XenContext | None,
+    deadline: Deadline,
+    attachment: Attachment,
+    entry: TabEntry | None,
+    done: _Done,
+) -> BlockDevice:
+    iscsi_dev: BlockDevice | None = None
+    if spec.target is not None:
+        with hotplug_lock(paths.locks, target_lock_name(spec.target), deadline):
+            # Registered under the target lock: a concurrent last remove sees us and stays logged in.
+            attachment = registry.put(attachment)
+            done.registered = True
+            result = session.ensure(
+                paths,
+                config,
+                registry,
+                spec.target,
+                deadline,
+                before_login=lambda: _mark(done, "login_attempted"),
+            )
+        done.logged_in = result.logged_in
+        attachment = registry.put(
+            replace(
+                attachment,
+                portal=result.portal,
+                we_logged_in=result.logged_in,
+                replacement_timeout=result.replacement_timeout,
+            )
+        )
+        found, iscsi_dev = wait_for_lun(
+            paths,
+            spec.target,
+            spec.lun,
+            config.device_wait,
+            deadline,
+            on_stall=None if result.logged_in else _rescanner(paths, spec.target, deadline),
+        )
+        attachment = registry.put(
+            replace(attachment, iscsi_device=iscsi_dev.name, portal=found.portal or result.portal)
+        )
+    else:
+        attachment = registry.put(attachment)
+        done.registered = True
+
+    if spec.label is None:
+        assert iscsi_dev is not None
+        device = iscsi_dev
+    else:
+        device = _build(spec.label, paths, registry, deadline, attachment, entry, iscsi_dev, done)
+
+    if xen is not None:
+        done.published = True
+        xen.publish(device, attachment.id)
+    return device
+
+
+def _build(
+    label: str,
+    paths: HostPaths,
+    registry: Registry,
+    deadline: Deadline,
+    attachment: Attachment,
+    entry: TabEntry | None,
+    iscsi_dev: BlockDevice | None,
+    done: _Done,
+) -> BlockDevice:
+    local_dev = entry.device if entry else None
+    if local_dev is not None:
+        min_size = iscsi_dev.size_bytes if iscsi_dev else None
+        local = _check_local(local_dev, paths, min_size, entry)  # type: ignore[arg-type]
+        attachment = registry.put(replace(attachment, local_kernel_name=local.name))
+    running = active_md_array(paths, label)
+    if running:
+        raise OperationError(f"/dev/md/{label} ({running}) appeared while attaching; another tool built it")
+    path = str(md_path(paths, label))
+    done.built = True  # from here on an array may exist, even if mdadm fails or times out
+    mdadm.build(path, iscsi_dev.path if iscsi_dev else None, None if iscsi_dev else local_dev, deadline)
+    md = wait_for_md(paths, label, deadline)
+    attachment = registry.put(replace(attachment, md_device=md.name))
+    if iscsi_dev is not None and local_dev is not None:
+        mdadm.add(path, local_dev, deadline)
+    return BlockDevice(path, md.name, md.major, md.minor, md.size_bytes)
+
+
+def _mark(done: _Done, step: str) -> None:
+    setattr(done, step, True)
+
+
+def _rescanner(paths: HostPaths, target: str, deadline: Deadline):
+    """For a shared session that predates the LUN: ask the target for new LUNs once."""
+
+    def rescan() -> None:
+        for s in session.target_sessions(paths, target):
+            log.info("LUN not on session %d yet: rescanning", s.sid)
+            iscsiadm.rescan(s.sid, deadline)
+
+    return rescan
+
+
+def _tab_entry(spec: DiskSpec, paths: HostPaths) -> TabEntry | None:
+    if spec.label is None:
+        return None
+    return read_tab(paths.tab).lookup(spec.label)
+
+
+def _check_local(device: str, paths: HostPaths, min_size: int | None, entry: TabEntry) -> BlockDevice:
+    return check_local_device(device, paths, min_size, entry.where)
+
+
+def _refuse_stale(spec: DiskSpec, paths: HostPaths) -> None:
+    """Never build from an iSCSI copy the local leg has newer writes than (core.stale)."""
+    if spec.label is None:
+        return
+    records = StaleRecords(paths)
+    record = records.get(spec.label)
+    if record is None:
+        return
+    if spec.target is None:
+        log.warning(
+            "%s has a stale-iSCSI record, but this mirror has no iSCSI leg: the local copy is the source",
+            spec.label,
+        )
+        return
+    raise OperationError(
+        f"refusing to attach {spec.label}: {record.describe()}, and building the mirror from iSCSI would "
+        f"overwrite them (record {records.path(spec.label)}); resolve it first with "
+        f"'iscsimple resolve {spec.label} --keep local' (keep the local writes) or '--keep iscsi' (discard them)"
+    )
+
+
+def _refuse_busy_label(label: str, attachment_id: str, paths: HostPaths, registry: Registry) -> None:
+    other = registry.by_label(label)
+    if other is not None and other.id != attachment_id:
+        who = other.domain_name or (f"domain {other.domain_id}" if other.domain_id is not None else other.id)
+        raise OperationError(
+            f"{label} is already attached ({who}, {other.id}, {other.state}); a mirror can serve one disk at a time: "
+            "detach it there first"
+        )
+    running = active_md_array(paths, label)
+    if running:
+        raise OperationError(
+            f"/dev/md/{label} is already running ({running}) but iscsimple did not attach it; "
+            f"if nothing uses it, stop it with 'mdadm --stop /dev/md/{label}' and retry"
+        )
+
+
+def _clear_leftover(
+    attachment_id: str,
+    spec: DiskSpec,
+    paths: HostPaths,
+    config: Config,
+    registry: Registry,
+    deadline: Deadline,
+) -> None:
+    """An entry for this very disk: attached already (refuse), or left by an add that died (undo it)."""
+    leftover = registry.get(attachment_id)
+    if leftover is None:
+        return
+    if leftover.state == STATE_ATTACHED:
+        raise OperationError(f"{attachment_id} is already attached ({leftover.spec}); detach it first")
+    if leftover.label and leftover.label != spec.label:
+        # Its label's lock is not ours: leave it to a remove of that disk.
+        raise OperationError(
+            f"an unfinished attach of {leftover.spec} is registered as {attachment_id}; run remove for it first"
+        )
+    log.warning("undoing what an unfinished earlier attach of %s (%s) left", attachment_id, leftover.spec)
+    undo(leftover, paths, config, registry, deadline)
+
+
+def _new_attachment(
+    spec: DiskSpec, attachment_id: str, local_dev: str | None, xen: XenContext | None, paths: HostPaths
+) -> Attachment:
+    mirrored = spec.label is not None
+    return Attachment(
+        id=attachment_id,
+        spec=str(spec),
+        lun=spec.lun,
+        target=spec.target,
+        label=spec.label,
+        local_device=local_dev,
+        md_path=str(md_path(paths, spec.label)) if spec.label else None,
+        write_mostly_leg=LEG_ISCSI if mirrored and spec.target and local_dev else None,
+        source_leg=(LEG_ISCSI if spec.target else LEG_LOCAL) if mirrored else None,
+        domain_id=xen.domain_id if xen else None,
+        domain_name=xen.domain_name() if xen else None,
+        vbd=xen.vbd() if xen else None,
+        xenbus_path=xen.xenbus_path if xen else None,
+    )
+
+
+def _rollback(
+    spec: DiskSpec,
+    paths: HostPaths,
+    config: Config,
+    registry: Registry,
+    xen: XenContext | None,
+    deadline: Deadline,
+    attachment_id: str,
+    done: _Done,
+) -> list[str]:
+    """Undo what `done` says, within what is left of the budget. Returns what could not be undone."""
+    problems: list[str] = []
+    if done.published and xen is not None:
+        try:
+            xen.unpublish()
+        except IscsimpleError as e:
+            problems.append(f"xenstore: {e}")
+    attachment = registry.get(attachment_id)
+    if attachment is None:
+        return problems
+    if done.built and spec.label and md_kernel_names(paths, spec.label):
+        try:
+            stop_array(paths, attachment, deadline)
+        except IscsimpleError as e:
+            problems.append(str(e))
+            return problems  # the entry stays: the array still holds the LUN, remove must finish
+    if not done.registered:
+        return problems
+    try:
+        if spec.target is not None:
+            with hotplug_lock(paths.locks, target_lock_name(spec.target), deadline):
+                logout = session.LOGOUT_ALWAYS if done.login_attempted else session.LOGOUT_NEVER
+                session.release(paths, config, registry, attachment, deadline, logout=logout)
+        else:
+            registry.remove(attachment_id)
+    except IscsimpleError as e:
+        problems.append(str(e))
+    return problems
+
+
+def _sentence(spec: DiskSpec, error: BaseException) -> str:
+    if isinstance(error, IscsimpleError):
+        return f"cannot attach {spec}: {error}"
+    if isinstance(error, KeyboardInterrupt | SystemExit):
+        return f"cannot attach {spec}: interrupted"
+    return f"cannot attach {spec}: internal error {type(error).__name__}: {error} (a bug: please report it)"

@@ -1,0 +1,114 @@
+"""remove / `iscsimple detach`: undo an attachment, whatever state it is in.
+
+Idempotent and safe after a half-done add or a crash: the registry entry (written
+before an add does anything) says what may exist; sysfs says what does. Nothing
+here reads a block device, and every command is bounded, so a dead target cannot
+make remove hang: `mdadm --stop` and `iscsiadm --logout` get a timeout each.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import ExitStack
+from dataclasses import replace
+from pathlib import Path
+
+from iscsimple.core.config import Config
+from iscsimple.core.errors import OperationError
+from iscsimple.core.paths import HostPaths
+from iscsimple.core.registry import STATE_DETACHING, Attachment, Registry
+from iscsimple.core.run import Deadline
+
+from . import mdadm, session
+from .devices import md_array_state, md_kernel_names, md_path
+from .locking import hotplug_lock, label_lock_name, target_lock_name
+from .xen import XenContext
+
+log = logging.getLogger(__name__)
+
+
+def detach(
+    attachment_id: str,
+    paths: HostPaths,
+    config: Config,
+    *,
+    xen: XenContext | None = None,
+    deadline: Deadline | None = None,
+    operation: str = "detach",
+) -> Attachment | None:
+    """Undo attachment `attachment_id`. Returns what was detached, None if nothing was attached."""
+    deadline = deadline or Deadline(config.attach_budget)
+    registry = Registry(paths)
+    started = time.monotonic()
+    try:
+        detached = _detach(attachment_id, paths, config, registry, deadline)
+    except BaseException:
+        registry.record_operation(operation, "failure", time.monotonic() - started)
+        raise
+    registry.record_operation(operation, "success", time.monotonic() - started)
+    return detached
+
+
+def _detach(
+    attachment_id: str, paths: HostPaths, config: Config, registry: Registry, deadline: Deadline
+) -> Attachment | None:
+    attachment = registry.get(attachment_id)
+    if attachment is None:
+        log.info("nothing is attached as %s: nothing to undo", attachment_id)
+        return None
+    with ExitStack() as locks:
+        if attachment.label:
+            locks.enter_context(hotplug_lock(paths.locks, label_lock_name(attachment.label), deadline))
+            attachment = registry.get(attachment_id)  # as it is now that we own the label
+            if attachment is None:
+                return None
+        undo(attachment, paths, config, registry, deadline)
+    log.info("detached %s (%s)", attachment.id, attachment.spec)
+    return attachment
+
+
+def undo(
+    attachment: Attachment, paths: HostPaths, config: Config, registry: Registry, deadline: Deadline
+) -> None:
+    """Stop the array, drop the registry entry, log out if last. Hold the label lock."""
+    attachment = registry.put(replace(attachment, state=STATE_DETACHING))
+    if attachment.label:
+        stop_array(paths, attachment, deadline)
+    if attachment.target:
+        with hotplug_lock(paths.locks, target_lock_name(attachment.target), deadline):
+            session.release(paths, config, registry, attachment, deadline)
+    else:
+        registry.remove(attachment.id)
+
+
+def stop_array(paths: HostPaths, attachment: Attachment, deadline: Deadline) -> None:
+    """Stop LABEL's array if it runs. The entry (kept on failure) lets a retry finish the job."""
+    label = attachment.label
+    assert label is not None
+    names = md_kernel_names(paths, label)
+    if (
+        attachment.md_device
+        and attachment.md_device not in names
+        and md_array_state(paths, attachment.md_device)
+    ):
+        names.append(attachment.md_device)
+    link = md_path(paths, label)
+    for name in names:
+        state = md_array_state(paths, name)
+        if state is None or state == "clear":  # gone, or an empty md node: nothing to stop
+            continue
+        target = str(link) if _points_to(link, name) else str(paths.devfs / name)
+        try:
+            mdadm.stop(target, deadline)
+        except OperationError as e:
+            raise OperationError(
+                f"cannot stop the array of {label} ({name}): {e}; the disk stays attached, "
+                "retry remove (or iscsimple detach) once nothing uses it"
+            ) from None
+        log.info("stopped %s (%s)", target, name)
+
+
+def _points_to(link: Path, name: str) -> bool:
+    return os.path.lexists(link) and os.path.basename(os.path.realpath(link)) == name

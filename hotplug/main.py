@@ -1,0 +1,104 @@
+"""block-iscsimple: the Xen block hotplug script (/etc/xen/scripts/block-iscsimple).
+
+libxl runs it as `block-iscsimple add|remove` with XENBUS_PATH=backend/vbd/<domid>/<devid>
+in the environment and the disk's `target=` in XENBUS_PATH/params. Like Xen's own
+scripts (xen-hotplug-common.sh), a failure writes hotplug-error and
+hotplug-status=error there and exits 1; libxl shows the error to the operator.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import sys
+import time
+
+from iscsimple.core.config import load_config
+from iscsimple.core.errors import InputError, IscsimpleError
+from iscsimple.core.paths import HostPaths
+from iscsimple.core.registry import Registry
+from iscsimple.core.spec import DiskSpec, parse_spec
+from iscsimple.core.xenstore import open_xenstore
+
+from .attach import attach
+from .detach import detach
+from .xen import XenContext
+
+log = logging.getLogger("block-iscsimple")
+
+USAGE = "usage: block-iscsimple add|remove (run by libxl with XENBUS_PATH set)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if len(argv) == 1 else None
+    xenbus_path = os.environ.get("XENBUS_PATH", "").strip()
+    if command not in ("add", "remove") or not xenbus_path:
+        print(USAGE, file=sys.stderr)
+        return 1
+    xen = XenContext(open_xenstore(), xenbus_path)
+    _setup_logging(xen.attachment_id)
+    paths = HostPaths.from_env()
+    started = time.monotonic()
+    try:
+        config = load_config(paths.config)
+        spec = _spec(xen) if command == "add" else None
+    except IscsimpleError as e:
+        _count(paths, command, started)  # attach()/detach() count their own outcomes, not these
+        return _fail(xen, str(e))
+    try:
+        if spec is not None:
+            attachment = attach(spec, paths, config, xen=xen, operation="add")
+            log.info("add done in %.1f s: %s", time.monotonic() - started, attachment.device_path)
+        else:
+            detach(xen.attachment_id, paths, config, xen=xen, operation="remove")
+            log.info("remove done in %.1f s", time.monotonic() - started)
+    except IscsimpleError as e:
+        return _fail(xen, str(e))
+    except Exception as e:  # a bug: still tell libxl, in words, rather than die silently
+        log.exception("unexpected error")
+        return _fail(xen, f"block-iscsimple {command} failed: internal error {type(e).__name__}: {e}")
+    return 0
+
+
+def _spec(xen: XenContext) -> DiskSpec:
+    params = xen.params()
+    if not params:
+        raise InputError(f"no disk spec: {xen.key('params')} is empty or missing (target= in the disk line)")
+    return parse_spec(params)
+
+
+def _count(paths: HostPaths, command: str, started: float) -> None:
+    try:
+        Registry(paths).record_operation(command, "failure", time.monotonic() - started)
+    except OSError as e:
+        log.warning("cannot record the hotplug statistics: %s", e)
+
+
+def _fail(xen: XenContext, message: str) -> int:
+    log.error("%s", message)
+    xen.fail(message)
+    return 1
+
+
+def _setup_logging(attachment_id: str) -> None:
+    """stderr (libxl keeps it in its log) and syslog, each line naming the disk."""
+    fmt = f"%(name)s {attachment_id}: %(levelname)s %(message)s"
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if os.environ.get("ISCSIMPLE_DEBUG") else logging.INFO)
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(logging.Formatter(fmt))
+    root.addHandler(stderr)
+    if os.path.exists("/dev/log") and not os.environ.get("ISCSIMPLE_NO_SYSLOG"):
+        try:
+            syslog = logging.handlers.SysLogHandler(address="/dev/log")
+        except OSError:
+            return
+        syslog.ident = "block-iscsimple: "
+        syslog.setFormatter(logging.Formatter(f"{attachment_id}: %(message)s"))
+        root.addHandler(syslog)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
