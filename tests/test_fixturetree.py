@@ -9,6 +9,7 @@ from fixturetree import KERNEL_CAPTURES, STATES, materialize, state_dir
 
 
 def test_states_are_all_found():
+    assert KERNEL_CAPTURES.is_dir(), f"the real kernel captures are missing: {KERNEL_CAPTURES}"
     assert len(STATES) == 13
     assert STATES[0] == "01_built_degraded" and STATES[-1] == "12_logged_out"
 
