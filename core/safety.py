@@ -14,12 +14,15 @@ from __future__ import annotations
 import os
 import stat
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .iscsi import IscsiSession, ScsiLun, find_lun_block
-from .snapshot import ArrayView
-from .stale import StaleRecord
+from .iscsi import IscsiSession, ScsiLun, find_lun_block, read_iscsi_sessions
+from .md import MdReadResult, SysfsError, read_md_array
+from .paths import HostPaths
+from .registry import Attachment
+from .snapshot import ArrayView, HostSnapshot
+from .stale import StaleRecord, StaleRecords
 
 # iSCSI leg states in which the iSCSI copy lacks writes the local leg has:
 # failed by md, gone from the array, or being (re)written from the local leg.
@@ -75,6 +78,30 @@ def stale_record(view: ArrayView, now: float | None = None) -> StaleRecord | Non
         local_device=a.local_device,
         reason=reason,
     )
+
+
+def record_if_stale(paths: HostPaths, attachment: Attachment, md_name: str | None) -> StaleRecord | None:
+    """Look at one attachment's running array now; if its iSCSI copy is stale, write the record.
+
+    For the hotplug `remove`, just before it stops the array: the agent may not be
+    running, and once the array is stopped nobody can tell any more which copy is
+    newer. Reads only this array and the iSCSI sessions (cheap with 1000 arrays).
+    Returns the record standing afterwards (an existing one is kept), or None.
+    """
+    if attachment.label is None or md_name is None:
+        return None
+    records = StaleRecords(paths)
+    try:
+        md = MdReadResult({md_name: read_md_array(paths.sysfs, md_name)})
+    except SysfsError:
+        return records.get(attachment.label)  # not running: nothing new to learn
+    one = replace(attachment, md_device=md_name)
+    snapshot = HostSnapshot.build([one], md, read_iscsi_sessions(paths.sysfs), [], paths=paths)
+    view = snapshot.array(attachment.label)
+    record = stale_record(view) if view is not None else None
+    if record is not None:
+        records.put(record)
+    return records.get(attachment.label)
 
 
 def recovery_complete(view: ArrayView) -> bool:

@@ -45,8 +45,6 @@ from .collectors.base import SnapshotCollector, gauge
 
 log = logging.getLogger("iscsimple.agent.safety")
 
-# Xen's tools/hotplug/Linux/locking.sh LOCK_BASEDIR: the hotplug script locks a label there.
-XEN_LOCK_DIR = Path("/var/run/xen-hotplug")
 MDADM_TIMEOUT = 30.0  # one mdadm call; --add on a LUN that just came back may be slow
 LOCK_WAIT = 2.0  # a hotplug holds the label: try again on the next refresh
 HEAL_RESULTS = ("success", "failure", "aborted")  # always exported; skipped_<reason> when seen
@@ -112,7 +110,7 @@ class Healer:
         stable_seconds: float = 30.0,
         backoff_max_seconds: float = 3600.0,
         runner: Runner = run,
-        lock_dir: Path = XEN_LOCK_DIR,
+        lock_dir: Path | None = None,  # default: paths.locks, where the hotplug locks a label
         clock: Callable[[], float] = time.monotonic,
     ):
         self.paths = paths
@@ -121,7 +119,7 @@ class Healer:
         self.stable_seconds = stable_seconds
         self.backoff_max_seconds = backoff_max_seconds
         self.runner = runner
-        self.lock_dir = lock_dir
+        self.lock_dir = lock_dir or paths.locks
         self.clock = clock
         self.results: dict[str, int] = dict.fromkeys(HEAL_RESULTS, 0)
         self._progress: dict[str, _Progress] = {}

@@ -20,6 +20,7 @@ from iscsimple.core.errors import OperationError
 from iscsimple.core.paths import HostPaths
 from iscsimple.core.registry import STATE_DETACHING, Attachment, Registry
 from iscsimple.core.run import Deadline
+from iscsimple.core.safety import record_if_stale
 
 from . import mdadm, session
 from .devices import md_array_state, md_kernel_names, md_path
@@ -75,6 +76,7 @@ def undo(
     """Stop the array, drop the registry entry, log out if last. Hold the label lock."""
     attachment = registry.put(replace(attachment, state=STATE_DETACHING))
     if attachment.label:
+        record_stale_copy(paths, attachment)
         stop_array(paths, attachment, deadline)
     if attachment.target:
         with hotplug_lock(paths.locks, target_lock_name(attachment.target), deadline):
@@ -108,6 +110,26 @@ def stop_array(paths: HostPaths, attachment: Attachment, deadline: Deadline) -> 
                 "retry remove (or iscsimple detach) once nothing uses it"
             ) from None
         log.info("stopped %s (%s)", target, name)
+
+
+def record_stale_copy(paths: HostPaths, attachment: Attachment) -> None:
+    """Data safety (docs/data-safety.md): before the array stops, record a stale iSCSI copy.
+
+    The agent normally wrote the record already; this covers an agent that is not
+    running. Once stopped, nobody can tell which leg was newer. Never fails a remove.
+    """
+    label = attachment.label
+    assert label is not None
+    try:
+        for name in md_kernel_names(paths, label) or [attachment.md_device]:
+            record = record_if_stale(paths, attachment, name)
+            if record is not None:
+                log.warning(
+                    "%s; the next attach of %s is refused until it is resolved", record.describe(), label
+                )
+                return
+    except Exception as e:  # a remove must still stop the array
+        log.error("could not check whether the iSCSI copy of %s is stale: %s", label, e)
 
 
 def _points_to(link: Path, name: str) -> bool:
