@@ -18,11 +18,13 @@ enabled = true                  # re-add a returned iSCSI leg automatically
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
+from .spec import SpecError, parse_spec
 
 
 class ConfigError(InputError):
@@ -62,57 +64,93 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
 
 
 def load_config(path: Path | str) -> Config:
-    """A missing file means defaults; an unknown key or a wrong type is an error naming it."""
+    """A missing file means defaults; an unknown key or a wrong type is an error naming it.
+
+    Errors read ``FILE:LINE: message`` (the line of the offending key or table).
+    """
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        text = path.read_text()
+        data = tomllib.loads(text)
     except FileNotFoundError:
         return Config()
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
-    except OSError as e:
+        m = re.search(r"\(at line (\d+), column \d+\)", str(e))
+        line = m.group(1) if m else text.rstrip("\n").count("\n") + 1  # "at end of document"
+        where = f"{path}:{line}"
+        raise ConfigError(f"{where}: not valid TOML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read: {e}") from None
 
-    def fail(message: str):
-        raise ConfigError(f"{path}: {message}")
+    def fail(message: str, table: tuple[str, ...] = (), key: str | None = None):
+        line = _line_of(text, table, key)
+        raise ConfigError(f"{path}:{line}: {message}" if line else f"{path}: {message}")
 
     for section, values in data.items():
         if section == "targets":
             continue
         if section not in _SCHEMA:
-            fail(f"unknown section [{section}]; known: {', '.join(sorted([*_SCHEMA, 'targets']))}")
+            known = ", ".join(sorted([*_SCHEMA, "targets"]))
+            if isinstance(values, dict):
+                fail(f"unknown section [{section}]; known: {known}", (section,))
+            fail(f"unknown key {section!r} outside any section; known sections: {known}", (), section)
         if not isinstance(values, dict):
-            fail(f"[{section}] must be a table")
+            fail(f"[{section}] must be a table", (), section)
         for key, value in values.items():
             expected = _SCHEMA[section].get(key)
             if expected is None:
-                fail(f"unknown key {key!r} in [{section}]; known: {', '.join(sorted(_SCHEMA[section]))}")
+                fail(
+                    f"unknown key {key!r} in [{section}]; known: {', '.join(sorted(_SCHEMA[section]))}",
+                    (section,),
+                    key,
+                )
             if isinstance(value, bool) and expected is not bool:
-                fail(f"[{section}] {key} must be a number, not {value!r}")
+                fail(f"[{section}] {key} must be a number, not {value!r}", (section,), key)
             if not isinstance(value, expected):
-                fail(f"[{section}] {key} has the wrong type ({type(value).__name__})")
+                fail(f"[{section}] {key} has the wrong type ({type(value).__name__})", (section,), key)
 
     iscsi = data.get("iscsi", {})
     portals = iscsi.get("portals", [])
     if not all(isinstance(p, str) and p for p in portals):
-        fail("[iscsi] portals must be a list of 'host[:port]' strings")
+        fail("[iscsi] portals must be a list of 'host[:port]' strings", ("iscsi",), "portals")
     for key in ("login_timeout", "replacement_timeout_mirrored", "replacement_timeout_unmirrored"):
         if key in iscsi and iscsi[key] <= 0:
-            fail(f"[iscsi] {key} must be positive")
+            fail(f"[iscsi] {key} must be positive", ("iscsi",), key)
 
+    targets = data.get("targets", {})
+    if not isinstance(targets, dict):
+        fail('targets must be tables: [targets."iqn.…"] with replacement_timeout = N', (), "targets")
     per_target = {}
-    for target, values in data.get("targets", {}).items():
+    for target, values in targets.items():
+        table = ("targets", target)
+        problem = _target_name_problem(target)
+        if problem:
+            fail(f"[targets.{target!r}]: {problem}", table)
         if not isinstance(values, dict) or set(values) - {"replacement_timeout"}:
-            fail(f"[targets.{target!r}] may only set replacement_timeout")
+            fail(f"[targets.{target!r}] may only set replacement_timeout", table)
         timeout = values.get("replacement_timeout")
         if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout <= 0:
-            fail(f"[targets.{target!r}] replacement_timeout must be a positive integer")
+            fail(
+                f"[targets.{target!r}] replacement_timeout must be a positive integer",
+                table,
+                "replacement_timeout",
+            )
         per_target[target] = timeout
 
     attach = data.get("attach", {})
     budget = float(attach.get("budget", 30.0))
     if not 0 < budget <= 35:
-        fail("[attach] budget must be between 0 and 35 seconds (libxl kills the hotplug script at 40)")
+        fail(
+            "[attach] budget must be between 0 and 35 seconds (libxl kills the hotplug script at 40)",
+            ("attach",),
+            "budget",
+        )
+    if "device_wait" in attach and not 0 < attach["device_wait"] < budget:
+        fail(
+            f"[attach] device_wait must be positive and below the budget ({budget:g} s)",
+            ("attach",),
+            "device_wait",
+        )
     return Config(
         portals=tuple(portals),
         iface=iscsi.get("iface", "default"),
@@ -125,3 +163,41 @@ def load_config(path: Path | str) -> Config:
         heal_enabled=data.get("heal", {}).get("enabled", True),
         path=str(path),
     )
+
+
+def _target_name_problem(target: str) -> str | None:
+    """Why `target` is not a bare iSCSI name (a typo here would silently never match)."""
+    try:
+        spec = parse_spec(target)
+    except SpecError as e:
+        return str(e)
+    if spec.target != target.strip() or spec.label is not None or "@" in target:
+        return "must be an iSCSI target name alone, without lunN@ or +LABEL"
+    return None
+
+
+_TABLE_RE = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(#.*)?$")
+
+
+def _line_of(text: str, table: tuple[str, ...], key: str | None) -> int | None:
+    """The line of `key` in `[table]` (or of the table header): good enough for error messages."""
+    current: tuple[str, ...] = ()
+    header_line = None
+    for number, line in enumerate(text.split("\n"), start=1):
+        m = _TABLE_RE.match(line)
+        if m:
+            current = _table_name(m.group(1))
+            if current == table and header_line is None:
+                header_line = number
+            continue
+        if key is not None and current == table:
+            name = line.split("=", 1)[0].strip().strip("\"'")
+            if "=" in line and name == key:
+                return number
+    return header_line
+
+
+def _table_name(header: str) -> tuple[str, ...]:
+    """'targets."iqn.2001-04.com.example:x"' → ("targets", "iqn.2001-04.com.example:x")."""
+    parts = re.findall(r'"([^"]*)"|\'([^\']*)\'|([^."\'\s]+)', header)
+    return tuple(next(p for p in group if p) if any(group) else "" for group in parts)
