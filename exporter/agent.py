@@ -10,6 +10,7 @@ Entry point only: flags, logging, wiring. The parts:
 from __future__ import annotations
 
 import argparse
+import gzip
 import logging
 import signal
 import sys
@@ -106,11 +107,12 @@ class Agent:
 
     # -- what the web server asks -----------------------------------------------------
 
-    def metrics(self, accept: str) -> tuple[bytes, str]:
+    def metrics(self, accept: str, gzipped: bool = False) -> tuple[bytes, str]:
         rendered = self.refresher.current
         if rendered is None:
-            return b"# no snapshot yet\n", "text/plain; charset=utf-8"
-        return rendered.body(accept)
+            body = b"# no snapshot yet\n"
+            return (gzip.compress(body) if gzipped else body), "text/plain; charset=utf-8"
+        return rendered.gzipped(accept) if gzipped else rendered.body(accept)
 
     def healthy(self) -> tuple[bool, str]:
         if self.started.is_set() and not self.refresher.thread.is_alive():

@@ -8,6 +8,7 @@ can never block on the host, whatever state its devices are in.
 
 from __future__ import annotations
 
+import gzip
 import logging
 import threading
 import time
@@ -46,6 +47,7 @@ class Rendered:
     success: dict[str, bool]
     text: bytes
     _openmetrics: bytes | None = None
+    _gzipped: dict[str, bytes] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -59,6 +61,15 @@ class Rendered:
                     self._openmetrics = openmetrics_format.generate_latest(_Families(self.families))
             return self._openmetrics, OPENMETRICS_CONTENT_TYPE
         return self.text, TEXT_CONTENT_TYPE
+
+    def gzipped(self, accept: str) -> tuple[bytes, str]:
+        """The same body gzip-compressed, compressed once per snapshot and format."""
+        body, content_type = self.body(accept)
+        with self._lock:
+            packed = self._gzipped.get(content_type)
+            if packed is None:
+                packed = self._gzipped[content_type] = gzip.compress(body, compresslevel=1)
+        return packed, content_type
 
 
 def render(snapshot: HostSnapshot, collectors: Sequence[SnapshotCollector]) -> Rendered:
@@ -78,8 +89,55 @@ def render(snapshot: HostSnapshot, collectors: Sequence[SnapshotCollector]) -> R
         read = sum(snapshot.sources[s].seconds for s in collector.sources if s in snapshot.sources)
         seconds[collector.name] = read + time.perf_counter() - started
     families.extend(_agent_families(snapshot, success, seconds))
-    text = text_format.generate_latest(_Families(families))
-    return Rendered(snapshot, families, success, text)
+    return Rendered(snapshot, families, success, encode_text(families))
+
+
+def encode_text(families: Iterable[Metric]) -> bytes:
+    """The text format 0.0.4, as prometheus_client's generate_latest writes it, ~3x faster.
+
+    The generic encoder validates and escapes every label name of every sample; ours
+    are fixed identifiers, so only label values are escaped (a test compares both)."""
+    out: list[str] = []
+    append = out.append
+    for family in families:
+        name = family.name
+        typ = family.type
+        if typ == "counter":
+            name += "_total"
+        elif typ not in ("gauge", "untyped"):
+            # Histograms, summaries, info...: not used by the agent; keep exact semantics.
+            append(text_format.generate_latest(_Families([family])).decode())
+            continue
+        help_text = family.documentation.replace("\\", r"\\").replace("\n", r"\n")
+        append(f"# HELP {name} {help_text}\n# TYPE {name} {typ}\n")
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            labels = sample.labels
+            if labels:
+                inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+                append(f"{sample.name}{{{inner}}} {_value(sample.value)}\n")
+            else:
+                append(f"{sample.name} {_value(sample.value)}\n")
+    return "".join(out).encode()
+
+
+def _escape(value: str) -> str:
+    if "\\" in value or "\n" in value or '"' in value:
+        return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+    return value
+
+
+def _value(v: float) -> str:
+    if v == 1.0:
+        return "1.0"
+    if v == 0.0:
+        return "0.0"
+    if v != v:
+        return "NaN"
+    if v in (float("inf"), float("-inf")):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(float(v))
 
 
 def _agent_families(snapshot: HostSnapshot, success: dict[str, bool], seconds: dict[str, float]):

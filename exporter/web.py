@@ -9,7 +9,6 @@ snapshot, which is why a scrape cannot hang on a dead iSCSI device.
 
 from __future__ import annotations
 
-import gzip
 import html
 import logging
 import socket
@@ -32,7 +31,8 @@ CONNECTION_TIMEOUT = 30.0
 class Endpoints:
     """What the server asks the agent for; plain callables so tests can serve anything."""
 
-    metrics: Callable[[str], tuple[bytes, str]]  # Accept header -> (body, content type)
+    # (Accept header, gzip wanted) -> (body, content type); the body is already gzipped if asked.
+    metrics: Callable[[str, bool], tuple[bytes, str]]
     healthy: Callable[[], tuple[bool, str]]
     ready: Callable[[], tuple[bool, str]]
     summary: Callable[[], str] = lambda: ""
@@ -91,6 +91,10 @@ class _Handler(BaseHTTPRequestHandler):
     server: AgentHTTPServer
     server_version = f"iscsimple-agent/{VERSION}"
     protocol_version = "HTTP/1.1"
+    # Headers and body leave in one segment: without this, Nagle + the client's delayed ACK
+    # add ~40 ms to every keep-alive scrape.
+    disable_nagle_algorithm = True
+    wbufsize = 1 << 16
 
     def log_message(self, format, *args):
         log.debug("%s %s", self.address_string(), format % args)
@@ -115,12 +119,9 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         endpoints = self.server.endpoints
         if path == "/metrics":
-            body, content_type = endpoints.metrics(self.headers.get("Accept", ""))
-            extra = {}
-            if "gzip" in self.headers.get("Accept-Encoding", ""):
-                body = gzip.compress(body, compresslevel=1)
-                extra["Content-Encoding"] = "gzip"
-            self._send(200, body, content_type, head, extra)
+            gzipped = "gzip" in self.headers.get("Accept-Encoding", "")
+            body, content_type = endpoints.metrics(self.headers.get("Accept", ""), gzipped)
+            self._send(200, body, content_type, head, {"Content-Encoding": "gzip"} if gzipped else None)
         elif path in ("/-/healthy", "/-/ready"):
             ok, text = endpoints.healthy() if path == "/-/healthy" else endpoints.ready()
             self._send(200 if ok else 503, (text + "\n").encode(), "text/plain; charset=utf-8", head)

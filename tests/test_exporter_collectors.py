@@ -355,3 +355,31 @@ def test_one_scrape_renders_one_snapshot(host):
         )
         == 1
     )
+
+
+def test_fast_text_encoder_matches_prometheus_client(host):
+    from prometheus_client.exposition import generate_latest
+
+    from iscsimple.exporter.exposition import encode_text
+
+    host.attach("vm0-disk", 'we"ird\\dom\nain', TB, 1)
+    host.attach("vm1-disk", "vm1", TB, 2)
+    host.advance_resync("vm1-disk", 0.123456789, speed_kib=0)  # NaN remaining
+    host.record_hotplug("add", "failure", 12345678.9)
+    agent = Agent(AgentOptions(paths=host.paths, udev=False, mdstat_events=False))
+    rendered = agent.refresher.refresh_now()
+
+    class Registry:
+        def collect(self):
+            return rendered.families
+
+    ours = encode_text(rendered.families).decode()
+    theirs = generate_latest(Registry()).decode()
+    a, b = parse(ours), parse(theirs)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key] == b[key] or (math.isnan(a[key]) and math.isnan(b[key])), key
+    assert [line for line in ours.splitlines() if line.startswith("#")] == [
+        line for line in theirs.splitlines() if line.startswith("#")
+    ]
+    assert value(a, "iscsimple_array_local_only", label="vm0-disk", domain='we"ird\\dom\nain') == 0

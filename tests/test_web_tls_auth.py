@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import signal
 import socket
@@ -55,7 +56,10 @@ def write_config(directory: Path, tls_files, users=True) -> Path:
 def server(tmp_path, tls_files):
     config = load_web_config(write_config(tmp_path, tls_files))
     endpoints = Endpoints(
-        metrics=lambda accept: (b"iscsimple_up 1\n", "text/plain; version=0.0.4; charset=utf-8"),
+        metrics=lambda accept, gzipped: (
+            gzip.compress(b"iscsimple_up 1\n") if gzipped else b"iscsimple_up 1\n",
+            "text/plain; version=0.0.4; charset=utf-8",
+        ),
         healthy=lambda: (True, "Healthy"),
         ready=lambda: (True, "Ready"),
     )
