@@ -31,6 +31,7 @@ from .collectors import default_collectors
 from .events import MdstatWatcher, UdevWatcher, udev_monitor
 from .health import HealthChecker, HealthCollector
 from .refresh import Refresher, Watcher
+from .safety import Safety, SafetyCollector
 from .web import AgentHTTPServer, Endpoints
 from .webconfig import WebConfig, load_web_config
 
@@ -52,6 +53,9 @@ class AgentOptions:
     textfile: Path | None = None
     textfile_interval: float = 15.0
     watchers: list[Watcher] = field(default_factory=list)  # extra actions after each refresh
+    heal: bool = (
+        True  # may run mdadm to heal stale iSCSI copies (only on the real host; policy in the config)
+    )
 
 
 class Agent:
@@ -63,8 +67,11 @@ class Agent:
         self.refresher = Refresher(lambda: HostSnapshot.read(options.paths))
         collectors = default_collectors(self.refresher.snapshot)
         collectors.append(HealthCollector(self.refresher.snapshot, self.health))
+        # Data safety (exporter/safety.py, docs/data-safety.md): stale-copy records, heal, their metrics.
+        self.safety = Safety.for_host(options.paths, heal=options.heal)
+        collectors.append(SafetyCollector(self.refresher.snapshot, self.safety))
         self.refresher.collectors = collectors
-        self.refresher.watchers = [self.health.observe, *options.watchers]
+        self.refresher.watchers = [self.health.observe, self.safety, *options.watchers]
         self.scheduler = BackgroundScheduler(daemon=True)
         self._watchers: list[UdevWatcher | MdstatWatcher] = []
         self.started = threading.Event()
@@ -312,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         udev=args.udev and args.sysfs == Path("/sys"),
         textfile=args.textfile,
         textfile_interval=args.textfile_interval,
+        heal=args.sysfs == Path("/sys"),  # mdadm acts on this host, not on another tree
     )
     agent = Agent(options)
     if args.once:
@@ -375,6 +383,7 @@ def _run_demo(args, web_config: WebConfig) -> int:
                 mdstat_events=False,
                 textfile=args.textfile,
                 textfile_interval=args.textfile_interval,
+                heal=False,  # the scenario plays the heal itself
             )
         )
         holder["agent"] = agent

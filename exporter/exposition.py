@@ -115,7 +115,7 @@ def encode_text(families: Iterable[Metric]) -> bytes:
                 continue
             labels = sample.labels
             if labels:
-                inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+                inner = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items()))
                 append(f"{sample.name}{{{inner}}} {_value(sample.value)}\n")
             else:
                 append(f"{sample.name} {_value(sample.value)}\n")
