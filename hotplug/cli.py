@@ -1,0 +1,315 @@
+"""`iscsimple`: the operator CLI.
+
+    iscsimple status [--json]
+    iscsimple check-config [--tab F] [--config F] [DOMU.cfg ...]
+    iscsimple attach SPEC / detach SPEC
+    iscsimple convert-config DOMU.cfg ... [--write]
+    iscsimple install-hook [--prefix DIR] [--dest FILE]
+
+Exit codes: 0 ok, 1 an operation failed, 2 bad input (arguments, spec, tab, config).
+Errors are one sentence on stderr, never a traceback (--debug shows one).
+
+Each subcommand is a module-level `add_<name>(subparsers)` that registers its parser
+and sets `run`; SUBCOMMANDS lists them in help order. A new subcommand (issue 6's
+`resolve LABEL --keep local|iscsi`) lives in its own module with the same shape and is
+added to SUBCOMMANDS; nothing else here needs to change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from iscsimple.core.config import load_config
+from iscsimple.core.errors import InputError, IscsimpleError
+from iscsimple.core.paths import HostPaths
+
+log = logging.getLogger("iscsimple")
+
+
+class UsageError(InputError):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is our InputError: one sentence, exit 2."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message}; see '{self.prog} --help'")
+
+
+# --- paths and config from the common options ----------------------------------------------------
+
+
+def _common_options() -> argparse.ArgumentParser:
+    """Options every subcommand accepts, before or after its name (defaults: HostPaths.from_env)."""
+    common = argparse.ArgumentParser(add_help=False)
+    s = argparse.SUPPRESS
+    group = common.add_argument_group("host paths (for tests and unusual layouts)")
+    group.add_argument(
+        "--tab", type=Path, default=s, help="tab file (default /etc/xen/scripts/block-iscsimple-tab.conf)"
+    )
+    group.add_argument(
+        "--config", type=Path, default=s, help="config file (default /etc/iscsimple/iscsimple.toml)"
+    )
+    group.add_argument("--state", type=Path, default=s, help="registry directory (default /run/iscsimple)")
+    group.add_argument("--records", type=Path, default=s, help="durable records (default /var/lib/iscsimple)")
+    group.add_argument(
+        "--locks", type=Path, default=s, help="hotplug lock directory (default /var/run/xen-hotplug)"
+    )
+    group.add_argument("--path.procfs", dest="procfs", type=Path, default=s, help="procfs mount point")
+    group.add_argument("--path.sysfs", dest="sysfs", type=Path, default=s, help="sysfs mount point")
+    group.add_argument("--path.devfs", dest="devfs", type=Path, default=s, help="devfs mount point")
+    group.add_argument("--debug", action="store_true", default=s, help="log every step and show tracebacks")
+    return common
+
+
+def host_paths(args: argparse.Namespace) -> HostPaths:
+    paths = HostPaths.from_env()
+    changes = {
+        name: getattr(args, name)
+        for name in ("tab", "config", "state", "records", "locks", "procfs", "sysfs", "devfs")
+        if getattr(args, name, None) is not None
+    }
+    return paths.with_(**changes)
+
+
+# --- subcommands ----------------------------------------------------------------------------------
+
+
+def add_status(sub) -> None:
+    p = sub.add_parser("status", help="attached disks: legs, sync, iSCSI sessions, replacement timeouts")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=run_status)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from iscsimple.core.snapshot import HostSnapshot
+
+    from .status import build_status, render_json, render_table
+
+    paths = host_paths(args)
+    config = load_config(paths.config)
+    status = build_status(HostSnapshot.read(paths), config)
+    sys.stdout.write(render_json(status) if args.json else render_table(status))
+    for error in status.errors:
+        print(f"iscsimple status: could not read {error}", file=sys.stderr)
+    return 1 if status.errors else 0
+
+
+def add_check_config(sub) -> None:
+    p = sub.add_parser(
+        "check-config",
+        help="validate the tab file, iscsimple.toml and the disk entries of domU .cfg files",
+        description="Reports every error as FILE:LINE: message and exits 2 if there is any.",
+    )
+    p.add_argument("cfgs", nargs="*", type=Path, metavar="DOMU.cfg", help="xl domain config files to check")
+    p.set_defaults(run=run_check_config)
+
+
+def run_check_config(args: argparse.Namespace) -> int:
+    from .checkconfig import check_all
+
+    paths = host_paths(args)
+    report = check_all(paths, args.cfgs, tab_given=getattr(args, "tab", None) is not None)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for error in report.errors:
+        print(error, file=sys.stderr)
+    if report.errors:
+        print(f"check-config: {len(report.errors)} error(s); fix them and run it again", file=sys.stderr)
+        return 2
+    print(f"check-config: ok ({report.summary})")
+    return 0
+
+
+def add_attach(sub) -> None:
+    p = sub.add_parser("attach", help="attach SPEC outside Xen (log in, build the mirror); prints the device")
+    p.add_argument("spec", metavar="SPEC", help="[lunN@]TARGET[+LABEL]")
+    p.set_defaults(run=run_attach)
+
+
+def run_attach(args: argparse.Namespace) -> int:
+    from iscsimple.core.spec import parse_spec
+
+    from .attach import attach
+
+    spec = parse_spec(args.spec)
+    paths = host_paths(args)
+    attachment = attach(spec, paths, load_config(paths.config))
+    print(attachment.device_path)
+    return 0
+
+
+def add_detach(sub) -> None:
+    p = sub.add_parser("detach", help="undo 'iscsimple attach SPEC' (stop the mirror, log out when unused)")
+    p.add_argument("spec", metavar="SPEC", help="the SPEC given to attach")
+    p.set_defaults(run=run_detach)
+
+
+def run_detach(args: argparse.Namespace) -> int:
+    from iscsimple.core.spec import parse_spec
+
+    from .attach import cli_attachment_id
+    from .detach import detach
+
+    spec = parse_spec(args.spec)
+    paths = host_paths(args)
+    detached = detach(cli_attachment_id(spec), paths, load_config(paths.config))
+    if detached is None:
+        print(
+            f"iscsimple detach: {spec} was not attached with 'iscsimple attach'; nothing to do",
+            file=sys.stderr,
+        )
+    else:
+        print(detached.device_path or detached.md_path or spec)
+    return 0
+
+
+def add_convert_config(sub) -> None:
+    p = sub.add_parser(
+        "convert-config",
+        help="rewrite legacy 'iscsimple:' disk entries of domU .cfg files to script=block-iscsimple,target=",
+        description="Shows a unified diff; --write edits the files in place, keeping FILE.bak.",
+    )
+    p.add_argument("files", nargs="+", type=Path, metavar="DOMU.cfg")
+    p.add_argument("--write", action="store_true", help="edit the files in place (a backup FILE.bak is kept)")
+    p.set_defaults(run=run_convert_config)
+
+
+def run_convert_config(args: argparse.Namespace) -> int:
+    from .convert import convert_file, write_conversion
+
+    conversions, errors = [], []
+    for path in args.files:
+        conversion, file_errors = convert_file(path)
+        errors += file_errors
+        if conversion is not None:
+            conversions.append(conversion)
+    for error in errors:
+        print(error, file=sys.stderr)
+    if errors:
+        print(
+            f"convert-config: {len(errors)} error(s), nothing written; fix the entries and run it again",
+            file=sys.stderr,
+        )
+        return 2
+    for conversion in conversions:
+        if not conversion.changed:
+            print(f"{conversion.path}: no legacy iscsimple: entries, nothing to convert", file=sys.stderr)
+            continue
+        sys.stdout.write(conversion.diff())
+        if args.write:
+            backup = write_conversion(conversion)
+            print(
+                f"{conversion.path}: converted {len(conversion.rewrites)} entries (backup {backup})",
+                file=sys.stderr,
+            )
+    if not args.write and any(c.changed for c in conversions):
+        print("convert-config: nothing written; add --write to apply", file=sys.stderr)
+    return 0
+
+
+def add_install_hook(sub) -> None:
+    p = sub.add_parser(
+        "install-hook",
+        help="install /etc/xen/scripts/block-iscsimple (a launcher of this installation) and an example tab",
+    )
+    p.add_argument("--prefix", type=Path, default=Path("/"), help="install under this root (default /)")
+    p.add_argument(
+        "--dest", type=Path, help="the launcher's path (default PREFIX/etc/xen/scripts/block-iscsimple)"
+    )
+    p.add_argument("--force", action="store_true", help="replace a DEST that is not an iscsimple launcher")
+    p.set_defaults(run=run_install_hook)
+
+
+def run_install_hook(args: argparse.Namespace) -> int:
+    from .install import install_hook
+
+    paths = host_paths(args)
+    tab = getattr(args, "tab", None)
+    result = install_hook(
+        prefix=args.prefix,
+        dest=args.dest,
+        tab=tab,
+        config=getattr(args, "config", None),
+        force=args.force,
+        default_tab=paths.tab,
+    )
+    for line in result.report():
+        print(line)
+    return 0
+
+
+SUBCOMMANDS: tuple[Callable, ...] = (
+    add_status,
+    add_check_config,
+    add_attach,
+    add_detach,
+    add_convert_config,
+    add_install_hook,
+    # issue 6: add_resolve (iscsimple resolve LABEL --keep local|iscsi), from its own module
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_options()
+    parser = _Parser(
+        prog="iscsimple",
+        description="Operate iscsimple disks: iSCSI LUNs for Xen VMs, mirrored onto local devices.",
+        parents=[common],
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+    original_add = sub.add_parser
+
+    def add_parser(name, **kwargs):
+        return original_add(name, parents=[common], **kwargs)
+
+    sub.add_parser = add_parser
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    debug = False
+    command = "iscsimple"
+    try:
+        args = build_parser().parse_args(argv)
+        debug = getattr(args, "debug", False)
+        command = f"iscsimple {args.command}"
+        logging.basicConfig(
+            level=logging.DEBUG if debug else logging.WARNING,
+            format="%(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+        return args.run(args)
+    except IscsimpleError as e:
+        _fail(command, str(e), debug)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        sys.stderr.close()  # `iscsimple status | head`: not an error
+        return 0
+    except OSError as e:
+        where = f" {e.filename}" if e.filename else ""
+        _fail(command, f"cannot access{where}: {e.strerror or e}; check the path (and run as root)", debug)
+        return 1
+    except Exception as e:  # a bug: still one line, the traceback with --debug
+        _fail(command, f"internal error ({type(e).__name__}: {e}); rerun with --debug and report it", debug)
+        return 1
+
+
+def _fail(command: str, message: str, debug: bool) -> None:
+    if debug:
+        traceback.print_exc()
+    print(f"{command}: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
