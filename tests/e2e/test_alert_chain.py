@@ -1,0 +1,179 @@
+"""The whole chain with the real programs: iscsimple-agent on a simulated host →
+Prometheus (alerts/ rule files, 1s scrape and evaluation) → Alertmanager (the
+example config) → a webhook receiver in the test.
+
+Scenario: attach and resync two VMs (nothing may alert), an iSCSI outage (the
+headline alert must reach the receiver within 60s, with its labels), recovery
+(it resolves). Then every query of every dashboard panel must return data.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from alertchain import Agent, Alertmanager, Notification, Prometheus, WebhookReceiver, alertmanager_config
+
+from iscsimple.exporter.demo import SimulatedHost
+
+pytestmark = pytest.mark.e2e
+
+TARGET = "iqn.2026-01.org.example:filer1"
+VMS = {"vm1-disk": ("vm1", 1), "vm2-disk": ("vm2", 2)}
+HEADLINE = "IscsimpleArrayLocalOnly"
+STATED_SECONDS = 60  # alerts/iscsimple.rules.yml: a real outage pages within 60s
+ATTACH_PHASE_SECONDS = 25  # longer than the 15s for: of every fast alert, plus evaluation
+
+
+def firing(notification: Notification, alertname: str) -> list[dict]:
+    return [
+        a for a in notification.alerts if a["labels"]["alertname"] == alertname and a["status"] == "firing"
+    ]
+
+
+@pytest.fixture
+def chain(tmp_path: Path, receiver: WebhookReceiver):
+    host = SimulatedHost(tmp_path / "host")
+    host.add_target(TARGET)
+    for label, (domain, lun) in VMS.items():
+        host.attach(label, domain, TARGET, lun, size_bytes=1 << 30)
+        host.record_hotplug("add", "success", 1.5 + lun)
+    daemons = []
+    try:
+        agent = Agent(tmp_path / "agent", host.paths)
+        daemons.append(agent)
+        # Shorter group_interval than shipped only so the resolved notification comes
+        # quickly; routes, group_wait and inhibitions are the example's.
+        alertmanager = Alertmanager(tmp_path / "am", alertmanager_config(receiver, group_interval="2s"))
+        daemons.append(alertmanager)
+        prometheus = Prometheus(tmp_path / "prometheus", [agent.address], alertmanager.url)
+        daemons.append(prometheus)
+        yield host, agent, prometheus
+    finally:
+        for daemon in reversed(daemons):
+            daemon.stop()
+        for daemon in daemons:
+            print(f"--- {daemon.name} log (tail) ---\n{daemon.log_tail(10)}")
+
+
+def test_outage_pages_within_60s_and_resolves(chain, receiver: WebhookReceiver):
+    host, agent, prometheus = chain
+    started = time.time()
+    _wait_for_first_scrape(prometheus)
+
+    # -- attach and resync: the local legs recover from iSCSI; nothing may alert.
+    phase_end = time.monotonic() + ATTACH_PHASE_SECONDS
+    steps = 10
+    for step in range(1, steps + 1):
+        for label in VMS:
+            host.advance_resync(label, step / (steps + 1), speed_kib=50_000)
+        time.sleep(ATTACH_PHASE_SECONDS / (steps + 2))
+        assert prometheus.firing() == [], "an alert fired during a normal attach and resync"
+        agent.check_alive()
+    for label in VMS:
+        host.finish_resync(label)
+    time.sleep(max(0.0, phase_end - time.monotonic()))
+    assert prometheus.firing() == []
+    assert receiver.notifications == [], "a notification was sent during attach and resync"
+    assert _query_value(prometheus, "sum(iscsimple_array_unprotected)") == 0
+
+    # -- the iSCSI target fails.
+    failed_at = time.monotonic()
+    host.fail_session(TARGET)
+    page = receiver.wait_for(
+        lambda n: n.path == "/page" and len(firing(n, HEADLINE)) == len(VMS),
+        timeout=STATED_SECONDS,
+        what=f"{HEADLINE} for both VMs at the pager",
+        since=failed_at,
+    )
+    seconds = page.received - failed_at
+    print(f"\noutage-to-notification: {seconds:.1f}s (session FAILED -> webhook received the page)")
+    assert seconds <= STATED_SECONDS
+
+    assert page.body["groupLabels"] == {"target": TARGET}, "one page per target"
+    by_label = {a["labels"]["label"]: a for a in firing(page, HEADLINE)}
+    for label, (domain, lun) in VMS.items():
+        labels = by_label[label]["labels"]
+        assert labels == {
+            "alertname": HEADLINE,
+            "severity": "critical",
+            "job": "iscsimple",
+            "instance": agent.address,
+            "label": label,
+            "domain": domain,
+            "device": host.md_device(label),
+            "target": TARGET,
+            "lun": str(lun),
+        }
+        assert "Do NOT migrate" in by_label[label]["annotations"]["description"]
+        assert by_label[label]["annotations"]["runbook_url"].endswith(f"/docs/runbooks/{HEADLINE}.md")
+
+    # The replacement timeout expires: md fails the iSCSI legs; still local-only.
+    host.expire_session(TARGET)
+    time.sleep(3)
+
+    # -- the target is back; the mirrors heal (iSCSI legs recover from the local legs).
+    recovered_at = time.monotonic()
+    host.restore_session(TARGET)
+    for label in VMS:
+        host.heal(label)
+        host.advance_resync(label, 0.5)
+    time.sleep(2)
+    for label in VMS:
+        host.finish_resync(label)
+    resolved = receiver.wait_for(
+        lambda n: (
+            n.path == "/page"
+            and {
+                a["labels"]["label"]
+                for a in n.alerts
+                if a["labels"]["alertname"] == HEADLINE and a["status"] == "resolved"
+            }
+            == set(VMS)
+        ),
+        timeout=STATED_SECONDS,
+        what=f"{HEADLINE} resolved at the pager",
+        since=recovered_at,
+    )
+    print(f"recovery-to-resolved: {resolved.received - recovered_at:.1f}s")
+
+    # No host-level session page while the whole target was down (inhibited).
+    session_pages = [
+        (round(n.received - failed_at, 1), a["status"])
+        for n in receiver.notifications
+        if n.path == "/page"
+        for a in n.alerts
+        if a["labels"]["alertname"] == "IscsimpleIscsiSessionDown" and a["status"] == "firing"
+    ]
+    assert session_pages == []
+    # Every rule evaluated without error all along (a failing join would silence alerts).
+    unhealthy = [
+        (rule["name"], rule.get("lastError"))
+        for group in prometheus.rule_groups()
+        for rule in group["rules"]
+        if rule["health"] != "ok"
+    ]
+    assert unhealthy == []
+
+    _check_dashboard_queries(prometheus, start=started, end=time.time())
+
+
+def _wait_for_first_scrape(prometheus: Prometheus) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if len(prometheus.query("iscsimple_array_info")) == len(VMS):
+            return
+        prometheus.check_alive()
+        time.sleep(0.2)
+    pytest.fail("Prometheus never scraped the agent's arrays")
+
+
+def _query_value(prometheus: Prometheus, expr: str) -> float:
+    result = prometheus.query(expr)
+    assert len(result) == 1, (expr, result)
+    return float(result[0]["value"][1])
+
+
+def _check_dashboard_queries(prometheus: Prometheus, start: float, end: float) -> None:
+    """Filled in with the dashboard (grafana/)."""
