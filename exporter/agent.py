@@ -66,10 +66,10 @@ class Agent:
         self.health = HealthChecker(stall_after=options.stall_after)
         self.refresher = Refresher(lambda: HostSnapshot.read(options.paths))
         collectors = default_collectors(self.refresher.snapshot)
-        collectors.append(HealthCollector(self.refresher.snapshot, self.health))
         # Data safety (exporter/safety.py, docs/data-safety.md): stale-copy records, heal, their metrics.
         self.safety = Safety.for_host(options.paths, heal=options.heal)
         collectors.append(SafetyCollector(self.refresher.snapshot, self.safety))
+        collectors.append(HealthCollector(self.refresher.snapshot, self.health))
         self.refresher.collectors = collectors
         self.refresher.watchers = [self.health.observe, self.safety, *options.watchers]
         self.scheduler = BackgroundScheduler(daemon=True)

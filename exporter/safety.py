@@ -111,6 +111,7 @@ class Healer:
         backoff_max_seconds: float = 3600.0,
         runner: Runner = run,
         lock_dir: Path | None = None,  # default: paths.locks, where the hotplug locks a label
+        lock_wait: float = LOCK_WAIT,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.paths = paths
@@ -120,6 +121,7 @@ class Healer:
         self.backoff_max_seconds = backoff_max_seconds
         self.runner = runner
         self.lock_dir = lock_dir or paths.locks
+        self.lock_wait = lock_wait
         self.clock = clock
         self.results: dict[str, int] = dict.fromkeys(HEAL_RESULTS, 0)
         self._progress: dict[str, _Progress] = {}
@@ -195,7 +197,7 @@ class Healer:
 
     def _heal(self, view: ArrayView, plan: HealPlan, progress: _Progress) -> None:
         try:
-            with hotplug_lock(self.lock_dir, label_lock_name(view.label), Deadline(LOCK_WAIT)):
+            with hotplug_lock(self.lock_dir, label_lock_name(view.label), Deadline(self.lock_wait)):
                 # A hotplug may have stopped or rebuilt the array since the snapshot: decide again.
                 fresh = HostSnapshot.read(self.paths).array(view.label)
                 again = (

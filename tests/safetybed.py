@@ -129,7 +129,14 @@ class SafetyBed:
         return 2 - sum(1 for m in self.members if m.slot is not None and "in_sync" in m.state)
 
     # -- the tree ----------------------------------------------------------------------------------
+    def _model(self) -> str:
+        return repr((self.running, self.members, self.sync_action, self.sessions, self.holders, self.sizes))
+
     def write(self) -> None:
+        model = self._model()
+        if model == getattr(self, "_written", None):
+            return  # file creation is slow on some disks: rewrite only what changed
+        self._written = model
         for d in ("sys", "dev"):
             shutil.rmtree(self.root / d, ignore_errors=True)
         sysfs = self.paths.sysfs

@@ -59,6 +59,7 @@ class Host:
                 backoff_max_seconds=200,
                 runner=self.mdadm,
                 lock_dir=self.lock_dir,
+                lock_wait=0.2,
                 clock=self.clock,
             ),
         )
@@ -340,3 +341,21 @@ def test_unreadable_config_disables_heal_but_not_detection(tmp_path, caplog):
     safety(bed.snapshot())
     assert StaleRecords(bed.paths).get(LABEL) is not None
     assert "automatic heal is off" in caplog.text
+
+
+def test_the_agent_runs_the_detector_and_exports_the_safety_metrics(tmp_path):
+    from iscsimple.exporter.agent import Agent, AgentOptions
+
+    bed = SafetyBed(tmp_path)
+    agent = Agent(AgentOptions(paths=bed.paths, udev=False, mdstat_events=False, heal=False))
+    bed.write()
+    text = agent.refresher.refresh_now().text.decode()
+    assert 'iscsimple_array_iscsi_stale{domain="vm1",label="vm1-disk"} 0.0' in text
+    bed.fail_iscsi()
+    bed.write()
+    text = agent.refresher.refresh_now().text.decode()
+    # Exported in the same refresh that wrote the record, not one refresh later.
+    assert 'iscsimple_array_iscsi_stale{domain="vm1",label="vm1-disk"} 1.0' in text
+    assert StaleRecords(bed.paths).get(LABEL) is not None
+    assert "iscsimple_heal_enabled 0.0" in text
+    assert 'iscsimple_heal_operations_total{result="failure"} 0.0' in text
