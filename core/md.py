@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from iscsimple.core.sysfs import AttrReader, SysfsError, parse_dev, parse_int
+from iscsimple.core.sysfs import AttrReader, SysfsError, open_dir, parse_dev, parse_int
 
 __all__ = [
     "REDUNDANT_LEVELS",
@@ -143,14 +143,23 @@ class _Gone(Exception):
 def _read_array(block: str, name: str, all_errors: list[str]) -> MdArray:
     disk_dir = os.path.join(block, name)
     md_dir = os.path.join(disk_dir, "md")
-    # Listing md/ first tells an array from a plain disk or a stopped array, in one syscall.
+    # Opening md/ tells an array from a plain disk or a stopped array, and every read after
+    # that is relative to it.
     try:
-        member_dirs = [e.name for e in os.scandir(md_dir) if e.name.startswith("dev-")]
+        md_fd = open_dir(md_dir)
     except (FileNotFoundError, NotADirectoryError):
         raise _Gone from None
+    try:
+        return _read_array_at(md_fd, disk_dir, md_dir, name, all_errors)
+    finally:
+        os.close(md_fd)
+
+
+def _read_array_at(md_fd: int, disk_dir: str, md_dir: str, name: str, all_errors: list[str]) -> MdArray:
+    member_dirs = [e.name for e in os.scandir(md_fd) if e.name.startswith("dev-")]
     errors: list[str] = []
-    md = AttrReader(md_dir, errors)
-    disk = AttrReader(disk_dir, errors)
+    md = AttrReader(md_dir, errors, md_fd)
+    disk = AttrReader(disk_dir, errors, md_fd, "../")
 
     level = md.text("level", required=True) or None
     redundant = level in REDUNDANT_LEVELS
@@ -170,7 +179,7 @@ def _read_array(block: str, name: str, all_errors: list[str]) -> MdArray:
         sync_speed_kib=md.parsed("sync_speed", redundant, parse_int),
         component_size_kib=md.parsed("component_size", True, parse_int),
         size_bytes=sectors * 512 if sectors is not None else None,
-        members=_read_members(md_dir, member_dirs, errors),
+        members=_read_members(md_fd, md_dir, member_dirs, errors),
         sync_delayed=sync_completed_text == "delayed",
     )
     if errors and not os.path.isdir(md_dir):
@@ -179,12 +188,12 @@ def _read_array(block: str, name: str, all_errors: list[str]) -> MdArray:
     return array
 
 
-def _read_members(md_dir: str, entries: list[str], errors: list[str]) -> tuple[MdMember, ...]:
+def _read_members(md_fd: int, md_dir: str, entries: list[str], errors: list[str]) -> tuple[MdMember, ...]:
     members = []
     for entry in entries:
         member_dir = os.path.join(md_dir, entry)
         member_errors: list[str] = []
-        attrs = AttrReader(member_dir, member_errors)
+        attrs = AttrReader(member_dir, member_errors, md_fd, entry + "/")
         state_text = attrs.text("state", required=True)
         member = MdMember(
             name=entry[4:],

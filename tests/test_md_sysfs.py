@@ -29,6 +29,13 @@ def m(name, slot, state, recovery_start=None, dev=None, errors=0) -> MdMember:
     )
 
 
+def real_path(path, dir_fd=None) -> str:
+    """The file an os.open(path, dir_fd=...) call opens, for fakes that intercept it."""
+    if dir_fd is not None:
+        path = os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
+    return os.path.realpath(path)
+
+
 LOOP1 = m("loop1", 0, "in_sync", dev="7:1")
 SDA_WM = m("sda", 1, "in_sync,write_mostly", dev="8:0")
 SDA_FAULTY = m("sda", None, "faulty,write_mostly,write_error", recovery_start=0, dev="8:0")
@@ -302,10 +309,10 @@ def test_permission_denied_is_reported(tmp_path, monkeypatch):
     real_open = os.open
     denied = str(tmp_path / "block" / "md0" / "md" / "sync_action")
 
-    def fake_open(path, *args, **kwargs):
-        if os.fspath(path) == denied:
+    def fake_open(path, flags, mode=0o777, *, dir_fd=None):
+        if real_path(path, dir_fd) == os.path.realpath(denied):
             raise PermissionError(13, "Permission denied", path)
-        return real_open(path, *args, **kwargs)
+        return real_open(path, flags, mode, dir_fd=dir_fd)
 
     monkeypatch.setattr(os, "open", fake_open)
     result = read_md_arrays(tmp_path)
@@ -336,14 +343,14 @@ def test_one_broken_array_never_hides_the_others(tmp_path, monkeypatch):
     write_md_array(tmp_path, "md0", [FakeMember("sda")], minor=0)
     broken = write_md_array(tmp_path, "md1", [FakeMember("sdb")], minor=1)
     write_md_array(tmp_path, "md2", [FakeMember("sdc")], minor=2)
-    real_scandir = os.scandir
+    real_open = os.open
 
-    def fake_scandir(path):
-        if os.fspath(path) == os.path.join(tmp_path, "block", "md1", "md"):
+    def fake_open(path, flags, mode=0o777, *, dir_fd=None):
+        if dir_fd is None and os.fspath(path) == os.path.join(tmp_path, "block", "md1", "md"):
             raise PermissionError(13, "Permission denied", path)
-        return real_scandir(path)
+        return real_open(path, flags, mode, dir_fd=dir_fd)
 
-    monkeypatch.setattr(md_module.os, "scandir", fake_scandir)
+    monkeypatch.setattr(os, "open", fake_open)
     result = read_md_arrays(tmp_path)
     assert sorted(result.arrays) == ["md0", "md2"]
     assert len(result.errors) == 1 and "md1" in result.errors[0]
@@ -371,9 +378,9 @@ def test_each_attribute_file_is_read_once_and_no_device_is_opened(kernel_state_r
     opened: list[str] = []
     real_open = os.open
 
-    def recording_open(path, *args, **kwargs):
-        opened.append(os.fspath(path))
-        return real_open(path, *args, **kwargs)
+    def recording_open(path, flags, mode=0o777, *, dir_fd=None):
+        opened.append(real_path(path, dir_fd))
+        return real_open(path, flags, mode, dir_fd=dir_fd)
 
     def refuse_open(path, *args, **kwargs):
         raise AssertionError(f"the reader uses os.open only, opened {path}")
@@ -383,9 +390,9 @@ def test_each_attribute_file_is_read_once_and_no_device_is_opened(kernel_state_r
     read_md_arrays(sysfs)
     monkeypatch.undo()
     assert len(opened) == len(set(opened))
-    assert all(p.startswith(os.fspath(sysfs)) for p in opened)
-    # 12 array attributes + 5 per member: bounded work per array on every scrape.
-    assert len(opened) == 12 + 2 * 5
+    assert all(p.startswith(os.path.realpath(sysfs) + "/") for p in opened)
+    # md/ itself, 12 array attributes, 5 per member: bounded work per array on every scrape.
+    assert len(opened) == 1 + 12 + 2 * 5
     assert not any(Path(p).name in ("sda", "loop1", "md127") for p in opened)
 
 
@@ -394,11 +401,10 @@ def test_member_removed_while_reading_is_skipped_silently(tmp_path, monkeypatch)
     real_scandir = os.scandir
 
     def scandir_then_remove(path):
-        if isinstance(path, int):  # shutil.rmtree itself lists by file descriptor
+        if not (isinstance(path, int) and real_path(".", path) == os.path.realpath(md)):
             return real_scandir(path)
         entries = list(real_scandir(path))
-        if os.fspath(path).endswith("md0/md"):  # mdadm --remove right after the listing
-            shutil.rmtree(md / "dev-sdb")
+        shutil.rmtree(md / "dev-sdb")  # mdadm --remove right after the listing
         return iter(entries)
 
     monkeypatch.setattr(md_module.os, "scandir", scandir_then_remove)
