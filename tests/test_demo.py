@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
 import pytest
 from fixturetree import state_dir
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from iscsimple.core.iscsi import read_iscsi_sessions
 from iscsimple.core.md import read_md_arrays
@@ -167,3 +170,44 @@ def test_scenario_plays_outage_and_recovery_with_the_real_agent(host):
     mail1 = [lo for label, lo, _ in seen if label == "mail1-disk"]
     assert not any(mail1)  # the other filer never failed
     assert host.labels() == []  # the round ends with every VM detached
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["advance", "finish", "fail", "expire", "restore", "heal"]), st.floats(0, 1)
+        ),
+        max_size=12,
+    ),
+    size_mib=st.integers(1, 1 << 20),
+)
+def test_mdstat_of_any_state_parses_back_to_sysfs(tmp_path_factory, steps, size_mib):
+    """Whatever the story, the core mdstat parser reads our /proc/mdstat consistently with sysfs."""
+    host = SimulatedHost(tmp_path_factory.mktemp("h"))
+    host.attach("a", "vm1", TARGET, 1, size_bytes=size_mib << 20)
+    for action, ratio in steps:
+        # Some steps are not possible in some states (no recovery running, leg not faulty).
+        with contextlib.suppress(ValueError):
+            {
+                "advance": lambda r=ratio: host.advance_resync("a", r, speed_kib=int(r * 1e6)),
+                "finish": lambda: host.finish_resync("a"),
+                "fail": lambda: host.fail_session(TARGET),
+                "expire": lambda: host.expire_session(TARGET),
+                "restore": lambda: host.restore_session(TARGET),
+                "heal": lambda: host.heal("a"),
+            }[action]()
+    parsed = read_mdstat(host.paths.procfs).arrays[host.md_device("a")]
+    (array,) = read_md_arrays(host.paths.sysfs).arrays.values()
+    assert parsed.blocks == size_mib * 1024
+    assert {m.name for m in parsed.members} == {m.name for m in array.members}
+    for m in array.members:
+        p = parsed.member(m.name)
+        assert (p.faulty, p.write_mostly) == (m.faulty, m.write_mostly)
+    assert parsed.working_disks == sum(1 for m in array.members if m.in_sync)
+    assert (parsed.progress is not None) == (array.sync_action != "idle")
+    if parsed.progress is not None:
+        done, total = array.sync_completed
+        assert parsed.progress.done_blocks == done // 2 and parsed.progress.total_blocks == total // 2
+        # md_seq_show works in units of 1024 sectors: coarse for small arrays, as in the kernel.
+        assert abs(parsed.progress.ratio - done / total) <= 2 * 1024 / total + 0.002
