@@ -29,6 +29,7 @@ class Report:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     checked: list[str] = field(default_factory=list)
+    labels_with_errors: set[str] = field(default_factory=set)
 
     @property
     def summary(self) -> str:
@@ -67,6 +68,12 @@ def _check_tab(paths: HostPaths, report: Report, required: bool) -> Tab | None:
         return None
     tab, errors = check_tab_text(text, path)
     report.errors += [str(e) for e in errors]
+    # A LABEL on a line with an error is known, just not usable: no "has no line" for it later.
+    lines = text.split("\n")
+    for e in errors:
+        fields = lines[e.line - 1].split("#", 1)[0].split() if e.line else []
+        if fields:
+            report.labels_with_errors.add(fields[0])
     _check_local_devices(tab, paths, report)
     report.checked.append(f"tab {path}: {len(tab.entries)} label(s)")
     return tab
@@ -191,12 +198,21 @@ def _check_uses(uses: list[DiskUse], tab: Tab | None, paths: HostPaths, report: 
                 )
             else:
                 labels[spec.label] = use.where
-            if tab is not None and spec.label not in tab.entries:
+            if (
+                tab is not None
+                and spec.label not in tab.entries
+                and spec.label not in report.labels_with_errors
+            ):
                 report.errors.append(
                     f"{use.where}: LABEL {spec.label!r} has no line in {tab.path}; "
                     f"add '{spec.label} /dev/VG/LV' (or '{spec.label} MISSING')"
                 )
-            elif tab is not None and tab.entries[spec.label].device is None and spec.target is None:
+            elif (
+                tab is not None
+                and spec.label in tab.entries
+                and tab.entries[spec.label].device is None
+                and spec.target is None
+            ):
                 report.errors.append(
                     f"{use.where}: both legs of {spec.label!r} are MISSING (spec and {tab.entries[spec.label].where}); "
                     "at least one must be a device"
