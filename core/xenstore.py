@@ -11,7 +11,7 @@ import contextlib
 import fcntl
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
@@ -25,6 +25,7 @@ XENSTORE_TIMEOUT = 5.0
 class XenStore(Protocol):
     def read(self, key: str) -> str | None: ...
     def write(self, key: str, value: str) -> None: ...
+    def write_many(self, items: Sequence[tuple[str, str]]) -> None: ...
     def rm(self, key: str) -> None: ...
 
 
@@ -37,6 +38,10 @@ class CommandXenStore:
 
     def write(self, key: str, value: str) -> None:
         run(["xenstore-write", key, value], timeout=XENSTORE_TIMEOUT)
+
+    def write_many(self, items: Sequence[tuple[str, str]]) -> None:
+        """Several keys in one xenstore-write, in order (as xen-hotplug-common.sh's fatal() does)."""
+        run(["xenstore-write", *(x for item in items for x in item)], timeout=XENSTORE_TIMEOUT)
 
     def rm(self, key: str) -> None:
         # Already gone is fine: removal is idempotent.
@@ -68,9 +73,12 @@ class FileXenStore:
             return self._load().get(key)
 
     def write(self, key: str, value: str) -> None:
+        self.write_many([(key, value)])
+
+    def write_many(self, items: Sequence[tuple[str, str]]) -> None:
         with self._locked():
             data = self._load()
-            data[key] = value
+            data.update(items)
             write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True), fsync=False)
 
     def rm(self, key: str) -> None:

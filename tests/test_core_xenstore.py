@@ -18,3 +18,12 @@ def test_selection_by_environment(tmp_path):
     assert isinstance(open_xenstore({}), CommandXenStore)
     xs = open_xenstore({"ISCSIMPLE_XENSTORE_FILE": str(tmp_path / "x.json")})
     assert isinstance(xs, FileXenStore)
+
+
+def test_file_double_writes_several_keys_at_once(tmp_path):
+    xs = FileXenStore(tmp_path / "xs.json")
+    xs.write_many(
+        [("backend/vbd/0/1/hotplug-error", "it broke"), ("backend/vbd/0/1/hotplug-status", "error")]
+    )
+    assert xs.read("backend/vbd/0/1/hotplug-error") == "it broke"
+    assert xs.read("backend/vbd/0/1/hotplug-status") == "error"
