@@ -56,11 +56,15 @@ class XenContext:
         return self._read_quietly(self.key("dev"))
 
     def publish(self, device: BlockDevice, attachment_id: str) -> None:
-        self.store.write(self.key(ID_KEY), attachment_id)
-        self.store.write(self.key("physical-device"), device.xen_physical_device)
-        self.store.write(self.key("physical-device-path"), device.path)
-        # Last: libxl proceeds as soon as it sees "connected".
-        self.store.write(self.key("hotplug-status"), "connected")
+        self.store.write_many(
+            [
+                (self.key(ID_KEY), attachment_id),
+                (self.key("physical-device"), device.xen_physical_device),
+                (self.key("physical-device-path"), device.path),
+                # Last: libxl proceeds as soon as it sees "connected".
+                (self.key("hotplug-status"), "connected"),
+            ]
+        )
 
     def unpublish(self) -> None:
         for name in ("hotplug-status", "physical-device", "physical-device-path", ID_KEY):
@@ -69,8 +73,9 @@ class XenContext:
     def fail(self, message: str) -> None:
         """Like xen-hotplug-common.sh's fatal(): hotplug-error first, then hotplug-status=error."""
         try:
-            self.store.write(self.key("hotplug-error"), message)
-            self.store.write(self.key("hotplug-status"), "error")
+            self.store.write_many(
+                [(self.key("hotplug-error"), message), (self.key("hotplug-status"), "error")]
+            )
         except IscsimpleError as e:
             log.error("could not report the error to xenstore: %s", e)
 
