@@ -130,14 +130,11 @@ class HealPlan:
     remove: str | None  # kernel name of the old iSCSI member to fail and remove; None: already gone
     add: str  # kernel name of the LUN's device now, e.g. sdb
     add_dev: str  # its major:minor per sysfs
+    add_path: str  # its node under devfs, what mdadm opens: /dev/sdb
     target: str
     lun: int
     session: str  # e.g. session3
     renamed: bool  # the LUN came back under another name than the member md knew
-
-    @property
-    def add_path(self) -> str:
-        return f"/dev/{self.add}"
 
     def commands(self) -> list[list[str]]:
         """mdadm calls in order. A kernel member name (not a /dev path) lets mdadm fail and remove
@@ -229,6 +226,7 @@ def plan_heal(view: ArrayView, sysfs: Path, devfs: Path, *, enabled: bool = True
         remove=old,
         add=lun.block,
         add_dev=lun.dev or "",
+        add_path=str(devfs / lun.block),
         target=a.target,
         lun=a.lun,
         session=session.name,

@@ -227,7 +227,7 @@ class FakeMdadm:
             bed.members = [x for x in bed.members if x.name != name]
         elif op == "--add":
             assert rest[0] == "--write-mostly", argv
-            name = rest[1].removeprefix("/dev/")
+            name = os.path.basename(rest[1])
             if bed.member(name) is not None:
                 raise CommandError(argv, 1, f"mdadm: Cannot open {rest[1]}: Device or resource busy\n")
             dev = next(

@@ -21,11 +21,14 @@ from iscsimple.exporter.safety import Healer, Safety, SafetyCollector, StaleDete
 from iscsimple.hotplug.locking import hotplug_lock, label_lock_name
 
 MD = f"/dev/md/{LABEL}"
-HEAL_SDA = [
-    ["mdadm", MD, "--fail", "sda"],
-    ["mdadm", MD, "--remove", "sda"],
-    ["mdadm", MD, "--add", "--write-mostly", "/dev/sda"],
-]
+
+
+def heal_commands(bed: SafetyBed, old: str = "sda", new: str = "sda") -> list[list[str]]:
+    return [
+        ["mdadm", MD, "--fail", old],
+        ["mdadm", MD, "--remove", old],
+        ["mdadm", MD, "--add", "--write-mostly", str(bed.paths.devfs / new)],
+    ]
 
 
 class Clock:
@@ -125,7 +128,7 @@ def test_heal_success_and_record_cleared_only_when_recovery_completes(host):
     host.refresh(after=29)
     assert host.mdadm.calls == []  # not stable long enough yet
     host.refresh(after=2)
-    assert host.mdadm.calls == HEAL_SDA
+    assert host.mdadm.calls == heal_commands(host.bed)
     assert host.results["success"] == 1
     view = host.bed.view()
     assert view.iscsi.state == "recovering" and view.iscsi.write_mostly
@@ -150,11 +153,7 @@ def test_heal_with_the_lun_renamed(host):
     host.bed.session_back(block="sdb", dev="8:16")
     host.refresh()
     host.refresh(after=31)
-    assert host.mdadm.calls == [
-        ["mdadm", MD, "--fail", "sda"],
-        ["mdadm", MD, "--remove", "sda"],
-        ["mdadm", MD, "--add", "--write-mostly", "/dev/sdb"],
-    ]
+    assert host.mdadm.calls == heal_commands(host.bed, "sda", "sdb")
     assert Registry(host.bed.paths).by_label(LABEL).iscsi_device == "sdb"
     host.bed.finish_recovery()
     host.refresh()
@@ -248,7 +247,7 @@ def test_crash_between_remove_and_add_is_healed_by_the_next_agent(host):
     host.new_agent()  # restarted by systemd: no memory
     host.refresh()
     host.refresh(after=31)
-    assert host.mdadm.calls[-1] == ["mdadm", MD, "--add", "--write-mostly", "/dev/sda"]
+    assert host.mdadm.calls[-1] == heal_commands(host.bed)[-1]
     assert len(host.mdadm.calls) == 3
     host.bed.finish_recovery()
     host.refresh()
@@ -280,7 +279,7 @@ def test_heal_disabled_only_detects_and_clears(tmp_path):
     assert host.results["skipped_disabled"] == 1
     assert "iscsimple_heal_enabled 0.0" in host.exposition()
     # An operator heals by hand (or `iscsimple resolve`): the agent still clears the record.
-    for argv in HEAL_SDA:
+    for argv in heal_commands(host.bed):
         host.mdadm(argv, timeout=10)
     host.bed.finish_recovery()
     host.refresh()
@@ -297,7 +296,7 @@ def test_a_hotplug_holding_the_label_defers_the_heal(host):
     assert host.mdadm.calls == []
     assert host.results["skipped_busy"] == 1
     host.refresh(after=1)
-    assert host.mdadm.calls == HEAL_SDA
+    assert host.mdadm.calls == heal_commands(host.bed)
 
 
 def test_an_array_stopped_while_stale_keeps_its_record_and_metric(host):

@@ -97,7 +97,7 @@ def test_heal_of_a_faulty_leg_fails_removes_then_adds_write_mostly(kernel_state)
     assert plan.commands() == [
         ["mdadm", "/dev/md/test", "--fail", "sda"],
         ["mdadm", "/dev/md/test", "--remove", "sda"],
-        ["mdadm", "/dev/md/test", "--add", "--write-mostly", "/dev/sda"],
+        ["mdadm", "/dev/md/test", "--add", "--write-mostly", str(paths.devfs / "sda")],
     ]
     assert (plan.add_dev, plan.session, plan.renamed) == ("8:0", "session1", False)
 
@@ -107,7 +107,7 @@ def test_after_a_crash_between_remove_and_add_only_the_add_is_left(kernel_state)
     paths = _captured(kernel_state("08"))
     plan = plan_heal(HostSnapshot.read(paths).array("test"), paths.sysfs, paths.devfs)
     assert isinstance(plan, HealPlan)
-    assert plan.commands() == [["mdadm", "/dev/md/test", "--add", "--write-mostly", "/dev/sda"]]
+    assert plan.commands() == [["mdadm", "/dev/md/test", "--add", "--write-mostly", str(paths.devfs / "sda")]]
 
 
 def test_disabled_heal_is_blocked_before_anything_else(kernel_state):
@@ -132,7 +132,7 @@ def test_renamed_lun_is_found_by_target_and_lun(bed):
     assert plan.commands() == [
         ["mdadm", f"/dev/md/{LABEL}", "--fail", "sda"],
         ["mdadm", f"/dev/md/{LABEL}", "--remove", "sda"],
-        ["mdadm", f"/dev/md/{LABEL}", "--add", "--write-mostly", "/dev/sdb"],
+        ["mdadm", f"/dev/md/{LABEL}", "--add", "--write-mostly", str(bed.paths.devfs / "sdb")],
     ]
     assert plan.renamed and plan.add_dev == "8:16"
     assert "came back under a new name" in plan.describe()
