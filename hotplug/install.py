@@ -120,7 +120,7 @@ def install_hook(
     content = launcher(argv)
     try:
         existing = hook.read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         existing = None
     except (OSError, UnicodeDecodeError) as e:
         raise OperationError(
