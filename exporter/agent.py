@@ -333,11 +333,18 @@ def main(argv: list[str] | None = None) -> int:
     return _serve(agent, args.listen or _listen_address(DEFAULT_LISTEN), web_config)
 
 
-def _serve(agent: Agent, listen: tuple[str, int], web_config: WebConfig, on_ready=None) -> int:
+def _serve(
+    agent: Agent, listen: tuple[str, int], web_config: WebConfig, on_ready=None, any_port_if_busy=False
+) -> int:
+    endpoints = Endpoints(agent.metrics, agent.healthy, agent.ready, agent.summary)
     try:
-        server = AgentHTTPServer(
-            listen, Endpoints(agent.metrics, agent.healthy, agent.ready, agent.summary), web_config
-        )
+        try:
+            server = AgentHTTPServer(listen, endpoints, web_config)
+        except OSError:
+            if not any_port_if_busy:
+                raise
+            # The demo must start even where a real agent already holds the default port.
+            server = AgentHTTPServer((listen[0], 0), endpoints, web_config)
     except OSError as e:
         print(
             f"iscsimple-agent: cannot listen on {listen[0]}:{listen[1]}: {e.strerror or e}; "
@@ -365,7 +372,7 @@ def _serve(agent: Agent, listen: tuple[str, int], web_config: WebConfig, on_read
 def _run_demo(args, web_config: WebConfig) -> int:
     from .demo import DemoScenario, SimulatedHost
 
-    with tempfile.TemporaryDirectory(prefix="iscsimple-demo-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="iscsimple-demo-", ignore_cleanup_errors=True) as tmp:
         holder: dict[str, Agent] = {}
 
         def on_change(_what: str) -> None:
@@ -397,9 +404,12 @@ def _run_demo(args, web_config: WebConfig) -> int:
                 flush=True,
             )
             log.info("demo host tree in %s (--path.procfs/--path.sysfs/--path.state for other tools)", tmp)
-            threading.Thread(target=scenario.run_forever, name="demo", daemon=True).start()
+            player.start()
 
+        player = threading.Thread(target=scenario.run_forever, name="demo", daemon=True)
         try:
-            return _serve(agent, listen, web_config, on_ready=on_ready)
+            return _serve(agent, listen, web_config, on_ready=on_ready, any_port_if_busy=args.listen is None)
         finally:
             scenario.stop()
+            if player.is_alive():
+                player.join(timeout=5)  # let it finish its step before the tree is removed

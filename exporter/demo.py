@@ -672,11 +672,19 @@ class DemoScenario:
     def stop(self) -> None:
         self._stop.set()
 
+    def _pause(self, seconds: float) -> None:
+        self._sleep(seconds)
+        if self._stop.is_set():
+            raise _Stopped
+
     def run_forever(self) -> None:
         round_ = 1
         while not self._stop.is_set():
             log.info("demo round %d starts", round_)
-            self.play_once()
+            try:
+                self.play_once()
+            except _Stopped:
+                return
             round_ += 1
 
     def _say(self, text: str, *args) -> None:
@@ -689,7 +697,7 @@ class DemoScenario:
                 return
             for label in labels:
                 self.host.advance_resync(label, i / (steps + 1), speed_kib=40_000 + 5_000 * i)
-            self._sleep(seconds / steps)
+            self._pause(seconds / steps)
         for label in labels:
             self.host.finish_resync(label)
 
@@ -707,29 +715,33 @@ class DemoScenario:
         self._say("local legs are copying from iSCSI (VMs depend on iSCSI alone until done)")
         self._recover([v[0] for v in DEMO_VMS], 20)
         self._say("all mirrors in sync: every VM is protected")
-        self._sleep(15)
+        self._pause(15)
         self._say("OUTAGE: %s stops answering; its session goes FAILED", DEMO_TARGET_A)
         h.fail_session(DEMO_TARGET_A)
-        self._sleep(5)
+        self._pause(5)
         self._say(
             "replacement timeout expired: md fails the iSCSI legs; web1 and db1 run on local disks alone"
         )
         h.expire_session(DEMO_TARGET_A)
-        self._sleep(40)
+        self._pause(40)
         self._say("%s is back: session LOGGED_IN, iSCSI legs still faulty (stale copy)", DEMO_TARGET_A)
         h.restore_session(DEMO_TARGET_A)
-        self._sleep(10)
+        self._pause(10)
         healed = [v[0] for v in DEMO_VMS if v[2] == DEMO_TARGET_A]
         for label in healed:
             self._say("healing %s: iSCSI leg re-added write-mostly, copying from the local leg", label)
             h.heal(label)
         self._recover(healed, 20)
         self._say("healed: all mirrors in sync again")
-        self._sleep(15)
+        self._pause(15)
         for label, domain, *_ in DEMO_VMS:
             if self._stop.is_set():
                 return
             self._say("stopping VM %s: detaching %s", domain, label)
             h.detach(label)
             h.record_hotplug("remove", "success", 0.4)
-        self._sleep(5)
+        self._pause(5)
+
+
+class _Stopped(Exception):
+    """Raised out of a pause when the demo is stopped mid-story."""

@@ -161,3 +161,45 @@ def test_flag_parsers():
     assert _seconds("500ms") == 0.5
     assert _seconds("2m") == 120
     assert _seconds("15") == 15
+
+
+def test_demo_prints_its_url_and_serves_the_scenario(tmp_path):
+    """`iscsimple-agent --demo` (the README's first command): URL printed, metrics served, story logged."""
+    import socket as socketlib
+
+    with socketlib.socket() as busy:  # the default port may be taken (a real agent): the demo still starts
+        busy.setsockopt(socketlib.SOL_SOCKET, socketlib.SO_REUSEADDR, 1)
+        try:
+            busy.bind(("127.0.0.1", 9977))
+            busy.listen()
+        except OSError:
+            pass
+        proc = subprocess.Popen(
+            [*AGENT, "--demo", "--demo.speed", "50"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        lines = []
+        try:
+            url = None
+            deadline = time.monotonic() + 30
+            while url is None:
+                assert time.monotonic() < deadline and proc.poll() is None, "".join(lines)
+                line = proc.stdout.readline()
+                lines.append(line)
+                if "iscsimple demo: open" in line:
+                    url = line.split("open ")[1].split("/ ")[0]
+            import requests
+
+            seen_local_only = False
+            while time.monotonic() < deadline and not seen_local_only:
+                body = requests.get(f"{url}/metrics", timeout=5).text
+                seen_local_only = 'iscsimple_array_local_only{domain="web1",label="web1-disk"} 1.0' in body
+                time.sleep(0.05)
+            assert seen_local_only
+            assert "web1-disk" in requests.get(f"{url}/", timeout=5).text
+        finally:
+            proc.terminate()
+            out, _ = proc.communicate(timeout=10)
+        log = "".join(lines) + out
+        assert "demo: OUTAGE" in log
+        assert "runs on its LOCAL leg alone" in log
+        assert proc.returncode == 0
