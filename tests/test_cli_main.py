@@ -1,0 +1,137 @@
+"""The `iscsimple` command itself: exit codes 0/1/2, one sentence on stderr, no tracebacks."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from iscsimple.hotplug import cli
+
+CONSOLE_SCRIPT = Path(sys.executable).parent / "iscsimple"
+
+
+def _console(*args, env=None, timeout=60):
+    executable = str(CONSOLE_SCRIPT) if CONSOLE_SCRIPT.exists() else shutil.which("iscsimple")
+    assert executable, "the iscsimple console script is not installed (pip install -e .)"
+    return subprocess.run([executable, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_help_lists_every_subcommand():
+    result = _console("--help")
+    assert result.returncode == 0
+    for name in ("status", "check-config", "attach", "detach", "convert-config", "install-hook"):
+        assert name in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        ((), "the following arguments are required: COMMAND"),
+        (("frobnicate",), "invalid choice: 'frobnicate'"),
+        (("status", "--jsno"), "unrecognized arguments: --jsno"),
+        (("attach",), "the following arguments are required: SPEC"),
+    ],
+)
+def test_usage_errors_exit_2_in_one_line(args, fragment):
+    result = _console(*args)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("iscsimple") and fragment in line
+    assert "; see 'iscsimple" in line and line.endswith(" --help'")
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ("lun0@IQN.2001-04.com.example:x+vm1", "upper-case"),
+        ("iqn.2001-04.com.example:x+bad.label", "LABEL 'bad.label'"),
+        ("MISSING", "+LABEL"),
+    ],
+)
+@pytest.mark.parametrize("command", ["attach", "detach"])
+def test_bad_spec_is_exit_2_before_touching_the_host(tmp_path, command, spec, fragment):
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "ISCSIMPLE_STATE": str(tmp_path / "run"),
+        "ISCSIMPLE_LOCKS": str(tmp_path),
+    }
+    result = _console(command, spec, env=env)
+    assert result.returncode == 2 and result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"iscsimple {command}: bad disk spec ") and fragment in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_config_is_exit_2(tmp_path):
+    config = tmp_path / "iscsimple.toml"
+    config.write_text("[iscsi]\nlogin_timeout = 'soon'\n")
+    result = _console("status", f"--config={config}", f"--state={tmp_path}", f"--records={tmp_path}")
+    assert result.returncode == 2
+    assert result.stderr == f"iscsimple status: {config}:2: [iscsi] login_timeout has the wrong type (str)\n"
+
+
+def test_detach_of_something_never_attached(tmp_path):
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "ISCSIMPLE_STATE": str(tmp_path / "run"),
+        "ISCSIMPLE_RECORDS": str(tmp_path / "lib"),
+        "ISCSIMPLE_LOCKS": str(tmp_path / "locks"),
+        "ISCSIMPLE_CONFIG": str(tmp_path / "none.toml"),
+    }
+    result = _console("detach", "lun3@iqn.2001-04.com.example:x+vm9", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "was not attached with 'iscsimple attach'; nothing to do" in result.stderr
+
+
+def test_internal_error_is_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
+    def broken(args):
+        raise RuntimeError("the snapshot fell over")
+
+    monkeypatch.setattr(cli, "run_status", broken)
+    assert cli.main(["status"]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "iscsimple status: internal error (RuntimeError: the snapshot fell over); rerun with --debug and report it\n"
+    )
+    assert cli.main(["status", "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.endswith("rerun with --debug and report it\n")
+
+
+def test_os_error_is_exit_1_with_a_hint(monkeypatch, capsys):
+    def denied(args):
+        raise PermissionError(13, "Permission denied", "/run/iscsimple/attachments")
+
+    monkeypatch.setattr(cli, "run_status", denied)
+    assert cli.main(["status"]) == 1
+    assert capsys.readouterr().err == (
+        "iscsimple status: cannot access /run/iscsimple/attachments: Permission denied; "
+        "check the path (and run as root)\n"
+    )
+
+
+def test_options_before_or_after_the_subcommand(tmp_path, capsys):
+    for argv in (
+        ["--state", str(tmp_path), "--records", str(tmp_path), "--config", str(tmp_path / "x"), "status"],
+        ["status", "--state", str(tmp_path), "--records", str(tmp_path), "--config", str(tmp_path / "x")],
+    ):
+        assert cli.main(argv) == 0
+        assert capsys.readouterr().out == "no iscsimple disks are attached on this host\n"
+
+
+def test_a_new_subcommand_plugs_in(monkeypatch, capsys):
+    """How issue 6's `resolve` is meant to be added: one more add_* in SUBCOMMANDS."""
+
+    def add_resolve(sub):
+        p = sub.add_parser("resolve", help="decide which copy of LABEL is good")
+        p.add_argument("label")
+        p.add_argument("--keep", choices=("local", "iscsi"), required=True)
+        p.set_defaults(run=lambda args: print(f"would keep {args.keep} for {args.label}") or 0)
+
+    monkeypatch.setattr(cli, "SUBCOMMANDS", (*cli.SUBCOMMANDS, add_resolve))
+    assert cli.main(["resolve", "vm1", "--keep", "local"]) == 0
+    assert capsys.readouterr().out == "would keep local for vm1\n"
+    assert cli.main(["resolve", "vm1", "--keep", "both"]) == 2
