@@ -77,9 +77,13 @@ class _Done:
 
     registered: bool = False
     login_attempted: bool = False
+    portal: str | None = None  # of the login this add attempted
     logged_in: bool = False
     built: bool = False
     published: bool = False
+
+    def attempt_login(self, portal: str) -> None:
+        self.login_attempted, self.portal = True, portal
 
 
 def attach(
@@ -185,7 +189,7 @@ def _steps(
                 registry,
                 spec.target,
                 deadline,
-                before_login=lambda: _mark(done, "login_attempted"),
+                before_login=done.attempt_login,
             )
         done.logged_in = result.logged_in
         attachment = registry.put(
@@ -249,10 +253,6 @@ def _build(
     if iscsi_dev is not None and local_dev is not None:
         mdadm.add(path, local_dev, deadline)
     return BlockDevice(path, md.name, md.major, md.minor, md.size_bytes)
-
-
-def _mark(done: _Done, step: str) -> None:
-    setattr(done, step, True)
 
 
 def _rescanner(paths: HostPaths, target: str, deadline: Deadline):
@@ -389,6 +389,7 @@ def _rollback(
         if spec.target is not None:
             with hotplug_lock(paths.locks, target_lock_name(spec.target), deadline):
                 logout = session.LOGOUT_ALWAYS if done.login_attempted else session.LOGOUT_NEVER
+                attachment = replace(attachment, portal=attachment.portal or done.portal)
                 session.release(paths, config, registry, attachment, deadline, logout=logout)
         else:
             registry.remove(attachment_id)

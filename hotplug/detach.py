@@ -80,7 +80,13 @@ def undo(
         stop_array(paths, attachment, deadline)
     if attachment.target:
         with hotplug_lock(paths.locks, target_lock_name(attachment.target), deadline):
-            session.release(paths, config, registry, attachment, deadline)
+            try:
+                session.release(paths, config, registry, attachment, deadline)
+            except OperationError as e:
+                raise OperationError(
+                    f"{attachment.spec} is detached, but logging out of {attachment.target} failed: {e}; "
+                    f"log out by hand once it answers: iscsiadm -m node -T {attachment.target} --logout"
+                ) from None
     else:
         registry.remove(attachment.id)
 

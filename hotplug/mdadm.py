@@ -63,17 +63,20 @@ def add(md_path: str, device: str, deadline: Deadline) -> None:
 
 
 def stop(md_path: str, deadline: Deadline, timeout: float = STOP_TIMEOUT) -> None:
-    _run([MDADM, "--stop", md_path], timeout, deadline, f"stopping {md_path}")
+    _run(
+        [MDADM, "--stop", md_path],
+        timeout,
+        deadline,
+        f"stopping {md_path}",
+        " (I/O stuck on a dead iSCSI session?); the array may still be running",
+    )
 
 
-def _run(argv: list[str], timeout: float, deadline: Deadline, what: str) -> None:
+def _run(argv: list[str], timeout: float, deadline: Deadline, what: str, timeout_hint: str = "") -> None:
     try:
         run(argv, timeout=timeout, deadline=deadline)
     except CommandTimeout as e:
-        raise MdadmError(
-            f"{what}: mdadm did not finish within {e.timeout:.0f} s "
-            "(I/O stuck on a dead iSCSI session?); the array may still be running"
-        ) from None
+        raise MdadmError(f"{what}: mdadm did not finish within {e.timeout:.0f} s{timeout_hint}") from None
     except CommandError as e:
         detail = _last_line(e)
         if "No avail md devices" in e.stderr:

@@ -63,11 +63,11 @@ def ensure(
     registry: Registry,
     target: str,
     deadline: Deadline,
-    before_login: Callable[[], None] | None = None,
+    before_login: Callable[[str], None] | None = None,
 ) -> SessionResult:
     """A logged-in session to `target` with the right replacement timeout. Hold the target lock.
 
-    `before_login()` runs just before iscsiadm --login: from then on a session may
+    `before_login(portal)` runs just before iscsiadm --login: from then on a session may
     appear even if the login fails or times out (iscsid keeps trying), so a rollback
     must log out.
     """
@@ -90,7 +90,7 @@ def ensure(
             target, record.portal, iscsiadm.REPLACEMENT_TIMEOUT_KEY, str(timeout), deadline
         )
     if before_login is not None:
-        before_login()
+        before_login(record.portal)
     logged_in = iscsiadm.login(target, record.portal, config.login_timeout, deadline)
     if logged_in:
         mark_ours(paths, target, record.portal)
