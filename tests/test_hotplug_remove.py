@@ -1,0 +1,147 @@
+"""remove after a half-done add, after a crash, and with the target dead: always bounded, never stuck."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from iscsimple.core.registry import STATE_ATTACHING, STATE_DETACHING
+from tests.fakes.harness import IQN, PORTAL, make_hotplug
+
+NODE = f"iscsiadm -m node -T {IQN}"
+LOGOUT = f"{NODE} -p {PORTAL} --logout"
+SPEC = f"lun1@{IQN}+vm1"
+
+
+@pytest.fixture
+def hotplug(tmp_path):
+    return make_hotplug(tmp_path)
+
+
+def kill_add_while(hotplug, vbd, match: tuple[str, ...]) -> None:
+    """Start an add, wait for the command matching `match` (made to hang), SIGKILL the script as libxl
+    does at 40 s (libxl does not kill the script's children: the test then ends the hung fake)."""
+    hotplug.host.add_fault("*", match=match, action="hang", seconds=120)
+    proc = hotplug.start("add", vbd)
+    deadline = time.monotonic() + 60
+    while not any(r["fault"] == "hang" for r in hotplug.host.call_records()):
+        assert time.monotonic() < deadline, "the add never reached the hanging command"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    for record in hotplug.host.call_records():
+        if record["fault"] == "hang":
+            os.kill(record["pid"], signal.SIGKILL)
+    hotplug.host.clear_faults()
+
+
+def test_remove_after_an_add_killed_between_build_and_add_undoes_it(hotplug):
+    hotplug.host.add_target(IQN)
+    hotplug.mirror("vm1")
+    vbd = hotplug.vbd(SPEC)
+    kill_add_while(hotplug, vbd, ("--add",))
+    entry = hotplug.registry().get(vbd.attachment_id)
+    assert entry.state == STATE_ATTACHING and entry.md_device == "md127"
+    assert list(hotplug.host.md_arrays()) == ["md127"]
+
+    result = hotplug.run("remove", vbd)
+
+    assert result.returncode == 0, result.stderr
+    assert hotplug.command_lines()[-2:] == ["mdadm --stop /dev/md/vm1", LOGOUT]
+    assert hotplug.host.md_arrays() == {}
+    assert hotplug.host.session_targets() == []
+    assert hotplug.registry().list() == []
+
+
+def test_remove_after_an_add_killed_during_login_logs_out(hotplug):
+    hotplug.host.add_target(IQN)
+    hotplug.mirror("vm1")
+    vbd = hotplug.vbd(SPEC)
+    kill_add_while(hotplug, vbd, ("--login",))
+    assert hotplug.registry().get(vbd.attachment_id).state == STATE_ATTACHING
+
+    assert hotplug.run("remove", vbd).returncode == 0
+
+    assert hotplug.registry().list() == []
+    assert not any(line.startswith("mdadm --stop") for line in hotplug.command_lines())
+
+
+def test_add_after_a_crashed_add_of_the_same_disk_cleans_up_first(hotplug):
+    hotplug.host.add_target(IQN)
+    hotplug.mirror("vm1")
+    vbd = hotplug.vbd(SPEC)
+    kill_add_while(hotplug, vbd, ("--add",))
+
+    result = hotplug.add(vbd)
+
+    assert "undoing what an unfinished earlier attach" in result.stderr
+    lines = hotplug.command_lines()
+    # The leftover array was stopped (and the session it alone used logged out) before the new build.
+    builds = [i for i, line in enumerate(lines) if line.startswith("mdadm --build")]
+    assert len(builds) == 2
+    assert builds[0] < lines.index("mdadm --stop /dev/md/vm1") < builds[1]
+    assert list(hotplug.host.md_arrays()) == ["md127"]
+    assert hotplug.host.session_targets() == [IQN]
+    assert hotplug.registry().get(vbd.attachment_id).state == "attached"
+
+
+def test_remove_with_the_target_dead_does_not_touch_the_disk_and_finishes(hotplug):
+    hotplug.host.add_target(IQN)
+    hotplug.mirror("vm1")
+    vbd = hotplug.vbd(SPEC)
+    hotplug.add(vbd)
+    hotplug.host.kill_target(IQN)
+
+    result = hotplug.run("remove", vbd)
+
+    assert result.returncode == 0, result.stderr
+    assert hotplug.command_lines()[-2:] == ["mdadm --stop /dev/md/vm1", LOGOUT]
+    assert hotplug.host.md_arrays() == {} and hotplug.host.session_targets() == []
+
+
+@pytest.mark.slow
+def test_remove_with_mdadm_stuck_is_bounded_keeps_the_entry_and_a_retry_finishes(hotplug):
+    hotplug.set_config(f'[iscsi]\nportals = ["{PORTAL}"]\n[attach]\nbudget = 6\ndevice_wait = 3\n')
+    hotplug.host.add_target(IQN)
+    hotplug.mirror("vm1")
+    vbd = hotplug.vbd(SPEC)
+    hotplug.add(vbd)
+    hotplug.host.kill_target(IQN)
+    hotplug.host.add_fault("mdadm", match=("--stop",), action="hang", seconds=60)
+
+    result = hotplug.run("remove", vbd)
+
+    assert result.returncode == 1
+    assert result.seconds < 6 + 3
+    error = hotplug.xs(vbd, "hotplug-error").replace(str(hotplug.host.root), "")
+    assert "cannot stop the array of vm1 (md127)" in error and "retry remove" in error
+    assert hotplug.registry().get(vbd.attachment_id).state == STATE_DETACHING
+    assert hotplug.host.session_targets() == [IQN]  # the array still holds the LUN: no logout
+
+    hotplug.host.clear_faults()
+    assert hotplug.run("remove", vbd).returncode == 0
+    assert hotplug.host.md_arrays() == {} and hotplug.host.session_targets() == []
+    assert hotplug.registry().list() == []
+
+
+@pytest.mark.slow
+def test_remove_with_logout_stuck_is_bounded_and_says_how_to_finish(hotplug):
+    hotplug.set_config(f'[iscsi]\nportals = ["{PORTAL}"]\n[attach]\nbudget = 6\ndevice_wait = 3\n')
+    hotplug.host.add_target(IQN)
+    hotplug.mirror("vm1")
+    vbd = hotplug.vbd(SPEC)
+    hotplug.add(vbd)
+    hotplug.host.add_fault("iscsiadm", match=("--logout",), action="hang", seconds=60)
+
+    result = hotplug.run("remove", vbd)
+
+    assert result.returncode == 1
+    assert result.seconds < 6 + 3
+    error = hotplug.xs(vbd, "hotplug-error")
+    assert f"is detached, but logging out of {IQN} failed" in error
+    assert f"iscsiadm -m node -T {IQN} --logout" in error
+    assert hotplug.host.md_arrays() == {}
+    assert hotplug.registry().list() == []
