@@ -28,6 +28,8 @@ from iscsimple.core.config import load_config
 from iscsimple.core.errors import InputError, IscsimpleError
 from iscsimple.core.paths import HostPaths
 
+from .resolve import add_resolve
+
 log = logging.getLogger("iscsimple")
 
 
@@ -252,7 +254,7 @@ SUBCOMMANDS: tuple[Callable, ...] = (
     add_detach,
     add_convert_config,
     add_install_hook,
-    # issue 6: add_resolve (iscsimple resolve LABEL --keep local|iscsi), from its own module
+    add_resolve,  # issue 6: iscsimple resolve LABEL --keep local|iscsi (hotplug/resolve.py)
 )
 
 
@@ -282,11 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         debug = getattr(args, "debug", False)
         command = f"iscsimple {args.command}"
-        logging.basicConfig(
-            level=logging.DEBUG if debug else logging.WARNING,
-            format="%(name)s: %(message)s",
-            stream=sys.stderr,
-        )
+        _setup_logging(debug)
         return args.run(args)
     except IscsimpleError as e:
         _fail(command, str(e), debug)
@@ -303,6 +301,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a bug: still one line, the traceback with --debug
         _fail(command, f"internal error ({type(e).__name__}: {e}); rerun with --debug and report it", debug)
         return 1
+
+
+def _setup_logging(debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    if not debug:
+        # A failure reaches the operator once, as the exception's sentence; the engine's own
+        # error log line would repeat it. Warnings (things that went wrong but not fatally) stay.
+        handler.addFilter(lambda record: record.levelno < logging.ERROR)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 def _fail(command: str, message: str, debug: bool) -> None:

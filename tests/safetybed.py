@@ -58,6 +58,8 @@ class SafetyBed:
         self.sync_action = "idle"
         self.sessions: list[Session] = [Session(1, TARGET, luns=[FakeLun(1, "sda", "8:0")])]
         self.holders: dict[str, list[str]] = {}
+        self.paths.tab.parent.mkdir(parents=True, exist_ok=True)
+        self.paths.tab.write_text(f"{LABEL} {self.local_path}\n")
         self.sizes: dict[str, int] = {}  # kernel name -> sectors; default: the array's size
         self.attachment = Registry(self.paths).put(
             Attachment(
@@ -69,7 +71,7 @@ class SafetyBed:
                 state="attached",
                 portal="192.0.2.10:3260",
                 iscsi_device="sda",
-                local_device="/dev/vg0/vm1",
+                local_device=str(root / "dev" / "vg0" / "vm1"),
                 local_kernel_name="dm-3",
                 md_device=MD,
                 md_path=f"/dev/md/{LABEL}",
@@ -81,6 +83,10 @@ class SafetyBed:
             )
         )
         self.write()
+
+    @property
+    def local_path(self) -> str:
+        return str(self.paths.devfs / "vg0" / "vm1")
 
     # -- model changes --------------------------------------------------------------------------
     def member(self, name: str) -> FakeMember | None:
@@ -160,6 +166,12 @@ class SafetyBed:
         for m in self.members:
             if m.dev is not None and self.running:
                 self._device(m.name, m.dev)
+        # The local device exists whether or not the array runs: /dev/vg0/vm1 -> ../dm-3.
+        self._device("dm-3", "253:3")
+        (self.paths.devfs / "vg0").mkdir(parents=True, exist_ok=True)
+        (self.paths.devfs / "vg0" / "vm1").symlink_to("../dm-3")
+        if self.running:
+            make_node(self.paths.devfs / MD, f"9:{MD[2:]}")
 
     def _device(self, name: str, dev: str | None) -> None:
         block = self.paths.sysfs / "block" / name
@@ -203,6 +215,31 @@ class FakeMdadm:
         self.calls: list[list[str]] = []
         self.fail_on = fail_on  # "--add" etc.: that call exits 1 like mdadm would
 
+    def _build(self, argv: list[str]) -> Result:
+        """mdadm --build MD --level=1 --raid-devices=2 (missing --write-mostly DEV | DEV missing)."""
+        bed = self.bed
+        if bed.running:
+            raise CommandError(argv, 1, f"mdadm: {argv[2]} is already in use.\n")
+        devices = [a for a in argv[5:] if a != "--write-mostly"]
+        assert argv[3:5] == ["--level=1", "--raid-devices=2"] and len(devices) == 2, argv
+        members = []
+        for slot, device in enumerate(devices):
+            if device == "missing":
+                continue
+            name = os.path.basename(os.path.realpath(device))
+            dev = (
+                "253:3"
+                if name == "dm-3"
+                else next((lun.dev for s in bed.sessions for lun in s.luns if lun.block == name), None)
+            )
+            flags = "in_sync,write_mostly" if "--write-mostly" in argv[5:] and slot == 1 else "in_sync"
+            members.append(FakeMember(name, slot=slot, state=flags, dev=dev))
+        bed.members = members
+        bed.running = True
+        bed.sync_action = "idle"
+        bed.write()
+        return Result(tuple(argv), 0, "", "", 0.0)
+
     def __call__(self, argv, **kwargs) -> Result:
         argv = [str(a) for a in argv]
         self.calls.append(argv)
@@ -211,8 +248,14 @@ class FakeMdadm:
         if self.fail_on and self.fail_on in argv:
             raise CommandError(argv, 1, f"mdadm: simulated failure of {self.fail_on}\n")
         bed = self.bed
+        if argv[1] == "--build":
+            return self._build(argv)
         if not bed.running:
-            raise CommandError(argv, 1, f"mdadm: cannot open {argv[1]}: No such file or directory\n")
+            raise CommandError(argv, 1, f"mdadm: cannot open {argv[-1]}: No such file or directory\n")
+        if argv[1] == "--stop":
+            bed.stop()
+            bed.write()
+            return Result(tuple(argv), 0, "", "", 0.0)
         op, rest = argv[2], argv[3:]
         if op == "--fail":
             (name,) = rest

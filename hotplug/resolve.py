@@ -1,0 +1,352 @@
+"""`iscsimple resolve LABEL --keep local|iscsi`: settle a mirror whose iSCSI copy is stale.
+
+A stale-copy record (core.stale) makes every attach of LABEL refuse, because
+building the mirror from iSCSI would overwrite the writes only the local leg has.
+The operator decides which copy wins (docs/data-safety.md):
+
+--keep local   The local copy is the source. If LABEL's array runs (the VM runs),
+               this is a heal done now: fail/remove the stale iSCSI leg, add the
+               LUN back write-mostly (core.safety.plan_heal, the agent's checks).
+               If it does not run: log in, find the LUN by target and LUN, then
+                   mdadm --build /dev/md/LABEL --level=1 --raid-devices=2 LOCAL missing
+                   mdadm /dev/md/LABEL --add --write-mostly ISCSI_DEV
+               so the iSCSI copy recovers from the local leg. When it is in sync the
+               record is cleared (here with --wait, or by the agent) and the array
+               resolve built is stopped, so the VM's normal attach can run.
+--keep iscsi   Discard the local writes: clear the record so the next attach rebuilds
+               the local leg from iSCSI. Only with --yes-discard-local-writes, and
+               never while the array runs.
+
+Both print what they will do first; --dry-run stops there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from iscsimple.core.config import Config, load_config
+from iscsimple.core.errors import InputError, OperationError
+from iscsimple.core.paths import HostPaths
+from iscsimple.core.registry import LEG_ISCSI, LEG_LOCAL, STATE_ATTACHED, Attachment, Registry
+from iscsimple.core.run import Deadline, run
+from iscsimple.core.safety import HealBlocked, HealPlan, plan_heal, recovery_complete
+from iscsimple.core.snapshot import ArrayView, HostSnapshot
+from iscsimple.core.spec import check_label
+from iscsimple.core.stale import StaleRecord, StaleRecords
+from iscsimple.core.tab import read_tab
+
+from . import mdadm, session
+from .detach import detach, undo
+from .devices import active_md_array, check_local_device, md_path, wait_for_lun, wait_for_md
+from .locking import hotplug_lock, label_lock_name, target_lock_name
+
+log = logging.getLogger(__name__)
+
+MDADM_TIMEOUT = 30.0
+POLL = 1.0
+
+Out = Callable[[str], None]
+
+
+def resolve_attachment_id(label: str) -> str:
+    """The registry id of the array `resolve --keep local` builds (the same as `iscsimple attach` uses)."""
+    return f"cli-{label}"
+
+
+class Resolver:
+    def __init__(
+        self,
+        paths: HostPaths,
+        config: Config,
+        *,
+        out: Out = print,
+        runner=run,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.paths = paths
+        self.config = config
+        self.out = out
+        self.runner = runner
+        self.sleep = sleep
+        self.clock = clock
+        self.records = StaleRecords(paths)
+        self.registry = Registry(paths)
+
+    # -- --keep iscsi --------------------------------------------------------------------------
+
+    def keep_iscsi(self, label: str, *, confirmed: bool, dry_run: bool) -> int:
+        record = self.records.get(label)
+        if record is None:
+            self.out(f"{label}: no stale-copy record; nothing to resolve")
+            return 0
+        running = active_md_array(self.paths, label)
+        if running:
+            raise OperationError(
+                f"/dev/md/{label} ({running}) is running: its VM writes to the local leg now, and keeping the "
+                "iSCSI copy would throw those writes away too; stop the VM first, or use --keep local"
+            )
+        self.out(f"{label}: {record.describe()}.")
+        self.out(
+            f"will: discard those writes: clear the record ({self.records.path(label)}); the next attach "
+            f"rebuilds the local leg {self._local_device(label, record)} from the iSCSI copy "
+            f"(LUN {record.lun} of {record.target}), overwriting it"
+        )
+        if dry_run:
+            self.out("dry run: nothing done")
+            return 0
+        if not confirmed:
+            raise InputError(
+                "nothing done: discarding the local writes needs --yes-discard-local-writes "
+                f"(or keep them: iscsimple resolve {label} --keep local)"
+            )
+        self.records.clear(label)
+        self.registry.record_operation("resolve", "success", 0.0)
+        log.warning("%s: stale record cleared by the operator, local writes since it are discarded", label)
+        self.out(f"{label}: record cleared; start the VM: its attach rebuilds the local leg from iSCSI")
+        return 0
+
+    # -- --keep local --------------------------------------------------------------------------
+
+    def keep_local(self, label: str, *, dry_run: bool, wait: float) -> int:
+        record = self.records.get(label)
+        if record is None:
+            self.out(f"{label}: no stale-copy record; nothing to resolve")
+            return self._stop_resolved_array(label)
+        self.out(f"{label}: {record.describe()}.")
+        if record.target is None:
+            self.out("the mirror has no iSCSI leg: nothing to rebuild; the record is cleared")
+            if not dry_run:
+                self.records.clear(label)
+            return 0
+        running = active_md_array(self.paths, label)
+        if running:
+            started = self._heal_running(label, running, dry_run)
+        else:
+            started = self._build_from_local(label, record, dry_run)
+        if dry_run or not started:
+            return 0
+        return self._wait_and_clear(label, wait)
+
+    def _heal_running(self, label: str, running: str, dry_run: bool) -> bool:
+        """LABEL's array runs (its VM runs): heal it now, whatever the agent's policy says."""
+        view = self._view(label)
+        if view is None:
+            raise OperationError(
+                f"/dev/md/{label} ({running}) runs but no registry entry describes it; stop it "
+                f"(mdadm --stop /dev/md/{label}) once nothing uses it, then resolve again"
+            )
+        if recovery_complete(view):
+            self.out("the iSCSI leg is in sync again already")
+            return True
+        plan = plan_heal(view, self.paths.sysfs, self.paths.devfs, enabled=True)
+        if isinstance(plan, HealBlocked):
+            if plan.reason == "in_progress":
+                self.out("the iSCSI leg already recovers from the local leg")
+                return True
+            raise OperationError(f"cannot heal {label} now: {plan.detail}")
+        self.out(f"will: {plan.describe()}:")
+        for argv in plan.commands():
+            self.out("  " + " ".join(argv))
+        if dry_run:
+            self.out("dry run: nothing done")
+            return False
+        with hotplug_lock(self.paths.locks, label_lock_name(label), Deadline(self.config.attach_budget)):
+            fresh = self._view(label)
+            again = plan_heal(fresh, self.paths.sysfs, self.paths.devfs) if fresh else None
+            if again != plan:
+                raise OperationError(f"{label} changed while we looked at it; run resolve again")
+            for argv in plan.commands():
+                self.runner(argv, timeout=MDADM_TIMEOUT)
+        self.registry.record_operation("resolve", "success", 0.0)
+        return True
+
+    def _build_from_local(self, label: str, record: StaleRecord, dry_run: bool) -> bool:
+        """Not running: build it with the local leg as the source, add the LUN write-mostly."""
+        entry = read_tab(self.paths.tab).lookup(label)
+        if entry.device is None:
+            raise InputError(
+                f"{entry.where} says the local leg of {label} is MISSING, but the newer data is on the "
+                f"local device {record.local_device}: put it back into the tab file, then resolve again"
+            )
+        target, lun = record.target, record.lun if record.lun is not None else 0
+        assert target is not None
+        md = str(md_path(self.paths, label))
+        spec = f"lun{lun}@{target}+{label}"
+        self.out("will:")
+        self.out(f"  use or log in to the session to {target}; find LUN {lun} by target and LUN (sysfs)")
+        self.out(
+            "  " + " ".join(mdadm.build_argv(md, None, entry.device)) + "   # the local copy is the source"
+        )
+        self.out(
+            f"  mdadm {md} --add --write-mostly ISCSI_DEV   # the iSCSI copy recovers from the local leg"
+        )
+        self.out(
+            f"  when in sync: clear the record and stop {md} (iscsimple detach {spec}), so the VM can start"
+        )
+        if dry_run:
+            self.out("dry run: nothing done")
+            return False
+
+        deadline = Deadline(self.config.attach_budget)
+        attachment_id = resolve_attachment_id(label)
+        with hotplug_lock(self.paths.locks, label_lock_name(label), deadline):
+            if active_md_array(self.paths, label):
+                raise OperationError(f"/dev/md/{label} appeared meanwhile; run resolve again")
+            other = self.registry.by_label(label)
+            if other is not None and other.id != attachment_id:
+                raise OperationError(
+                    f"{label} is registered as {other.id} ({other.state}); remove that attachment first"
+                )
+            attachment = self.registry.put(
+                Attachment(
+                    id=attachment_id,
+                    spec=spec,
+                    lun=lun,
+                    target=target,
+                    label=label,
+                    local_device=entry.device,
+                    md_path=md,
+                    write_mostly_leg=LEG_ISCSI,
+                    source_leg=LEG_LOCAL,
+                    domain_name=record.domain_name,
+                )
+            )
+            try:
+                self._build(attachment, entry, deadline)
+            except BaseException:
+                current = self.registry.get(attachment_id) or attachment
+                undo(current, self.paths, self.config, self.registry, Deadline(self.config.attach_budget))
+                raise
+        self.registry.record_operation("resolve", "success", 0.0)
+        return True
+
+    def _build(self, attachment: Attachment, entry, deadline: Deadline) -> None:
+        label, target, lun = attachment.label, attachment.target, attachment.lun
+        assert label is not None and target is not None
+        with hotplug_lock(self.paths.locks, target_lock_name(target), deadline):
+            result = session.ensure(self.paths, self.config, self.registry, target, deadline)
+        attachment = self.registry.put(
+            replace(attachment, portal=result.portal, we_logged_in=result.logged_in)
+        )
+        found, iscsi_dev = wait_for_lun(self.paths, target, lun, self.config.device_wait, deadline)
+        local = check_local_device(entry.device, self.paths, iscsi_dev.size_bytes, entry.where)
+        attachment = self.registry.put(
+            replace(
+                attachment,
+                iscsi_device=iscsi_dev.name,
+                local_kernel_name=local.name,
+                portal=found.portal or attachment.portal,
+            )
+        )
+        md = str(md_path(self.paths, label))
+        mdadm.build(md, None, entry.device, deadline)
+        array = wait_for_md(self.paths, label, deadline)
+        self.registry.put(replace(attachment, md_device=array.name, state=STATE_ATTACHED))
+        view = self._view(label)
+        plan = plan_heal(view, self.paths.sysfs, self.paths.devfs) if view else None
+        if not isinstance(plan, HealPlan) or plan.add != iscsi_dev.name:
+            why = (
+                plan.detail if isinstance(plan, HealBlocked) else f"the LUN is not {iscsi_dev.name} any more"
+            )
+            raise OperationError(f"cannot add LUN {lun} of {target} to {md}: {why}")
+        for argv in plan.commands():
+            self.runner(argv, timeout=MDADM_TIMEOUT)
+        self.out(f"{label}: {plan.add_path} added write-mostly; it recovers from the local leg")
+
+    # -- the end ---------------------------------------------------------------------------------
+
+    def _wait_and_clear(self, label: str, wait: float) -> int:
+        end = self.clock() + wait
+        while True:
+            view = self._view(label)
+            if view is not None and recovery_complete(view):
+                self.records.clear(label)
+                log.warning("%s: iSCSI copy in sync with the local leg again; stale record cleared", label)
+                self.out(f"{label}: in sync; record cleared")
+                return self._stop_resolved_array(label)
+            left = end - self.clock()
+            if left <= 0:
+                break
+            self.sleep(min(POLL, left))
+        ratio = f" ({view.sync_completed_ratio:.0%} done)" if view is not None else ""
+        self.out(
+            f"{label}: the iSCSI copy recovers from the local leg{ratio}; the record stands until it is in "
+            f"sync (the agent clears it then). Wait here with 'iscsimple resolve {label} --keep local "
+            "--wait SECONDS'; do not start the VM anywhere before"
+        )
+        return 0
+
+    def _stop_resolved_array(self, label: str) -> int:
+        """Stop the array resolve built once its job is done; a VM's own array is left alone."""
+        attachment = self.registry.get(resolve_attachment_id(label))
+        if attachment is None or attachment.source_leg != LEG_LOCAL:
+            return 0
+        view = self._view(label)
+        if view is not None and view.md is not None and not recovery_complete(view):
+            return 0
+        detach(attachment.id, self.paths, self.config, operation="resolve")
+        self.out(
+            f"{label}: stopped {attachment.md_path}; start the VM now (its attach rebuilds the local leg from "
+            "the iSCSI copy, which is complete again)"
+        )
+        return 0
+
+    def _local_device(self, label: str, record: StaleRecord) -> str:
+        """What the next attach overwrites: the tab's device now (the record says what it was)."""
+        try:
+            device = read_tab(self.paths.tab).lookup(label).device
+        except InputError:
+            device = None
+        return device or record.local_device or "(no local leg)"
+
+    def _view(self, label: str) -> ArrayView | None:
+        return HostSnapshot.read(self.paths).array(label)
+
+
+# -- CLI ---------------------------------------------------------------------------------------------
+
+
+def add_resolve(sub) -> None:
+    p = sub.add_parser(
+        "resolve",
+        help="settle a mirror whose iSCSI copy is stale: keep the local writes, or discard them",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("label", metavar="LABEL")
+    p.add_argument("--keep", choices=("local", "iscsi"), required=True, help="which copy wins")
+    p.add_argument(
+        "--yes-discard-local-writes",
+        dest="confirmed",
+        action="store_true",
+        help="with --keep iscsi: yes, throw away every write only the local leg has",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print what would be done, do nothing")
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="with --keep local: wait this long for the iSCSI copy to be in sync, then clear the record",
+    )
+    p.set_defaults(run=run_resolve)
+
+
+def run_resolve(args: argparse.Namespace) -> int:
+    from .cli import host_paths
+
+    if args.wait < 0:
+        raise InputError("--wait must not be negative")
+    if args.confirmed and args.keep != "iscsi":
+        raise InputError("--yes-discard-local-writes goes with --keep iscsi only")
+    check_label(args.label, InputError)
+    paths = host_paths(args)
+    resolver = Resolver(paths, load_config(paths.config))
+    if args.keep == "iscsi":
+        return resolver.keep_iscsi(args.label, confirmed=args.confirmed, dry_run=args.dry_run)
+    return resolver.keep_local(args.label, dry_run=args.dry_run, wait=args.wait)
