@@ -311,6 +311,9 @@ def _setup_logging(debug: bool) -> None:
         # error log line would repeat it. Warnings (things that went wrong but not fatally) stay.
         handler.addFilter(lambda record: record.levelno < logging.ERROR)
     root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "iscsimple_cli", False)]:
+        root.removeHandler(old)  # main() may run more than once in a process (tests)
+    handler.iscsimple_cli = True
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.WARNING)
 

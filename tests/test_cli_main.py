@@ -123,15 +123,15 @@ def test_options_before_or_after_the_subcommand(tmp_path, capsys):
 
 
 def test_a_new_subcommand_plugs_in(monkeypatch, capsys):
-    """How issue 6's `resolve` is meant to be added: one more add_* in SUBCOMMANDS."""
+    """How a subcommand (like issue 6's `resolve`) is added: one more add_* in SUBCOMMANDS."""
 
-    def add_resolve(sub):
-        p = sub.add_parser("resolve", help="decide which copy of LABEL is good")
+    def add_example(sub):
+        p = sub.add_parser("example-keep", help="an example subcommand")
         p.add_argument("label")
         p.add_argument("--keep", choices=("local", "iscsi"), required=True)
         p.set_defaults(run=lambda args: print(f"would keep {args.keep} for {args.label}") or 0)
 
-    monkeypatch.setattr(cli, "SUBCOMMANDS", (*cli.SUBCOMMANDS, add_resolve))
-    assert cli.main(["resolve", "vm1", "--keep", "local"]) == 0
+    monkeypatch.setattr(cli, "SUBCOMMANDS", (*cli.SUBCOMMANDS, add_example))
+    assert cli.main(["example-keep", "vm1", "--keep", "local"]) == 0
     assert capsys.readouterr().out == "would keep local for vm1\n"
-    assert cli.main(["resolve", "vm1", "--keep", "both"]) == 2
+    assert cli.main(["example-keep", "vm1", "--keep", "both"]) == 2
