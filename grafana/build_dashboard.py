@@ -51,7 +51,7 @@ ARRAYS = f'group by (job, instance, label, domain, target) (iscsimple_array_info
 
 def per_array(expr: str) -> str:
     """`expr` (labelled by job, instance, label) restricted to the selected arrays, with domain and target."""
-    return f"{expr}\n  * on (job, instance, label) group_left (domain, target)\n{ARRAYS}"
+    return f"({expr})\n  * on (job, instance, label) group_left (domain, target)\n{ARRAYS}"
 
 
 def query(expr: str, legend: str = "__auto", ref: str = "A", instant: bool = False) -> prometheus.Dataquery:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
@@ -232,7 +233,10 @@ class Prometheus(Daemon):
 
     def _api(self, path: str, **params: Any) -> Any:
         query = urllib.parse.urlencode(params)
-        body = json.loads(http_get(f"{self.url}/api/v1/{path}?{query}"))
+        try:
+            body = json.loads(http_get(f"{self.url}/api/v1/{path}?{query}"))
+        except urllib.error.HTTPError as e:
+            pytest.fail(f"Prometheus /api/v1/{path} {params}: {e.code} {e.read().decode(errors='replace')}")
         assert body["status"] == "success", body
         return body["data"]
 

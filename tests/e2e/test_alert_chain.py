@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from alertchain import Agent, Alertmanager, Notification, Prometheus, WebhookReceiver, alertmanager_config
+from dashboard_queries import panel_queries
 
 from iscsimple.exporter.demo import SimulatedHost
 
@@ -137,6 +138,7 @@ def test_outage_pages_within_60s_and_resolves(chain, receiver: WebhookReceiver):
         since=recovered_at,
     )
     print(f"recovery-to-resolved: {resolved.received - recovered_at:.1f}s")
+    print(f"firing after recovery: {sorted(a['alertname'] for a in prometheus.firing())}")
 
     # No host-level session page while the whole target was down (inhibited).
     session_pages = [
@@ -176,4 +178,22 @@ def _query_value(prometheus: Prometheus, expr: str) -> float:
 
 
 def _check_dashboard_queries(prometheus: Prometheus, start: float, end: float) -> None:
-    """Filled in with the dashboard (grafana/)."""
+    """Every query of every panel, with the variables at "All", over the scenario."""
+    queries = panel_queries()
+    assert queries
+    empty = []
+    peak: dict[str, float] = {}
+    for q in queries:
+        # A 1s scrape interval: Grafana's $__rate_interval would be 4s; 10s leaves room.
+        result = prometheus.query_range(q.promql(rate_interval="10s"), start, end, step="1s")
+        values = [float(v) for series in result for _, v in series["values"]]
+        if not values:
+            empty.append(f"{q.panel} [{q.ref}]: {q.expr}")
+        else:
+            peak[q.panel] = max(values)
+    print(f"dashboard: {len(queries) - len(empty)}/{len(queries)} panel queries returned data")
+    assert empty == [], "panel queries without data:\n" + "\n".join(empty)
+    # The headline panels saw the scenario: both VMs unprotected while resyncing, then local-only.
+    assert peak["Unprotected VMs"] == len(VMS)
+    assert peak["VMs on local mirror only"] == len(VMS)
+    assert peak["iSCSI sessions down"] == 1
