@@ -14,6 +14,8 @@ device_wait = 10                # seconds to wait for the LUN's block device
 budget = 30                     # the whole add, success or not (libxl kills us at 40)
 [heal]
 enabled = true                  # re-add a returned iSCSI leg automatically
+stable_seconds = 30             # ...once its session and LUN looked healthy this long
+backoff_max_seconds = 3600      # the wait doubles after each failed heal, up to this
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class Config:
     device_wait: float = 10.0
     attach_budget: float = 30.0
     heal_enabled: bool = True
+    heal_stable_seconds: float = 30.0  # session and LUN healthy this long before a heal
+    heal_backoff_max_seconds: float = 3600.0  # cap of the wait, doubled after each failed heal
     path: str | None = None
 
     def replacement_timeout(self, target: str, mirrored: bool) -> int:
@@ -59,7 +63,7 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "replacement_timeout_unmirrored": int,
     },
     "attach": {"device_wait": (int, float), "budget": (int, float)},
-    "heal": {"enabled": bool},
+    "heal": {"enabled": bool, "stable_seconds": (int, float), "backoff_max_seconds": (int, float)},
 }
 
 
@@ -151,6 +155,10 @@ def load_config(path: Path | str) -> Config:
             ("attach",),
             "device_wait",
         )
+    heal = data.get("heal", {})
+    for key in ("stable_seconds", "backoff_max_seconds"):
+        if key in heal and heal[key] <= 0:
+            fail(f"[heal] {key} must be positive", ("heal",), key)
     return Config(
         portals=tuple(portals),
         iface=iscsi.get("iface", "default"),
@@ -160,7 +168,9 @@ def load_config(path: Path | str) -> Config:
         target_replacement_timeout=per_target,
         device_wait=float(attach.get("device_wait", 10.0)),
         attach_budget=budget,
-        heal_enabled=data.get("heal", {}).get("enabled", True),
+        heal_enabled=heal.get("enabled", True),
+        heal_stable_seconds=float(heal.get("stable_seconds", 30.0)),
+        heal_backoff_max_seconds=float(heal.get("backoff_max_seconds", 3600.0)),
         path=str(path),
     )
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from iscsimple.core.config import ConfigError, load_config
+from iscsimple.core.config import Config, ConfigError, load_config
 from iscsimple.core.errors import OperationError
 from iscsimple.core.paths import HostPaths
 from iscsimple.core.registry import Registry
@@ -278,12 +278,19 @@ class Safety:
         """Read the heal policy from the config file; an unreadable config disables healing
         (the operator may have meant to turn it off) but never detection."""
         try:
-            enabled = load_config(paths.config).heal_enabled
+            config = load_config(paths.config)
         except ConfigError as e:
             log.error("%s; automatic heal is off until the configuration is fixed", e)
-            enabled = False
+            config = Config(heal_enabled=False)
+        options = {
+            "stable_seconds": config.heal_stable_seconds,
+            "backoff_max_seconds": config.heal_backoff_max_seconds,
+            **healer_options,
+        }
         records = StaleRecords(paths)
-        return cls(StaleDetector(records), Healer(paths, records, enabled=heal and enabled, **healer_options))
+        return cls(
+            StaleDetector(records), Healer(paths, records, enabled=heal and config.heal_enabled, **options)
+        )
 
     def __call__(self, snapshot: HostSnapshot) -> None:
         standing = self.detector.observe(snapshot)

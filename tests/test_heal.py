@@ -358,3 +358,15 @@ def test_the_agent_runs_the_detector_and_exports_the_safety_metrics(tmp_path):
     assert StaleRecords(bed.paths).get(LABEL) is not None
     assert "iscsimple_heal_enabled 0.0" in text
     assert 'iscsimple_heal_operations_total{result="failure"} 0.0' in text
+
+
+def test_heal_timing_comes_from_the_config(tmp_path):
+    bed = SafetyBed(tmp_path)
+    bed.paths.config.write_text("[heal]\nstable_seconds = 5\nbackoff_max_seconds = 40\n")
+    safety = Safety.for_host(bed.paths, runner=FakeMdadm(bed))
+    assert (safety.healer.enabled, safety.healer.stable_seconds, safety.healer.backoff_max_seconds) == (
+        True,
+        5,
+        40,
+    )
+    assert Safety.for_host(bed.paths, heal=False).healer.enabled is False
