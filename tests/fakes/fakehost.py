@@ -432,12 +432,19 @@ class FakeHost:
 
     def build_array(self, name: str, devices: list[str | None]) -> str:
         """An array /dev/md/NAME as `mdadm --build` makes it (for setting up a host); its kernel name."""
+        return self.build_arrays([name], devices)[0]
+
+    def build_arrays(self, names: list[str], devices: list[str | None]) -> list[str]:
+        """Several arrays at once (one lock): the other arrays of a busy host."""
+        built = []
         with self.locked() as state:
             members = [(self.kname_of(d) if d else None, False) for d in devices]
-            mdname = self._build_md(state, name, members)
-        if mdname is None:
-            raise RuntimeError("no free md number")
-        return mdname
+            for name in names:
+                mdname = self._build_md(state, name, members)
+                if mdname is None:
+                    raise RuntimeError("no free md number")
+                built.append(mdname)
+        return built
 
     def _build_md(self, state: dict, name: str, members: list[tuple[str | None, bool]]) -> str | None:
         """mdadm 4.2's naming (mdopen.c create_mddev): md_NAME with names=yes, else a free number."""
