@@ -13,7 +13,9 @@ from iscsimple.core.run import Deadline
 from iscsimple.hotplug.locking import LockTimeout, hotplug_lock
 from tests.fakes.harness import IQN, make_hotplug
 
-XEN_LOCKING_SH = Path("/etc/xen/scripts/locking.sh")  # Debian package xen-utils-4.17 (scripts/debian-packages.txt)
+XEN_LOCKING_SH = Path(
+    "/etc/xen/scripts/locking.sh"
+)  # Debian package xen-utils-4.17 (scripts/debian-packages.txt)
 
 
 @pytest.fixture
@@ -87,9 +89,11 @@ def test_lock_excludes_a_second_holder_until_released_and_removes_its_file(tmp_p
     with hotplug_lock(tmp_path, "iscsimple-target-x"):
         assert (tmp_path / "iscsimple-target-x").exists()
         started = time.monotonic()
-        with pytest.raises(LockTimeout, match="held the lock .* for the whole 0 s budget"):
-            with hotplug_lock(tmp_path, "iscsimple-target-x", Deadline(0.3)):
-                pass
+        with (
+            pytest.raises(LockTimeout, match=r"held the lock .* for the whole 0 s budget"),
+            hotplug_lock(tmp_path, "iscsimple-target-x", Deadline(0.3)),
+        ):
+            pass
         assert time.monotonic() - started >= 0.25
         with hotplug_lock(tmp_path, "iscsimple-target-y", Deadline(0.3)):  # other names are free
             pass
@@ -99,9 +103,7 @@ def test_lock_excludes_a_second_holder_until_released_and_removes_its_file(tmp_p
 
 
 def _xen_claim(lock_dir: Path, name: str, hold: float) -> subprocess.Popen:
-    script = (
-        f'source {XEN_LOCKING_SH}\nLOCK_BASEDIR={lock_dir}\nclaim_lock {name}\necho claimed\nsleep {hold}\nrelease_lock {name}\n'
-    )
+    script = f"source {XEN_LOCKING_SH}\nLOCK_BASEDIR={lock_dir}\nclaim_lock {name}\necho claimed\nsleep {hold}\nrelease_lock {name}\n"
     return subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, text=True)
 
 
