@@ -8,11 +8,13 @@ hotplug-status=error there and exits 1; libxl shows the error to the operator.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.handlers
 import os
 import sys
 import time
+from pathlib import Path
 
 from iscsimple.core.config import load_config
 from iscsimple.core.errors import InputError, IscsimpleError
@@ -82,22 +84,36 @@ def _fail(xen: XenContext, message: str) -> int:
     return 1
 
 
+XEN_HOTPLUG_LOG = Path("/var/log/xen/xen-hotplug.log")  # where xen-hotplug-common.sh sends stderr
+
+
 def _setup_logging(attachment_id: str) -> None:
-    """stderr (libxl keeps it in its log) and syslog, each line naming the disk."""
-    fmt = f"%(name)s {attachment_id}: %(levelname)s %(message)s"
+    """stderr, syslog and Xen's hotplug log, each line naming the disk.
+
+    ISCSIMPLE_NO_SYSLOG=1 keeps it to stderr (tests, the CLI's own runs).
+    """
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if os.environ.get("ISCSIMPLE_DEBUG") else logging.INFO)
     stderr = logging.StreamHandler(sys.stderr)
-    stderr.setFormatter(logging.Formatter(fmt))
+    stderr.setFormatter(logging.Formatter(f"%(name)s {attachment_id}: %(levelname)s %(message)s"))
     root.addHandler(stderr)
-    if os.path.exists("/dev/log") and not os.environ.get("ISCSIMPLE_NO_SYSLOG"):
-        try:
+    if os.environ.get("ISCSIMPLE_NO_SYSLOG"):
+        return
+    with contextlib.suppress(OSError):
+        if os.path.exists("/dev/log"):
             syslog = logging.handlers.SysLogHandler(address="/dev/log")
-        except OSError:
-            return
-        syslog.ident = "block-iscsimple: "
-        syslog.setFormatter(logging.Formatter(f"{attachment_id}: %(message)s"))
-        root.addHandler(syslog)
+            syslog.ident = "block-iscsimple: "
+            syslog.setFormatter(logging.Formatter(f"{attachment_id}: %(message)s"))
+            root.addHandler(syslog)
+    with contextlib.suppress(OSError):
+        if XEN_HOTPLUG_LOG.parent.is_dir():
+            xenlog = logging.FileHandler(XEN_HOTPLUG_LOG)
+            xenlog.setFormatter(
+                logging.Formatter(
+                    f"%(asctime)s block-iscsimple[%(process)d] {attachment_id}: %(levelname)s %(message)s"
+                )
+            )
+            root.addHandler(xenlog)
 
 
 if __name__ == "__main__":
