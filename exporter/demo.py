@@ -374,12 +374,16 @@ class SimulatedHost:
         return [a for a in self._arrays.values() if a.target == target]
 
     def _alloc_md_minor(self) -> int:
-        # mdadm hands out md127 downwards for arrays without a fixed number.
-        minor = 127
-        while minor in self._md_minors:
-            minor = minor - 1 if minor <= 127 else minor + 1
-            if minor < 0:
-                minor = 128
+        # mdadm hands out md127 downwards for arrays without a fixed number (then 128 up here).
+        minor = (
+            next(m for m in range(127, -1, -1) if m not in self._md_minors)
+            if len(self._md_minors) < 128
+            else None
+        )
+        if minor is None:
+            minor = max(self._md_minors) + 1 if max(self._md_minors) >= 128 else 128
+            while minor in self._md_minors:
+                minor += 1
         self._md_minors.add(minor)
         return minor
 
