@@ -256,7 +256,7 @@ def build() -> DashboardBuilder:
                 "SCSI devices of iSCSI LUNs in another state than running (blocked while a session "
                 "recovers, transport-offline after the replacement timeout).",
                 query(
-                    f'sum by (target, state) (iscsimple_iscsi_lun_state{{{HOST}, {TARGET}, state!="running"}})',
+                    f'count by (target, state) (iscsimple_iscsi_lun_state{{{HOST}, {TARGET}, state!="running"}} == 1)',
                     legend="{{target}} {{state}}",
                 ),
             )

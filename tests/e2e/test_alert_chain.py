@@ -9,6 +9,8 @@ headline alert must reach the receiver within 60s, with its labels), recovery
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from pathlib import Path
 
@@ -61,6 +63,7 @@ def chain(tmp_path: Path, receiver: WebhookReceiver):
 def test_outage_pages_within_60s_and_resolves(chain, receiver: WebhookReceiver):
     host, agent, prometheus = chain
     started = time.time()
+    events: list[tuple[float, str]] = [(started, "attach: local legs recover from iSCSI")]
     _wait_for_first_scrape(prometheus)
 
     # -- attach and resync: the local legs recover from iSCSI; nothing may alert.
@@ -82,6 +85,7 @@ def test_outage_pages_within_60s_and_resolves(chain, receiver: WebhookReceiver):
     # -- the iSCSI target fails.
     failed_at = time.monotonic()
     host.fail_session(TARGET)
+    events.append((time.time(), "iSCSI session FAILED"))
     page = receiver.wait_for(
         lambda n: n.path == "/page" and len(firing(n, HEADLINE)) == len(VMS),
         timeout=STATED_SECONDS,
@@ -112,10 +116,12 @@ def test_outage_pages_within_60s_and_resolves(chain, receiver: WebhookReceiver):
 
     # The replacement timeout expires: md fails the iSCSI legs; still local-only.
     host.expire_session(TARGET)
+    events.append((time.time(), "md fails the iSCSI legs"))
     time.sleep(3)
 
     # -- the target is back; the mirrors heal (iSCSI legs recover from the local legs).
     recovered_at = time.monotonic()
+    events.append((time.time(), "target back, heal"))
     host.restore_session(TARGET)
     for label in VMS:
         host.heal(label)
@@ -158,7 +164,7 @@ def test_outage_pages_within_60s_and_resolves(chain, receiver: WebhookReceiver):
     ]
     assert unhealthy == []
 
-    _check_dashboard_queries(prometheus, start=started, end=time.time())
+    _check_dashboard_queries(prometheus, start=started, end=time.time(), events=events)
 
 
 def _wait_for_first_scrape(prometheus: Prometheus) -> None:
@@ -177,15 +183,19 @@ def _query_value(prometheus: Prometheus, expr: str) -> float:
     return float(result[0]["value"][1])
 
 
-def _check_dashboard_queries(prometheus: Prometheus, start: float, end: float) -> None:
+def _check_dashboard_queries(
+    prometheus: Prometheus, start: float, end: float, events: list[tuple[float, str]]
+) -> None:
     """Every query of every panel, with the variables at "All", over the scenario."""
     queries = panel_queries()
     assert queries
     empty = []
     peak: dict[str, float] = {}
+    results = {}
     for q in queries:
         # A 1s scrape interval: Grafana's $__rate_interval would be 4s; 10s leaves room.
         result = prometheus.query_range(q.promql(rate_interval="10s"), start, end, step="1s")
+        results[(q.panel, q.ref)] = result
         values = [float(v) for series in result for _, v in series["values"]]
         if not values:
             empty.append(f"{q.panel} [{q.ref}]: {q.expr}")
@@ -197,3 +207,16 @@ def _check_dashboard_queries(prometheus: Prometheus, start: float, end: float) -
     assert peak["Unprotected VMs"] == len(VMS)
     assert peak["VMs on local mirror only"] == len(VMS)
     assert peak["iSCSI sessions down"] == 1
+
+    # The data behind the README's dashboard picture (grafana/render_preview.py draws it).
+    capture = os.environ.get("ISCSIMPLE_DASHBOARD_CAPTURE")
+    if capture:
+        data = {
+            "start": start,
+            "end": end,
+            "events": events,
+            "results": [
+                {"panel": panel, "ref": ref, "result": result} for (panel, ref), result in results.items()
+            ],
+        }
+        Path(capture).write_text(json.dumps(data))
