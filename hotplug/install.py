@@ -64,6 +64,8 @@ EXAMPLE_CONFIG = """\
 
 [heal]
 # enabled = true
+# stable_seconds = 30
+# backoff_max_seconds = 3600
 """
 
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from iscsimple.core.config import Config, load_config
 from iscsimple.core.tab import parse_tab
 from iscsimple.hotplug.cli import main
 from iscsimple.hotplug.install import EXAMPLE_CONFIG, EXAMPLE_TAB, MARKER, entry_point, install_hook
@@ -39,6 +40,7 @@ def test_fresh_install(capsys, tmp_path):
     assert parse_tab((tmp_path / TAB).read_text()).entries == {}
     assert (tmp_path / TAB).read_text() == EXAMPLE_TAB
     assert (tmp_path / CONFIG).read_text() == EXAMPLE_CONFIG
+    assert load_config(tmp_path / CONFIG) == Config(path=str(tmp_path / CONFIG))
     assert not [p for p in (tmp_path / HOOK).parent.iterdir() if p.name.startswith(".")]
 
 

@@ -26,6 +26,8 @@ budget = 30
 
 [heal]
 enabled = false
+stable_seconds = 10
+backoff_max_seconds = 600
 """
 
 
@@ -51,6 +53,8 @@ def test_every_key(tmp_path):
         device_wait=12.5,
         attach_budget=30.0,
         heal_enabled=False,
+        heal_stable_seconds=10.0,
+        heal_backoff_max_seconds=600.0,
         path=str(path),
     )
 
@@ -91,6 +95,7 @@ INVALID = {
         ["device_wait must be positive and below the budget (20 s)"],
     ),
     "[heal]\nenabled = 1\n": (2, ["enabled has the wrong type"]),
+    "[heal]\nenabled = true\nstable_seconds = 0\n": (3, ["[heal] stable_seconds must be positive"]),
     "[iscsi\n": (1, ["not valid TOML"]),
     "[iscsi]\nportals = [\n": (2, ["not valid TOML"]),
     "targets = 5\n": (1, ["targets must be tables"]),
