@@ -130,10 +130,12 @@ class Agent:
         return {"paths": sorted(glob.glob(pattern))}
 
     def op_readlink(self, path):
-        try:
-            return {"target": os.readlink(path), "real": os.path.realpath(path)}
-        except OSError:
+        """A link's target and where the path leads (itself for a non-link); None for both if absent."""
+        if not os.path.lexists(path):
             return {"target": None, "real": None}
+        target = os.readlink(path) if os.path.islink(path) else None
+        real = os.path.realpath(path)
+        return {"target": target, "real": real if os.path.exists(real) else None}
 
     def op_wait_for(self, path, cond, value=None, timeout=30.0, interval=0.02):
         """Poll one file until a condition holds: equals / contains / not_contains / regex / exists / absent."""

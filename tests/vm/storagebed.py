@@ -41,9 +41,7 @@ class StorageBed:
         g.run(["/lib/systemd/systemd-udevd", "--daemon"], timeout=30)
         # Block only: triggering every subsystem makes `udevadm settle` time out under TCG.
         g.run(["udevadm", "trigger", "--action=add", "--subsystem-match=block"], timeout=30)
-        # Resync as fast as the emulated machine allows: the disks are small.
-        g.call("write", path="/proc/sys/dev/raid/speed_limit_min", text="500000\n")
-        g.call("write", path="/proc/sys/dev/raid/speed_limit_max", text="1000000\n")
+        self.resync_speed(max_kib=1_000_000)
         g.run(["mkdir", "-p", "/tmp/disks", "/var/lib/iscsi", "/run/lock/iscsi"])
         self.start_iscsid()
         self.start_target()
@@ -175,6 +173,11 @@ class StorageBed:
 
     def mdstat(self) -> str:
         return self.guest.read("/proc/mdstat") or ""
+
+    def resync_speed(self, max_kib: int) -> None:
+        """md's resync/recovery speed, host-wide: fast (the disks are small) or slow enough to watch."""
+        self.guest.call("write", path="/proc/sys/dev/raid/speed_limit_max", text=f"{max_kib}\n")
+        self.guest.call("write", path="/proc/sys/dev/raid/speed_limit_min", text=f"{max_kib}\n")
 
     def wait_in_sync(self, md: str, timeout: float = 180) -> None:
         g = self.guest

@@ -5,9 +5,8 @@ iSCSI leg faulty, writes carry on on the local leg)."""
 from __future__ import annotations
 
 import pytest
+from captures import save_capture
 from conftest import record
-from corejson import read as core_read
-from fixturetree import materialize
 
 IQN = "iqn.2026-11.test.local:stack"
 MIB = 16
@@ -55,7 +54,7 @@ def test_mirror_recovers_from_iscsi_and_survives_an_outage(bed, tmp_path):
     # The local leg recovered *from* iSCSI: its old content is gone.
     local_sum = g.call("sha256", path=local)["sha256"]
     assert local_sum == iscsi_sum != want["sha256"]
-    assert_capture_reads_like_live(bed, "stack_in_sync", tmp_path)
+    save_capture(bed, "stack_in_sync", tmp_path, keep=False)  # checked against core's live reading
 
     # Outage: with no I/O, md does not notice; the session fails at once.
     killed = bed.kill_target()
@@ -75,7 +74,7 @@ def test_mirror_recovers_from_iscsi_and_survives_an_outage(bed, tmp_path):
     assert bed.md_legs(md)[local[5:]] == "in_sync"
     assert "write_error" in bed.md_legs(md)[sd[5:]]
     assert g.read(f"/sys/block/{sd[5:]}/device/state").strip() == "transport-offline"
-    assert_capture_reads_like_live(bed, "stack_leg_faulty", tmp_path)
+    save_capture(bed, "stack_leg_faulty", tmp_path, keep=False)
 
     # The target comes back: open-iscsi logs in again by itself; md keeps the leg faulty.
     bed.start_target()
@@ -86,11 +85,3 @@ def test_mirror_recovers_from_iscsi_and_survives_an_outage(bed, tmp_path):
     assert g.glob(f"/sys/block/{md}") == []
     g.run(["iscsiadm", "-m", "node", "-T", IQN, "--logout"])
     assert bed.session(IQN) is None
-
-
-def assert_capture_reads_like_live(bed, name, tmp_path):
-    """A capture (the fast suite's input) must read, through core's readers, exactly like the live /sys."""
-    live = bed.core_reading()
-    captured = core_read(materialize(bed.capture(name), tmp_path / name) / "sys")
-    assert live["md_errors"] == [] and live["iscsi_errors"] == []
-    assert captured == live
