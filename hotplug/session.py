@@ -156,6 +156,8 @@ def _node_record(config: Config, target: str, deadline: Deadline) -> iscsiadm.No
         except OperationError as e:
             problems.append(str(e))
             continue
+        if not found:  # not printed (some versions list only what they added): ask the DB
+            found = iscsiadm.node_records(target, deadline)
         if found:
             log.info("discovered %s at %s", target, found[0].portal)
             return found[0]
