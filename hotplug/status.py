@@ -90,10 +90,23 @@ class DiskRow:
 
 
 @dataclass(frozen=True)
+class StaleRow:
+    """A stale-copy record whose LABEL no attached disk uses (the VM is stopped or gone)."""
+
+    label: str
+    since: float
+    vm: str | None
+    target: str | None
+    lun: int | None
+    text: str
+
+
+@dataclass(frozen=True)
 class Status:
     taken: float
     disks: tuple[DiskRow, ...]
     errors: tuple[str, ...]  # sources that could not be read
+    stale: tuple[StaleRow, ...] = ()  # records of labels not attached now
 
 
 def build_status(snapshot: HostSnapshot, config: Config) -> Status:
@@ -110,7 +123,13 @@ def build_status(snapshot: HostSnapshot, config: Config) -> Status:
             sv = sessions.get(a.target or "")
             rows.append(_plain_row(a, sv.session if sv else None, wanted))
     errors = tuple(e for source in snapshot.sources.values() for e in source.errors)
-    return Status(snapshot.taken, tuple(rows), errors)
+    attached = {a.label for a in snapshot.attachments if a.label}
+    stale = tuple(
+        StaleRow(r.label, r.since, r.domain_name, r.target, r.lun, r.describe())
+        for r in sorted(snapshot.stale, key=lambda r: r.label)
+        if r.label not in attached
+    )
+    return Status(snapshot.taken, tuple(rows), errors, stale)
 
 
 def _vm(a: Attachment) -> str:
@@ -247,6 +266,8 @@ def _timeout_cell(s: SessionRow) -> str:
 def render_table(status: Status) -> str:
     if not status.disks:
         text = "no iscsimple disks are attached on this host\n"
+        if status.stale:
+            text += f"{len(status.stale)} LABEL(s) hold writes their iSCSI copy lacks:\n"
     else:
         rows = [HEADER] + [
             (
@@ -268,6 +289,11 @@ def render_table(status: Status) -> str:
             "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n" for r in rows
         )
     notes = [note for row in status.disks for note in _notes(row)]
+    notes += [
+        f"{r.label}: {r.text}; attaching it here is refused and elsewhere would lose those writes: "
+        f"run 'iscsimple resolve {r.label} --keep local' on this host first — see {RUNBOOKS}/IscsimpleArrayIscsiStale.md"
+        for r in status.stale
+    ]
     if notes:
         text += "\n" + "".join(f"{n}\n" for n in notes)
     return text
@@ -314,5 +340,6 @@ def render_json(status: Status) -> str:
         "taken_iso": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(status.taken)),
         "disks": [asdict(row) | {"flags": row.flags} for row in status.disks],
         "errors": list(status.errors),
+        "stale": [asdict(r) for r in status.stale],
     }
     return json.dumps(data, indent=2, sort_keys=True) + "\n"

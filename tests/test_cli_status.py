@@ -199,3 +199,24 @@ def test_unmirrored_disk_with_session_down(capsys, host, tmp_path):
     code, out, _ = _status(capsys, host("04"))
     row = _table(out)[1]
     assert "sda in_sync" in row and row.endswith("ok")
+
+
+def test_stale_record_of_a_stopped_vm_is_shown(capsys, host, tmp_path):
+    """The VM is gone from the registry but its local leg holds the only good copy: say so."""
+    StaleRecords(host_paths_for(tmp_path)).put(
+        StaleRecord(
+            "test", 1700000000.0, "md127", "web1", 1, TARGET, 1, "sda", "/dev/loop1", "iSCSI leg faulty"
+        )
+    )
+    code, out, _ = _status(capsys, host("12"))
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[:2] == [
+        "no iscsimple disks are attached on this host",
+        "1 LABEL(s) hold writes their iSCSI copy lacks:",
+    ]
+    assert lines[3].startswith("test: since ") and "(web1)" in lines[3]
+    assert "run 'iscsimple resolve test --keep local' on this host first" in lines[3]
+    code, out, _ = _status(capsys, host("12"), "--json")
+    (stale,) = json.loads(out)["stale"]
+    assert (stale["label"], stale["vm"], stale["target"], stale["lun"]) == ("test", "web1", TARGET, 1)
