@@ -46,6 +46,7 @@ from .devices import (
     BlockDevice,
     active_md_array,
     check_local_device,
+    holders,
     md_kernel_names,
     md_path,
     wait_for_lun,
@@ -180,6 +181,7 @@ def _steps(
     iscsi_dev: BlockDevice | None = None
     if spec.target is not None:
         with hotplug_lock(paths.locks, target_lock_name(spec.target), deadline):
+            _refuse_busy_lun(spec, attachment.id, registry)
             # Registered under the target lock: a concurrent last remove sees us and stays logged in.
             attachment = registry.put(attachment)
             done.registered = True
@@ -211,6 +213,12 @@ def _steps(
         attachment = registry.put(
             replace(attachment, iscsi_device=iscsi_dev.name, portal=found.portal or result.portal)
         )
+        users = holders(paths, iscsi_dev.name)
+        if users:
+            raise OperationError(
+                f"LUN {spec.lun}'s disk {iscsi_dev.name} is in use by {', '.join(users)}, "
+                "which iscsimple did not set up; two users of one LUN would corrupt it"
+            )
     else:
         attachment = registry.put(attachment)
         done.registered = True
@@ -311,6 +319,20 @@ def _refuse_busy_label(label: str, attachment_id: str, paths: HostPaths, registr
             f"/dev/md/{label} is already running ({running}) but iscsimple did not attach it; "
             f"if nothing uses it, stop it with 'mdadm --stop /dev/md/{label}' and retry"
         )
+
+
+def _refuse_busy_lun(spec: DiskSpec, attachment_id: str, registry: Registry) -> None:
+    """One LUN, one disk: two VMs (or a mirror and a plain disk) writing it would corrupt it."""
+    assert spec.target is not None
+    for other in registry.using_target(spec.target, exclude=attachment_id):
+        if other.lun == spec.lun:
+            who = other.domain_name or (
+                f"domain {other.domain_id}" if other.domain_id is not None else other.id
+            )
+            raise OperationError(
+                f"LUN {spec.lun} of {spec.target} is already attached ({who}, {other.id}, {other.spec}); "
+                "two disks on one LUN would corrupt it: detach it there first"
+            )
 
 
 def _clear_leftover(

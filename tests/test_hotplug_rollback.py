@@ -326,3 +326,34 @@ def test_stale_record_does_not_stop_a_mirror_built_from_the_local_leg(hotplug):
     hotplug.add(vbd)
 
     assert hotplug.host.md_arrays()["md127"]["members"] == {"dm-0": "in_sync"}
+
+
+def test_lun_attached_to_another_disk_is_refused(hotplug):
+    hotplug.host.add_target(IQN)
+    hotplug.mirror("vm1")
+    hotplug.add(hotplug.vbd(SPEC, domid=5, name="db1"))
+    before = hotplug.command_lines()
+    vbd = hotplug.vbd(f"lun1@{IQN}", domid=6)  # the same LUN, unmirrored, for another VM
+
+    result = hotplug.run("add", vbd)
+
+    assert result.returncode == 1
+    error = hotplug.xs(vbd, "hotplug-error")
+    assert f"LUN 1 of {IQN} is already attached (db1, vbd-5-" in error and "would corrupt it" in error
+    assert hotplug.command_lines() == before
+    assert hotplug.host.session_targets() == [IQN]
+
+
+def test_lun_disk_held_by_something_else_is_refused(hotplug):
+    hotplug.host.add_target(IQN, luns={1: 64 << 20, 2: 64 << 20})
+    hotplug.mirror("vm1")
+    hotplug.add(hotplug.vbd(SPEC))
+    hotplug.host.build_array("not-ours", [str(hotplug.host.dev / "sdb"), None])  # someone used LUN 2's disk
+    vbd = hotplug.vbd(f"lun2@{IQN}", domid=2)
+
+    result = hotplug.run("add", vbd)
+
+    assert result.returncode == 1
+    assert "LUN 2's disk sdb is in use by md126" in hotplug.xs(vbd, "hotplug-error")
+    assert hotplug.registry().get(vbd.attachment_id) is None
+    assert hotplug.host.session_targets() == [IQN]  # vm1 still uses the session
