@@ -24,7 +24,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from iscsimple.core.config import load_config
+from iscsimple.core.config import Config, load_config
 from iscsimple.core.errors import InputError, IscsimpleError
 from iscsimple.core.paths import HostPaths
 
@@ -95,11 +95,21 @@ def run_status(args: argparse.Namespace) -> int:
     from .status import build_status, render_json, render_table
 
     paths = host_paths(args)
-    config = load_config(paths.config)
+    # A broken config must not hide the state of the host (it is what an outage needs first).
+    config_error = None
+    try:
+        config = load_config(paths.config)
+    except InputError as e:
+        config, config_error = Config(), e
     status = build_status(HostSnapshot.read(paths), config)
     sys.stdout.write(render_json(status) if args.json else render_table(status))
     for error in status.errors:
         print(f"iscsimple status: could not read {error}", file=sys.stderr)
+    if config_error is not None:
+        print(
+            f"iscsimple status: {config_error} (configured timeouts shown are the defaults)", file=sys.stderr
+        )
+        return config_error.exit_code
     return 1 if status.errors else 0
 
 

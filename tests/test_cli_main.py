@@ -70,7 +70,15 @@ def test_bad_config_is_exit_2(tmp_path):
     config.write_text("[iscsi]\nlogin_timeout = 'soon'\n")
     result = _console("status", f"--config={config}", f"--state={tmp_path}", f"--records={tmp_path}")
     assert result.returncode == 2
-    assert result.stderr == f"iscsimple status: {config}:2: [iscsi] login_timeout has the wrong type (str)\n"
+    # The host's state is still shown: a broken config must not hide an outage.
+    assert result.stdout == "no iscsimple disks are attached on this host\n"
+    assert result.stderr == (
+        f"iscsimple status: {config}:2: [iscsi] login_timeout has the wrong type (str) "
+        "(configured timeouts shown are the defaults)\n"
+    )
+    result = _console("attach", "iqn.2001-04.com.example:x", f"--config={config}", f"--state={tmp_path}")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == f"iscsimple attach: {config}:2: [iscsi] login_timeout has the wrong type (str)\n"
 
 
 def test_detach_of_something_never_attached(tmp_path):
