@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             attachment = attach(spec, paths, config, xen=xen, operation="add")
             log.info("add done in %.1f s: %s", time.monotonic() - started, attachment.device_path)
         else:
-            detach(xen.attachment_id, paths, config, xen=xen, operation="remove")
+            detach(xen.recorded_id() or xen.attachment_id, paths, config, xen=xen, operation="remove")
             log.info("remove done in %.1f s", time.monotonic() - started)
     except IscsimpleError as e:
         return _fail(xen, str(e))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from dataclasses import dataclass
 
 from iscsimple.core.errors import IscsimpleError
@@ -21,6 +22,7 @@ from .devices import BlockDevice
 log = logging.getLogger(__name__)
 
 ID_KEY = "iscsimple-id"
+_ID = re.compile(r"[A-Za-z0-9_.-]+")  # what the registry accepts as a file name
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,11 @@ class XenContext:
 
     def params(self) -> str | None:
         return self.store.read(self.key("params"))
+
+    def recorded_id(self) -> str | None:
+        """The registry id `add` wrote (`iscsimple-id`), if it got that far."""
+        value = self._read_quietly(self.key(ID_KEY))
+        return value if value and _ID.fullmatch(value) else None
 
     def domain_name(self) -> str | None:
         if self.domain_id is None:
