@@ -112,11 +112,15 @@ class Status:
 def build_status(snapshot: HostSnapshot, config: Config) -> Status:
     arrays = {a.attachment.id: a for a in snapshot.arrays}
     sessions = {sv.target: sv for sv in snapshot.sessions}
+    users: dict[str, list[Attachment]] = {}
+    for a in snapshot.attachments:
+        if a.target:
+            users.setdefault(a.target, []).append(a)
+    wanted_by_target = {t: replacement_timeout(config, t, us)[0] for t, us in users.items()}
     rows = []
     for a in sorted(snapshot.attachments, key=lambda a: (_vm(a), a.vbd or "", a.label or "", a.id)):
         view = arrays.get(a.id)
-        users = [u for u in snapshot.attachments if a.target and u.target == a.target]
-        wanted = replacement_timeout(config, a.target, users)[0] if a.target else None
+        wanted = wanted_by_target.get(a.target) if a.target else None
         if view is not None:
             rows.append(_array_row(view, wanted))
         else:
