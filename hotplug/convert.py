@@ -25,7 +25,7 @@ from iscsimple.core.xlcfg import XlCfgError, XlString, string_lists
 
 LEGACY_PREFIX = "iscsimple:"
 SCRIPT = "block-iscsimple"
-_ACCESS = {"w": "w", "rw": "rw", "r": "r", "ro": "ro"}
+_ACCESS = frozenset({"w", "rw", "r", "ro"})
 _DEVTYPES = {"disk", "cdrom"}
 
 
