@@ -15,7 +15,15 @@ import time
 from pathlib import Path
 
 import pytest
-from alertchain import Agent, Alertmanager, Notification, Prometheus, WebhookReceiver, alertmanager_config
+from alertchain import (
+    Agent,
+    Alertmanager,
+    Notification,
+    Prometheus,
+    WebhookReceiver,
+    alertmanager_config,
+    wait_until,
+)
 from dashboard_queries import panel_queries
 
 from iscsimple.exporter.demo import SimulatedHost
@@ -52,7 +60,7 @@ def chain(tmp_path: Path, receiver: WebhookReceiver):
         daemons.append(alertmanager)
         prometheus = Prometheus(tmp_path / "prometheus", [agent.address], alertmanager.url)
         daemons.append(prometheus)
-        yield host, agent, prometheus
+        yield host, agent, prometheus, alertmanager
     finally:
         for daemon in reversed(daemons):
             daemon.stop()
@@ -61,7 +69,7 @@ def chain(tmp_path: Path, receiver: WebhookReceiver):
 
 
 def test_outage_pages_within_60s_and_resolves(chain, receiver: WebhookReceiver):
-    host, agent, prometheus = chain
+    host, agent, prometheus, alertmanager = chain
     started = time.time()
     events: list[tuple[float, str]] = [(started, "attach: local legs recover from iSCSI")]
     _wait_for_first_scrape(prometheus)
@@ -114,10 +122,17 @@ def test_outage_pages_within_60s_and_resolves(chain, receiver: WebhookReceiver):
         assert "Do NOT migrate" in by_label[label]["annotations"]["description"]
         assert by_label[label]["annotations"]["runbook_url"].endswith(f"/docs/runbooks/{HEADLINE}.md")
 
-    # The replacement timeout expires: md fails the iSCSI legs; still local-only.
+    # The replacement timeout expires: md fails the iSCSI legs. The agent records that the
+    # iSCSI copies are stale; that alert fires but is inhibited while the local-only page stands.
     host.expire_session(TARGET)
     events.append((time.time(), "md fails the iSCSI legs"))
-    time.sleep(3)
+
+    def stale_alerts() -> list[dict]:
+        alerts = [a for a in alertmanager.alerts() if a["labels"]["alertname"] == "IscsimpleArrayIscsiStale"]
+        return alerts if {a["labels"]["label"] for a in alerts} == set(VMS) else []
+
+    stale = wait_until(stale_alerts, timeout=STATED_SECONDS, what="IscsimpleArrayIscsiStale for both VMs")
+    assert all(a["status"]["inhibitedBy"] for a in stale), "the local-only page already says it"
 
     # -- the target is back; the mirrors heal (iSCSI legs recover from the local legs).
     recovered_at = time.monotonic()
@@ -144,7 +159,15 @@ def test_outage_pages_within_60s_and_resolves(chain, receiver: WebhookReceiver):
         since=recovered_at,
     )
     print(f"recovery-to-resolved: {resolved.received - recovered_at:.1f}s")
-    print(f"firing after recovery: {sorted(a['alertname'] for a in prometheus.firing())}")
+    # Healed: the agent clears the stale records, and nothing fires any more.
+    wait_until(lambda: prometheus.firing() == [], timeout=30, what="no alert firing after the heal")
+    assert _query_value(prometheus, "sum(iscsimple_array_iscsi_stale)") == 0
+    pages = [n for n in receiver.notifications if n.path == "/page"]
+    assert not any(
+        a["labels"]["alertname"] == "IscsimpleArrayIscsiStale" and a["status"] == "firing"
+        for n in pages
+        for a in n.alerts
+    ), "the stale alert was inhibited all along"
 
     # No host-level session page while the whole target was down (inhibited).
     session_pages = [
