@@ -1,7 +1,8 @@
 """Where the disk entries are in an xl domain config file (domU .cfg), byte for byte.
 
-Just enough of xl's config syntax (libxlu_cfg_l.l) to find every string literal in a
-``disk = [ ... ]`` (or ``disk += [ ... ]``) list with its exact position, so that
+Just enough of xl's config syntax (libxlu_cfg_l.l) to find the string literals of the
+``disk`` list xl ends up with (a later ``disk = [...]`` replaces, ``disk += [...]``
+extends) with their exact positions, so that
 `iscsimple convert-config` can rewrite one entry and leave every other byte alone, and
 `iscsimple check-config` can report ``FILE:LINE``. Plus a reader of one DISKSPEC string
 (xl-disk-configuration(5)): comma-separated ``key=value``, flags and positional
@@ -99,7 +100,9 @@ def _unquote(literal: str) -> str:
 
 
 def string_lists(text: str, key: str = DISK_KEY, path: str = "<cfg>") -> list[XlString]:
-    """Every string in every ``KEY = [ ... ]`` / ``KEY += [ ... ]`` list, in file order."""
+    """The strings xl ends up with for ``KEY``, in file order, as xl combines settings:
+    ``KEY = [...]`` replaces what came before (``KEY = 'x'`` leaves no list at all) and
+    ``KEY += [...]`` appends."""
     tokens = _tokens(text, path)
     found: list[XlString] = []
     i = 0
@@ -117,28 +120,38 @@ def string_lists(text: str, key: str = DISK_KEY, path: str = "<cfg>") -> list[Xl
             and i + 2 < len(tokens)
             and tokens[i + 1].kind in ("=", "+=")
         ):
+            appending = tokens[i + 1].kind == "+="
             j = i + 2
             while j < len(tokens) and tokens[j].kind == "\n":
                 j += 1
             if j < len(tokens) and tokens[j].kind == "[":
-                j += 1
-                while j < len(tokens) and tokens[j].kind != "]":
-                    s = tokens[j]
-                    if s.kind == "string":
-                        found.append(XlString(_unquote(s.text), s.start, s.end, s.line, s.text[0]))
-                    elif s.kind not in (",", "\n"):
-                        raise XlCfgError(
-                            path, s.line, f"unexpected {s.text!r} in the {key} list; expected quoted strings"
-                        )
-                    j += 1
-                if j >= len(tokens):
-                    raise XlCfgError(path, tokens[i].line, f"the {key} list opened here has no closing ']'")
-                i = j + 1
+                items, i = _list_items(tokens, j, key, path, tokens[i].line)
+                found = found + items if appending else items
                 at_statement_start = False
                 continue
+            if not appending:
+                found = []  # KEY = 'x' or KEY = 1: no list any more
         at_statement_start = False
         i += 1
     return found
+
+
+def _list_items(tokens: list[_Token], j: int, key: str, path: str, line: int) -> tuple[list[XlString], int]:
+    """The strings of the list opening at tokens[j]; returns them and the index after ']'."""
+    items = []
+    j += 1
+    while j < len(tokens) and tokens[j].kind != "]":
+        s = tokens[j]
+        if s.kind == "string":
+            items.append(XlString(_unquote(s.text), s.start, s.end, s.line, s.text[0]))
+        elif s.kind not in (",", "\n"):
+            raise XlCfgError(
+                path, s.line, f"unexpected {s.text!r} in the {key} list; expected quoted strings"
+            )
+        j += 1
+    if j >= len(tokens):
+        raise XlCfgError(path, line, f"the {key} list opened here has no closing ']'")
+    return items, j + 1
 
 
 @dataclass(frozen=True)

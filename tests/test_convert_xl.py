@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from iscsimple.core.xlcfg import string_lists
 from iscsimple.hotplug.convert import convert_file, write_conversion
@@ -215,3 +217,61 @@ def test_converted_files_are_accepted_by_xl(xl, report, tmp_path, name):
             assert parsed["target"] == old[len("iscsimple:") :].split(",")[0]
         else:
             assert new == old
+
+
+# Files shaped like real configs (statements of strings, numbers and lists, comments,
+# odd spacing, escapes), so that xl accepts most of them and there is something to compare.
+_SPACE = st.sampled_from(["", " ", "\t", "  "])
+_STRING = st.sampled_from(
+    ["'a'", '"b"', f"'iscsimple:lun0@{IQN}+x,xvda,w'", f'"vdev=xvdb,script=block-iscsimple,target={IQN}"',
+     "'a\\'b'", '"c\\\\d"', "'tap:aio:/x,xvda,w'", "'#not a comment'", '"[x]"', "''"]
+)  # fmt: skip
+_ITEMS = st.lists(st.tuples(_SPACE, _STRING, st.sampled_from(["", "\n", " # c\n"])), max_size=4)
+_LIST = st.builds(
+    lambda items, trailing: (
+        "[" + ",".join(f"{sp}{v}{nl}" for sp, v, nl in items) + ("," if trailing and items else "") + "]"
+    ),
+    _ITEMS,
+    st.booleans(),
+)
+_VALUE = st.one_of(_STRING, st.sampled_from(["1", "2048", "0x10"]), _LIST)
+_STATEMENT = st.builds(
+    lambda key, op, sp, value, end: f"{key}{sp}{op}{sp}{value}{end}",
+    st.sampled_from(["disk", "disk", "name", "vif", "disks", "memory"]),
+    st.sampled_from(["=", "=", "+="]),
+    _SPACE,
+    _VALUE,
+    st.sampled_from(["\n", ";\n", "; ", " # comment\n", "\n\n"]),
+)
+XL_FILE = st.lists(st.one_of(_STATEMENT, st.just("# a comment\n"), st.just("\n")), max_size=8).map("".join)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=200, deadline=None)
+@given(XL_FILE)
+def test_fuzz_xlcfg_agrees_with_xl(xl, tmp_path, text):
+    """Whenever xl reads a file, core.xlcfg finds the same disk strings at the same places."""
+    report = tmp_path / "fuzz-report.txt"
+    theirs = xl.disk_list(text.encode(), report)
+    if isinstance(theirs, str):
+        return  # xl rejects the file (e.g. `disk = 1`): convert-config leaves such entries alone
+    ours = string_lists(text)
+    assert len(ours) == len(theirs)
+    for mine, xls in zip(ours, theirs, strict=True):
+        assert text[mine.start] == mine.quote and text[mine.end - 1] == mine.quote
+        if not mine.has_escape:  # xl unescapes; we keep the literal
+            assert mine.value == xls
+
+
+@pytest.mark.parametrize(
+    ("text", "disks"),
+    [
+        ("disk = 'a'\ndisk = ['b']\n", ["b"]),
+        ("disk = ['a']\ndisk = 'x'\n", []),
+        ("disk = ['a']\ndisk += ['b']\n", ["a", "b"]),
+        ("disk += ['b']\n", ["b"]),
+        ("disk = ['a']\ndisk = ['c']; disk += ['d']\n", ["c", "d"]),
+    ],
+)
+def test_later_settings_replace_or_extend_like_xl(xl, report, text, disks):
+    assert xl.disk_list(text.encode(), report) == disks
+    assert [s.value for s in string_lists(text)] == disks
