@@ -154,19 +154,19 @@ def _list_items(tokens: list[_Token], j: int, key: str, path: str, line: int) ->
     return items, j + 1
 
 
+_POSITIONS = ("target", "format", "vdev", "access")
+
+
 @dataclass(frozen=True)
 class XlDisk:
     """One DISKSPEC as xl reads it (only the shape; values are not checked here)."""
 
-    params: dict[str, str] = field(default_factory=dict)  # key=value, including target= if given so
+    params: dict[str, str] = field(default_factory=dict)  # every key=value, positional ones included
     flags: tuple[str, ...] = ()
-    positional: tuple[str, ...] = ()  # target, format, vdev, access, in that order
 
     @property
     def target(self) -> str | None:
-        if "target" in self.params:
-            return self.params["target"]
-        return self.positional[0] if self.positional else None
+        return self.params.get("target")
 
     @property
     def script(self) -> str | None:
@@ -174,23 +174,22 @@ class XlDisk:
 
     @property
     def vdev(self) -> str | None:
-        if "vdev" in self.params:
-            return self.params["vdev"]
-        return self.positional[2] if len(self.positional) > 2 else None
+        return self.params.get("vdev")
 
 
 _KEY = re.compile(r"[a-z][-a-z0-9_]*")
 
 
 def parse_diskspec(value: str) -> XlDisk:
-    """Split a DISKSPEC into key=value pairs, flags and positional parameters.
+    """Split a DISKSPEC into parameters and flags, the way xl's lexer (libxlu_disk_l.l) does.
 
-    Like xl: whitespace before a parameter is ignored; ``target=`` takes the whole rest
-    of the string (so a target may contain commas, and nothing may follow it).
+    Whitespace before a parameter is ignored; ``target=`` takes the whole rest of the
+    string (so a target may contain commas, and nothing may follow it); a bare value goes
+    to the first of target, format, vdev, access not given yet. Deprecated ``prefix:``
+    handling is not reproduced: a legacy entry is reported as such before this is used.
     """
     params: dict[str, str] = {}
     flags: list[str] = []
-    positional: list[str] = []
     rest = value
     while rest:
         rest = rest.lstrip(" \t\n")
@@ -201,11 +200,13 @@ def parse_diskspec(value: str) -> XlDisk:
         key, eq, val = part.partition("=")
         if eq and _KEY.fullmatch(key):
             params[key] = val
-        elif not eq and _KEY.fullmatch(part) and part in _FLAGS:
+        elif not eq and part in _FLAGS:
             flags.append(part)
         else:
-            positional.append(part)
-    return XlDisk(params, tuple(flags), tuple(positional))
+            slot = next((name for name in _POSITIONS if name not in params), None)
+            if slot is not None:
+                params[slot] = part
+    return XlDisk(params, tuple(flags))
 
 
 # The bare keywords xl-disk-configuration(5) knows; anything else bare is positional.

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from iscsimple.core.xlcfg import string_lists
+from iscsimple.core.xlcfg import parse_diskspec, string_lists
 from iscsimple.hotplug.convert import convert_file, write_conversion
 
 DOMU = Path(__file__).resolve().parent / "fixtures" / "domu"
@@ -275,3 +275,47 @@ def test_fuzz_xlcfg_agrees_with_xl(xl, tmp_path, text):
 def test_later_settings_replace_or_extend_like_xl(xl, report, text, disks):
     assert xl.disk_list(text.encode(), report) == disks
     assert [s.value for s in string_lists(text)] == disks
+
+
+_PARAM = st.sampled_from(
+    ["vdev=xvda", "vdev=xvdb2", "access=w", "access=ro", "format=raw", "script=block-iscsimple",
+     "script=/usr/local/bin/x", "devtype=disk", "cdrom", "discard", "no-discard", "direct-io-safe",
+     "/dev/vg0/x", "xvdc", "w", "raw", "", " xvdd", "\tr"]
+)  # fmt: skip
+_TARGET = st.sampled_from(["", f"target=lun0@{IQN}+a", f"target={IQN}", "target=a,b", "target= x "])
+_BARE = {"/dev/vg0/x", "xvdc", "w", "raw", "", " xvdd", "\tr", "xvde"}
+
+
+def _diskspec(parts: list[str], target: str) -> str:
+    # xl refuses target= after a bare value ("target respecified"): keep one or the other.
+    if target:
+        parts = [p for p in parts if p not in _BARE]
+        if not any(p.startswith("vdev=") for p in parts):
+            parts = ["vdev=xvdz", *parts]  # xl requires a vdev
+    return ",".join([*parts, target] if target else parts)
+
+
+DISKSPEC = st.builds(
+    _diskspec,
+    # Each keyword at most once: xl rejects the rest ("respecified").
+    st.lists(_PARAM, max_size=4, unique_by=lambda p: p.split("=")[0] if "=" in p else p).flatmap(
+        lambda parts: st.permutations([*parts, "xvde"] if len(parts) < 3 else parts)
+    ),
+    _TARGET,
+)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=300, deadline=None)
+@given(DISKSPEC)
+def test_fuzz_diskspec_agrees_with_xl(xl, report, spec):
+    """Whenever xl accepts a DISKSPEC, parse_diskspec gets the same target, vdev and script."""
+    parsed = xl.parse_disk(spec, report)
+    if parsed["rc"] != 0:
+        return
+    disk = parse_diskspec(spec)
+    # xl leaves an empty target unset; so do we, as "".
+    assert (disk.target or None, disk.vdev, disk.script) == (
+        parsed["target"] or None,
+        parsed["vdev"],
+        parsed["script"],
+    )
