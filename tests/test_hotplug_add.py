@@ -280,3 +280,26 @@ def test_bad_invocations_exit_1_with_usage(hotplug):
         result = subprocess.run([*block_script(), *argv], env=env, capture_output=True, text=True, timeout=30)
         assert result.returncode == 1
         assert "usage: block-iscsimple add|remove" in result.stderr
+
+
+def test_file_backed_xenstore_as_the_real_kernel_test_bed_uses_it(hotplug, tmp_path):
+    """ISCSIMPLE_XENSTORE_FILE: no xenstore-* at all, keys as given (relative to XENBUS_PATH's base)."""
+    from iscsimple.core.xenstore import FileXenStore
+
+    hotplug.host.add_target(IQN)
+    hotplug.mirror("vm1")
+    store = FileXenStore(tmp_path / "xenstore.json")
+    store.write("backend/vbd/4/768/params", f"lun1@{IQN}+vm1")
+    env = {**hotplug.env, "ISCSIMPLE_XENSTORE_FILE": str(store.path), "XENBUS_PATH": "backend/vbd/4/768"}
+
+    added = subprocess.run([*block_script(), "add"], env=env, capture_output=True, text=True, timeout=120)
+
+    assert added.returncode == 0, added.stderr
+    assert store.read("backend/vbd/4/768/hotplug-status") == "connected"
+    assert store.read("backend/vbd/4/768/physical-device") == "9:7f"
+    assert hotplug.host.calls(("xenstore-read", "xenstore-write", "xenstore-rm")) == []
+    removed = subprocess.run(
+        [*block_script(), "remove"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert removed.returncode == 0, removed.stderr
+    assert hotplug.host.md_arrays() == {} and hotplug.host.session_targets() == []
