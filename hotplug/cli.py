@@ -4,15 +4,16 @@
     iscsimple check-config [--tab F] [--config F] [DOMU.cfg ...]
     iscsimple attach SPEC / detach SPEC
     iscsimple convert-config DOMU.cfg ... [--write]
-    iscsimple install-hook [--prefix DIR] [--dest FILE]
+    iscsimple install-hook [--prefix DIR] [--dest FILE] [--force]
+    iscsimple resolve LABEL --keep local|iscsi          (hotplug/resolve.py, issue 6)
 
 Exit codes: 0 ok, 1 an operation failed, 2 bad input (arguments, spec, tab, config).
 Errors are one sentence on stderr, never a traceback (--debug shows one).
 
 Each subcommand is a module-level `add_<name>(subparsers)` that registers its parser
-and sets `run`; SUBCOMMANDS lists them in help order. A new subcommand (issue 6's
-`resolve LABEL --keep local|iscsi`) lives in its own module with the same shape and is
-added to SUBCOMMANDS; nothing else here needs to change.
+and sets `run`; SUBCOMMANDS lists them in help order. A larger subcommand (like
+`resolve`) lives in its own module with the same shape and is added to SUBCOMMANDS;
+nothing else here needs to change.
 """
 
 from __future__ import annotations
@@ -273,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="iscsimple",
         description="Operate iscsimple disks: iSCSI LUNs for Xen VMs, mirrored onto local devices.",
+        epilog="Exit status: 0 done, 1 an operation failed on the host, 2 bad input. "
+        "'iscsimple COMMAND --help' for a command's options.",
         parents=[common],
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
