@@ -133,6 +133,7 @@ def test_outage_pages_within_60s_and_resolves(chain, receiver: WebhookReceiver):
 
     stale = wait_until(stale_alerts, timeout=STATED_SECONDS, what="IscsimpleArrayIscsiStale for both VMs")
     assert all(a["status"]["inhibitedBy"] for a in stale), "the local-only page already says it"
+    time.sleep(2)  # a few scrapes of the full outage state (the README's picture shows it)
 
     # -- the target is back; the mirrors heal (iSCSI legs recover from the local legs).
     recovered_at = time.monotonic()
