@@ -213,16 +213,18 @@ def main() -> int:
                 )
             rows.append(row)
             print(f"N={n}: built in {built:.1f} s, {scrapes} scrapes each", file=sys.stderr, flush=True)
-    print_table(rows)
+            print_table([row], header=len(rows) == 1)
+    print_verdicts(rows)
     return 0
 
 
-def print_table(rows: list[dict]) -> None:
-    print(
-        "| N arrays+sessions | scrape p50 | scrape p90 | CPU/scrape | RSS | body (gzip) "
-        "| refresh: read | refresh: render | node_exporter md p50 / p90 / CPU / RSS |"
-    )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+def print_table(rows: list[dict], header: bool = True) -> None:
+    if header:
+        print(
+            "| N arrays+sessions | scrape p50 | scrape p90 | CPU/scrape | RSS | body (gzip) "
+            "| refresh: read | refresh: render | node_exporter md p50 / p90 / CPU / RSS |"
+        )
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         o, c, ne = r["ours"], r["refresh"], r["node"]
         node = (
@@ -232,8 +234,12 @@ def print_table(rows: list[dict]) -> None:
         )
         print(
             f"| {r['n']} | {o['p50_ms']:.2f} ms | {o['p90_ms']:.2f} ms | {o['cpu_ms']:.2f} ms | "
-            f"{o['rss_mib']:.0f} MiB | {o['gzip_kib']:.0f} KiB | {c['read_ms']:.0f} ms | {c['render_ms']:.0f} ms | {node} |"
+            f"{o['rss_mib']:.0f} MiB | {o['gzip_kib']:.0f} KiB | {c['read_ms']:.0f} ms | {c['render_ms']:.0f} ms | {node} |",
+            flush=True,
         )
+
+
+def print_verdicts(rows: list[dict]) -> None:
     for r in rows:
         if r["node"]:
             ratio = r["ours"]["p50_ms"] / r["node"]["p50_ms"]

@@ -120,6 +120,7 @@ class SimulatedHost:
             config=self.root / "etc" / "iscsimple" / "iscsimple.toml",
         )
         self.registry = Registry(self.paths)
+        self._sysfs = str(self.paths.sysfs)
         # Called with a short description after every change, like a kernel uevent
         # or an md event; the demo wires it to the agent's refresh.
         self.on_change = on_change
@@ -388,16 +389,26 @@ class SimulatedHost:
         return minor
 
     def _put(self, rel: str, text: str) -> None:
-        """Write one attribute file; replace it whole so a reader never sees it half-written."""
+        """Write one attribute file; replace it whole so a reader never sees it half-written
+        (inside batch(), nobody reads yet: written in place, half the system calls)."""
         if self._written.get(rel) == text:
             return
-        path = self.paths.sysfs / rel
-        if rel.rpartition("/")[0] not in self._written:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._written[rel.rpartition("/")[0]] = ""
-        tmp = path.with_name(f".{path.name}.new")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        path = f"{self._sysfs}/{rel}"
+        parent = rel.rpartition("/")[0]
+        if parent not in self._written:
+            os.makedirs(f"{self._sysfs}/{parent}", exist_ok=True)
+            self._written[parent] = ""
+        data = text.encode()
+        if self._batch:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.write(fd, data)
+            os.close(fd)
+        else:
+            tmp = f"{self._sysfs}/{parent}/.{rel.rpartition('/')[2]}.new"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.write(fd, data)
+            os.close(fd)
+            os.replace(tmp, path)
         self._written[rel] = text
 
     def _link(self, link: Path, target: str) -> None:
