@@ -16,6 +16,7 @@ budget = 30                     # the whole add, success or not (libxl kills us 
 enabled = true                  # re-add a returned iSCSI leg automatically
 stable_seconds = 30             # ...once its session and LUN looked healthy this long
 backoff_max_seconds = 3600      # the wait doubles after each failed heal, up to this
+max_parallel = 4                # iSCSI legs recovering at once
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class Config:
     heal_enabled: bool = True
     heal_stable_seconds: float = 30.0  # session and LUN healthy this long before a heal
     heal_backoff_max_seconds: float = 3600.0  # cap of the wait, doubled after each failed heal
+    heal_max_parallel: int = 4  # iSCSI legs recovering at once (a returning filer serves many)
     path: str | None = None
 
     def replacement_timeout(self, target: str, mirrored: bool) -> int:
@@ -63,7 +65,12 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "replacement_timeout_unmirrored": int,
     },
     "attach": {"device_wait": (int, float), "budget": (int, float)},
-    "heal": {"enabled": bool, "stable_seconds": (int, float), "backoff_max_seconds": (int, float)},
+    "heal": {
+        "enabled": bool,
+        "stable_seconds": (int, float),
+        "backoff_max_seconds": (int, float),
+        "max_parallel": int,
+    },
 }
 
 
@@ -156,7 +163,7 @@ def load_config(path: Path | str) -> Config:
             "device_wait",
         )
     heal = data.get("heal", {})
-    for key in ("stable_seconds", "backoff_max_seconds"):
+    for key in ("stable_seconds", "backoff_max_seconds", "max_parallel"):
         if key in heal and heal[key] <= 0:
             fail(f"[heal] {key} must be positive", ("heal",), key)
     return Config(
@@ -171,6 +178,7 @@ def load_config(path: Path | str) -> Config:
         heal_enabled=heal.get("enabled", True),
         heal_stable_seconds=float(heal.get("stable_seconds", 30.0)),
         heal_backoff_max_seconds=float(heal.get("backoff_max_seconds", 3600.0)),
+        heal_max_parallel=heal.get("max_parallel", 4),
         path=str(path),
     )
 

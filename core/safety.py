@@ -11,6 +11,7 @@ iSCSI copy again (the normal attach) would overwrite those writes silently.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import time
@@ -80,6 +81,31 @@ def stale_record(view: ArrayView, now: float | None = None) -> StaleRecord | Non
     )
 
 
+def read_view(paths: HostPaths, attachment: Attachment, md_name: str | None = None) -> ArrayView | None:
+    """The ArrayView of one attachment read now: its md array (kernel name `md_name`, else the
+    registry's, else /dev/md/LABEL's target) and the iSCSI sessions — cheap with 1000 arrays.
+    None when the attachment has no LABEL; `view.md` is None when the array does not run."""
+    if attachment.label is None:
+        return None
+    name = md_name or attachment.md_device or _md_link_target(paths, attachment.label)
+    arrays = {}
+    if name is not None:
+        with contextlib.suppress(SysfsError):  # not running
+            arrays[name] = read_md_array(paths.sysfs, name)
+    one = replace(attachment, md_device=name)
+    snapshot = HostSnapshot.build(
+        [one], MdReadResult(arrays), read_iscsi_sessions(paths.sysfs), [], paths=paths
+    )
+    return snapshot.array(attachment.label)
+
+
+def _md_link_target(paths: HostPaths, label: str) -> str | None:
+    try:
+        return os.path.basename(os.readlink(paths.devfs / "md" / label))
+    except OSError:
+        return None
+
+
 def record_if_stale(paths: HostPaths, attachment: Attachment, md_name: str | None) -> StaleRecord | None:
     """Look at one attachment's running array now; if its iSCSI copy is stale, write the record.
 
@@ -91,13 +117,7 @@ def record_if_stale(paths: HostPaths, attachment: Attachment, md_name: str | Non
     if attachment.label is None or md_name is None:
         return None
     records = StaleRecords(paths)
-    try:
-        md = MdReadResult({md_name: read_md_array(paths.sysfs, md_name)})
-    except SysfsError:
-        return records.get(attachment.label)  # not running: nothing new to learn
-    one = replace(attachment, md_device=md_name)
-    snapshot = HostSnapshot.build([one], md, read_iscsi_sessions(paths.sysfs), [], paths=paths)
-    view = snapshot.array(attachment.label)
+    view = read_view(paths, attachment, md_name)
     record = stale_record(view) if view is not None else None
     if record is not None:
         records.put(record)

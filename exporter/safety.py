@@ -36,7 +36,7 @@ from iscsimple.core.errors import OperationError
 from iscsimple.core.paths import HostPaths
 from iscsimple.core.registry import Registry
 from iscsimple.core.run import Deadline, run
-from iscsimple.core.safety import HealBlocked, HealPlan, plan_heal, recovery_complete, stale_record
+from iscsimple.core.safety import HealBlocked, HealPlan, plan_heal, read_view, recovery_complete, stale_record
 from iscsimple.core.snapshot import ArrayView, HostSnapshot
 from iscsimple.core.stale import StaleRecord, StaleRecords
 from iscsimple.hotplug.locking import LockTimeout, hotplug_lock, label_lock_name
@@ -109,6 +109,7 @@ class Healer:
         enabled: bool = True,
         stable_seconds: float = 30.0,
         backoff_max_seconds: float = 3600.0,
+        max_parallel: int = 4,
         runner: Runner = run,
         lock_dir: Path | None = None,  # default: paths.locks, where the hotplug locks a label
         lock_wait: float = LOCK_WAIT,
@@ -119,12 +120,14 @@ class Healer:
         self.enabled = enabled
         self.stable_seconds = stable_seconds
         self.backoff_max_seconds = backoff_max_seconds
+        self.max_parallel = max_parallel
         self.runner = runner
         self.lock_dir = lock_dir or paths.locks
         self.lock_wait = lock_wait
         self.clock = clock
         self.results: dict[str, int] = dict.fromkeys(HEAL_RESULTS, 0)
         self._progress: dict[str, _Progress] = {}
+        self._recovering = 0  # iSCSI legs recovering in the snapshot being handled
 
     def wait_for(self, label: str) -> float:
         """Seconds the session and LUN must look healthy before the next heal of `label`."""
@@ -134,6 +137,10 @@ class Healer:
     def observe(self, snapshot: HostSnapshot, standing: dict[str, StaleRecord]) -> dict[str, StaleRecord]:
         """Clear records of healed arrays, heal what may be healed; returns the records still standing."""
         standing = dict(standing)
+        # A filer that returns serves every stale leg of the host at once: copy a few at a time.
+        self._recovering = sum(
+            1 for v in snapshot.arrays if v.label in standing and v.iscsi.state in ("recovering", "spare")
+        )
         for view in snapshot.arrays:
             if view.label not in standing:
                 self._progress.pop(view.label, None)
@@ -193,13 +200,23 @@ class Healer:
                     f"{progress.failures} failed heal(s): waiting for {wait:.0f} s of a healthy session",
                 )
             return
-        self._heal(view, plan, progress)
+        if self._recovering >= self.max_parallel:
+            self._skip(
+                view.label,
+                progress,
+                "queued",
+                f"{self._recovering} iSCSI legs already recover ([heal] max_parallel = {self.max_parallel})",
+            )
+            return
+        if self._heal(view, plan, progress):
+            self._recovering += 1
 
-    def _heal(self, view: ArrayView, plan: HealPlan, progress: _Progress) -> None:
+    def _heal(self, view: ArrayView, plan: HealPlan, progress: _Progress) -> bool:
         try:
             with hotplug_lock(self.lock_dir, label_lock_name(view.label), Deadline(self.lock_wait)):
                 # A hotplug may have stopped or rebuilt the array since the snapshot: decide again.
-                fresh = HostSnapshot.read(self.paths).array(view.label)
+                current = Registry(self.paths).get(view.attachment.id)
+                fresh = read_view(self.paths, current) if current else None
                 again = (
                     plan_heal(fresh, self.paths.sysfs, self.paths.devfs, enabled=self.enabled)
                     if fresh
@@ -208,7 +225,7 @@ class Healer:
                 if again != plan:
                     self._skip(view.label, progress, "changed", "the array changed under us; will look again")
                     progress.ready_since = None
-                    return
+                    return False
                 log.warning("healing %s", plan.describe())
                 for argv in plan.commands():
                     self.runner(argv, timeout=MDADM_TIMEOUT)
@@ -216,7 +233,7 @@ class Healer:
                     self._note_new_device(view, plan)
         except LockTimeout:
             self._skip(view.label, progress, "busy", "a hotplug operation holds the label; will retry")
-            return
+            return False
         except OperationError as e:
             progress.failures += 1
             progress.ready_since = None
@@ -227,7 +244,7 @@ class Healer:
                 e,
                 self.wait_for(view.label),
             )
-            return
+            return False
         progress.healing_since = self.clock()
         progress.last_skip = None
         self._count("success")
@@ -237,6 +254,7 @@ class Healer:
             view.label,
             plan.add_path,
         )
+        return True
 
     def _note_new_device(self, view: ArrayView, plan: HealPlan) -> None:
         """Keep the registry naming the LUN's current device (status, detach). Under the label lock."""
@@ -285,6 +303,7 @@ class Safety:
         options = {
             "stable_seconds": config.heal_stable_seconds,
             "backoff_max_seconds": config.heal_backoff_max_seconds,
+            "max_parallel": config.heal_max_parallel,
             **healer_options,
         }
         records = StaleRecords(paths)

@@ -370,3 +370,33 @@ def test_heal_timing_comes_from_the_config(tmp_path):
         40,
     )
     assert Safety.for_host(bed.paths, heal=False).healer.enabled is False
+
+
+def test_a_returning_filer_heals_a_few_legs_at_a_time(tmp_path):
+    """With [heal] max_parallel legs already recovering, the next heal waits its turn."""
+    from dataclasses import replace
+
+    host = Host(tmp_path)
+    host.safety.healer.max_parallel = 1
+    host.bed.fail_iscsi()
+    host.refresh()
+    host.bed.session_back()
+    host.refresh()
+    host.clock.now += 31
+    snapshot = host.bed.snapshot()
+    (view,) = snapshot.arrays
+    other = replace(  # another VM's mirror on the same filer, its heal running
+        view,
+        attachment=replace(view.attachment, id="vbd-8-51712", label="vm2-disk"),
+        iscsi=replace(view.iscsi, state="recovering"),
+    )
+    crowded = replace(snapshot, arrays=(view, other))
+    standing = {
+        LABEL: host.records.get(LABEL),
+        "vm2-disk": replace(host.records.get(LABEL), label="vm2-disk"),
+    }
+    host.safety.healer.observe(crowded, standing)
+    assert host.mdadm.calls == []
+    assert host.results["skipped_queued"] == 1
+    host.refresh(after=1)  # the other heal finished: our turn
+    assert host.mdadm.calls == heal_commands(host.bed)
