@@ -15,6 +15,7 @@ from fixturetree import FakeLun
 from prometheus_client import generate_latest
 from safetybed import LABEL, OTHER_TARGET, TARGET, FakeMdadm, SafetyBed, Session
 
+from iscsimple.core.config import ConfigError, load_config
 from iscsimple.core.registry import Registry
 from iscsimple.core.stale import StaleRecords
 from iscsimple.exporter.safety import Healer, Safety, SafetyCollector, StaleDetector
@@ -370,6 +371,12 @@ def test_heal_timing_comes_from_the_config(tmp_path):
         40,
     )
     assert Safety.for_host(bed.paths, heal=False).healer.enabled is False
+    bed.paths.config.write_text("[heal]\nmax_parallel = 2\n")
+    assert Safety.for_host(bed.paths).healer.max_parallel == 2
+    bed.paths.config.write_text("[heal]\nmax_parallel = 0\n")
+    with pytest.raises(ConfigError, match=r"iscsimple.toml:2: \[heal\] max_parallel must be positive"):
+        load_config(bed.paths.config)
+    assert Safety.for_host(bed.paths).healer.enabled is False  # a broken config never heals
 
 
 def test_a_returning_filer_heals_a_few_legs_at_a_time(tmp_path):
