@@ -64,13 +64,11 @@ class StaleDetector:
     def observe(self, snapshot: HostSnapshot) -> dict[str, StaleRecord]:
         """The records standing after this pass (the snapshot's plus those written now)."""
         standing = {r.label: r for r in snapshot.stale}
-        self._announced &= set(standing) | {v.label for v in snapshot.arrays}
         for view in snapshot.arrays:
             if view.label in standing:
                 continue
             record = stale_record(view, now=self.clock())
             if record is None:
-                self._announced.discard(view.label)
                 continue
             try:
                 self.records.put(record)  # write-once: a record already there is kept
@@ -80,11 +78,14 @@ class StaleDetector:
                 standing[view.label] = record
                 self.write_failures += 1
                 log.error("cannot write the stale record of %s: %s", view.label, e)
-            if view.label not in self._announced:
-                self._announced.add(view.label)
+        # Once per record: new ones, those found at start-up, those `remove` wrote.
+        self._announced &= set(standing)
+        for label, record in sorted(standing.items()):
+            if label not in self._announced:
+                self._announced.add(label)
                 log.warning(
-                    "STALE iSCSI COPY: %s. Do not migrate, stop or move this VM until the mirror is "
-                    "healed; the agent re-adds the iSCSI leg when its session is back.",
+                    "STALE iSCSI COPY: %s. Do not migrate, stop or move this VM, nor start it on another "
+                    "host, until the mirror is healed.",
                     record.describe(),
                 )
         return standing

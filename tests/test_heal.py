@@ -407,3 +407,17 @@ def test_a_returning_filer_heals_a_few_legs_at_a_time(tmp_path):
     assert host.results["skipped_queued"] == 1
     host.refresh(after=1)  # the other heal finished: our turn
     assert host.mdadm.calls == heal_commands(host.bed)
+
+
+def test_a_record_found_at_start_up_is_logged_once(tmp_path, caplog):
+    host = Host(tmp_path)
+    host.bed.fail_iscsi()
+    host.refresh()
+    host.bed.stop()  # the host rebooted: no array, the record on disk
+    caplog.clear()
+    caplog.set_level(logging.WARNING, logger="iscsimple.agent.safety")
+    host.new_agent()
+    for _ in range(3):
+        host.refresh(after=10)
+    warnings = [r.getMessage() for r in caplog.records if "STALE iSCSI COPY" in r.getMessage()]
+    assert len(warnings) == 1 and "vm1-disk (vm1)" in warnings[0]
