@@ -17,12 +17,14 @@ import hashlib
 import json
 import mmap
 import os
+import random
 import re
 import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tarfile
 import time
 import traceback
 import urllib.request
@@ -30,16 +32,12 @@ from pathlib import Path
 
 PORT_NAME = "iscsimple.ctl"
 RESULTS = Path("/mnt/iscsimple-results")
-BLOCK = 1 << 16
+BLOCK = 1 << 20
 
 
 def pattern(seed: str, length: int) -> bytes:
-    """Deterministic content for a disk: every 4 KiB block names the seed and its own offset."""
-    out = bytearray()
-    for offset in range(0, length, 4096):
-        head = f"{seed}@{offset:012d}\n".encode()
-        out += (head * (4096 // len(head) + 1))[:4096]
-    return bytes(out[:length])
+    """Deterministic content for a disk, different for every seed (randbytes: fast even under TCG)."""
+    return random.Random(seed).randbytes(length)
 
 
 class Agent:
@@ -106,6 +104,18 @@ class Agent:
             return {"rc": None, "running": True}
         del self.procs[name]
         return {"rc": rc, "running": False, "at": time.monotonic()}
+
+    def op_stop_all(self, keep=()):
+        """Kill what a test left running (writers, agents), but not the bed's daemons."""
+        stopped = []
+        for name in [n for n in self.procs if n not in keep]:
+            proc = self.procs.pop(name)
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                stopped.append(name)
+            proc.wait()
+        return {"stopped": stopped}
 
     def op_running(self, name):
         proc = self.procs.get(name)
@@ -220,10 +230,31 @@ class Agent:
             os.close(fd)
         return {"sha256": digest.hexdigest(), "length": length, "size": size}
 
+    def op_verify_writes(self, log, device):
+        """Does the device hold, at every offset the writer wrote, its last completed write?"""
+        last: dict[int, str] = {}
+        times = []
+        for line in Path(log).read_text().splitlines():
+            t, offset, seed = line.split()
+            last[int(offset)] = seed
+            times.append(float(t))
+        fd = os.open(device, os.O_RDONLY | os.O_DIRECT)
+        buf = mmap.mmap(-1, 4096)
+        bad = []
+        try:
+            for offset, seed in sorted(last.items()):
+                os.preadv(fd, [buf], offset)
+                if buf[:4096] != pattern(seed, 4096):
+                    bad.append(offset)
+        finally:
+            os.close(fd)
+        return {"writes": len(times), "offsets": len(last), "mismatched": bad[:20], "times": times}
+
     # -- captures ------------------------------------------------------------------------------------
     def op_capture(self, dest, commands=()):
         """Save the md and iSCSI sysfs state in the layout of the shared fixtures (NN_state/sys/...)."""
-        root = RESULTS / dest
+        # Built on tmpfs and shipped as one tar: thousands of small writes over 9p are slow.
+        root = Path("/tmp/captures") / dest
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
         (root / "uptime").write_text(Path("/proc/uptime").read_text().split()[0] + "\n")
@@ -262,7 +293,9 @@ class Agent:
         for name, argv in commands:
             res = subprocess.run(argv, capture_output=True, timeout=30, check=False)
             (root / name).write_bytes(res.stdout + res.stderr)
-        return {"dir": str(root)}
+        with tarfile.open(RESULTS / f"{dest}.tar", "w") as tar:
+            tar.add(root, arcname=dest)
+        return {"tar": f"{dest}.tar"}
 
 
 def _copy_dir(src: Path, root: Path) -> None:
@@ -363,26 +396,27 @@ def power_off() -> None:
     libc.reboot(0x4321FEDC)  # RB_POWER_OFF
 
 
-def writer(device: str, seconds: float, log: str, span: int = 4 << 20) -> None:
-    """A VM's steady writes: 4 KiB O_DIRECT|O_DSYNC blocks round a span, each completion logged with its
-    guest monotonic time (so a test sees stalls and whether writes carried on)."""
+def writer(device: str, log: str, stop: str, span: int = 4 << 20) -> None:
+    """A VM's steady writes: 4 KiB O_DIRECT|O_DSYNC blocks round a span until `stop` exists. Each
+    completed write is logged as "monotonic-time offset seed" so a test sees stalls, whether writes
+    carried on, and what the disk must hold at the end (verify_writes)."""
     fd = os.open(device, os.O_WRONLY | os.O_DIRECT | os.O_DSYNC)
     buf = mmap.mmap(-1, 4096)
-    end = time.monotonic() + seconds
-    offset = 0
+    offset, n = 0, 0
     with open(log, "w", buffering=1) as out:
-        while time.monotonic() < end:
+        while not os.path.exists(stop):
+            seed = f"writer-{n}"
             buf.seek(0)
-            buf.write(pattern(f"writer-{time.monotonic():.3f}", 4096))
+            buf.write(pattern(seed, 4096))
             os.pwrite(fd, buf, offset)
-            out.write(f"{time.monotonic():.3f} {offset}\n")
-            offset = (offset + 4096) % span
+            out.write(f"{time.monotonic():.3f} {offset} {seed}\n")
+            offset, n = (offset + 4096) % span, n + 1
     os.close(fd)
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "writer":
-        writer(sys.argv[2], float(sys.argv[3]), sys.argv[4])
+        writer(sys.argv[2], sys.argv[3], sys.argv[4])
         return
     if os.getpid() == 1:
         # PID 1 must reap orphans (daemons' children): the parent does that, the child serves.

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +18,7 @@ PORTAL = "127.0.0.1:3260"
 KERNEL_MODULES = ("md_mod", "raid1", "iscsi_tcp", "loop", "sd_mod", "dm_mod")
 XEN_MODULES = ("xen-evtchn", "xen-gntdev", "xen-gntalloc", "xen-privcmd", "xen-blkback", "xen-blkfront")
 XEN_BIN = "/usr/lib/xen-4.17/bin"
+DAEMONS = ("iscsid", "tgtd", "xenstored")
 
 
 @dataclass
@@ -196,8 +199,13 @@ class StorageBed:
             commands.append(
                 (f"mdadm_detail_export_{md}.txt", ["mdadm", "--detail", "--export", f"/dev/{md}"])
             )
-        self.guest.call("capture", dest=name, commands=commands)
-        return self.guest.results / name
+        tar = self.guest.results / self.guest.call("capture", dest=name, commands=commands)["tar"]
+        dest = self.guest.results / name
+        shutil.rmtree(dest, ignore_errors=True)
+        with tarfile.open(tar) as archive:
+            archive.extractall(self.guest.results, filter="tar")
+        tar.unlink()
+        return dest
 
     def core_reading(self) -> dict:
         """core's readers run on the guest's real /sys (tests/vm/corejson.py), as plain data."""
@@ -208,6 +216,8 @@ class StorageBed:
     def reset(self) -> None:
         """Leave the guest as setup() left it: no arrays, no sessions, no node records, no targets."""
         g = self.guest
+        g.call("stop_all", keep=DAEMONS)
+        g.run(["dmsetup", "remove_all"], check=False)
         for md in g.glob("/sys/block/md*"):
             g.run(["mdadm", "--stop", "/dev/" + md.rsplit("/", 1)[1]], check=False, timeout=60)
         g.run(["iscsiadm", "-m", "node", "--logoutall=all"], check=False, timeout=60)

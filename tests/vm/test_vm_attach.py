@@ -15,7 +15,7 @@ pytestmark = pytest.mark.vm
 
 IQN = "iqn.2026-11.test.local:attach"
 LABEL = "vm1-disk"
-MIB = 16
+MIB = 8
 
 
 def physical_device(g, md: str) -> str:

@@ -14,7 +14,7 @@ from xldriver import Vbd, Xl
 pytestmark = pytest.mark.vm
 
 IQN = "iqn.2026-11.test.local:missing"
-MIB = 16
+MIB = 8
 
 
 def test_missing_local_leg_and_missing_iscsi_leg_work_both_missing_is_refused(bed, tmp_path):

@@ -13,7 +13,7 @@ from xldriver import Vbd, Xl
 pytestmark = pytest.mark.vm
 
 IQN = "iqn.2026-11.test.local:shared"
-MIB = 16
+MIB = 8
 
 
 def test_two_mirrors_and_a_plain_lun_share_one_session(bed, tmp_path):

@@ -9,7 +9,7 @@ from captures import save_capture
 from conftest import record
 
 IQN = "iqn.2026-11.test.local:stack"
-MIB = 16
+MIB = 8
 
 pytestmark = pytest.mark.vm
 

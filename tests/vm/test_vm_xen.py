@@ -16,7 +16,7 @@ pytestmark = pytest.mark.vm
 
 IQN = "iqn.2026-11.test.local:xen"
 LABEL = "xen-disk"
-MIB = 16
+MIB = 8
 
 
 def configure(bed, tab: dict[str, str]) -> None:

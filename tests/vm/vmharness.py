@@ -330,8 +330,11 @@ class Guest:
 
     def call(self, op: str, wait: float = 120, **args) -> dict:
         """One request; `wait` bounds the answer's arrival, guest operations take their own `timeout`."""
+        start = time.monotonic()
         self.conn.sendall((json.dumps({"op": op, **args}) + "\n").encode())
         answer = self._receive(wait, op)
+        with open(self.workdir / "calls.log", "a") as log:  # where the time goes, for slow runs
+            log.write(f"{time.monotonic() - start:7.3f} {op} {json.dumps(args)[:160]}\n")
         if not answer.pop("ok"):
             raise GuestError(
                 f"guest {op} {args}: {answer['error']}\n{answer.get('traceback', '')}\n{self.console_tail()}"
