@@ -94,10 +94,14 @@ def read_iscsi_sessions(sysfs: Path) -> IscsiReadResult:
     return result
 
 
-def find_lun_block(sysfs: Path, target: str, lun: int) -> list[tuple[IscsiSession, ScsiLun]]:
-    """Sessions to `target` whose LUN `lun` has a block device (several with multiple portals)."""
+def find_lun_block(
+    sysfs: Path, target: str, lun: int, sessions: list[IscsiSession] | None = None
+) -> list[tuple[IscsiSession, ScsiLun]]:
+    """Sessions to `target` whose LUN `lun` has a block device (several with multiple portals).
+
+    `sessions`: ones just read (e.g. a snapshot's) instead of reading sysfs again."""
     found = []
-    for session in read_iscsi_sessions(sysfs).sessions:
+    for session in read_iscsi_sessions(sysfs).sessions if sessions is None else sessions:
         if session.target != target:
             continue
         scsi_lun = session.lun(lun)

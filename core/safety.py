@@ -187,13 +187,22 @@ class HealBlocked:
     detail: str
 
 
-def plan_heal(view: ArrayView, sysfs: Path, devfs: Path, *, enabled: bool = True) -> HealPlan | HealBlocked:
+def plan_heal(
+    view: ArrayView,
+    sysfs: Path,
+    devfs: Path,
+    *,
+    enabled: bool = True,
+    sessions: list[IscsiSession] | None = None,
+) -> HealPlan | HealBlocked:
     """Decide whether the iSCSI leg of this array may be re-added now, and onto which device.
 
     The device is looked up fresh by target AND LUN (`find_lun_block`), so a LUN
     that came back under a new name is found and a device of another target or
     LUN is never used. The session must be LOGGED_IN and the SCSI device
     `running`. Time-based policy (stable for N seconds, backoff) is the caller's.
+    `sessions`: the iSCSI sessions just read (a snapshot's), to spare re-reading sysfs
+    for every array; the heal itself re-plans from a fresh read.
     """
     a = view.attachment
     if not enabled:
@@ -211,7 +220,7 @@ def plan_heal(view: ArrayView, sysfs: Path, devfs: Path, *, enabled: bool = True
     if view.iscsi.state not in HEALABLE_ISCSI_STATES:
         return HealBlocked("not_stale", f"the iSCSI leg of {view.label} is {view.iscsi.state}")
 
-    candidates = find_lun_block(sysfs, a.target, a.lun)
+    candidates = find_lun_block(sysfs, a.target, a.lun, sessions)
     live = [(s, lun) for s, lun in candidates if s.state == "LOGGED_IN"]
     if not live:
         states = ", ".join(f"{s.name} {s.state}" for s, _ in candidates) or "no session with the LUN"

@@ -33,6 +33,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 
 from iscsimple.core.config import Config, ConfigError, load_config
 from iscsimple.core.errors import OperationError
+from iscsimple.core.iscsi import IscsiSession
 from iscsimple.core.paths import HostPaths
 from iscsimple.core.registry import Registry
 from iscsimple.core.run import Deadline, run
@@ -149,7 +150,7 @@ class Healer:
             if recovery_complete(view):
                 self._cleared(view, standing)
                 continue
-            self._consider(view)
+            self._consider(view, snapshot.iscsi.sessions)
         return standing
 
     # -- one array -----------------------------------------------------------------------------
@@ -168,7 +169,7 @@ class Healer:
             view.domain or "no VM",
         )
 
-    def _consider(self, view: ArrayView) -> None:
+    def _consider(self, view: ArrayView, sessions: list[IscsiSession]) -> None:
         progress = self._progress.setdefault(view.label, _Progress())
         now = self.clock()
         if progress.healing_since is not None and view.iscsi.state in ("faulty", "missing"):
@@ -183,7 +184,7 @@ class Healer:
                 view.iscsi.state,
                 self.wait_for(view.label),
             )
-        plan = plan_heal(view, self.paths.sysfs, self.paths.devfs, enabled=self.enabled)
+        plan = plan_heal(view, self.paths.sysfs, self.paths.devfs, enabled=self.enabled, sessions=sessions)
         if isinstance(plan, HealBlocked):
             if plan.reason != "in_progress":
                 progress.ready_since = None
