@@ -81,11 +81,13 @@ def run(args: argparse.Namespace, base: Path) -> None:
             p.communicate()
         wall = time.monotonic() - started
         failed = sum(p.returncode != 0 for p in procs)
+        errors = {hp.xs(v, "hotplug-error") for p, v in zip(procs, vbds, strict=True) if p.returncode}
+        for error in sorted(e or "?" for e in errors):
+            print(f"  {command} failed: {error}")
         verb = "login" if command == "add" else "logout"
         count = sum(line.endswith(f"--{verb}") for line in hp.command_lines())
-        print(
-            f"{n} concurrent {command}s on one target:        {wall:6.2f} s  ({count} {verb}, {failed} failed)"
-        )
+        label = f"{n} concurrent {command}s on one target:"
+        print(f"{label:45s}{wall:6.2f} s  ({count} {verb}, {failed} failed)")
 
     hp = make_hotplug(base / "scale")
     hp.host.enable_md_names()
