@@ -65,6 +65,10 @@ class AttachError(OperationError):
     """An add failed; the message is the sentence for hotplug-error."""
 
 
+class AttachInputError(InputError):
+    """An add was refused for bad input (tab entry, spec); the message is the hotplug-error sentence."""
+
+
 def cli_attachment_id(spec: DiskSpec) -> str:
     """Registry id of an attachment made with `iscsimple attach SPEC` (not by Xen)."""
     if spec.label:
@@ -108,6 +112,12 @@ def attach(
     started = time.monotonic()
     try:
         attachment = _attach(spec, paths, config, registry, xen, deadline, attachment_id, started, operation)
+    except (AttachError, AttachInputError):
+        registry.record_operation(operation, "failure", time.monotonic() - started)
+        raise
+    except IscsimpleError as e:  # refused before anything was done: nothing to undo
+        registry.record_operation(operation, "failure", time.monotonic() - started)
+        raise _wrap(spec, e) from e
     except BaseException:
         registry.record_operation(operation, "failure", time.monotonic() - started)
         raise
@@ -130,7 +140,7 @@ def _attach(
     local_dev = entry.device if entry else None
     if spec.label and spec.target is None and local_dev is None:
         raise InputError(
-            f"cannot attach {spec}: both legs are MISSING (the spec's TARGET and {entry.where}); "  # type: ignore[union-attr]
+            f"both legs are MISSING (the spec's TARGET and {entry.where}); "  # type: ignore[union-attr]
             "a mirror needs at least one"
         )
     _refuse_stale(spec, paths)
@@ -157,14 +167,11 @@ def _attach(
             return attachment
         except BaseException as e:
             problems = _rollback(spec, paths, config, registry, xen, deadline, attachment_id, done)
-            message = _sentence(spec, e)
+            error = _wrap(spec, e)
             if problems:
-                message += f"; cleanup incomplete ({'; '.join(problems)}): run remove again"
-            log.error("%s", message)
-            if isinstance(e, IscsimpleError):
-                error = type(e)(message) if isinstance(e, InputError) else AttachError(message)
-                raise error from e
-            raise AttachError(message) from e
+                error.args = (f"{error}; cleanup incomplete ({'; '.join(problems)}): run remove again",)
+            log.error("%s", error)
+            raise error from e
 
 
 def _steps(
@@ -418,6 +425,11 @@ def _rollback(
     except IscsimpleError as e:
         problems.append(str(e))
     return problems
+
+
+def _wrap(spec: DiskSpec, error: BaseException) -> AttachError | AttachInputError:
+    message = _sentence(spec, error)
+    return AttachInputError(message) if isinstance(error, InputError) else AttachError(message)
 
 
 def _sentence(spec: DiskSpec, error: BaseException) -> str:

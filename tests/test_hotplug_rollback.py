@@ -204,6 +204,7 @@ def test_label_without_tab_entry(hotplug):
     vbd = hotplug.vbd(SPEC)
 
     error = assert_failed_cleanly(hotplug, vbd, hotplug.run("add", vbd), "no entry for LABEL 'vm1'")
+    assert error.startswith(f"cannot attach {SPEC}: ")
     assert "add a line 'vm1 /dev/VG/LV'" in error
     assert hotplug.command_lines() == []
 
@@ -309,6 +310,7 @@ def test_stale_iscsi_copy_is_never_built_upon(hotplug):
     result = hotplug.run("add", vbd)
 
     error = assert_failed_cleanly(hotplug, vbd, result, "refusing to attach vm1")
+    assert error.startswith(f"cannot attach {SPEC}: refusing to attach vm1: since ")
     assert "the local leg of vm1 (db1) holds writes its iSCSI copy lacks" in error
     assert str(records.path("vm1")) in error
     assert "iscsimple resolve vm1 --keep local" in error and "--keep iscsi" in error
