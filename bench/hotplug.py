@@ -45,7 +45,9 @@ def main() -> None:
     args = parser.parse_args()
     own_dir = args.dir is None
     base = args.dir or Path(
-        tempfile.mkdtemp(prefix="iscsimple-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        tempfile.mkdtemp(
+            prefix="iscsimple-bench-hotplug-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
+        )
     )
     print(f"fake hosts under {base}; {os.cpu_count()} CPUs; load {os.getloadavg()[0]:.1f}")
 
