@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from iscsimple.core.config import load_config
+from iscsimple.core.config import Config, ConfigError, load_config
 from iscsimple.core.errors import InputError, IscsimpleError
 from iscsimple.core.paths import HostPaths
 from iscsimple.core.registry import Registry
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = HostPaths.from_env()
     started = time.monotonic()
     try:
-        config = load_config(paths.config)
+        config = _config(paths, command)
         spec = _spec(xen) if command == "add" else None
     except IscsimpleError as e:
         _count(paths, command, started)  # attach()/detach() count their own outcomes, not these
@@ -62,6 +62,17 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("unexpected error")
         return _fail(xen, f"block-iscsimple {command} failed: internal error {type(e).__name__}: {e}")
     return 0
+
+
+def _config(paths: HostPaths, command: str) -> Config:
+    try:
+        return load_config(paths.config)
+    except ConfigError as e:
+        if command == "add":
+            raise
+        # A typo in the config must not keep a VM's disk attached: undo with the defaults.
+        log.warning("%s; removing with the default settings", e)
+        return Config()
 
 
 def _spec(xen: XenContext) -> DiskSpec:

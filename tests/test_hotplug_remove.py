@@ -145,3 +145,20 @@ def test_remove_with_logout_stuck_is_bounded_and_says_how_to_finish(hotplug):
     assert f"iscsiadm -m node -T {IQN} --logout" in error
     assert hotplug.host.md_arrays() == {}
     assert hotplug.registry().list() == []
+
+
+def test_remove_works_with_a_broken_config_and_add_refuses_it(hotplug):
+    hotplug.host.add_target(IQN)
+    hotplug.mirror("vm1")
+    vbd = hotplug.vbd(SPEC)
+    hotplug.add(vbd)
+    hotplug.set_config("[iscsi]\nlogin_timout = 5\n")  # a typo
+
+    removed = hotplug.run("remove", vbd)
+
+    assert removed.returncode == 0, removed.stderr
+    assert "removing with the default settings" in removed.stderr
+    assert hotplug.host.md_arrays() == {} and hotplug.host.session_targets() == []
+    added = hotplug.run("add", vbd)
+    assert added.returncode == 1
+    assert "login_timout" in hotplug.xs(vbd, "hotplug-error")
