@@ -303,3 +303,35 @@ def test_file_backed_xenstore_as_the_real_kernel_test_bed_uses_it(hotplug, tmp_p
     )
     assert removed.returncode == 0, removed.stderr
     assert hotplug.host.md_arrays() == {} and hotplug.host.session_targets() == []
+
+
+def test_what_add_leaves_reads_back_through_the_shared_host_snapshot(hotplug):
+    """The fake kernel state and the registry, read by the same code as `status` and the agent."""
+    from iscsimple.core.snapshot import HostSnapshot
+
+    hotplug.host.add_target(IQN, luns={1: 64 << 20, 2: 64 << 20})
+    hotplug.mirror("vm1")
+    hotplug.add(hotplug.vbd(f"lun1@{IQN}+vm1", domid=3, name="web1"))
+    hotplug.add(hotplug.vbd(f"lun2@{IQN}", domid=3, name="web1"))
+
+    snapshot = HostSnapshot.read(hotplug.paths)
+
+    assert snapshot.ok, snapshot.sources
+    view = snapshot.array("vm1")
+    assert (view.md.name, view.md.array_state, view.md.level, view.md.metadata_version) == (
+        "md127",
+        "clean",
+        "raid1",
+        "none",
+    )
+    assert (view.iscsi.device, view.iscsi.state, view.iscsi.write_mostly) == ("sda", "in_sync", True)
+    assert (view.local.device, view.local.state, view.local.write_mostly) == ("dm-0", "recovering", False)
+    assert (
+        view.session.state == "LOGGED_IN"
+        and view.session.portal == PORTAL
+        and view.session.recovery_tmo == 120
+    )
+    assert view.lun.block == "sda" and view.lun.state == "running"
+    assert view.domain == "web1" and not view.local_only and view.unprotected  # recovering: not yet a mirror
+    assert len(snapshot.attachments) == 2 and len(snapshot.iscsi.sessions) == 1
+    assert snapshot.hotplug.totals == {"add": {"success": 2}}
