@@ -167,8 +167,10 @@ def wait_for_lun(
         problem, found = _usable_lun(paths, sessions, lun)
         if found is not None:
             session, _lun, device = found
-            _cross_check_by_path(paths, target, lun, device)
-            return session, device
+            mismatch = _by_path_mismatch(paths, target, lun, device)
+            if mismatch is None:
+                return session, device
+            problem = mismatch  # udev may not have caught up yet: wait, refuse only at the end
         last_problem = problem
         now = time.monotonic()
         if on_stall is not None and not stalled and now - started > 1.0:
@@ -176,6 +178,8 @@ def wait_for_lun(
             on_stall()
             now = time.monotonic()
         if now >= end:
+            if found is not None:
+                raise DeviceError(f"{last_problem}; refusing to guess which disk is the iSCSI copy")
             raise DeviceError(
                 f"LUN {lun} of {target} did not show up within {now - started:.0f} s ({last_problem}); "
                 "check that the LUN exists on the filer and is mapped to this host's initiator name"
@@ -210,20 +214,16 @@ def _usable_lun(
     return problem, None
 
 
-def _cross_check_by_path(paths: HostPaths, target: str, lun: int, device: BlockDevice) -> None:
-    links = by_path_links(paths, target, lun)
-    if not links:
-        log.debug(
-            "no by-path link for %s lun %d (udev not running?); sysfs alone says %s", target, lun, device.name
-        )
-        return
-    for link in links:
-        points_to = os.path.basename(os.path.realpath(link))
+def _by_path_mismatch(paths: HostPaths, target: str, lun: int, device: BlockDevice) -> str | None:
+    """Why udev's by-path link disagrees with sysfs, or None (agrees, or no link: udev not running)."""
+    for link in by_path_links(paths, target, lun):
+        resolved = os.path.realpath(link)
+        if not os.path.exists(resolved):
+            continue  # dangling: the link of a disk that is gone, not yet removed by udev
+        points_to = os.path.basename(resolved)
         if points_to != device.name:
-            raise DeviceError(
-                f"sysfs says LUN {lun} of {target} is {device.name} but {link} points to {points_to}; "
-                "refusing to guess which disk is the iSCSI copy"
-            )
+            return f"sysfs says LUN {lun} of {target} is {device.name} but {link} points to {points_to}"
+    return None
 
 
 # -- md arrays ----------------------------------------------------------------------

@@ -128,11 +128,24 @@ def test_lun_disagreeing_with_its_by_path_link_is_refused(kernel_state):
     root = kernel_state("01")
     _device_node(root, "sda")
     link = by_path_links(_paths(root), CAPTURED_IQN, 1)[0]
+    _device_node(root, "loop0")  # an existing disk that is not the LUN
     link.unlink()
-    link.symlink_to("../../sdz")
+    link.symlink_to("../../loop0")
 
-    with pytest.raises(DeviceError, match="points to sdz; refusing to guess"):
-        wait_for_lun(_paths(root), CAPTURED_IQN, 1, 1.0, Deadline(5))
+    with pytest.raises(DeviceError, match="points to loop0; refusing to guess"):
+        wait_for_lun(_paths(root), CAPTURED_IQN, 1, 0.5, Deadline(5))
+
+
+def test_dangling_by_path_link_of_a_gone_disk_is_ignored(kernel_state):
+    root = kernel_state("01")
+    _device_node(root, "sda")
+    link = by_path_links(_paths(root), CAPTURED_IQN, 1)[0]
+    link.unlink()
+    link.symlink_to("../../sdz")  # the disk of an earlier session, udev has not removed the link yet
+
+    _, device = wait_for_lun(_paths(root), CAPTURED_IQN, 1, 0.5, Deadline(5))
+
+    assert device.name == "sda"
 
 
 def test_lun_of_a_failed_session_is_not_used(kernel_state):
