@@ -171,7 +171,7 @@ def _listen_address(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not HOST:PORT (e.g. :{DEFAULT_PORT} or 127.0.0.1:{DEFAULT_PORT})"
         )
-    host = host.strip("[]") or "0.0.0.0"
+    host = host.strip("[]")  # "" = every address, IPv4 and IPv6
     return host, int(port)
 
 

@@ -49,8 +49,16 @@ class AgentHTTPServer(ThreadingHTTPServer):
             self.web_config.tls.context() if self.web_config.tls else None
         )
         host = address[0]
+        if host == "":  # all addresses, IPv4 and IPv6, as Go's ":PORT" does
+            address = ("::", address[1]) if socket.has_ipv6 else ("0.0.0.0", address[1])
+            host = address[0]
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         super().__init__(address, _Handler)
+
+    def server_bind(self):
+        if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # dual stack
+        super().server_bind()
 
     @property
     def url(self) -> str:

@@ -156,7 +156,7 @@ def test_port_in_use_exits_2(host):
 
 
 def test_flag_parsers():
-    assert _listen_address(":9977") == ("0.0.0.0", 9977)
+    assert _listen_address(":9977") == ("", 9977)
     assert _listen_address("[::1]:9977") == ("::1", 9977)
     assert _seconds("500ms") == 0.5
     assert _seconds("2m") == 120
@@ -175,7 +175,10 @@ def test_demo_prints_its_url_and_serves_the_scenario(tmp_path):
         except OSError:
             pass
         proc = subprocess.Popen(
-            [*AGENT, "--demo", "--demo.speed", "50"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            [*AGENT, "--demo", "--demo.speed", "50"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         lines = []
         try:

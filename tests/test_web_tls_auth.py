@@ -194,3 +194,24 @@ def test_real_agent_serves_tls_with_auth(tmp_path, tls_files):
         out, _ = proc.communicate(timeout=10)
     assert proc.returncode == 0, out.decode()
     assert b"listening on https://127.0.0.1" in out
+
+
+def test_empty_host_listens_on_ipv4_and_ipv6():
+    endpoints = Endpoints(
+        metrics=lambda accept, gzipped: (b"x 1\n", "text/plain"),
+        healthy=lambda: (True, "Healthy"),
+        ready=lambda: (True, "Ready"),
+    )
+    try:
+        srv = AgentHTTPServer(("", 0), endpoints)
+    except OSError as e:
+        pytest.fail(f"cannot listen on all addresses: {e}")
+    srv.serve_in_thread()
+    try:
+        port = srv.server_address[1]
+        assert requests.get(f"http://127.0.0.1:{port}/-/healthy", timeout=5).text == "Healthy\n"
+        if srv.address_family == socket.AF_INET6:
+            assert requests.get(f"http://[::1]:{port}/-/ready", timeout=5).text == "Ready\n"
+    finally:
+        srv.shutdown()
+        srv.server_close()
