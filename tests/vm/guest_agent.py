@@ -169,6 +169,21 @@ class Agent:
                 return {"met": False, "value": text, "seconds": time.monotonic() - start}
             time.sleep(interval)
 
+    def op_wait_glob(self, pattern, timeout=30.0, interval=0.05):
+        """Poll until some path matches the glob (met: False after timeout: nothing appeared)."""
+        start = time.monotonic()
+        while True:
+            if found := sorted(glob.glob(pattern)):
+                return {
+                    "met": True,
+                    "paths": found,
+                    "at": time.monotonic(),
+                    "seconds": time.monotonic() - start,
+                }
+            if time.monotonic() - start > timeout:
+                return {"met": False, "paths": [], "seconds": time.monotonic() - start}
+            time.sleep(interval)
+
     def op_wait_metric(self, url, line_regex, timeout=30.0, interval=0.05):
         """Scrape url until one exposition line matches; returns the matching line and when it first did."""
         start = time.monotonic()

@@ -5,7 +5,6 @@ by the tests themselves."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import sys
 import tarfile
@@ -221,28 +220,34 @@ class StorageBed:
         for md in g.glob("/sys/block/md*"):
             g.run(["mdadm", "--stop", "/dev/" + md.rsplit("/", 1)[1]], check=False, timeout=60)
         g.run(["iscsiadm", "-m", "node", "--logoutall=all"], check=False, timeout=60)
+        # iscsid keeps retrying a login whose iscsiadm was killed (and logs in once the target is back):
+        # a fresh iscsid forgets such pending logins.
+        g.kill("iscsid")
+        g.wait_proc("iscsid", timeout=30)
         g.run(["iscsiadm", "-m", "node", "-o", "delete"], check=False, timeout=30)
         g.run(["iscsiadm", "-m", "discoverydb", "-t", "st", "-p", PORTAL, "-o", "delete"], check=False)
         if self.target_up:
             for target in self.targets.values():
                 tid = str(target.tid)
-                g.run(
-                    [
-                        "tgtadm",
-                        "--lld",
-                        "iscsi",
-                        "--op",
-                        "delete",
-                        "--mode",
-                        "target",
-                        "--force",
-                        "--tid",
-                        tid,
-                    ]
-                )
+                tgtadm = [
+                    "tgtadm",
+                    "--lld",
+                    "iscsi",
+                    "--op",
+                    "delete",
+                    "--mode",
+                    "target",
+                    "--force",
+                    "--tid",
+                    tid,
+                ]
+                g.run(tgtadm, check=False)
         else:
             self.targets.clear()
             self.start_target()
+        self.start_iscsid()
+        left = self.sessions()
+        assert not left, f"sessions survived the reset: {left}"
         self.targets.clear()
         for dev in self.disks.values():
             g.run(["losetup", "-d", dev], check=False)
@@ -251,7 +256,3 @@ class StorageBed:
             ["rm", "-rf", "/tmp/disks", "/run/iscsimple", "/var/lib/iscsimple", "/etc/iscsimple"], check=False
         )
         g.run(["mkdir", "-p", "/tmp/disks"])
-
-
-def sda_name(dev: str) -> str:
-    return re.sub(r"^/dev/", "", dev)
