@@ -17,6 +17,8 @@ log = logging.getLogger(__name__)
 
 ISCSIADM = "iscsiadm"
 REPLACEMENT_TIMEOUT_KEY = "node.session.timeo.replacement_timeout"
+LOGIN_TIMEOUT_KEY = "node.conn[0].timeo.login_timeout"  # one login attempt (open-iscsi: 15 s)
+LOGIN_RETRY_KEY = "node.session.initial_login_retry_max"  # attempts of a first login (open-iscsi: 8)
 
 # include/iscsi_err.h
 ERR_TRANS = 4  # connection failure
@@ -42,6 +44,10 @@ class NodeRecord:
     portal: str  # "192.0.2.10:3260" or "[2001:db8::1]:3260"
     tpgt: int | None
     replacement_timeout: int | None
+    settings: tuple[tuple[str, str], ...] = ()  # every `key = value` of the record
+
+    def setting(self, key: str) -> str | None:
+        return dict(self.settings).get(key)
 
 
 class IscsiError(OperationError):
@@ -68,6 +74,7 @@ def parse_node_records(text: str) -> list[NodeRecord]:
                     portal=f"{host}:{port}" if port else host,
                     tpgt=_int(values.get("node.tpgt")),
                     replacement_timeout=_int(values.get(REPLACEMENT_TIMEOUT_KEY)),
+                    settings=tuple(values.items()),
                 )
             )
         return records

@@ -57,6 +57,23 @@ def replacement_timeout(config: Config, target: str, users: Iterable[Attachment]
     return config.replacement_timeout(target, mirrored=mirrored_only), mixed
 
 
+def node_settings(config: Config, timeout: int) -> list[tuple[str, str]]:
+    """The node-record settings a login needs: the replacement timeout, and a login that
+    iscsid itself gives up on within our login timeout.
+
+    open-iscsi tries a first login up to initial_login_retry_max (8) times, login_timeout
+    (15 s) each, and goes on after iscsiadm is killed; against a hung filer a session
+    would then linger (and could log in after the add failed). Two attempts of a third
+    of our login timeout each, plus iscsid's reopen delay, end before we kill iscsiadm.
+    """
+    attempt = max(1, int(config.login_timeout // 3))
+    return [
+        (iscsiadm.REPLACEMENT_TIMEOUT_KEY, str(timeout)),
+        (iscsiadm.LOGIN_TIMEOUT_KEY, str(attempt)),
+        (iscsiadm.LOGIN_RETRY_KEY, "1"),
+    ]
+
+
 def ensure(
     paths: HostPaths,
     config: Config,
@@ -84,11 +101,10 @@ def ensure(
         return _reuse(paths, target, sessions, timeout, deadline)
 
     record = _node_record(config, target, deadline)
-    if record.replacement_timeout != timeout:
-        # Before login: the new session starts with it.
-        iscsiadm.set_node_setting(
-            target, record.portal, iscsiadm.REPLACEMENT_TIMEOUT_KEY, str(timeout), deadline
-        )
+    # Before login: the new session starts with them.
+    for key, value in node_settings(config, timeout):
+        if record.setting(key) != value:
+            iscsiadm.set_node_setting(target, record.portal, key, value, deadline)
     if before_login is not None:
         before_login(record.portal)
     logged_in = iscsiadm.login(target, record.portal, config.login_timeout, deadline)

@@ -19,6 +19,11 @@ RT = "node.session.timeo.replacement_timeout"
 NODE = f"iscsiadm -m node -T {IQN}"
 LOGIN = f"{NODE} -p {PORTAL} --login"
 LOGOUT = f"{NODE} -p {PORTAL} --logout"
+# A first login that iscsid gives up on within our login timeout (5 s in the harness's config).
+LOGIN_SETTINGS = [
+    f"{NODE} -p {PORTAL} -o update -n node.conn[0].timeo.login_timeout -v 1",
+    f"{NODE} -p {PORTAL} -o update -n node.session.initial_login_retry_max -v 1",
+]
 
 
 @pytest.fixture
@@ -37,6 +42,7 @@ def test_mirrored_disk_builds_from_iscsi_then_adds_the_local_leg(hotplug):
     assert hotplug.command_lines() == [
         NODE,
         f"{NODE} -p {PORTAL} -o update -n {RT} -v 5",
+        *LOGIN_SETTINGS,
         LOGIN,
         "mdadm --build /dev/md/vm1 --level=1 --raid-devices=2 missing --write-mostly /dev/sda",
         f"mdadm /dev/md/vm1 --add {local_shown}",
@@ -64,7 +70,7 @@ def test_mirrored_disk_builds_from_iscsi_then_adds_the_local_leg(hotplug):
     assert entry.last.operation == "add" and entry.last.result == "success"
 
     assert hotplug.run("remove", vbd).returncode == 0
-    assert hotplug.command_lines()[5:] == ["mdadm --stop /dev/md/vm1", LOGOUT]
+    assert hotplug.command_lines()[7:] == ["mdadm --stop /dev/md/vm1", LOGOUT]
     assert hotplug.host.md_arrays() == {}
     assert hotplug.host.session_targets() == []
     assert hotplug.registry().list() == []
@@ -79,14 +85,14 @@ def test_plain_lun_is_handed_to_xen_without_mdadm(hotplug):
     hotplug.add(vbd)
 
     # The node record's timeout (open-iscsi's default 120 s) is already the unmirrored one.
-    assert hotplug.command_lines() == [NODE, LOGIN]
+    assert hotplug.command_lines() == [NODE, *LOGIN_SETTINGS, LOGIN]
     sdb = os.stat(hotplug.host.dev / "sdb").st_rdev  # LUN 0 is sda, LUN 3 sdb
     assert hotplug.xs(vbd, "physical-device") == f"{os.major(sdb):x}:{os.minor(sdb):x}" == "f0:1"
     assert hotplug.xs(vbd, "physical-device-path") == str(hotplug.host.dev / "sdb")
     assert hotplug.host.md_arrays() == {}
 
     hotplug.run("remove", vbd)
-    assert hotplug.command_lines()[2:] == [LOGOUT]
+    assert hotplug.command_lines()[4:] == [LOGOUT]
 
 
 def test_missing_iscsi_leg_builds_from_the_local_device_alone_without_login(hotplug):
@@ -138,16 +144,18 @@ def test_unknown_target_is_discovered_through_the_configured_portal_adding_new_r
 
     hotplug.add(hotplug.vbd(f"lun1@{IQN}+vm1"))
 
-    assert hotplug.command_lines()[:4] == [
+    assert hotplug.command_lines()[:6] == [
         NODE,
         f"iscsiadm -m discovery -t sendtargets -p {PORTAL} -o new",
         f"{NODE} -p {PORTAL} -o update -n {RT} -v 5",
+        *LOGIN_SETTINGS,
         LOGIN,
     ]
 
 
-def test_known_target_is_not_rediscovered_and_a_right_timeout_is_not_rewritten(hotplug):
-    hotplug.host.add_target(IQN, replacement_timeout=5)
+def test_known_target_is_not_rediscovered_and_right_settings_are_not_rewritten(hotplug):
+    right = {"node.conn[0].timeo.login_timeout": "1", "node.session.initial_login_retry_max": "1"}
+    hotplug.host.add_target(IQN, replacement_timeout=5, settings=right)
     hotplug.mirror("vm1")
 
     hotplug.add(hotplug.vbd(f"lun1@{IQN}+vm1"))

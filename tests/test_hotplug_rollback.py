@@ -46,6 +46,8 @@ STEPS = [
     ("node DB query", "iscsiadm failed for target", []),
     ("discovery", "discovery did not find it", []),
     ("set replacement timeout", "iscsiadm failed for target", []),
+    ("set login timeout", "iscsiadm failed for target", []),
+    ("set login retries", "iscsiadm failed for target", []),
     ("login", "iscsiadm failed for target", [LOGOUT]),  # iscsid may go on logging in: log out
     ("mdadm --build", "building /dev/md/vm1 failed", [LOGOUT]),
     ("mdadm --add", "adding", ["mdadm --stop /dev/md/vm1", LOGOUT]),

@@ -173,3 +173,19 @@ def test_mount_points_from_mountinfo(tmp_path):
     paths = HostPaths(procfs=tmp_path / "proc")
     assert mount_points(paths, BlockDevice("/dev/vg0/data", "dm-3", 253, 3, None)) == ["/srv/data"]
     assert mount_points(paths, BlockDevice("/dev/vg0/x", "dm-4", 253, 4, None)) == []
+
+
+def test_first_login_settings_make_iscsid_give_up_before_we_kill_iscsiadm():
+    from iscsimple.hotplug.session import node_settings
+
+    settings = dict(node_settings(Config(login_timeout=15), 5))
+    assert settings["node.session.timeo.replacement_timeout"] == "5"
+    attempt, retries = (
+        int(settings["node.conn[0].timeo.login_timeout"]),
+        int(settings["node.session.initial_login_retry_max"]),
+    )
+    # Two attempts plus iscsid's reopen delay (a few seconds) fit in the 15 s iscsiadm may take.
+    assert (retries + 1) * attempt + 3 < 15
+    record = parse_node_records((KERNEL_CAPTURES / "iscsiadm_node_record.txt").read_text())[0]
+    assert record.setting("node.conn[0].timeo.login_timeout") == "15"  # open-iscsi's default: too long
+    assert record.setting("node.session.initial_login_retry_max") == "8"

@@ -108,6 +108,7 @@ class FakeHost:
         reachable: bool = True,
         lun_delay: float = 0.0,
         login_seconds: float = 0.0,
+        settings: dict[str, str] | None = None,
     ) -> None:
         """A target offered at `portal` with LUN → size in bytes; optionally known to the node DB already."""
         luns = {1: 64 << 20} if luns is None else luns
@@ -120,7 +121,7 @@ class FakeHost:
                 "login_seconds": login_seconds,
             }
             if in_node_db:
-                state["nodes"][iqn] = _node_record(iqn, _portal(portal), replacement_timeout)
+                state["nodes"][iqn] = _node_record(iqn, _portal(portal), replacement_timeout, settings)
 
     def add_lun(self, iqn: str, lun: int, size: int) -> None:
         """A LUN mapped on the filer after login: visible after a rescan."""
@@ -574,10 +575,16 @@ def _disk_letters(number: int) -> str:
     return letters
 
 
-def _node_record(iqn: str, portal: str, replacement_timeout: int) -> dict:
+def _node_record(iqn: str, portal: str, replacement_timeout: int, settings: dict | None = None) -> dict:
+    """A node record with open-iscsi's defaults (iscsid.conf) where it matters to us."""
     return {
         "portal": portal,
-        "settings": {"node.session.timeo.replacement_timeout": str(replacement_timeout)},
+        "settings": {
+            "node.session.timeo.replacement_timeout": str(replacement_timeout),
+            "node.conn[0].timeo.login_timeout": "15",
+            "node.session.initial_login_retry_max": "8",
+            **(settings or {}),
+        },
     }
 
 
