@@ -384,3 +384,18 @@ def test_fast_text_encoder_matches_prometheus_client(host):
         line.rsplit(" ", 1)[0] for line in theirs.splitlines()
     ]
     assert value(a, "iscsimple_array_local_only", label="vm0-disk", domain='we"ird\\dom\nain') == 0
+
+    from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+
+    from iscsimple.exporter.exposition import encode
+
+    ours = encode(rendered.families, openmetrics=True).decode()
+    theirs = generate_openmetrics(Registry()).decode()
+    assert [line.rsplit(" ", 1)[0] for line in ours.splitlines()] == [
+        line.rsplit(" ", 1)[0] for line in theirs.splitlines()
+    ]
+    assert ours.endswith("# EOF\n")
+    om = {(s.name, frozenset(s.labels.items())): s.value for f in parse_openmetrics(ours) for s in f.samples}
+    assert om.keys() == a.keys()
+    assert rendered.body("application/openmetrics-text;version=1.0.0")[0] == ours.encode()
