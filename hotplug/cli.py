@@ -4,7 +4,7 @@
     iscsimple check-config [--tab F] [--config F] [DOMU.cfg ...]
     iscsimple attach SPEC / detach SPEC
     iscsimple convert-config DOMU.cfg ... [--write]
-    iscsimple install-hook [--prefix DIR] [--dest FILE] [--force]
+    iscsimple install-hook [--prefix DIR] [--dest FILE] [--force] [--mdadm-names]
     iscsimple resolve LABEL --keep local|iscsi          (hotplug/resolve.py, issue 6)
 
 Exit codes: 0 ok, 1 an operation failed, 2 bad input (arguments, spec, tab, config).
@@ -237,6 +237,12 @@ def add_install_hook(sub) -> None:
         "--dest", type=Path, help="the launcher's path (default PREFIX/etc/xen/scripts/block-iscsimple)"
     )
     p.add_argument("--force", action="store_true", help="replace a DEST that is not an iscsimple launcher")
+    p.add_argument(
+        "--mdadm-names",
+        action="store_true",
+        help="also write /etc/mdadm/mdadm.conf.d/iscsimple.conf (CREATE names=yes), needed beyond 512 arrays; "
+        "host-wide: every array mdadm creates by name becomes md_NAME",
+    )
     p.set_defaults(run=run_install_hook)
 
 
@@ -252,6 +258,7 @@ def run_install_hook(args: argparse.Namespace) -> int:
         config=getattr(args, "config", None),
         force=args.force,
         default_tab=paths.tab,
+        mdadm_names=args.mdadm_names,
     )
     for line in result.report():
         print(line)

@@ -23,6 +23,8 @@ from iscsimple.core.atomic import write_atomic
 from iscsimple.core.errors import InputError, OperationError
 from iscsimple.core.paths import DEFAULT_CONFIG, DEFAULT_TAB
 
+from .mdadm import NAMES_DROPIN, NAMES_DROPIN_TEXT
+
 HOOK = Path("/etc/xen/scripts/block-iscsimple")
 MARKER = "# iscsimple launcher"
 
@@ -115,8 +117,13 @@ def install_hook(
     force: bool = False,
     default_tab: Path = DEFAULT_TAB,
     argv: list[str] | None = None,
+    mdadm_names: bool = False,
 ) -> InstallResult:
-    """Write the launcher atomically (mode 0755); write example tab/config files only where none exist."""
+    """Write the launcher atomically (mode 0755); write example tab/config files only where none exist.
+
+    With `mdadm_names`, also mdadm's `CREATE names=yes` drop-in, needed beyond 512 arrays.
+    Opt-in because it is host-wide: every array mdadm then creates by name is md_NAME.
+    """
     hook = dest if dest is not None else _under(prefix, HOOK)
     argv = argv or entry_point()
     content = launcher(argv)
@@ -147,7 +154,10 @@ def install_hook(
     # With a prefix the standard places under it; without, where this host looks (ISCSIMPLE_TAB).
     tab_path = tab or (default_tab if prefix == Path("/") else _under(prefix, DEFAULT_TAB))
     config_path = config if config is not None else _under(prefix, DEFAULT_CONFIG)
-    for path, example, mode in ((tab_path, EXAMPLE_TAB, 0o644), (config_path, EXAMPLE_CONFIG, 0o644)):
+    files = [(tab_path, EXAMPLE_TAB, 0o644), (config_path, EXAMPLE_CONFIG, 0o644)]
+    if mdadm_names:
+        files.append((_under(prefix, NAMES_DROPIN), NAMES_DROPIN_TEXT, 0o644))
+    for path, example, mode in files:
         result.examples.append((path, _write_if_absent(path, example, mode)))
     return result
 

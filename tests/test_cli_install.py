@@ -125,3 +125,19 @@ def test_unwritable_destination_is_exit_1(capsys, tmp_path):
     code, out, err = _install(capsys, "--prefix", tmp_path)
     assert code == 1 and out == ""
     assert err.startswith("iscsimple install-hook: ") and "Traceback" not in err
+
+
+def test_mdadm_names_dropin_is_opt_in_and_never_replaced(capsys, tmp_path):
+    dropin = tmp_path / "etc/mdadm/mdadm.conf.d/iscsimple.conf"
+    assert _install(capsys, "--prefix", tmp_path)[0] == 0
+    assert not dropin.exists()  # host-wide setting: only on request
+
+    code, out, _ = _install(capsys, "--prefix", tmp_path, "--mdadm-names")
+    assert code == 0
+    assert "CREATE names=yes" in dropin.read_text().splitlines()
+    assert f"{dropin}: example written" in out.splitlines()
+
+    dropin.write_text("CREATE names=yes\n# edited by the operator\n")
+    code, out, _ = _install(capsys, "--prefix", tmp_path, "--mdadm-names")
+    assert code == 0 and f"{dropin}: exists, left as it is" in out.splitlines()
+    assert dropin.read_text().endswith("# edited by the operator\n")
