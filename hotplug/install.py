@@ -68,6 +68,7 @@ EXAMPLE_CONFIG = """\
 # enabled = true
 # stable_seconds = 30
 # backoff_max_seconds = 3600
+# max_parallel = 4
 """
 
 
