@@ -2,7 +2,6 @@
 
 [iscsi]
 portals = ["192.0.2.10:3260"]   # discovery, only for targets the node DB does not know
-iface = "default"
 login_timeout = 15              # seconds for one iscsiadm --login
 # How long open-iscsi queues I/O for a dead session before failing it.
 replacement_timeout_mirrored = 5     # md then fails the iSCSI leg and carries on locally
@@ -37,7 +36,6 @@ class ConfigError(InputError):
 @dataclass(frozen=True)
 class Config:
     portals: tuple[str, ...] = ()
-    iface: str = "default"
     login_timeout: float = 15.0
     replacement_timeout_mirrored: int = 5
     replacement_timeout_unmirrored: int = 120
@@ -59,7 +57,6 @@ class Config:
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
     "iscsi": {
         "portals": list,
-        "iface": str,
         "login_timeout": (int, float),
         "replacement_timeout_mirrored": int,
         "replacement_timeout_unmirrored": int,
@@ -168,7 +165,6 @@ def load_config(path: Path | str) -> Config:
             fail(f"[heal] {key} must be positive", ("heal",), key)
     return Config(
         portals=tuple(portals),
-        iface=iscsi.get("iface", "default"),
         login_timeout=float(iscsi.get("login_timeout", 15.0)),
         replacement_timeout_mirrored=iscsi.get("replacement_timeout_mirrored", 5),
         replacement_timeout_unmirrored=iscsi.get("replacement_timeout_unmirrored", 120),

@@ -49,7 +49,6 @@ EXAMPLE_CONFIG = """\
 [iscsi]
 # Portals to discover targets the open-iscsi node database does not know yet.
 # portals = ["192.0.2.10:3260"]
-# iface = "default"
 # login_timeout = 15
 # Seconds open-iscsi queues I/O for a dead session before failing it:
 # mirrored LUNs short (md fails the iSCSI leg, the VM continues on the local leg),

@@ -12,7 +12,6 @@ FULL = f"""\
 # every key iscsimple reads
 [iscsi]
 portals = ["192.0.2.10:3260", "[2001:db8::10]:3260"]
-iface = "iface-storage"
 login_timeout = 20
 replacement_timeout_mirrored = 3
 replacement_timeout_unmirrored = 180
@@ -45,7 +44,6 @@ def test_every_key(tmp_path):
     path, config = _load(tmp_path, FULL)
     assert config == Config(
         portals=("192.0.2.10:3260", "[2001:db8::10]:3260"),
-        iface="iface-storage",
         login_timeout=20.0,
         replacement_timeout_mirrored=3,
         replacement_timeout_unmirrored=180,
