@@ -305,6 +305,10 @@ class Agent:
             if os.path.isdir(d)
         ]
         (root / "dev_links.txt").write_text("\n".join(dev_links))
+        # iscsimple's own state beside the kernel's: the registry (volatile) and the durable records.
+        for src, name in (("/run/iscsimple", "run_iscsimple"), ("/var/lib/iscsimple", "var_lib_iscsimple")):
+            if os.path.isdir(src):
+                shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("*.lock", "locks"))
         for name, argv in commands:
             res = subprocess.run(argv, capture_output=True, timeout=30, check=False)
             (root / name).write_bytes(res.stdout + res.stderr)
