@@ -91,7 +91,8 @@ def render(snapshot: HostSnapshot, collectors: Sequence[SnapshotCollector]) -> R
     families.extend(_agent_families(snapshot, success, seconds))
     # Both formats now, in the refresh thread: Prometheus asks for OpenMetrics, and a scrape
     # must not pay for encoding (hundreds of ms at thousands of arrays).
-    return Rendered(snapshot, families, success, encode(families), encode(families, openmetrics=True))
+    text, openmetrics = encode_both(families)
+    return Rendered(snapshot, families, success, text, openmetrics)
 
 
 def encode_text(families: Iterable[Metric]) -> bytes:
@@ -99,42 +100,47 @@ def encode_text(families: Iterable[Metric]) -> bytes:
 
 
 def encode(families: Iterable[Metric], openmetrics: bool = False) -> bytes:
-    """The text format 0.0.4 (or OpenMetrics 1.0), exactly as prometheus_client's encoders
-    write it for gauges and counters, ~3x faster.
+    return encode_both(families)[1 if openmetrics else 0]
+
+
+def encode_both(families: Iterable[Metric]) -> tuple[bytes, bytes]:
+    """The text format 0.0.4 and OpenMetrics 1.0, exactly as prometheus_client's encoders
+    write them for gauges and counters, in one pass (the sample lines are the same).
 
     The generic encoders validate and escape every label name of every sample; ours are
     fixed identifiers, so only label values are escaped (a test compares both, line by line)."""
-    out: list[str] = []
-    append = out.append
+    text: list[str] = []
+    om: list[str] = []
     for family in families:
         name = family.name
         typ = family.type
         if typ not in ("gauge", "counter", "untyped"):
             # Histograms, summaries, info...: not used by the agent; keep exact semantics.
-            generic = openmetrics_format if openmetrics else text_format
-            text = generic.generate_latest(_Families([family])).decode()
-            append(text.removesuffix("# EOF\n"))
+            text.append(text_format.generate_latest(_Families([family])).decode())
+            om.append(
+                openmetrics_format.generate_latest(_Families([family])).decode().removesuffix("# EOF\n")
+            )
             continue
-        if typ == "counter" and not openmetrics:
-            name += "_total"
         doc = family.documentation.replace("\\", r"\\").replace("\n", r"\n")
-        if openmetrics:
-            doc = doc.replace('"', r"\"")
-            if typ == "untyped":
-                typ = "unknown"
-        append(f"# HELP {name} {doc}\n# TYPE {name} {typ}\n")
+        text_name = name + "_total" if typ == "counter" else name
+        text.append(f"# HELP {text_name} {doc}\n# TYPE {text_name} {typ}\n")
+        om_doc = doc.replace('"', r"\"")
+        om.append(f"# HELP {name} {om_doc}\n# TYPE {name} {'unknown' if typ == 'untyped' else typ}\n")
+        lines = []
         for sample in family.samples:
             if sample.name.endswith("_created"):
                 continue
             labels = sample.labels
             if labels:
                 inner = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items()))
-                append(f"{sample.name}{{{inner}}} {_value(sample.value)}\n")
+                lines.append(f"{sample.name}{{{inner}}} {_value(sample.value)}\n")
             else:
-                append(f"{sample.name} {_value(sample.value)}\n")
-    if openmetrics:
-        append("# EOF\n")
-    return "".join(out).encode()
+                lines.append(f"{sample.name} {_value(sample.value)}\n")
+        block = "".join(lines)
+        text.append(block)
+        om.append(block)
+    om.append("# EOF\n")
+    return "".join(text).encode(), "".join(om).encode()
 
 
 def _escape(value: str) -> str:
