@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from storagebed import StorageBed
-from vmharness import Guest, GuestError, VmUnavailable, prepare_kernel, prepare_xen
+from vmharness import Guest, GuestError, VmUnavailable, preflight, prepare_kernel, prepare_xen
 
 TIMINGS: dict[str, float] = {}
 
@@ -27,6 +27,7 @@ def record(name: str, seconds: float) -> None:
 def kernel_guest(tmp_path_factory):
     start = time.monotonic()
     try:
+        preflight()
         kernel = prepare_kernel()
     except VmUnavailable as exc:
         pytest.fail(str(exc), pytrace=False)
@@ -47,6 +48,7 @@ def xen_guest(tmp_path_factory):
     """Xen 4.17 with the Debian kernel as dom0 (no domU: `xl block-attach 0` attaches to dom0)."""
     start = time.monotonic()
     try:
+        preflight(xen=True)
         kernel, xen = prepare_kernel(), prepare_xen()
     except VmUnavailable as exc:
         pytest.fail(str(exc), pytrace=False)

@@ -33,6 +33,9 @@ RESULTS_MOUNT = "/mnt/iscsimple-results"
 # Modules the initramfs loads before it can mount its root (their dependencies are added by modprobe).
 INITRAMFS_MODULES = ("virtio_pci", "virtio_console", "9pnet_virtio", "9p", "overlay")
 TOOLS = ("qemu-system-x86_64", "busybox", "cpio", "depmod", "modprobe", "apt-get", "dpkg", "dpkg-deb")
+# The guest runs the host's own userspace: what the storage bed and Xen need must be installed here.
+GUEST_TOOLS = ("mdadm", "iscsiadm", "iscsid", "tgtd", "tgtadm", "losetup", "dmsetup", "udevadm", "ip")
+XEN_TOOLS = ("xl", "xenstore-read", "xenstore-ls", "/usr/lib/xen-4.17/bin/oxenstored")
 
 
 class VmUnavailable(RuntimeError):
@@ -51,11 +54,15 @@ def cache_dir() -> Path:
     return Path(base) / "iscsimple" / "vm"
 
 
-def preflight() -> None:
+def preflight(xen: bool = False) -> None:
     problems = []
     if os.geteuid() != 0:
         problems.append("must run as root (the guest's tools need a root-owned host filesystem view)")
-    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    wanted = TOOLS + GUEST_TOOLS + (XEN_TOOLS if xen else ())
+    search = (
+        os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin"
+    )  # root's tools, whatever PATH says
+    missing = [tool for tool in wanted if shutil.which(tool, path=search) is None]
     if missing:
         problems.append("missing host tools: " + ", ".join(missing))
     if not Path("/bin/busybox").exists():
@@ -234,7 +241,7 @@ class Guest:
         memory_mib: int = 1024,
         timeout: float = 300,
     ) -> Guest:
-        preflight()
+        preflight(xen=xen is not None)
         initramfs = build_initramfs(kernel)
         workdir.mkdir(parents=True, exist_ok=True)
         results = workdir / "results"
