@@ -129,8 +129,9 @@ class SimulatedHost:
         self._arrays: dict[str, _Array] = {}
         self._next_sid = 1
         self._next_host = 0
-        self._next_sd = 0
-        self._next_dm = 0
+        self._sd_used: set[int] = set()  # sd index numbers: the kernel reuses the lowest free one
+        self._dm_by_device: dict[str, str] = {}  # LVs outlive attachments: same dm-N each time
+        self._tab_labels: set[str] = set()
         self._md_minors: set[int] = set()
         self._batch = 0
         self._mdstat_dirty = False
@@ -181,13 +182,15 @@ class SimulatedHost:
             session = self._sessions[target]
             sd = session.luns.get(lun)
             if sd is None:
-                sd = _Lun(lun, _sd_name(self._next_sd), 16 * self._next_sd, size_bytes)
-                self._next_sd += 1
+                index = next(i for i in range(len(self._sd_used) + 1) if i not in self._sd_used)
+                self._sd_used.add(index)
+                sd = _Lun(lun, _sd_name(index), 16 * index, size_bytes)
                 session.luns[lun] = sd
                 self._write_session(session)
-            dm = f"dm-{self._next_dm}"
-            self._next_dm += 1
             local_device = local_device or f"/dev/vg0/{label}"
+            dm = self._dm_by_device.get(local_device)
+            if dm is None:
+                dm = self._dm_by_device[local_device] = f"dm-{len(self._dm_by_device)}"
             self._write_dm(dm, local_device, size_bytes)
             minor = self._alloc_md_minor()
             domid = domain_id if domain_id is not None else len(self._arrays) + 1
@@ -203,8 +206,10 @@ class SimulatedHost:
             array.speed_kib = 100_000
             self._arrays[label] = array
             self._write_array(array)
-            with open(self.paths.tab, "a") as tab:
-                tab.write(f"{label} {local_device}\n")
+            if label not in self._tab_labels:  # the tab is configuration: one line per LABEL, kept
+                self._tab_labels.add(label)
+                with open(self.paths.tab, "a") as tab:
+                    tab.write(f"{label} {local_device}\n")
             self.registry.put(
                 Attachment(
                     id=attachment_id,
@@ -318,7 +323,9 @@ class SimulatedHost:
             self.registry.remove(array.attachment_id)
             session = self._sessions.get(array.target)
             if session is not None:
-                session.luns.pop(array.lun, None)
+                gone = session.luns.pop(array.lun, None)
+                if gone is not None:
+                    self._sd_used.discard(gone.minor // 16)
                 if not self._arrays_of(array.target):
                     self._remove_session(session)
                     del self._sessions[array.target]
@@ -508,6 +515,7 @@ class SimulatedHost:
     def _remove_session(self, s: _Session) -> None:
         sysfs = self.paths.sysfs
         for lun in s.luns.values():
+            self._sd_used.discard(lun.minor // 16)
             with contextlib.suppress(FileNotFoundError):
                 (sysfs / "block" / lun.device).unlink()
         for link in (

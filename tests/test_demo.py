@@ -211,3 +211,14 @@ def test_mdstat_of_any_state_parses_back_to_sysfs(tmp_path_factory, steps, size_
         assert parsed.progress.done_blocks == done // 2 and parsed.progress.total_blocks == total // 2
         # md_seq_show works in units of 1024 sectors: coarse for small arrays, as in the kernel.
         assert abs(parsed.progress.ratio - done / total) <= 2 * 1024 / total + 0.002
+
+
+def test_reattach_reuses_kernel_names_like_the_kernel(host):
+    host.attach("a", "vm1", TARGET, 1)
+    host.attach("b", "vm2", TARGET, 2)
+    first = (host.md_device("a"), host.iscsi_device("a"))
+    host.detach("a")
+    host.attach("a", "vm1", TARGET, 1)
+    assert (host.md_device("a"), host.iscsi_device("a")) == first  # md127 and sda are free again
+    assert host.paths.tab.read_text().count("\na ") == 1
+    assert read_md_arrays(host.paths.sysfs).errors == []
