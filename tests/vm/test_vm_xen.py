@@ -10,13 +10,23 @@ from __future__ import annotations
 import pytest
 from conftest import record
 from storagebed import PORTAL
-from xldriver import BLOCK_SCRIPT, CONFIG, TAB
+from xldriver import CLI, CONFIG, TAB
 
 pytestmark = pytest.mark.vm
 
 IQN = "iqn.2026-11.test.local:xen"
 LABEL = "xen-disk"
 MIB = 8
+
+
+@pytest.fixture(scope="module")
+def hook(xen_storage):
+    """Installed as an operator does: `iscsimple install-hook --mdadm-names` writes the launcher
+    /etc/xen/scripts/block-iscsimple (so disks say just script=block-iscsimple) and mdadm's names drop-in
+    (arrays become md_LABEL in the kernel). Both land in dom0's overlay, never on the host."""
+    res = xen_storage.guest.run([CLI, "install-hook", "--mdadm-names"], timeout=60)
+    assert xen_storage.guest.read("/etc/xen/scripts/block-iscsimple") is not None, str(res)
+    return "block-iscsimple"
 
 
 def configure(bed, tab: dict[str, str]) -> None:
@@ -35,7 +45,7 @@ def xenstore_backend(g) -> dict[str, str]:
     return out
 
 
-def test_xl_block_attach_runs_block_iscsimple_and_detach_tears_down(xen_bed):
+def test_xl_block_attach_runs_block_iscsimple_and_detach_tears_down(xen_bed, hook):
     bed, g = xen_bed, xen_bed.guest
     lun_dev = bed.make_disk("xen-iscsi", MIB)
     local = bed.make_disk("xen-local", MIB)
@@ -43,7 +53,7 @@ def test_xl_block_attach_runs_block_iscsimple_and_detach_tears_down(xen_bed):
     bed.export(IQN, {1: lun_dev})
     configure(bed, {LABEL: local})
 
-    disk = f"format=raw,vdev=xvdb,access=rw,script={BLOCK_SCRIPT},target=lun1@{IQN}+{LABEL}"
+    disk = f"format=raw,vdev=xvdb,access=rw,script={hook},target=lun1@{IQN}+{LABEL}"
     attach = g.run(["xl", "block-attach", "0", disk], timeout=90, check=False)
     record("xen: xl block-attach (wall in guest)", attach.seconds)
     assert attach.rc == 0, str(attach)
@@ -51,7 +61,7 @@ def test_xl_block_attach_runs_block_iscsimple_and_detach_tears_down(xen_bed):
 
     keys = xenstore_backend(g)
     md = bed.md_name(LABEL)
-    assert md is not None
+    assert md == f"md_{LABEL}", "a named array (install-hook --mdadm-names)"
     major, minor = (int(x) for x in g.read(f"/sys/block/{md}/dev").strip().split(":"))
     assert keys["hotplug-status"] == "connected"
     assert keys["physical-device"] == f"{major:x}:{minor:x}"
@@ -71,13 +81,13 @@ def test_xl_block_attach_runs_block_iscsimple_and_detach_tears_down(xen_bed):
     assert bed.session(IQN) is None
 
 
-def test_failing_attach_reports_our_hotplug_error_through_libxl(xen_bed):
+def test_failing_attach_reports_our_hotplug_error_through_libxl(xen_bed, hook):
     bed, g = xen_bed, xen_bed.guest
     lun_dev = bed.make_disk("xen-iscsi-2", MIB)
     bed.export(IQN, {1: lun_dev})
     configure(bed, {})  # the label has no tab entry: an attach error, never a silent single-leg array
 
-    disk = f"format=raw,vdev=xvdb,access=rw,script={BLOCK_SCRIPT},target=lun1@{IQN}+not-in-tab"
+    disk = f"format=raw,vdev=xvdb,access=rw,script={hook},target=lun1@{IQN}+not-in-tab"
     attach = g.run(["xl", "block-attach", "0", disk], timeout=90, check=False)
     record("xen: failing xl block-attach (wall in guest)", attach.seconds)
     assert attach.rc != 0
