@@ -38,7 +38,7 @@ from .webconfig import WebConfig, load_web_config
 log = logging.getLogger("iscsimple.agent")
 
 # Port 9977: in the exporters' range 9100-9999 of the Prometheus "Default port allocations"
-# wiki, and not listed there when we checked (see README "Agent").
+# wiki, with no exporter found on it in what we could search (see README "Agent").
 DEFAULT_PORT = 9977
 DEFAULT_LISTEN = f":{DEFAULT_PORT}"
 
