@@ -327,3 +327,47 @@ def _write(directory: Path, **attrs: str) -> None:
 def _link(link: Path, target: Path) -> None:
     link.parent.mkdir(parents=True, exist_ok=True)
     link.symlink_to(os.path.relpath(target, link.parent))
+
+
+# The mirror in the captures: LUN 1 of this target (sda) mirrored onto /dev/loop1 as md127.
+CAPTURE_TARGET = "iqn.2026-11.test.local:disk1"
+CAPTURE_PORTAL = "127.0.0.1:3260"
+
+
+def register_capture_array(root: Path, *, state: Path | None = None, **overrides):
+    """Write the registry entry the hotplug would have written for the captured mirror.
+
+    Returns HostPaths over the materialised root (registry under `state`, default root/run);
+    `overrides` change fields of the Attachment (e.g. to describe a MISSING leg).
+    """
+    from iscsimple.core.paths import HostPaths
+    from iscsimple.core.registry import Attachment, Registry
+
+    paths = HostPaths(
+        procfs=root / "proc",
+        sysfs=root / "sys",
+        devfs=root / "dev",
+        state=state or root / "run",
+        records=root / "lib",
+    )
+    fields = dict(
+        id="vbd-1-51712",
+        spec=f"lun1@{CAPTURE_TARGET}+test",
+        lun=1,
+        target=CAPTURE_TARGET,
+        label="test",
+        state="attached",
+        portal=CAPTURE_PORTAL,
+        iscsi_device="sda",
+        local_device="/dev/loop1",
+        local_kernel_name="loop1",
+        md_device="md127",
+        md_path="/dev/md/test",
+        write_mostly_leg="iscsi",
+        domain_id=1,
+        domain_name="web1",
+        vbd="xvda",
+    )
+    fields.update(overrides)
+    Registry(paths).put(Attachment(**fields))
+    return paths

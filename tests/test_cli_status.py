@@ -4,9 +4,9 @@ core.snapshot derives (leg states, write-mostly, sync, session, local_only)."""
 import json
 
 import pytest
+from fixturetree import register_capture_array
 
 from iscsimple.core.paths import HostPaths
-from iscsimple.core.registry import Attachment, Registry
 from iscsimple.core.stale import StaleRecord, StaleRecords
 from iscsimple.hotplug.cli import main
 
@@ -32,26 +32,7 @@ def host(kernel_state_readonly, tmp_path):
 
 
 def _register(tmp_path, **overrides):
-    fields = dict(
-        id="vbd-1-51712",
-        spec=f"lun1@{TARGET}+test",
-        lun=1,
-        target=TARGET,
-        label="test",
-        state="attached",
-        portal="127.0.0.1:3260",
-        iscsi_device="sda",
-        local_device="/dev/loop1",
-        local_kernel_name="loop1",
-        md_device="md127",
-        md_path="/dev/md/test",
-        write_mostly_leg="iscsi",
-        domain_id=1,
-        domain_name="web1",
-        vbd="xvda",
-    )
-    fields.update(overrides)
-    Registry(HostPaths(state=tmp_path / "run")).put(Attachment(**fields))
+    register_capture_array(tmp_path, state=tmp_path / "run", **overrides)
 
 
 def _status(capsys, args, *extra):

@@ -1,9 +1,9 @@
 """The derived view every consumer renders from, checked against every real captured state."""
 
 import pytest
+from fixturetree import register_capture_array
 
 from iscsimple.core.paths import HostPaths
-from iscsimple.core.registry import Attachment, Registry
 from iscsimple.core.snapshot import HostSnapshot, leg_state
 from iscsimple.core.stale import StaleRecord, StaleRecords
 
@@ -26,30 +26,7 @@ EXPECTED = {
 
 
 def _register(root, **overrides):
-    paths = HostPaths(
-        procfs=root / "proc", sysfs=root / "sys", devfs=root / "dev", state=root / "run", records=root / "lib"
-    )
-    fields = dict(
-        id="vbd-1-51712",
-        spec=f"lun1@{TARGET}+test",
-        lun=1,
-        target=TARGET,
-        label="test",
-        state="attached",
-        portal="127.0.0.1:3260",
-        iscsi_device="sda",
-        local_device="/dev/loop1",
-        local_kernel_name="loop1",
-        md_device="md127",
-        md_path="/dev/md/test",
-        write_mostly_leg="iscsi",
-        domain_id=1,
-        domain_name="web1",
-        vbd="xvda",
-    )
-    fields.update(overrides)
-    Registry(paths).put(Attachment(**fields))
-    return paths
+    return register_capture_array(root, **overrides)
 
 
 @pytest.mark.parametrize("state", sorted(EXPECTED))

@@ -6,10 +6,10 @@ import math
 import shutil
 
 import pytest
+from fixturetree import register_capture_array
 from prometheus_client.parser import text_string_to_metric_families
 
 from iscsimple.core.paths import HostPaths
-from iscsimple.core.registry import Attachment, Registry
 from iscsimple.core.snapshot import LEG_STATES
 from iscsimple.exporter.agent import Agent, AgentOptions
 from iscsimple.exporter.demo import SimulatedHost
@@ -42,31 +42,7 @@ def names(samples, name: str) -> list[dict]:
     return [dict(k[1]) for k in samples if k[0] == name]
 
 
-def register_capture(root, **overrides) -> HostPaths:
-    paths = HostPaths(
-        procfs=root / "proc", sysfs=root / "sys", devfs=root / "dev", state=root / "run", records=root / "lib"
-    )
-    fields = dict(
-        id="vbd-1-51712",
-        spec=f"lun1@{TARGET}+test",
-        lun=1,
-        target=TARGET,
-        label="test",
-        state="attached",
-        portal=PORTAL,
-        iscsi_device="sda",
-        local_device="/dev/loop1",
-        local_kernel_name="loop1",
-        md_device="md127",
-        md_path="/dev/md/test",
-        write_mostly_leg="iscsi",
-        domain_id=1,
-        domain_name="web1",
-        vbd="xvda",
-    )
-    fields.update(overrides)
-    Registry(paths).put(Attachment(**fields))
-    return paths
+register_capture = register_capture_array
 
 
 # state → iscsi leg, local leg, degraded, sync action, ratio, speed KiB/s, session, lun, local_only, unprotected

@@ -8,7 +8,7 @@ what the captures do not show (a renamed LUN, another target's LUN, a busy devic
 from __future__ import annotations
 
 import pytest
-from fixturetree import FakeLun
+from fixturetree import FakeLun, register_capture_array
 from safetybed import LABEL, OTHER_TARGET, TARGET, SafetyBed, Session, make_node
 
 from iscsimple.core.paths import HostPaths
@@ -37,26 +37,7 @@ EXPECTED = {
 
 
 def _captured(root) -> HostPaths:
-    paths = HostPaths(
-        procfs=root / "proc", sysfs=root / "sys", devfs=root / "dev", state=root / "run", records=root / "lib"
-    )
-    Registry(paths).put(
-        Attachment(
-            id="vbd-1-51712",
-            spec=f"lun1@{CAPTURED_TARGET}+test",
-            lun=1,
-            target=CAPTURED_TARGET,
-            label="test",
-            state="attached",
-            iscsi_device="sda",
-            local_device="/dev/loop1",
-            local_kernel_name="loop1",
-            md_device="md127",
-            md_path="/dev/md/test",
-            domain_id=1,
-            domain_name="web1",
-        )
-    )
+    paths = register_capture_array(root)
     (paths.devfs).mkdir(exist_ok=True)
     if not (paths.devfs / "sda").exists():
         make_node(paths.devfs / "sda", "8:0")
