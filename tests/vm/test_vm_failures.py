@@ -92,7 +92,7 @@ def test_failed_login_leaves_no_pending_login_behind(bed):
     assert_failed_cleanly(bed, xl, vbd, res, IQN)
     # The filer comes back. iscsid retries a pending login every few seconds; give it a bounded chance.
     bed.start_target()
-    appeared = g.call("wait_glob", wait=60, pattern="/sys/class/iscsi_session/session*", timeout=15)
+    appeared = g.call("wait_glob", wait=60, pattern="/sys/class/iscsi_session/session*", timeout=10)
     assert not appeared["met"], f"a session nobody asked for appeared after the failed add: {appeared}"
 
 
