@@ -39,7 +39,7 @@ def test_attach_with_label_recovers_local_leg_from_iscsi_then_remove(bed):
     bed.export(IQN, {1: backing})
     xl.configure({LABEL: local})
     # Slow recovery down so the test sees it in progress, then let it finish.
-    bed.resync_speed(max_kib=200)
+    bed.resync_speed(max_kib=100)
 
     vbd = Vbd(1, 51712)
     added = xl.add(vbd, f"lun1@{IQN}+{LABEL}")
@@ -98,6 +98,8 @@ def test_attach_with_label_recovers_local_leg_from_iscsi_then_remove(bed):
     assert removed.rc == 0, str(removed)
     assert g.glob(f"/sys/block/{md}") == []
     assert bed.sessions() == {}
+    assert xl.status()["disks"] == []
+    assert metric(xl.metrics(), "iscsimple_array_local_only", label=LABEL) == []
 
 
 def assert_status_matches_sysfs(status: dict, bed, md: str, sd: str, loop: str) -> None:
