@@ -72,3 +72,13 @@ def test_missing_legs_are_left_out_on_purpose_not_failed(tmp_path):
     # A leg left out on purpose is not an outage: the local-only array is not "local_only".
     assert not no_iscsi.local_only
     assert [s.target for s in snap.iscsi.sessions] == ["iqn.2026-11.test.local:missing"]
+
+
+def test_outage_with_the_iscsi_leg_faulty_is_local_only(tmp_path):
+    snap = snapshot("04_outage_iscsi_leg_faulty_local_only", tmp_path)
+    view = snap.array("stale-disk")
+    assert view is not None and view.md is not None and view.md.degraded == 1
+    assert legs(view)["iscsi"][1:] == ("faulty", True)
+    assert legs(view)["local"][1:] == ("in_sync", False)
+    assert [s.state for s in snap.iscsi.sessions] == ["FREE"]
+    assert view.local_only and not view.session_up

@@ -7,6 +7,7 @@ outage-time writes and a normal attach serves them."""
 from __future__ import annotations
 
 import pytest
+from captures import save_capture
 from xldriver import CLI, Vbd, Xl
 
 pytestmark = pytest.mark.vm
@@ -16,7 +17,7 @@ LABEL = "stale-disk"
 MIB = 8
 
 
-def test_stale_iscsi_copy_is_refused_then_resolved_keeping_local_writes(bed):
+def test_stale_iscsi_copy_is_refused_then_resolved_keeping_local_writes(bed, tmp_path):
     g, xl = bed.guest, Xl(bed)
     backing = bed.make_disk("stale-lun", MIB)
     local = bed.make_disk("stale-local", MIB)
@@ -35,6 +36,8 @@ def test_stale_iscsi_copy_is_refused_then_resolved_keeping_local_writes(bed):
     written = g.call("fill", wait=120, path=f"/dev/md/{LABEL}", seed="stale-during-outage", length=1 << 20)
     assert "faulty" in bed.md_legs(md)[sd]
     assert g.call("sha256", path=local, length=1 << 20)["sha256"] == written["sha256"]
+    g.wait_for(bed.session(IQN) + "/state", "equals", "FREE", timeout=30)
+    save_capture(bed, "04_outage_iscsi_leg_faulty_local_only", tmp_path)
 
     # The VM stops before anything healed the mirror: remove records the stale copy.
     res = xl.remove(vbd)
