@@ -86,6 +86,13 @@ def test_outage_under_io_local_only_then_heal_with_zero_bytes_lost(bed):
     stale = wait_metric(g, sample_line("iscsimple_array_iscsi_stale", "1.0", label=LABEL), timeout=30)
     record("outage: kill -> iscsimple_array_iscsi_stale 1 (scrape)", stale["at"] - killed)
     assert g.read(f"/var/lib/iscsimple/stale/{LABEL}.json") is not None, "no durable stale record"
+    [disk] = xl.status()["disks"]
+    assert {"LOCAL-ONLY", "ISCSI-STALE"} <= set(disk["flags"]), disk["flags"]
+    assert (disk["iscsi"]["state"], disk["local"]["state"], disk["session"]["state"]) == (
+        "faulty",
+        "in_sync",
+        "FREE",
+    )
 
     # The writer stalled at most about the replacement timeout, then carried on on the local leg.
     g.wait_for("/tmp/w.log", "regex", rf"(?m)^{int(faulty['at']) + 2}\d*\.\d+ ", timeout=60)
@@ -114,7 +121,7 @@ def test_outage_under_io_local_only_then_heal_with_zero_bytes_lost(bed):
     bed.wait_in_sync(md)
     verdict = g.call("verify_writes", wait=300, log="/tmp/w.log", device=f"/dev/md/{LABEL}")
     assert verdict["mismatched"] == [], verdict["mismatched"]
-    record("outage: writes completed by the writer (all verified)", verdict["writes"])
+    record("outage: writes completed by the writer, all verified (a count)", verdict["writes"])
     sums = {dev: g.call("sha256", path=dev)["sha256"] for dev in (f"/dev/{sd}", local)}
     assert len(set(sums.values())) == 1, f"legs differ after the heal: {sums}"
 
