@@ -168,6 +168,17 @@ class Registry:
             log.warning("ignoring unreadable %s: %s", self.stats_path, e)
             return HotplugStats()
 
+    @contextmanager
+    def timed_operation(self, operation: str) -> Iterator[None]:
+        """Count the block as one `operation`, success or failure, with its duration (the agent exports these)."""
+        started = time.monotonic()
+        try:
+            yield
+        except BaseException:
+            self.record_operation(operation, "failure", time.monotonic() - started)
+            raise
+        self.record_operation(operation, "success", time.monotonic() - started)
+
     def record_operation(self, operation: str, result: str, seconds: float) -> None:
         with self._stats_lock():
             stats = self.read_stats()

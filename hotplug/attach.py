@@ -110,19 +110,13 @@ def attach(
     registry = Registry(paths)
     attachment_id = attachment_id or (xen.attachment_id if xen else cli_attachment_id(spec))
     started = time.monotonic()
-    try:
-        attachment = _attach(spec, paths, config, registry, xen, deadline, attachment_id, started, operation)
-    except (AttachError, AttachInputError):
-        registry.record_operation(operation, "failure", time.monotonic() - started)
-        raise
-    except IscsimpleError as e:  # refused before anything was done: nothing to undo
-        registry.record_operation(operation, "failure", time.monotonic() - started)
-        raise _wrap(spec, e) from e
-    except BaseException:
-        registry.record_operation(operation, "failure", time.monotonic() - started)
-        raise
-    registry.record_operation(operation, "success", time.monotonic() - started)
-    return attachment
+    with registry.timed_operation(operation):
+        try:
+            return _attach(spec, paths, config, registry, xen, deadline, attachment_id, started, operation)
+        except (AttachError, AttachInputError):
+            raise
+        except IscsimpleError as e:  # refused before anything was done: nothing to undo
+            raise _wrap(spec, e) from e
 
 
 def _attach(

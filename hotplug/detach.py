@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
@@ -42,14 +41,8 @@ def detach(
     """Undo attachment `attachment_id`. Returns what was detached, None if nothing was attached."""
     deadline = deadline or Deadline(config.attach_budget)
     registry = Registry(paths)
-    started = time.monotonic()
-    try:
-        detached = _detach(attachment_id, paths, config, registry, deadline)
-    except BaseException:
-        registry.record_operation(operation, "failure", time.monotonic() - started)
-        raise
-    registry.record_operation(operation, "success", time.monotonic() - started)
-    return detached
+    with registry.timed_operation(operation):
+        return _detach(attachment_id, paths, config, registry, deadline)
 
 
 def _detach(

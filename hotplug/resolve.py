@@ -104,8 +104,8 @@ class Resolver:
                 "nothing done: discarding the local writes needs --yes-discard-local-writes "
                 f"(or keep them: iscsimple resolve {label} --keep local)"
             )
-        self.records.clear(label)
-        self.registry.record_operation("resolve", "success", 0.0)
+        with self.registry.timed_operation("resolve"):
+            self.records.clear(label)
         log.warning("%s: stale record cleared by the operator, local writes since it are discarded", label)
         self.out(f"{label}: record cleared; start the VM: its attach rebuilds the local leg from iSCSI")
         return 0
@@ -155,14 +155,16 @@ class Resolver:
         if dry_run:
             self.out("dry run: nothing done")
             return False
-        with hotplug_lock(self.paths.locks, label_lock_name(label), Deadline(self.config.attach_budget)):
+        with (
+            self.registry.timed_operation("resolve"),
+            hotplug_lock(self.paths.locks, label_lock_name(label), Deadline(self.config.attach_budget)),
+        ):
             fresh = self._view(label)
             again = plan_heal(fresh, self.paths.sysfs, self.paths.devfs) if fresh else None
             if again != plan:
                 raise OperationError(f"{label} changed while we looked at it; run resolve again")
             for argv in plan.commands():
                 self.runner(argv, timeout=MDADM_TIMEOUT)
-        self.registry.record_operation("resolve", "success", 0.0)
         return True
 
     def _build_from_local(self, label: str, record: StaleRecord, dry_run: bool) -> bool:
@@ -194,7 +196,10 @@ class Resolver:
 
         deadline = Deadline(self.config.attach_budget)
         attachment_id = resolve_attachment_id(label)
-        with hotplug_lock(self.paths.locks, label_lock_name(label), deadline):
+        with (
+            self.registry.timed_operation("resolve"),
+            hotplug_lock(self.paths.locks, label_lock_name(label), deadline),
+        ):
             if active_md_array(self.paths, label):
                 raise OperationError(f"/dev/md/{label} appeared meanwhile; run resolve again")
             other = self.registry.by_label(label)
@@ -222,7 +227,6 @@ class Resolver:
                 current = self.registry.get(attachment_id) or attachment
                 undo(current, self.paths, self.config, self.registry, Deadline(self.config.attach_budget))
                 raise
-        self.registry.record_operation("resolve", "success", 0.0)
         return True
 
     def _build(self, attachment: Attachment, entry, deadline: Deadline) -> None:

@@ -139,3 +139,14 @@ def test_stale_records_are_write_once_and_clearable(paths):
     assert records.get("vm1") is None
     with pytest.raises(ValueError):
         records.path("../x")
+
+
+def test_timed_operation_counts_success_and_failure(paths):
+    reg = Registry(paths)
+    with reg.timed_operation("resolve"):
+        pass
+    with pytest.raises(RuntimeError), reg.timed_operation("resolve"):
+        raise RuntimeError("mdadm failed")
+    stats = reg.read_stats()
+    assert stats.totals == {"resolve": {"success": 1, "failure": 1}}
+    assert stats.last_seconds["resolve"] >= 0
