@@ -29,6 +29,23 @@ REPO = HERE.parents[1]
 GUEST_INIT = HERE / "guest" / "init"
 GUEST_AGENT = HERE / "guest_agent.py"
 RESULTS_MOUNT = "/mnt/iscsimple-results"
+# The guest gets empty /run and /tmp (the host's hold the host's state); what it needs from there stays visible.
+HIDDEN_IN_GUEST = (Path("/tmp"), Path("/run"))
+
+
+def paths_to_keep(*paths: Path) -> list[str]:
+    """Those of `paths` (the checkout, its venv, the kernel cache) that lie under a directory the guest hides."""
+    keep = []
+    for path in paths:
+        path = Path(os.path.abspath(path))
+        if any(path.is_relative_to(hidden) for hidden in HIDDEN_IN_GUEST) and str(path) not in keep:
+            if any(c in str(path) for c in " ,\t\n"):
+                raise VmUnavailable(
+                    f"{path}: a path with spaces or commas cannot be passed to the guest; move it"
+                )
+            keep.append(str(path))
+    return keep
+
 
 # Modules the initramfs loads before it can mount its root (their dependencies are added by modprobe).
 INITRAMFS_MODULES = ("virtio_pci", "virtio_console", "9pnet_virtio", "9p", "overlay")
@@ -260,6 +277,9 @@ class Guest:
             f"ism.results={RESULTS_MOUNT}",
             "panic=-1",
         ]
+        keep = paths_to_keep(REPO, Path(sys.executable).parent, cache_dir())
+        if keep:
+            cmdline.append("ism.keep=" + ",".join(keep))
         argv = [
             "qemu-system-x86_64",
             "-accel",
