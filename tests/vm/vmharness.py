@@ -39,9 +39,10 @@ def paths_to_keep(*paths: Path) -> list[str]:
     for path in paths:
         path = Path(os.path.abspath(path))
         if any(path.is_relative_to(hidden) for hidden in HIDDEN_IN_GUEST) and str(path) not in keep:
-            if any(c in str(path) for c in " ,\t\n"):
+            # Kernel arguments split at white space, qemu's multiboot module list (Xen) at commas.
+            if any(c in str(path) for c in " ,:\t\n"):
                 raise VmUnavailable(
-                    f"{path}: a path with spaces or commas cannot be passed to the guest; move it"
+                    f"{path}: a path with spaces, commas or colons cannot be passed to the guest"
                 )
             keep.append(str(path))
     return keep
@@ -279,7 +280,7 @@ class Guest:
         ]
         keep = paths_to_keep(REPO, Path(sys.executable).parent, cache_dir())
         if keep:
-            cmdline.append("ism.keep=" + ",".join(keep))
+            cmdline.append("ism.keep=" + ":".join(keep))
         argv = [
             "qemu-system-x86_64",
             "-accel",
