@@ -265,22 +265,14 @@ class SimulatedHost:
     def fail_session(self, target: str) -> None:
         """The target stops answering: session FAILED, its LUNs blocked (md has not noticed yet)."""
         with self._lock:
-            session = self._sessions[target]
-            session.state = "FAILED"
-            for lun in session.luns.values():
-                lun.state = "blocked"
-            self._write_session(session)
+            self._set_session_state(target, "FAILED", "blocked")
         self._changed(f"session to {target} FAILED")
 
     def expire_session(self, target: str) -> None:
         """replacement_timeout expired: session FREE, LUNs transport-offline, and md failed the
         iSCSI legs on the next I/O (faulty,write_mostly,write_error; degraded 1)."""
         with self._lock:
-            session = self._sessions[target]
-            session.state = "FREE"
-            for lun in session.luns.values():
-                lun.state = "transport-offline"
-            self._write_session(session)
+            self._set_session_state(target, "FREE", "transport-offline")
             for array in self._arrays_of(target):
                 self._fail_iscsi_leg(array)
         self._changed(f"session to {target} expired, iSCSI legs faulty")
@@ -288,12 +280,16 @@ class SimulatedHost:
     def restore_session(self, target: str) -> None:
         """The target is back and iscsid logged in again; md keeps the legs faulty."""
         with self._lock:
-            session = self._sessions[target]
-            session.state = "LOGGED_IN"
-            for lun in session.luns.values():
-                lun.state = "running"
-            self._write_session(session)
+            self._set_session_state(target, "LOGGED_IN", "running")
         self._changed(f"session to {target} LOGGED_IN again")
+
+    def _set_session_state(self, target: str, state: str, lun_state: str) -> None:
+        """The session's state and its LUNs' SCSI state move together, as the kernel moves them."""
+        session = self._sessions[target]
+        session.state = state
+        for lun in session.luns.values():
+            lun.state = lun_state
+        self._write_session(session)
 
     def heal(self, label: str) -> None:
         """`mdadm --remove` of the faulty iSCSI leg, then `--add --write-mostly`: the iSCSI
