@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from fixturetree import FakeLun, FakeMember, write_iscsi_session, write_md_array
 
+from iscsimple.cli.main import main
 from iscsimple.core.paths import HostPaths
 from iscsimple.core.registry import Attachment, Registry
-from iscsimple.hotplug.cli import main
 
 TARGETS = 10
 

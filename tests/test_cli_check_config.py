@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from iscsimple.cli.checkconfig import check_all
+from iscsimple.cli.main import main
 from iscsimple.core.paths import HostPaths
-from iscsimple.hotplug.checkconfig import check_all
-from iscsimple.hotplug.cli import main
 
 DOMU = Path(__file__).resolve().parent / "fixtures" / "domu"
 IQN = "iqn.2001-04.com.example:storage"
@@ -52,7 +52,7 @@ def _run(capsys, root: Path, *args: str, tab_option: bool = True):
 
 
 def _convert(src: Path, dest: Path) -> Path:
-    from iscsimple.hotplug.convert import convert_file, write_conversion
+    from iscsimple.cli.convert import convert_file, write_conversion
 
     shutil.copyfile(src, dest)
     conversion, errors = convert_file(dest)

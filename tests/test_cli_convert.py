@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from iscsimple.hotplug.cli import main
+from iscsimple.cli.main import main
 
 DOMU = Path(__file__).resolve().parent / "fixtures" / "domu"
 IQN = "iqn.2001-04.com.example:storage"

@@ -5,10 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from iscsimple.cli.install import EXAMPLE_CONFIG, EXAMPLE_TAB, MARKER, entry_point, install_hook
+from iscsimple.cli.main import main
 from iscsimple.core.config import Config, load_config
 from iscsimple.core.tab import parse_tab
-from iscsimple.hotplug.cli import main
-from iscsimple.hotplug.install import EXAMPLE_CONFIG, EXAMPLE_TAB, MARKER, entry_point, install_hook
 
 HOOK = Path("etc/xen/scripts/block-iscsimple")
 TAB = Path("etc/xen/scripts/block-iscsimple-tab.conf")

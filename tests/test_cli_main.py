@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from iscsimple.hotplug import cli
+from iscsimple.cli import main as cli
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "iscsimple"
 

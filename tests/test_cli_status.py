@@ -6,9 +6,9 @@ import json
 import pytest
 from fixturetree import register_capture_array
 
+from iscsimple.cli.main import main
 from iscsimple.core.paths import HostPaths
 from iscsimple.core.stale import StaleRecord, StaleRecords
-from iscsimple.hotplug.cli import main
 
 TARGET = "iqn.2026-11.test.local:disk1"
 

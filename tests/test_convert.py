@@ -9,15 +9,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from iscsimple.core.errors import InputError, OperationError
-from iscsimple.core.xlcfg import XlCfgError, parse_diskspec, string_lists
-from iscsimple.hotplug.convert import (
+from iscsimple.cli.convert import (
     backup_path,
     convert_file,
     convert_text,
     legacy_to_xl,
     write_conversion,
 )
+from iscsimple.core.errors import InputError, OperationError
+from iscsimple.core.xlcfg import XlCfgError, parse_diskspec, string_lists
 
 DOMU = Path(__file__).resolve().parent / "fixtures" / "domu"
 IQN = "iqn.2001-04.com.example:storage"

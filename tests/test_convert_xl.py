@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from iscsimple.cli.convert import convert_file, write_conversion
 from iscsimple.core.xlcfg import parse_diskspec, string_lists
-from iscsimple.hotplug.convert import convert_file, write_conversion
 
 DOMU = Path(__file__).resolve().parent / "fixtures" / "domu"
 IQN = "iqn.2001-04.com.example:storage"

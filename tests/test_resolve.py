@@ -13,14 +13,15 @@ import pytest
 from fixturetree import FakeLun
 from safetybed import LABEL, TARGET, FakeMdadm, SafetyBed
 
+from iscsimple.cli import main as cli
+from iscsimple.cli.resolve import Resolver, resolve_attachment_id
 from iscsimple.core.config import Config
 from iscsimple.core.errors import InputError, OperationError
 from iscsimple.core.registry import Registry
 from iscsimple.core.safety import stale_record
 from iscsimple.core.stale import StaleRecords
-from iscsimple.hotplug import cli, iscsiadm
+from iscsimple.hotplug import iscsiadm
 from iscsimple.hotplug import mdadm as hotplug_mdadm
-from iscsimple.hotplug.resolve import Resolver, resolve_attachment_id
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="block device nodes under a test devfs need root")
 

@@ -5,7 +5,7 @@
     iscsimple attach SPEC / detach SPEC
     iscsimple convert-config DOMU.cfg ... [--write]
     iscsimple install-hook [--prefix DIR] [--dest FILE] [--force] [--mdadm-names]
-    iscsimple resolve LABEL --keep local|iscsi          (hotplug/resolve.py, issue 6)
+    iscsimple resolve LABEL --keep local|iscsi          (cli/resolve.py)
 
 Exit codes: 0 ok, 1 an operation failed, 2 bad input (arguments, spec, tab, config).
 Errors are one sentence on stderr, never a traceback (--debug shows one).
@@ -27,58 +27,11 @@ from pathlib import Path
 
 from iscsimple.core.config import Config, load_config
 from iscsimple.core.errors import InputError, IscsimpleError
-from iscsimple.core.paths import HostPaths
 
+from .options import Parser, common_options, host_paths
 from .resolve import add_resolve
 
 log = logging.getLogger("iscsimple")
-
-
-class UsageError(InputError):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is our InputError: one sentence, exit 2."""
-
-    def error(self, message: str):
-        raise UsageError(f"{message}; see '{self.prog} --help'")
-
-
-# --- paths and config from the common options ----------------------------------------------------
-
-
-def _common_options() -> argparse.ArgumentParser:
-    """Options every subcommand accepts, before or after its name (defaults: HostPaths.from_env)."""
-    common = argparse.ArgumentParser(add_help=False)
-    s = argparse.SUPPRESS
-    group = common.add_argument_group("host paths (for tests and unusual layouts)")
-    group.add_argument(
-        "--tab", type=Path, default=s, help="tab file (default /etc/xen/scripts/block-iscsimple-tab.conf)"
-    )
-    group.add_argument(
-        "--config", type=Path, default=s, help="config file (default /etc/iscsimple/iscsimple.toml)"
-    )
-    group.add_argument("--state", type=Path, default=s, help="registry directory (default /run/iscsimple)")
-    group.add_argument("--records", type=Path, default=s, help="durable records (default /var/lib/iscsimple)")
-    group.add_argument(
-        "--locks", type=Path, default=s, help="hotplug lock directory (default /var/run/xen-hotplug)"
-    )
-    group.add_argument("--path.procfs", dest="procfs", type=Path, default=s, help="procfs mount point")
-    group.add_argument("--path.sysfs", dest="sysfs", type=Path, default=s, help="sysfs mount point")
-    group.add_argument("--path.devfs", dest="devfs", type=Path, default=s, help="devfs mount point")
-    group.add_argument("--debug", action="store_true", default=s, help="log every step and show tracebacks")
-    return common
-
-
-def host_paths(args: argparse.Namespace) -> HostPaths:
-    paths = HostPaths.from_env()
-    changes = {
-        name: getattr(args, name)
-        for name in ("tab", "config", "state", "records", "locks", "procfs", "sysfs", "devfs")
-        if getattr(args, name, None) is not None
-    }
-    return paths.with_(**changes)
 
 
 # --- subcommands ----------------------------------------------------------------------------------
@@ -148,8 +101,7 @@ def add_attach(sub) -> None:
 
 def run_attach(args: argparse.Namespace) -> int:
     from iscsimple.core.spec import parse_spec
-
-    from .attach import attach
+    from iscsimple.hotplug.attach import attach
 
     spec = parse_spec(args.spec)
     paths = host_paths(args)
@@ -166,9 +118,8 @@ def add_detach(sub) -> None:
 
 def run_detach(args: argparse.Namespace) -> int:
     from iscsimple.core.spec import parse_spec
-
-    from .attach import cli_attachment_id
-    from .detach import detach
+    from iscsimple.hotplug.attach import cli_attachment_id
+    from iscsimple.hotplug.detach import detach
 
     spec = parse_spec(args.spec)
     paths = host_paths(args)
@@ -272,20 +223,20 @@ SUBCOMMANDS: tuple[Callable, ...] = (
     add_detach,
     add_convert_config,
     add_install_hook,
-    add_resolve,  # issue 6: iscsimple resolve LABEL --keep local|iscsi (hotplug/resolve.py)
+    add_resolve,  # issue 6: iscsimple resolve LABEL --keep local|iscsi (cli/resolve.py)
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = _common_options()
-    parser = _Parser(
+    common = common_options()
+    parser = Parser(
         prog="iscsimple",
         description="Operate iscsimple disks: iSCSI LUNs for Xen VMs, mirrored onto local devices.",
         epilog="Exit status: 0 done, 1 an operation failed on the host, 2 bad input. "
         "'iscsimple COMMAND --help' for a command's options.",
         parents=[common],
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Parser)
     original_add = sub.add_parser
 
     def add_parser(name, **kwargs):

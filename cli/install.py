@@ -22,8 +22,7 @@ from pathlib import Path
 from iscsimple.core.atomic import write_atomic
 from iscsimple.core.errors import InputError, OperationError
 from iscsimple.core.paths import DEFAULT_CONFIG, DEFAULT_TAB
-
-from .mdadm import NAMES_DROPIN, NAMES_DROPIN_TEXT
+from iscsimple.hotplug.mdadm import NAMES_DROPIN, NAMES_DROPIN_TEXT
 
 HOOK = Path("/etc/xen/scripts/block-iscsimple")
 MARKER = "# iscsimple launcher"

@@ -38,11 +38,12 @@ from iscsimple.core.snapshot import ArrayView, HostSnapshot
 from iscsimple.core.spec import check_label
 from iscsimple.core.stale import StaleRecord, StaleRecords
 from iscsimple.core.tab import read_tab
+from iscsimple.hotplug import mdadm, session
+from iscsimple.hotplug.detach import detach, undo
+from iscsimple.hotplug.devices import active_md_array, check_local_device, md_path, wait_for_lun, wait_for_md
+from iscsimple.hotplug.locking import hotplug_lock, label_lock_name, target_lock_name
 
-from . import mdadm, session
-from .detach import detach, undo
-from .devices import active_md_array, check_local_device, md_path, wait_for_lun, wait_for_md
-from .locking import hotplug_lock, label_lock_name, target_lock_name
+from .options import host_paths
 
 log = logging.getLogger(__name__)
 
@@ -342,8 +343,6 @@ def add_resolve(sub) -> None:
 
 
 def run_resolve(args: argparse.Namespace) -> int:
-    from .cli import host_paths
-
     if args.wait < 0:
         raise InputError("--wait must not be negative")
     if args.confirmed and args.keep != "iscsi":

@@ -16,8 +16,7 @@ from iscsimple.core.config import Config
 from iscsimple.core.iscsi import IscsiSession
 from iscsimple.core.registry import Attachment
 from iscsimple.core.snapshot import ArrayView, HostSnapshot, LegView
-
-from .session import replacement_timeout
+from iscsimple.hotplug.session import replacement_timeout
 
 RUNBOOKS = "docs/runbooks"
 
