@@ -30,6 +30,8 @@ from dataclasses import replace
 
 from iscsimple.core.config import Config, load_config
 from iscsimple.core.errors import InputError, OperationError
+from iscsimple.core.heal import CHANGED, execute_heal, execute_locked
+from iscsimple.core.locking import hotplug_lock, label_lock_name, target_lock_name
 from iscsimple.core.paths import HostPaths
 from iscsimple.core.registry import LEG_ISCSI, LEG_LOCAL, STATE_ATTACHED, Attachment, Registry
 from iscsimple.core.run import Deadline, run
@@ -41,13 +43,11 @@ from iscsimple.core.tab import read_tab
 from iscsimple.hotplug import mdadm, session
 from iscsimple.hotplug.detach import detach, undo
 from iscsimple.hotplug.devices import active_md_array, check_local_device, md_path, wait_for_lun, wait_for_md
-from iscsimple.hotplug.locking import hotplug_lock, label_lock_name, target_lock_name
 
 from .options import host_paths
 
 log = logging.getLogger(__name__)
 
-MDADM_TIMEOUT = 30.0
 POLL = 1.0
 
 Out = Callable[[str], None]
@@ -156,16 +156,14 @@ class Resolver:
         if dry_run:
             self.out("dry run: nothing done")
             return False
-        with (
-            self.registry.timed_operation("resolve"),
-            hotplug_lock(self.paths.locks, label_lock_name(label), Deadline(self.config.attach_budget)),
-        ):
-            fresh = self._view(label)
-            again = plan_heal(fresh, self.paths.sysfs, self.paths.devfs) if fresh else None
-            if again != plan:
+        with self.registry.timed_operation("resolve"):
+            outcome = execute_heal(
+                self.paths, view, plan, Deadline(self.config.attach_budget), runner=self.runner
+            )
+            if outcome.result == CHANGED:
                 raise OperationError(f"{label} changed while we looked at it; run resolve again")
-            for argv in plan.commands():
-                self.runner(argv, timeout=MDADM_TIMEOUT)
+            if not outcome.started:
+                raise OperationError(f"cannot heal {label}: {outcome.detail}")
         return True
 
     def _build_from_local(self, label: str, record: StaleRecord, dry_run: bool) -> bool:
@@ -259,8 +257,9 @@ class Resolver:
                 plan.detail if isinstance(plan, HealBlocked) else f"the LUN is not {iscsi_dev.name} any more"
             )
             raise OperationError(f"cannot add LUN {lun} of {target} to {md}: {why}")
-        for argv in plan.commands():
-            self.runner(argv, timeout=MDADM_TIMEOUT)
+        outcome = execute_locked(self.paths, view, plan, runner=self.runner)
+        if not outcome.started:
+            raise OperationError(f"cannot add LUN {lun} of {target} to {md}: {outcome.detail}")
         self.out(f"{label}: {plan.add_path} added write-mostly; it recovers from the local leg")
 
     # -- the end ---------------------------------------------------------------------------------

@@ -26,31 +26,26 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from iscsimple.core.config import Config, ConfigError, load_config
-from iscsimple.core.errors import OperationError
+from iscsimple.core.heal import BUSY, CHANGED, Runner, execute_heal
 from iscsimple.core.iscsi import IscsiSession
 from iscsimple.core.paths import HostPaths
-from iscsimple.core.registry import Registry
 from iscsimple.core.run import Deadline, run
-from iscsimple.core.safety import HealBlocked, HealPlan, plan_heal, read_view, recovery_complete, stale_record
+from iscsimple.core.safety import HealBlocked, HealPlan, plan_heal, recovery_complete, stale_record
 from iscsimple.core.snapshot import ArrayView, HostSnapshot
 from iscsimple.core.stale import StaleRecord, StaleRecords
-from iscsimple.hotplug.locking import LockTimeout, hotplug_lock, label_lock_name
 
 from .collectors.base import SnapshotCollector, gauge
 
 log = logging.getLogger("iscsimple.agent.safety")
 
-MDADM_TIMEOUT = 30.0  # one mdadm call; --add on a LUN that just came back may be slow
 LOCK_WAIT = 2.0  # a hotplug holds the label: try again on the next refresh
 HEAL_RESULTS = ("success", "failure", "aborted")  # always exported; skipped_<reason> when seen
-
-Runner = Callable[..., object]
 
 
 class StaleDetector:
@@ -214,36 +209,24 @@ class Healer:
             self._recovering += 1
 
     def _heal(self, view: ArrayView, plan: HealPlan, progress: _Progress) -> bool:
-        try:
-            with hotplug_lock(self.lock_dir, label_lock_name(view.label), Deadline(self.lock_wait)):
-                # A hotplug may have stopped or rebuilt the array since the snapshot: decide again.
-                current = Registry(self.paths).get(view.attachment.id)
-                fresh = read_view(self.paths, current) if current else None
-                again = (
-                    plan_heal(fresh, self.paths.sysfs, self.paths.devfs, enabled=self.enabled)
-                    if fresh
-                    else None
-                )
-                if again != plan:
-                    self._skip(view.label, progress, "changed", "the array changed under us; will look again")
-                    progress.ready_since = None
-                    return False
-                log.warning("healing %s", plan.describe())
-                for argv in plan.commands():
-                    self.runner(argv, timeout=MDADM_TIMEOUT)
-                if plan.renamed:
-                    self._note_new_device(view, plan)
-        except LockTimeout:
+        outcome = execute_heal(
+            self.paths, view, plan, Deadline(self.lock_wait), runner=self.runner, lock_dir=self.lock_dir
+        )
+        if outcome.result == BUSY:
             self._skip(view.label, progress, "busy", "a hotplug operation holds the label; will retry")
             return False
-        except OperationError as e:
+        if outcome.result == CHANGED:
+            self._skip(view.label, progress, "changed", "the array changed under us; will look again")
+            progress.ready_since = None
+            return False
+        if not outcome.started:
             progress.failures += 1
             progress.ready_since = None
             self._count("failure")
             log.error(
                 "heal of %s failed: %s; next attempt after %.0f s of a healthy session",
                 view.label,
-                e,
+                outcome.detail,
                 self.wait_for(view.label),
             )
             return False
@@ -257,13 +240,6 @@ class Healer:
             plan.add_path,
         )
         return True
-
-    def _note_new_device(self, view: ArrayView, plan: HealPlan) -> None:
-        """Keep the registry naming the LUN's current device (status, detach). Under the label lock."""
-        registry = Registry(self.paths)
-        current = registry.get(view.attachment.id)
-        if current is not None:
-            registry.put(replace(current, iscsi_device=plan.add))
 
     def _skip(self, label: str, progress: _Progress, reason: str, detail: str) -> None:
         """Count and log a held-back heal once per change of reason, not on every refresh."""

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 
 from iscsimple.core.config import Config
 from iscsimple.core.errors import InputError, IscsimpleError, OperationError
+from iscsimple.core.locking import hotplug_lock, label_lock_name, target_lock_name
 from iscsimple.core.paths import HostPaths
 from iscsimple.core.registry import (
     LEG_ISCSI,
@@ -52,7 +53,6 @@ from .devices import (
     wait_for_lun,
     wait_for_md,
 )
-from .locking import hotplug_lock, label_lock_name, target_lock_name
 from .xen import XenContext
 
 log = logging.getLogger(__name__)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from iscsimple.core.config import Config
 from iscsimple.core.errors import OperationError
+from iscsimple.core.locking import hotplug_lock, label_lock_name, target_lock_name
 from iscsimple.core.paths import HostPaths
 from iscsimple.core.registry import STATE_DETACHING, Attachment, Registry
 from iscsimple.core.run import Deadline
@@ -23,7 +24,6 @@ from iscsimple.core.safety import record_if_stale
 
 from . import mdadm, session
 from .devices import md_array_state, md_kernel_names, md_path
-from .locking import hotplug_lock, label_lock_name, target_lock_name
 from .xen import XenContext
 
 log = logging.getLogger(__name__)

@@ -8,6 +8,7 @@ a crash between --remove and --add, heal disabled, a hotplug holding the label.
 
 from __future__ import annotations
 
+import errno
 import logging
 
 import pytest
@@ -16,10 +17,10 @@ from prometheus_client import generate_latest
 from safetybed import LABEL, OTHER_TARGET, TARGET, FakeMdadm, SafetyBed, Session
 
 from iscsimple.core.config import ConfigError, load_config
+from iscsimple.core.locking import hotplug_lock, label_lock_name
 from iscsimple.core.registry import Registry
 from iscsimple.core.stale import StaleRecords
 from iscsimple.exporter.safety import Healer, Safety, SafetyCollector, StaleDetector
-from iscsimple.hotplug.locking import hotplug_lock, label_lock_name
 
 MD = f"/dev/md/{LABEL}"
 
@@ -202,6 +203,22 @@ def test_backoff_doubles_after_each_failure_and_resets_with_a_flap(tmp_path):
         host.refresh()
         host.refresh(after=1000)
     assert host.safety.healer.wait_for(LABEL) == 200  # capped
+
+
+def test_an_os_error_while_healing_is_counted_and_logged_as_a_failure(host, caplog):
+    def read_only(argv, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    host.safety.healer.runner = read_only
+    host.bed.fail_iscsi()
+    host.refresh()
+    host.bed.session_back()
+    host.refresh()
+    host.refresh(after=31)
+    assert host.results["failure"] == 1 and host.results["success"] == 0
+    assert "Read-only file system" in caplog.text
+    assert host.safety.healer.wait_for(LABEL) == 60  # backs off like any failed heal
+    assert host.records.get(LABEL) is not None
 
 
 def test_a_heal_aborted_by_the_session_failing_again_backs_off(host):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from iscsimple.core.locking import LockTimeout, hotplug_lock
 from iscsimple.core.run import Deadline
-from iscsimple.hotplug.locking import LockTimeout, hotplug_lock
 from tests.fakes.harness import IQN, make_hotplug
 
 XEN_LOCKING_SH = Path(

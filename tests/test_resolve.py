@@ -213,6 +213,24 @@ def test_keep_local_on_a_running_array_heals_it_now(host):
     assert TARGET in host.bed.attachment.spec
 
 
+def test_keep_local_on_a_running_array_follows_a_renamed_lun_in_the_registry(host):
+    host.outage_recorded()
+    host.bed.session_back(block="sdb", dev="8:16")
+    host.bed.write()
+    host.resolver().keep_local(LABEL, dry_run=False, wait=0)
+    assert Registry(host.bed.paths).by_label(LABEL).iscsi_device == "sdb"  # as the agent's healer does
+
+
+def test_keep_local_on_a_running_array_reports_a_failing_mdadm(host):
+    host.outage_recorded()
+    host.bed.session_back()
+    host.bed.write()
+    host.mdadm.fail_on = "--add"
+    with pytest.raises(OperationError, match=r"cannot heal .*simulated failure of --add"):
+        host.resolver().keep_local(LABEL, dry_run=False, wait=0)
+    assert host.records.get(LABEL) is not None
+
+
 def test_keep_local_on_a_running_array_with_the_session_down_refuses(host):
     host.outage_recorded()
     with pytest.raises(OperationError, match="cannot heal"):

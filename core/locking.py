@@ -26,8 +26,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from iscsimple.core.errors import OperationError
-from iscsimple.core.run import Deadline
+from .errors import OperationError
+from .run import Deadline
 
 log = logging.getLogger(__name__)
 
