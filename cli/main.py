@@ -6,6 +6,8 @@
     iscsimple convert-config DOMU.cfg ... [--write]
     iscsimple install-hook [--prefix DIR] [--dest FILE] [--force] [--mdadm-names]
     iscsimple resolve LABEL --keep local|iscsi          (cli/resolve.py)
+    iscsimple migrate-check DOMAIN|LABEL                (cli/migrate.py)
+    iscsimple accept-loss lunN@TARGET --host HOST ...   (cli/migrate.py)
 
 Exit codes: 0 ok, 1 an operation failed, 2 bad input (arguments, spec, tab, config).
 Errors are one sentence on stderr, never a traceback (--debug shows one).
@@ -28,6 +30,7 @@ from pathlib import Path
 from iscsimple.core.config import Config, load_config
 from iscsimple.core.errors import InputError, IscsimpleError
 
+from .migrate import add_accept_loss, add_migrate_check
 from .options import Parser, common_options, host_paths
 from .resolve import add_resolve
 
@@ -224,6 +227,8 @@ SUBCOMMANDS: tuple[Callable, ...] = (
     add_convert_config,
     add_install_hook,
     add_resolve,  # issue 6: iscsimple resolve LABEL --keep local|iscsi (cli/resolve.py)
+    add_migrate_check,
+    add_accept_loss,
 )
 
 

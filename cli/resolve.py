@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
+from iscsimple.core.cluster import check_before_writing_lun
 from iscsimple.core.config import Config, load_config
 from iscsimple.core.errors import InputError, OperationError
 from iscsimple.core.heal import CHANGED, execute_heal, execute_locked
@@ -124,6 +125,7 @@ class Resolver:
             if not dry_run:
                 self.records.clear(label)
             return 0
+        self._refuse_lun_in_use_elsewhere(record)
         running = active_md_array(self.paths, label)
         if running:
             started = self._heal_running(label, running, dry_run)
@@ -132,6 +134,13 @@ class Resolver:
         if dry_run or not started:
             return 0
         return self._wait_and_clear(label, wait)
+
+    def _refuse_lun_in_use_elsewhere(self, record: StaleRecord) -> None:
+        """--keep local writes this host's local leg onto the LUN: never while another host uses it."""
+        assert record.target is not None
+        verdict = check_before_writing_lun(self.config.cluster, record.target, record.lun or 0)
+        if not verdict.allowed:
+            raise OperationError(f"refusing to resolve {record.label} with --keep local: {verdict.reason}")
 
     def _heal_running(self, label: str, running: str, dry_run: bool) -> bool:
         """LABEL's array runs (its VM runs): heal it now, whatever the agent's policy says."""

@@ -16,6 +16,12 @@ enabled = true                  # re-add a returned iSCSI leg automatically
 stable_seconds = 30             # ...once its session and LUN looked healthy this long
 backoff_max_seconds = 3600      # the wait doubles after each failed heal, up to this
 max_parallel = 4                # iSCSI legs recovering at once
+[cluster]                       # the cross-host guard (docs/data-safety.md); off without prometheus_url
+prometheus_url = "http://prometheus.example:9090"   # the Prometheus that scrapes every host's agent
+timeout = 2                     # seconds per query (at most 3 of the add's 30)
+on_unreachable = "refuse"       # or "proceed": go on without the guard, log loudly, count it
+host_name = "xen1"              # this host in the agents' `host` label; default: the hostname
+lookback = "14d"                # how long a host that is down keeps its last stale report
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .cluster import DURATION_RE, MAX_TIMEOUT, ON_UNREACHABLE, ClusterSettings
 from .errors import InputError
 from .spec import SpecError, parse_spec
 
@@ -46,6 +53,7 @@ class Config:
     heal_stable_seconds: float = 30.0  # session and LUN healthy this long before a heal
     heal_backoff_max_seconds: float = 3600.0  # cap of the wait, doubled after each failed heal
     heal_max_parallel: int = 4  # iSCSI legs recovering at once (a returning filer serves many)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
     path: str | None = None
 
     def replacement_timeout(self, target: str, mirrored: bool) -> int:
@@ -67,6 +75,13 @@ _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
         "stable_seconds": (int, float),
         "backoff_max_seconds": (int, float),
         "max_parallel": int,
+    },
+    "cluster": {
+        "prometheus_url": str,
+        "timeout": (int, float),
+        "on_unreachable": str,
+        "host_name": str,
+        "lookback": str,
     },
 }
 
@@ -163,6 +178,7 @@ def load_config(path: Path | str) -> Config:
     for key in ("stable_seconds", "backoff_max_seconds", "max_parallel"):
         if key in heal and heal[key] <= 0:
             fail(f"[heal] {key} must be positive", ("heal",), key)
+    cluster = _cluster_settings(data.get("cluster", {}), fail)
     return Config(
         portals=tuple(portals),
         login_timeout=float(iscsi.get("login_timeout", 15.0)),
@@ -175,7 +191,50 @@ def load_config(path: Path | str) -> Config:
         heal_stable_seconds=float(heal.get("stable_seconds", 30.0)),
         heal_backoff_max_seconds=float(heal.get("backoff_max_seconds", 3600.0)),
         heal_max_parallel=heal.get("max_parallel", 4),
+        cluster=cluster,
         path=str(path),
+    )
+
+
+def _cluster_settings(cluster: dict, fail) -> ClusterSettings:
+    where = ("cluster",)
+    url = cluster.get("prometheus_url")
+    if url is not None and not re.match(r"^https?://[^/\s]+(/\S*)?$", url):
+        fail(
+            f"[cluster] prometheus_url must be an http:// or https:// URL, not {url!r}",
+            where,
+            "prometheus_url",
+        )
+    timeout = cluster.get("timeout", 2.0)
+    if not 0 < timeout <= MAX_TIMEOUT:
+        fail(
+            f"[cluster] timeout must be above 0 and at most {MAX_TIMEOUT:g} seconds (of the add's budget)",
+            where,
+            "timeout",
+        )
+    policy = cluster.get("on_unreachable", "refuse")
+    if policy not in ON_UNREACHABLE:
+        fail(
+            f"[cluster] on_unreachable must be one of {', '.join(ON_UNREACHABLE)}, not {policy!r}",
+            where,
+            "on_unreachable",
+        )
+    host = cluster.get("host_name")
+    if host is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$", host):
+        fail(f"[cluster] host_name {host!r}: letters, digits, '.', '-', '_' (at most 63)", where, "host_name")
+    lookback = cluster.get("lookback", "14d")
+    if not DURATION_RE.match(lookback):
+        fail(
+            f"[cluster] lookback must be a duration such as '14d' or '12h', not {lookback!r}",
+            where,
+            "lookback",
+        )
+    return ClusterSettings(
+        prometheus_url=url,
+        timeout=float(timeout),
+        on_unreachable=policy,
+        host_name=host,
+        lookback=lookback,
     )
 
 

@@ -312,3 +312,27 @@ def _size_problem(sysfs: Path, name: str, view: ArrayView) -> str | None:
     if need_kib is not None and sectors * 512 < need_kib * 1024:
         return f"{name} has {sectors * 512} bytes, the array needs {need_kib * 1024}: not the LUN it was?"
     return None
+
+
+def migrate_blockers(view: ArrayView, stale: StaleRecord | None = None) -> list[str]:
+    """Why moving this array's VM to another host now could lose data or fail; empty: safe.
+
+    The destination builds its mirror from the iSCSI copy alone, so that copy must be
+    complete: iSCSI leg in sync in md, no stale record, the session up. `stale`: the record
+    standing for this LABEL if the caller knows it better than the snapshot (the agent's pass).
+    """
+    stale = stale or view.stale
+    reasons = []
+    if stale is not None:
+        reasons.append(f"stale record: {stale.describe()}")
+    if view.md is None:
+        reasons.append(f"the array of {view.label} is not running on this host")
+    if not view.iscsi.configured:
+        reasons.append(f"{view.label} has no iSCSI leg (MISSING): its data is on this host's local disk only")
+    else:
+        if view.md is not None and view.iscsi.state != "in_sync":
+            reasons.append(f"the iSCSI leg is {view.iscsi.state}, not in sync")
+        if not view.session_up:
+            state = view.session.state if view.session is not None else "gone"
+            reasons.append(f"the iSCSI session to {view.attachment.target} is {state}")
+    return reasons

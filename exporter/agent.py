@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -97,6 +98,16 @@ class Agent:
             max_instances=1,
             coalesce=True,
         )
+        if self.safety.probe.settings.configured:
+            self.scheduler.add_job(
+                self.safety.probe.run,
+                "interval",
+                seconds=self.safety.probe.INTERVAL,
+                id="cluster-probe",
+                next_run_time=datetime.now(),
+                max_instances=1,
+                coalesce=True,
+            )
         if o.textfile is not None:
             self.scheduler.add_job(
                 self.write_textfile, "interval", seconds=o.textfile_interval, id="textfile", coalesce=True

@@ -31,12 +31,20 @@ from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, Metric
 
+from iscsimple.core.cluster import ClusterGuard, ClusterSettings, ClusterUnreachable, check_before_writing_lun
 from iscsimple.core.config import Config, ConfigError, load_config
 from iscsimple.core.heal import BUSY, CHANGED, Runner, execute_heal
 from iscsimple.core.iscsi import IscsiSession
 from iscsimple.core.paths import HostPaths
 from iscsimple.core.run import Deadline, run
-from iscsimple.core.safety import HealBlocked, HealPlan, plan_heal, recovery_complete, stale_record
+from iscsimple.core.safety import (
+    HealBlocked,
+    HealPlan,
+    migrate_blockers,
+    plan_heal,
+    recovery_complete,
+    stale_record,
+)
 from iscsimple.core.snapshot import ArrayView, HostSnapshot
 from iscsimple.core.stale import StaleRecord, StaleRecords
 
@@ -111,10 +119,14 @@ class Healer:
         lock_dir: Path | None = None,  # default: paths.locks, where the hotplug locks a label
         lock_wait: float = LOCK_WAIT,
         clock: Callable[[], float] = time.monotonic,
+        cluster: ClusterSettings | None = None,
+        cluster_guard: ClusterGuard | None = None,
     ):
         self.paths = paths
         self.records = records
         self.enabled = enabled
+        self.cluster = cluster or ClusterSettings()
+        self.cluster_guard = cluster_guard
         self.stable_seconds = stable_seconds
         self.backoff_max_seconds = backoff_max_seconds
         self.max_parallel = max_parallel
@@ -205,8 +217,24 @@ class Healer:
                 f"{self._recovering} iSCSI legs already recover ([heal] max_parallel = {self.max_parallel})",
             )
             return
+        if not self._lun_free_elsewhere(view, plan, progress):
+            return
         if self._heal(view, plan, progress):
             self._recovering += 1
+
+    def _lun_free_elsewhere(self, view: ArrayView, plan: HealPlan, progress: _Progress) -> bool:
+        """A heal writes the local leg onto the LUN: never while another host's mirror uses it."""
+        verdict = check_before_writing_lun(self.cluster, plan.target, plan.lun, guard=self.cluster_guard)
+        if verdict.outcome == "unreachable_proceeded":
+            self._count("cluster_unreachable_proceeded")
+        if verdict.allowed:
+            return True
+        progress.ready_since = None
+        reason = "in_use_elsewhere" if verdict.outcome == "refused" else "cluster_unreachable"
+        if progress.last_skip != reason:
+            log.error("not healing %s: %s", view.label, verdict.reason)
+        self._skip(view.label, progress, reason, verdict.reason)
+        return False
 
     def _heal(self, view: ArrayView, plan: HealPlan, progress: _Progress) -> bool:
         outcome = execute_heal(
@@ -253,6 +281,33 @@ class Healer:
         self.results[result] = self.results.get(result, 0) + 1
 
 
+class ClusterProbe:
+    """Whether the cross-host guard's Prometheus answers, and how fast; run off the refresh thread
+    (the agent schedules it), so a dead Prometheus never slows a refresh."""
+
+    INTERVAL = 30.0
+
+    def __init__(self, settings: ClusterSettings, guard: ClusterGuard | None = None):
+        self.settings = settings
+        self.guard = guard or ClusterGuard(settings)
+        self.reachable: bool | None = None  # None: not probed yet
+        self.seconds: float | None = None
+
+    def run(self) -> None:
+        if not self.settings.configured:
+            return
+        try:
+            self.seconds = self.guard.probe()
+            if self.reachable is False:
+                log.warning("cluster guard: Prometheus at %s answers again", self.settings.prometheus_url)
+            self.reachable = True
+        except ClusterUnreachable as e:
+            if self.reachable is not False:
+                log.error("cluster guard: %s", e)
+            self.reachable = False
+            self.seconds = None
+
+
 @dataclass
 class SafetyState:
     """What the collector renders: the records standing after the last pass over a snapshot."""
@@ -264,9 +319,10 @@ class SafetyState:
 class Safety:
     """The agent's watcher (call it with each snapshot) and the source of SafetyCollector."""
 
-    def __init__(self, detector: StaleDetector, healer: Healer):
+    def __init__(self, detector: StaleDetector, healer: Healer, probe: ClusterProbe | None = None):
         self.detector = detector
         self.healer = healer
+        self.probe = probe or ClusterProbe(healer.cluster)
         self.state = SafetyState()
 
     @classmethod
@@ -282,11 +338,14 @@ class Safety:
             "stable_seconds": config.heal_stable_seconds,
             "backoff_max_seconds": config.heal_backoff_max_seconds,
             "max_parallel": config.heal_max_parallel,
+            "cluster": config.cluster,
             **healer_options,
         }
         records = StaleRecords(paths)
         return cls(
-            StaleDetector(records), Healer(paths, records, enabled=heal and config.heal_enabled, **options)
+            StaleDetector(records),
+            Healer(paths, records, enabled=heal and config.heal_enabled, **options),
+            ClusterProbe(options["cluster"]),
         )
 
     def __call__(self, snapshot: HostSnapshot) -> None:
@@ -329,6 +388,7 @@ class SafetyCollector(SnapshotCollector):
                 domain = record.domain_name or ("" if record.domain_id is None else str(record.domain_id))
                 stale.add_metric([label, domain], 1.0)
         yield stale
+        yield from self._cluster_families(snapshot, standing)
 
         healer = self.safety.healer
         operations = CounterMetricFamily(
@@ -349,3 +409,67 @@ class SafetyCollector(SnapshotCollector):
         )
         enabled.add_metric([], 1.0 if healer.enabled else 0.0)
         yield enabled
+
+    def _cluster_families(self, snapshot: HostSnapshot, standing: dict[str, StaleRecord]) -> Iterable[Metric]:
+        """What the other hosts' guards ask Prometheus about (core/cluster.py), and the guard's health."""
+        host = self.safety.healer.cluster.host
+        lun_labels = ["host", "target", "lun", "label", "domain"]
+        since = gauge(
+            "iscsimple_lun_stale_since_seconds",
+            "Present while a stale-copy record stands for the mirror of this target and LUN on this host: "
+            "when (Unix time) the local leg started holding writes the iSCSI copy lacks. Other hosts' "
+            "attach refuses this LUN while it is reported (cross-host guard).",
+            lun_labels,
+        )
+        for label, record in sorted(standing.items()):
+            if record.target is not None:
+                domain = record.domain_name or ("" if record.domain_id is None else str(record.domain_id))
+                since.add_metric([host, record.target, str(record.lun or 0), label, domain], record.since)
+        yield since
+        attached = gauge(
+            "iscsimple_lun_attached",
+            "1 for each iSCSI LUN attached on this host (a mirror or a plain disk). Another host's heal "
+            "or resolve never writes onto a LUN reported here.",
+            lun_labels,
+        )
+        for a in snapshot.attachments:
+            if a.target is not None:
+                attached.add_metric([host, a.target, str(a.lun), a.label or "", a.domain_name or ""], 1.0)
+        yield attached
+        safe = gauge(
+            "iscsimple_array_safe_to_migrate",
+            "1 when the VM using this mirror may move to another host now: the iSCSI leg is in sync, "
+            "its session is up and no stale record stands (`iscsimple migrate-check` says why not).",
+            ["label", "domain"],
+        )
+        for view in snapshot.arrays:
+            safe.add_metric(
+                [view.label, view.domain], 0.0 if migrate_blockers(view, standing.get(view.label)) else 1.0
+            )
+        yield safe
+        probe = self.safety.probe
+        configured = gauge(
+            "iscsimple_cluster_guard_configured",
+            "1 when [cluster] prometheus_url is set: attach asks Prometheus whether another host holds "
+            "newer writes of the LUN. 0: the cross-host guard is off.",
+            [],
+        )
+        configured.add_metric([], 1.0 if probe.settings.configured else 0.0)
+        yield configured
+        if probe.settings.configured and probe.reachable is not None:
+            reachable = gauge(
+                "iscsimple_cluster_guard_reachable",
+                "1 when the guard's Prometheus answered the last probe (every 30 s). 0: attaches follow "
+                "[cluster] on_unreachable (refuse by default).",
+                [],
+            )
+            reachable.add_metric([], 1.0 if probe.reachable else 0.0)
+            yield reachable
+            if probe.seconds is not None:
+                seconds = gauge(
+                    "iscsimple_cluster_guard_query_seconds",
+                    "How long the guard's last probe query to Prometheus took.",
+                    [],
+                )
+                seconds.add_metric([], probe.seconds)
+                yield seconds

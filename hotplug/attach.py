@@ -24,6 +24,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 
+from iscsimple.core.cluster import check_before_attach
 from iscsimple.core.config import Config
 from iscsimple.core.errors import InputError, IscsimpleError, OperationError
 from iscsimple.core.locking import hotplug_lock, label_lock_name, target_lock_name
@@ -138,6 +139,7 @@ def _attach(
             "a mirror needs at least one"
         )
     _refuse_stale(spec, paths)
+    _refuse_stale_elsewhere(spec, paths, config, registry)
     # Forward steps stop early enough for the rollback to finish within the budget.
     forward = Deadline(max(deadline.remaining() - min(ROLLBACK_RESERVE, deadline.seconds / 4), 0.1))
 
@@ -304,6 +306,16 @@ def _refuse_stale(spec: DiskSpec, paths: HostPaths) -> None:
         f"overwrite them (record {records.path(spec.label)}); resolve it first with "
         f"'iscsimple resolve {spec.label} --keep local' (keep the local writes) or '--keep iscsi' (discard them)"
     )
+
+
+def _refuse_stale_elsewhere(spec: DiskSpec, paths: HostPaths, config: Config, registry: Registry) -> None:
+    """Never build from an iSCSI copy another host has newer writes than (core.cluster, via Prometheus)."""
+    if spec.target is None or not config.cluster.configured:
+        return
+    verdict = check_before_attach(config.cluster, paths, spec.target, spec.lun)
+    registry.record_operation("cluster_guard", verdict.outcome, verdict.seconds)
+    if not verdict.allowed:
+        raise OperationError(verdict.reason)
 
 
 def _refuse_busy_label(label: str, attachment_id: str, paths: HostPaths, registry: Registry) -> None:

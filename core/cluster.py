@@ -1,0 +1,343 @@
+"""The cross-host guard: what the other hosts' agents report, read from Prometheus.
+
+A stale-copy record (core.stale) lives on the host whose local leg holds the newer
+writes. Another host attaching the same LUN cannot see it locally. Every host's
+agent exports, per LUN it uses (exporter/safety.py):
+
+    iscsimple_lun_stale_since_seconds{host,target,lun,label,domain}   = the record's `since`
+    iscsimple_lun_attached{host,target,lun,label,domain}              = 1 while attached there
+
+and the Prometheus that scrapes them all answers two questions through its HTTP API
+(`/api/v1/query`), each bounded by `[cluster] timeout` (≤ 3 s of the 30 s add budget):
+
+- `stale_elsewhere(target, lun)`: does another host hold writes this LUN lacks? A host
+  that is down (its `up` is 0) keeps counting with its *last* report within `lookback`,
+  so a crash does not make its stale copy vanish from the cluster view.
+- `attached_elsewhere(target, lun)`: does a running host use this LUN now (the heal and
+  `resolve --keep local` write onto the LUN; they must not while another host's mirror
+  uses it)?
+
+The operator can accept a specific stale report on purpose (`iscsimple accept-loss`):
+an acceptance names the host, target, LUN and the report's `since`, is stored on this
+host, and only that report is ignored — a later outage on that host is guarded again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .atomic import write_atomic
+from .errors import OperationError
+from .paths import HostPaths
+
+log = logging.getLogger(__name__)
+
+ON_UNREACHABLE = ("refuse", "proceed")
+MAX_TIMEOUT = 3.0  # of the 30 s add budget
+DURATION_RE = re.compile(r"^[1-9][0-9]*[smhdw]$")
+
+STALE_METRIC = "iscsimple_lun_stale_since_seconds"
+ATTACHED_METRIC = "iscsimple_lun_attached"
+
+
+class ClusterUnreachable(OperationError):
+    """Prometheus did not answer (in time, or sensibly): the cluster view is unknown."""
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """`[cluster]` of iscsimple.toml. No `prometheus_url`: the guard is off."""
+
+    prometheus_url: str | None = None
+    timeout: float = 2.0
+    on_unreachable: str = "refuse"
+    host_name: str | None = None  # this host in the metrics' `host` label; default: the hostname
+    lookback: str = "14d"  # how long a host that went down keeps its last stale report
+
+    @property
+    def configured(self) -> bool:
+        return self.prometheus_url is not None
+
+    @property
+    def host(self) -> str:
+        return self.host_name or socket.gethostname()
+
+
+@dataclass(frozen=True)
+class RemoteLun:
+    """One other host's report about a LUN (from Prometheus)."""
+
+    host: str
+    instance: str
+    label: str
+    domain: str
+    since: float | None = None  # stale reports: when that host's iSCSI copy went stale
+    down: bool = False  # the host's agent is not scraped successfully now (its last report counts)
+
+    def describe(self) -> str:
+        vm = f" ({self.domain})" if self.domain else ""
+        where = f"host {self.host}" + (f" [{self.instance}]" if self.instance != self.host else "")
+        state = ", which is down now (its last report)" if self.down else ""
+        if self.since is None:
+            return f"{where}{state} has it attached as {self.label}{vm}"
+        return f"{where}{state}: since {_when(self.since)} its local leg of {self.label}{vm} holds writes the iSCSI copy lacks"
+
+
+def _when(since: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(since))
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    reports: list[RemoteLun]
+    seconds: float
+
+
+class ClusterGuard:
+    """Asks Prometheus about the other hosts. `urlopen` is injectable for tests."""
+
+    def __init__(self, settings: ClusterSettings, urlopen=urllib.request.urlopen):
+        self.settings = settings
+        self.urlopen = urlopen
+
+    def query(self, promql: str, timeout: float | None = None) -> list[dict]:
+        """An instant query; returns the result vector. Raises ClusterUnreachable."""
+        assert self.settings.prometheus_url is not None
+        timeout = self.settings.timeout if timeout is None else timeout
+        url = self.settings.prometheus_url.rstrip("/") + "/api/v1/query"
+        data = urllib.parse.urlencode({"query": promql, "timeout": f"{timeout:g}s"}).encode()
+        request = urllib.request.Request(url, data=data, method="POST")
+        try:
+            with self.urlopen(request, timeout=timeout) as response:
+                body = response.read(10 << 20)
+        except (OSError, urllib.error.URLError, ValueError) as e:
+            raise ClusterUnreachable(
+                f"Prometheus at {self.settings.prometheus_url} did not answer: {e}"
+            ) from None
+        try:
+            answer = json.loads(body)
+            if answer.get("status") != "success":
+                raise ValueError(answer.get("error") or answer.get("status"))
+            result = answer["data"]["result"]
+            if answer["data"].get("resultType") != "vector" or not isinstance(result, list):
+                raise ValueError(f"not a vector: {answer['data'].get('resultType')}")
+            return result
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ClusterUnreachable(
+                f"Prometheus at {self.settings.prometheus_url} gave no usable answer: {e}"
+            ) from None
+
+    def stale_elsewhere(self, target: str, lun: int) -> QueryResult:
+        """Other hosts' stale copies of this LUN: reported now, or last reported by a host now down."""
+        selector = self._selector(STALE_METRIC, target, lun)
+        promql = (
+            f"{selector} or (last_over_time({selector}[{self.settings.lookback}]) "
+            "unless on(instance, job) (up == 1))"
+        )
+        return self._reports(promql, stale=True)
+
+    def attached_elsewhere(self, target: str, lun: int) -> QueryResult:
+        """Other running hosts that have this LUN attached now."""
+        return self._reports(self._selector(ATTACHED_METRIC, target, lun) + " == 1", stale=False)
+
+    def probe(self) -> float:
+        """One trivial query; its duration (raises ClusterUnreachable)."""
+        start = time.monotonic()
+        self.query("vector(1)")
+        return time.monotonic() - start
+
+    def _selector(self, metric: str, target: str, lun: int) -> str:
+        me = _quote(self.settings.host)
+        return f'{metric}{{target="{_quote(target)}",lun="{int(lun)}",host!="{me}"}}'
+
+    def _reports(self, promql: str, stale: bool) -> QueryResult:
+        start = time.monotonic()
+        result = self.query(promql)
+        seen: dict[tuple[str, str], RemoteLun] = {}
+        for sample in result:
+            try:
+                labels = sample["metric"]
+                value = float(sample["value"][1])
+            except (KeyError, IndexError, TypeError, ValueError):
+                raise ClusterUnreachable(f"Prometheus gave a malformed sample: {sample!r:.200}") from None
+            report = RemoteLun(
+                host=str(labels.get("host", "?")),
+                instance=str(labels.get("instance", labels.get("host", "?"))),
+                label=str(labels.get("label", "")),
+                domain=str(labels.get("domain", "")),
+                since=value if stale and math.isfinite(value) else None,
+                down="__name__" not in labels,  # last_over_time drops the name: the host's last report
+            )
+            key = (report.host, report.label)
+            if key not in seen or seen[key].down:
+                seen[key] = report
+        return QueryResult(sorted(seen.values(), key=lambda r: (r.host, r.label)), time.monotonic() - start)
+
+
+def _quote(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+# -- operator acceptances of a loss -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """The operator accepted losing the writes `host` has had since `since` on this LUN."""
+
+    host: str
+    target: str
+    lun: int
+    since: float
+    label: str = ""
+    accepted: float = field(default_factory=time.time)
+
+    def covers(self, report: RemoteLun) -> bool:
+        return report.host == self.host and report.since is not None and abs(report.since - self.since) < 1e-3
+
+
+class Acceptances:
+    """records/accepted-loss/*.json on this host: durable, mode 0600, one file per accepted report."""
+
+    def __init__(self, paths: HostPaths):
+        self.directory = paths.records / "accepted-loss"
+
+    def _path(self, a: Acceptance) -> Path:
+        key = f"{a.host}\0{a.target}\0{a.lun}\0{a.since:.3f}".encode()
+        return self.directory / f"{hashlib.sha256(key).hexdigest()[:24]}.json"
+
+    def put(self, acceptance: Acceptance) -> Path:
+        path = self._path(acceptance)
+        write_atomic(path, json.dumps(asdict(acceptance), indent=1, sort_keys=True), mode=0o600)
+        return path
+
+    def for_lun(self, target: str, lun: int) -> list[Acceptance]:
+        """Acceptances of this LUN. An unreadable file is an error (OperationError), never ignored:
+        ignoring it could only make the guard refuse, but the operator must hear why."""
+        try:
+            names = sorted(n for n in os.listdir(self.directory) if n.endswith(".json"))
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise OperationError(f"cannot read {self.directory}: {e.strerror or e}") from None
+        out = []
+        for name in names:
+            path = self.directory / name
+            try:
+                data = json.loads(path.read_text())
+                a = Acceptance(
+                    host=str(data["host"]),
+                    target=str(data["target"]),
+                    lun=int(data["lun"]),
+                    since=float(data["since"]),
+                    label=str(data.get("label", "")),
+                    accepted=float(data.get("accepted", 0.0)),
+                )
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise OperationError(
+                    f"{path}: unreadable accepted-loss record ({e}); remove or fix it"
+                ) from None
+            if a.target == target and a.lun == lun:
+                out.append(a)
+        return out
+
+
+# -- the decisions the hotplug, resolve and the heal share -------------------------------------------
+
+
+@dataclass(frozen=True)
+class GuardVerdict:
+    """What a guard check decided. `allowed` False: `reason` is the sentence for the operator."""
+
+    allowed: bool
+    outcome: str  # clear | refused | unreachable_refused | unreachable_proceeded | accepted | off
+    reason: str = ""
+    seconds: float = 0.0
+    reports: tuple[RemoteLun, ...] = ()
+
+
+def check_before_attach(
+    settings: ClusterSettings, paths: HostPaths, target: str, lun: int, *, guard: ClusterGuard | None = None
+) -> GuardVerdict:
+    """Before an add builds anything from the iSCSI copy of target+LUN: may it?"""
+    if not settings.configured:
+        return GuardVerdict(True, "off")
+    guard = guard or ClusterGuard(settings)
+    spec = f"lun{lun}@{target}"
+    try:
+        result = guard.stale_elsewhere(target, lun)
+    except ClusterUnreachable as e:
+        return _unreachable(settings, e, f"whether another host holds newer writes of {spec}")
+    accepted = Acceptances(paths).for_lun(target, lun)
+    blocking = [r for r in result.reports if not any(a.covers(r) for a in accepted)]
+    if not blocking:
+        outcome = "accepted" if result.reports else "clear"
+        if result.reports:
+            log.warning(
+                "cluster guard: %s; the operator accepted that loss (iscsimple accept-loss): proceeding",
+                "; ".join(r.describe() for r in result.reports),
+            )
+        return GuardVerdict(True, outcome, seconds=result.seconds, reports=tuple(result.reports))
+    first = blocking[0]
+    others = f" (and {len(blocking) - 1} more)" if len(blocking) > 1 else ""
+    reason = (
+        f"the iSCSI copy of {spec} is stale: {first.describe()}{others}; building the mirror from it would "
+        f"lose those writes. On host {first.host}: let its heal finish, or run 'iscsimple resolve "
+        f"{first.label} --keep local --wait 3600' there. If host {first.host} and its disk are lost, accept "
+        f"the loss on purpose here: 'iscsimple accept-loss {spec} --host {first.host} "
+        "--yes-discard-writes-on-that-host'"
+    )
+    return GuardVerdict(False, "refused", reason, result.seconds, tuple(blocking))
+
+
+def check_before_writing_lun(
+    settings: ClusterSettings, target: str, lun: int, *, guard: ClusterGuard | None = None
+) -> GuardVerdict:
+    """Before this host writes its local leg onto the LUN (heal, resolve --keep local): does another
+    running host's mirror use the LUN? Then writing would corrupt that host's VM disk."""
+    if not settings.configured:
+        return GuardVerdict(True, "off")
+    guard = guard or ClusterGuard(settings)
+    spec = f"lun{lun}@{target}"
+    try:
+        result = guard.attached_elsewhere(target, lun)
+    except ClusterUnreachable as e:
+        return _unreachable(settings, e, f"whether another host uses {spec}")
+    if not result.reports:
+        return GuardVerdict(True, "clear", seconds=result.seconds)
+    first = result.reports[0]
+    reason = (
+        f"{spec} is in use elsewhere: {first.describe()}; writing this host's local leg onto it would "
+        f"corrupt that VM's disk. Stop the VM there first, or discard this host's copy "
+        f"('iscsimple resolve {first.label} --keep iscsi --yes-discard-local-writes' here)"
+    )
+    return GuardVerdict(False, "refused", reason, result.seconds, tuple(result.reports))
+
+
+def _unreachable(settings: ClusterSettings, error: ClusterUnreachable, question: str) -> GuardVerdict:
+    if settings.on_unreachable == "proceed":
+        log.error(
+            "CLUSTER GUARD UNREACHABLE: cannot tell %s (%s); proceeding because [cluster] on_unreachable = "
+            "proceed: a stale copy on another host would NOT be noticed",
+            question,
+            error,
+        )
+        return GuardVerdict(True, "unreachable_proceeded", str(error))
+    return GuardVerdict(
+        False,
+        "unreachable_refused",
+        f"cannot tell {question}: {error}; refusing ([cluster] on_unreachable = refuse). Bring Prometheus "
+        "back, or set on_unreachable = proceed in [cluster] to go on without the cross-host guard",
+    )
