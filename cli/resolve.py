@@ -31,19 +31,19 @@ from dataclasses import replace
 from iscsimple.core.cluster import check_before_writing_lun
 from iscsimple.core.config import Config, load_config
 from iscsimple.core.errors import InputError, OperationError
-from iscsimple.core.heal import CHANGED, execute_heal, execute_locked
-from iscsimple.core.locking import hotplug_lock, label_lock_name, target_lock_name
+from iscsimple.core.heal import CHANGED, execute_heal
 from iscsimple.core.paths import HostPaths
-from iscsimple.core.registry import LEG_ISCSI, LEG_LOCAL, STATE_ATTACHED, Attachment, Registry
+from iscsimple.core.registry import LEG_LOCAL, Registry
 from iscsimple.core.run import Deadline, run
-from iscsimple.core.safety import HealBlocked, HealPlan, plan_heal, recovery_complete
+from iscsimple.core.safety import HealBlocked, plan_heal, recovery_complete
 from iscsimple.core.snapshot import ArrayView, HostSnapshot
-from iscsimple.core.spec import check_label
+from iscsimple.core.spec import check_label, parse_spec
 from iscsimple.core.stale import StaleRecord, StaleRecords
 from iscsimple.core.tab import read_tab
-from iscsimple.hotplug import mdadm, session
-from iscsimple.hotplug.detach import detach, undo
-from iscsimple.hotplug.devices import active_md_array, check_local_device, md_path, wait_for_lun, wait_for_md
+from iscsimple.hotplug import mdadm
+from iscsimple.hotplug.attach import attach
+from iscsimple.hotplug.detach import detach
+from iscsimple.hotplug.devices import active_md_array, md_path
 
 from .options import host_paths
 
@@ -193,7 +193,9 @@ class Resolver:
             "  " + " ".join(mdadm.build_argv(md, None, entry.device)) + "   # the local copy is the source"
         )
         self.out(
-            f"  mdadm {md} --add --write-mostly ISCSI_DEV   # the iSCSI copy recovers from the local leg"
+            "  "
+            + " ".join(mdadm.add_argv(md, "ISCSI_DEV", write_mostly=True))
+            + "   # the iSCSI copy recovers from the local leg"
         )
         self.out(
             f"  when in sync: clear the record and stop {md} (iscsimple detach {spec}), so the VM can start"
@@ -202,74 +204,21 @@ class Resolver:
             self.out("dry run: nothing done")
             return False
 
-        deadline = Deadline(self.config.attach_budget)
-        attachment_id = resolve_attachment_id(label)
-        with (
-            self.registry.timed_operation("resolve"),
-            hotplug_lock(self.paths.locks, label_lock_name(label), deadline),
-        ):
-            if active_md_array(self.paths, label):
-                raise OperationError(f"/dev/md/{label} appeared meanwhile; run resolve again")
-            other = self.registry.by_label(label)
-            if other is not None and other.id != attachment_id:
-                raise OperationError(
-                    f"{label} is registered as {other.id} ({other.state}); remove that attachment first"
-                )
-            attachment = self.registry.put(
-                Attachment(
-                    id=attachment_id,
-                    spec=spec,
-                    lun=lun,
-                    target=target,
-                    label=label,
-                    local_device=entry.device,
-                    md_path=md,
-                    write_mostly_leg=LEG_ISCSI,
-                    source_leg=LEG_LOCAL,
-                    domain_name=record.domain_name,
-                )
-            )
-            try:
-                self._build(attachment, entry, deadline)
-            except BaseException:
-                current = self.registry.get(attachment_id) or attachment
-                undo(current, self.paths, self.config, self.registry, Deadline(self.config.attach_budget))
-                raise
+        # The add's own steps, locks and rollback, with the local leg as the source.
+        attachment = attach(
+            parse_spec(spec),
+            self.paths,
+            self.config,
+            attachment_id=resolve_attachment_id(label),
+            operation="resolve",
+            source=LEG_LOCAL,
+        )
+        attachment = self.registry.put(replace(attachment, domain_name=record.domain_name))
+        self.out(
+            f"{label}: {self.paths.devfs / str(attachment.iscsi_device)} added write-mostly; "
+            "it recovers from the local leg"
+        )
         return True
-
-    def _build(self, attachment: Attachment, entry, deadline: Deadline) -> None:
-        label, target, lun = attachment.label, attachment.target, attachment.lun
-        assert label is not None and target is not None
-        with hotplug_lock(self.paths.locks, target_lock_name(target), deadline):
-            result = session.ensure(self.paths, self.config, self.registry, target, deadline)
-        attachment = self.registry.put(
-            replace(attachment, portal=result.portal, we_logged_in=result.logged_in)
-        )
-        found, iscsi_dev = wait_for_lun(self.paths, target, lun, self.config.device_wait, deadline)
-        local = check_local_device(entry.device, self.paths, iscsi_dev.size_bytes, entry.where)
-        attachment = self.registry.put(
-            replace(
-                attachment,
-                iscsi_device=iscsi_dev.name,
-                local_kernel_name=local.name,
-                portal=found.portal or attachment.portal,
-            )
-        )
-        md = str(md_path(self.paths, label))
-        mdadm.build(md, None, entry.device, deadline)
-        array = wait_for_md(self.paths, label, deadline)
-        self.registry.put(replace(attachment, md_device=array.name, state=STATE_ATTACHED))
-        view = self._view(label)
-        plan = plan_heal(view, self.paths.sysfs, self.paths.devfs) if view else None
-        if not isinstance(plan, HealPlan) or plan.add != iscsi_dev.name:
-            why = (
-                plan.detail if isinstance(plan, HealBlocked) else f"the LUN is not {iscsi_dev.name} any more"
-            )
-            raise OperationError(f"cannot add LUN {lun} of {target} to {md}: {why}")
-        outcome = execute_locked(self.paths, view, plan, runner=self.runner)
-        if not outcome.started:
-            raise OperationError(f"cannot add LUN {lun} of {target} to {md}: {outcome.detail}")
-        self.out(f"{label}: {plan.add_path} added write-mostly; it recovers from the local leg")
 
     # -- the end ---------------------------------------------------------------------------------
 

@@ -10,6 +10,10 @@ Steps (README, "How attach works"):
    `mdadm /dev/md/LABEL --add LOCAL` (the local leg recovers from iSCSI);
 4. xenstore: physical-device, physical-device-path, hotplug-status=connected.
 
+`resolve --keep local` runs the same steps with the local leg as the source:
+`mdadm --build ... LOCAL missing`, then `--add --write-mostly ISCSI` (the LUN recovers
+from the local leg).
+
 The registry entry is written before anything happens on the host and updated as
 each step completes, so a remove after a crash knows what may exist. On failure,
 exactly what this add did is undone (and nothing is ever written to a device: the
@@ -22,7 +26,7 @@ import logging
 import re
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from iscsimple.core.cluster import check_before_attach
 from iscsimple.core.config import Config
@@ -101,8 +105,14 @@ def attach(
     deadline: Deadline | None = None,
     attachment_id: str | None = None,
     operation: str = "attach",
+    source: str = LEG_ISCSI,
 ) -> Attachment:
     """Attach `spec`; returns the registry entry (its `device_path` is what Xen gets).
+
+    `source` is the leg the mirror is built from: LEG_ISCSI (the add: the local leg
+    recovers from the LUN) or LEG_LOCAL (`resolve --keep local`: the array starts on
+    the local device and the LUN, added write-mostly, recovers from it; a stale-copy
+    record is then the reason, not an obstacle).
 
     Raises InputError (bad tab entry, both legs missing) or OperationError; either way
     nothing this call did is left behind, unless the message says cleanup failed.
@@ -113,157 +123,201 @@ def attach(
     started = time.monotonic()
     with registry.timed_operation(operation):
         try:
-            return _attach(spec, paths, config, registry, xen, deadline, attachment_id, started, operation)
+            run = _Add(spec, paths, config, registry, xen, deadline, attachment_id, source)
+            return run.attach(started, operation)
         except (AttachError, AttachInputError):
             raise
         except IscsimpleError as e:  # refused before anything was done: nothing to undo
             raise _wrap(spec, e) from e
 
 
-def _attach(
-    spec: DiskSpec,
-    paths: HostPaths,
-    config: Config,
-    registry: Registry,
-    xen: XenContext | None,
-    deadline: Deadline,
-    attachment_id: str,
-    started: float,
-    operation: str,
-) -> Attachment:
-    entry = _tab_entry(spec, paths)
-    local_dev = entry.device if entry else None
-    if spec.label and spec.target is None and local_dev is None:
-        raise InputError(
-            f"both legs are MISSING (the spec's TARGET and {entry.where}); "  # type: ignore[union-attr]
-            "a mirror needs at least one"
-        )
-    _refuse_stale(spec, paths)
-    _refuse_stale_elsewhere(spec, paths, config, registry)
-    # Forward steps stop early enough for the rollback to finish within the budget.
-    forward = Deadline(max(deadline.remaining() - min(ROLLBACK_RESERVE, deadline.seconds / 4), 0.1))
+@dataclass
+class _Add:
+    """One add: what it was asked, and (`done`) what it changed on the host so far."""
 
-    with ExitStack() as locks:
-        if spec.label:
-            locks.enter_context(hotplug_lock(paths.locks, label_lock_name(spec.label), forward))
-        _clear_leftover(attachment_id, spec, paths, config, registry, forward)
-        if spec.label:
-            _refuse_busy_label(spec.label, attachment_id, paths, registry)
-            if local_dev:  # fail before logging in; the size is checked once the LUN is known
-                _check_local(local_dev, paths, None, entry)  # type: ignore[arg-type]
+    spec: DiskSpec
+    paths: HostPaths
+    config: Config
+    registry: Registry
+    xen: XenContext | None
+    deadline: Deadline  # the whole add, rollback included
+    attachment_id: str
+    source: str
+    entry: TabEntry | None = None
+    done: _Done = field(default_factory=_Done)
 
-        attachment = _new_attachment(spec, attachment_id, local_dev, xen, paths)
-        done = _Done()
-        try:
-            device = _steps(spec, paths, config, registry, xen, forward, attachment, entry, done)
-            attachment = registry.get(attachment_id) or attachment
-            result = OperationResult(operation, "success", time.monotonic() - started, time.time())
-            attachment = registry.put(replace(attachment, state=STATE_ATTACHED, last=result))
-            log.info("attached %s as %s (%s)", spec, device.path, device.name)
-            return attachment
-        except BaseException as e:
-            problems = _rollback(spec, paths, config, registry, xen, deadline, attachment_id, done)
-            error = _wrap(spec, e)
-            if problems:
-                error.args = (f"{error}; cleanup incomplete ({'; '.join(problems)}): run remove again",)
-            log.error("%s", error)
-            raise error from e
+    @property
+    def local_dev(self) -> str | None:
+        return self.entry.device if self.entry else None
 
+    def attach(self, started: float, operation: str) -> Attachment:
+        spec, paths, registry = self.spec, self.paths, self.registry
+        self.entry = _tab_entry(spec, paths)
+        self._check_legs()
+        if self.source == LEG_ISCSI:
+            _refuse_stale(spec, paths)
+        _refuse_stale_elsewhere(spec, paths, self.config, registry)
+        # Forward steps stop early enough for the rollback to finish within the budget.
+        deadline = self.deadline
+        forward = Deadline(max(deadline.remaining() - min(ROLLBACK_RESERVE, deadline.seconds / 4), 0.1))
 
-def _steps(
-    spec: DiskSpec,
-    paths: HostPaths,
-    config: Config,
-    registry: Registry,
-    xen: XenContext | None,
-    deadline: Deadline,
-    attachment: Attachment,
-    entry: TabEntry | None,
-    done: _Done,
-) -> BlockDevice:
-    iscsi_dev: BlockDevice | None = None
-    if spec.target is not None:
-        with hotplug_lock(paths.locks, target_lock_name(spec.target), deadline):
-            _refuse_busy_lun(spec, attachment.id, registry)
-            # Registered under the target lock: a concurrent last remove sees us and stays logged in.
+        with ExitStack() as locks:
+            if spec.label:
+                locks.enter_context(hotplug_lock(paths.locks, label_lock_name(spec.label), forward))
+            _clear_leftover(self.attachment_id, spec, paths, self.config, registry, forward)
+            if spec.label:
+                _refuse_busy_label(spec.label, self.attachment_id, paths, registry)
+                if self.local_dev:  # fail before logging in; the size is checked once the LUN is known
+                    _check_local(self.local_dev, paths, None, self.entry)  # type: ignore[arg-type]
+
+            attachment = _new_attachment(
+                spec, self.attachment_id, self.local_dev, self.xen, paths, self.source
+            )
+            try:
+                device = self._steps(forward, attachment)
+                attachment = registry.get(self.attachment_id) or attachment
+                result = OperationResult(operation, "success", time.monotonic() - started, time.time())
+                attachment = registry.put(replace(attachment, state=STATE_ATTACHED, last=result))
+                log.info("attached %s as %s (%s)", spec, device.path, device.name)
+                return attachment
+            except BaseException as e:
+                problems = self._rollback()
+                error = _wrap(spec, e)
+                if problems:
+                    error.args = (f"{error}; cleanup incomplete ({'; '.join(problems)}): run remove again",)
+                log.error("%s", error)
+                raise error from e
+
+    def _check_legs(self) -> None:
+        spec = self.spec
+        if spec.label and spec.target is None and self.local_dev is None:
+            raise InputError(
+                f"both legs are MISSING (the spec's TARGET and {self.entry.where}); "  # type: ignore[union-attr]
+                "a mirror needs at least one"
+            )
+        if self.source == LEG_LOCAL and (spec.label is None or spec.target is None or self.local_dev is None):
+            raise InputError(
+                f"{spec}: building from the local leg needs a LABEL, a TARGET and a local device"
+            )
+
+    def _steps(self, deadline: Deadline, attachment: Attachment) -> BlockDevice:
+        spec, paths, registry, done = self.spec, self.paths, self.registry, self.done
+        iscsi_dev: BlockDevice | None = None
+        if spec.target is not None:
+            with hotplug_lock(paths.locks, target_lock_name(spec.target), deadline):
+                _refuse_busy_lun(spec, attachment.id, registry)
+                # Registered under the target lock: a concurrent last remove sees us and stays logged in.
+                attachment = registry.put(attachment)
+                done.registered = True
+                result = session.ensure(
+                    paths,
+                    self.config,
+                    registry,
+                    spec.target,
+                    deadline,
+                    before_login=done.attempt_login,
+                )
+            done.logged_in = result.logged_in
+            attachment = registry.put(
+                replace(
+                    attachment,
+                    portal=result.portal,
+                    we_logged_in=result.logged_in,
+                    replacement_timeout=result.replacement_timeout,
+                )
+            )
+            found, iscsi_dev = wait_for_lun(
+                paths,
+                spec.target,
+                spec.lun,
+                self.config.device_wait,
+                deadline,
+                on_stall=None if result.logged_in else _rescanner(paths, spec.target, deadline),
+            )
+            attachment = registry.put(
+                replace(attachment, iscsi_device=iscsi_dev.name, portal=found.portal or result.portal)
+            )
+            users = holders(paths, iscsi_dev.name)
+            if users:
+                raise OperationError(
+                    f"LUN {spec.lun}'s disk {iscsi_dev.name} is in use by {', '.join(users)}, "
+                    "which iscsimple did not set up; two users of one LUN would corrupt it"
+                )
+        else:
             attachment = registry.put(attachment)
             done.registered = True
-            result = session.ensure(
-                paths,
-                config,
-                registry,
-                spec.target,
-                deadline,
-                before_login=done.attempt_login,
-            )
-        done.logged_in = result.logged_in
-        attachment = registry.put(
-            replace(
-                attachment,
-                portal=result.portal,
-                we_logged_in=result.logged_in,
-                replacement_timeout=result.replacement_timeout,
-            )
-        )
-        found, iscsi_dev = wait_for_lun(
-            paths,
-            spec.target,
-            spec.lun,
-            config.device_wait,
-            deadline,
-            on_stall=None if result.logged_in else _rescanner(paths, spec.target, deadline),
-        )
-        attachment = registry.put(
-            replace(attachment, iscsi_device=iscsi_dev.name, portal=found.portal or result.portal)
-        )
-        users = holders(paths, iscsi_dev.name)
-        if users:
+
+        if spec.label is None:
+            assert iscsi_dev is not None
+            device = iscsi_dev
+        else:
+            device = self._build(spec.label, deadline, attachment, iscsi_dev)
+
+        if self.xen is not None:
+            done.published = True
+            self.xen.publish(device, attachment.id)
+        return device
+
+    def _build(
+        self, label: str, deadline: Deadline, attachment: Attachment, iscsi_dev: BlockDevice | None
+    ) -> BlockDevice:
+        paths, registry, local_dev = self.paths, self.registry, self.local_dev
+        if local_dev is not None:
+            min_size = iscsi_dev.size_bytes if iscsi_dev else None
+            local = _check_local(local_dev, paths, min_size, self.entry)  # type: ignore[arg-type]
+            attachment = registry.put(replace(attachment, local_kernel_name=local.name))
+        running = active_md_array(paths, label)
+        if running:
             raise OperationError(
-                f"LUN {spec.lun}'s disk {iscsi_dev.name} is in use by {', '.join(users)}, "
-                "which iscsimple did not set up; two users of one LUN would corrupt it"
+                f"/dev/md/{label} ({running}) appeared while attaching; another tool built it"
             )
-    else:
-        attachment = registry.put(attachment)
-        done.registered = True
+        path = str(md_path(paths, label))
+        from_local = self.source == LEG_LOCAL or iscsi_dev is None
+        self.done.built = True  # from here on an array may exist, even if mdadm fails or times out
+        if from_local:
+            mdadm.build(path, None, local_dev, deadline)
+        else:
+            mdadm.build(path, iscsi_dev.path, None, deadline)  # type: ignore[union-attr]
+        md = wait_for_md(paths, label, deadline)
+        attachment = registry.put(replace(attachment, md_device=md.name))
+        if iscsi_dev is not None and local_dev is not None:
+            if from_local:  # the LUN recovers from the local leg
+                mdadm.add(path, iscsi_dev.path, deadline, write_mostly=True)
+            else:  # the local leg recovers from the LUN
+                mdadm.add(path, local_dev, deadline)
+        return BlockDevice(path, md.name, md.major, md.minor, md.size_bytes)
 
-    if spec.label is None:
-        assert iscsi_dev is not None
-        device = iscsi_dev
-    else:
-        device = _build(spec.label, paths, registry, deadline, attachment, entry, iscsi_dev, done)
-
-    if xen is not None:
-        done.published = True
-        xen.publish(device, attachment.id)
-    return device
-
-
-def _build(
-    label: str,
-    paths: HostPaths,
-    registry: Registry,
-    deadline: Deadline,
-    attachment: Attachment,
-    entry: TabEntry | None,
-    iscsi_dev: BlockDevice | None,
-    done: _Done,
-) -> BlockDevice:
-    local_dev = entry.device if entry else None
-    if local_dev is not None:
-        min_size = iscsi_dev.size_bytes if iscsi_dev else None
-        local = _check_local(local_dev, paths, min_size, entry)  # type: ignore[arg-type]
-        attachment = registry.put(replace(attachment, local_kernel_name=local.name))
-    running = active_md_array(paths, label)
-    if running:
-        raise OperationError(f"/dev/md/{label} ({running}) appeared while attaching; another tool built it")
-    path = str(md_path(paths, label))
-    done.built = True  # from here on an array may exist, even if mdadm fails or times out
-    mdadm.build(path, iscsi_dev.path if iscsi_dev else None, None if iscsi_dev else local_dev, deadline)
-    md = wait_for_md(paths, label, deadline)
-    attachment = registry.put(replace(attachment, md_device=md.name))
-    if iscsi_dev is not None and local_dev is not None:
-        mdadm.add(path, local_dev, deadline)
-    return BlockDevice(path, md.name, md.major, md.minor, md.size_bytes)
+    def _rollback(self) -> list[str]:
+        """Undo what `done` says, within what is left of the budget. Returns what could not be undone."""
+        spec, paths, registry, done, deadline = self.spec, self.paths, self.registry, self.done, self.deadline
+        problems: list[str] = []
+        if done.published and self.xen is not None:
+            try:
+                self.xen.unpublish()
+            except IscsimpleError as e:
+                problems.append(f"xenstore: {e}")
+        attachment = registry.get(self.attachment_id)
+        if attachment is None:
+            return problems
+        if done.built and spec.label and md_kernel_names(paths, spec.label):
+            try:
+                stop_array(paths, attachment, deadline)
+            except IscsimpleError as e:
+                problems.append(str(e))
+                return problems  # the entry stays: the array still holds the LUN, remove must finish
+        if not done.registered:
+            return problems
+        try:
+            if spec.target is not None:
+                with hotplug_lock(paths.locks, target_lock_name(spec.target), deadline):
+                    logout = session.LOGOUT_ALWAYS if done.login_attempted else session.LOGOUT_NEVER
+                    attachment = replace(attachment, portal=attachment.portal or done.portal)
+                    session.release(paths, self.config, registry, attachment, deadline, logout=logout)
+            else:
+                registry.remove(self.attachment_id)
+        except IscsimpleError as e:
+            problems.append(str(e))
+        return problems
 
 
 def _rescanner(paths: HostPaths, target: str, deadline: Deadline):
@@ -372,7 +426,12 @@ def _clear_leftover(
 
 
 def _new_attachment(
-    spec: DiskSpec, attachment_id: str, local_dev: str | None, xen: XenContext | None, paths: HostPaths
+    spec: DiskSpec,
+    attachment_id: str,
+    local_dev: str | None,
+    xen: XenContext | None,
+    paths: HostPaths,
+    source: str,
 ) -> Attachment:
     mirrored = spec.label is not None
     return Attachment(
@@ -384,53 +443,12 @@ def _new_attachment(
         local_device=local_dev,
         md_path=str(md_path(paths, spec.label)) if spec.label else None,
         write_mostly_leg=LEG_ISCSI if mirrored and spec.target and local_dev else None,
-        source_leg=(LEG_ISCSI if spec.target else LEG_LOCAL) if mirrored else None,
+        source_leg=(source if spec.target else LEG_LOCAL) if mirrored else None,
         domain_id=xen.domain_id if xen else None,
         domain_name=xen.domain_name() if xen else None,
         vbd=xen.vbd() if xen else None,
         xenbus_path=xen.xenbus_path if xen else None,
     )
-
-
-def _rollback(
-    spec: DiskSpec,
-    paths: HostPaths,
-    config: Config,
-    registry: Registry,
-    xen: XenContext | None,
-    deadline: Deadline,
-    attachment_id: str,
-    done: _Done,
-) -> list[str]:
-    """Undo what `done` says, within what is left of the budget. Returns what could not be undone."""
-    problems: list[str] = []
-    if done.published and xen is not None:
-        try:
-            xen.unpublish()
-        except IscsimpleError as e:
-            problems.append(f"xenstore: {e}")
-    attachment = registry.get(attachment_id)
-    if attachment is None:
-        return problems
-    if done.built and spec.label and md_kernel_names(paths, spec.label):
-        try:
-            stop_array(paths, attachment, deadline)
-        except IscsimpleError as e:
-            problems.append(str(e))
-            return problems  # the entry stays: the array still holds the LUN, remove must finish
-    if not done.registered:
-        return problems
-    try:
-        if spec.target is not None:
-            with hotplug_lock(paths.locks, target_lock_name(spec.target), deadline):
-                logout = session.LOGOUT_ALWAYS if done.login_attempted else session.LOGOUT_NEVER
-                attachment = replace(attachment, portal=attachment.portal or done.portal)
-                session.release(paths, config, registry, attachment, deadline, logout=logout)
-        else:
-            registry.remove(attachment_id)
-    except IscsimpleError as e:
-        problems.append(str(e))
-    return problems
 
 
 def _wrap(spec: DiskSpec, error: BaseException) -> AttachError | AttachInputError:

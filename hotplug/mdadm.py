@@ -58,8 +58,13 @@ def build(md_path: str, iscsi_dev: str | None, local_dev: str | None, deadline: 
     _run(build_argv(md_path, iscsi_dev, local_dev), BUILD_TIMEOUT, deadline, f"building {md_path}")
 
 
-def add(md_path: str, device: str, deadline: Deadline) -> None:
-    _run([MDADM, md_path, "--add", device], ADD_TIMEOUT, deadline, f"adding {device} to {md_path}")
+def add_argv(md_path: str, device: str, *, write_mostly: bool = False) -> list[str]:
+    return [MDADM, md_path, "--add", *(["--write-mostly"] if write_mostly else []), device]
+
+
+def add(md_path: str, device: str, deadline: Deadline, *, write_mostly: bool = False) -> None:
+    argv = add_argv(md_path, device, write_mostly=write_mostly)
+    _run(argv, ADD_TIMEOUT, deadline, f"adding {device} to {md_path}")
 
 
 def stop(md_path: str, deadline: Deadline, timeout: float = STOP_TIMEOUT) -> None:
