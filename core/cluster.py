@@ -50,6 +50,7 @@ DURATION_RE = re.compile(r"^[1-9][0-9]*[smhdw]$")
 
 STALE_METRIC = "iscsimple_lun_stale_since_seconds"
 ATTACHED_METRIC = "iscsimple_lun_attached"
+LAST_REPORT_LABEL = "iscsimple_last_report"  # marks a down host's last report in a query's answer
 
 
 class ClusterUnreachable(OperationError):
@@ -142,10 +143,8 @@ class ClusterGuard:
     def stale_elsewhere(self, target: str, lun: int) -> QueryResult:
         """Other hosts' stale copies of this LUN: reported now, or last reported by a host now down."""
         selector = self._selector(STALE_METRIC, target, lun)
-        promql = (
-            f"{selector} or (last_over_time({selector}[{self.settings.lookback}]) "
-            "unless on(instance, job) (up == 1))"
-        )
+        last = f"last_over_time({selector}[{self.settings.lookback}]) unless on(instance, job) (up == 1)"
+        promql = f'{selector} or label_replace({last}, "{LAST_REPORT_LABEL}", "1", "instance", ".*")'
         return self._reports(promql, stale=True)
 
     def attached_elsewhere(self, target: str, lun: int) -> QueryResult:
@@ -178,7 +177,7 @@ class ClusterGuard:
                 label=str(labels.get("label", "")),
                 domain=str(labels.get("domain", "")),
                 since=value if stale and math.isfinite(value) else None,
-                down="__name__" not in labels,  # last_over_time drops the name: the host's last report
+                down=labels.get(LAST_REPORT_LABEL) == "1",
             )
             key = (report.host, report.label)
             if key not in seen or seen[key].down:

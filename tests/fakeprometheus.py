@@ -2,8 +2,8 @@
 
 It answers the two queries core/cluster.py sends the way Prometheus does for a model of
 hosts: each host is up or down and reports LUN series. An up host's series come back
-as they are (with `__name__`); a down host's stale reports come back as `last_over_time`
-returns them (without `__name__`); a down host's attachments not at all. The real
+as they are; a down host's stale reports come back as its last report (marked
+`iscsimple_last_report="1"`); a down host's attachments not at all. The real
 PromQL is checked against a real Prometheus in tests/e2e/test_cluster_guard.py.
 It can also answer slowly, with an error, or with garbage, and records every query.
 """
@@ -94,8 +94,9 @@ class FakePrometheus:
                     for (t, n, label), since in h.stale.items():
                         if (t, n) == (target, lun):
                             series = {**labels, "target": t, "lun": str(n), "label": label, "domain": "vm"}
-                            if h.up:
-                                series["__name__"] = metric
+                            series["__name__"] = metric
+                            if not h.up:
+                                series["iscsimple_last_report"] = "1"
                             result.append({"metric": series, "value": [now, repr(since)]})
                 elif metric == "iscsimple_lun_attached" and h.up:
                     for t, n, label in h.attached:
