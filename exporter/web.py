@@ -1,22 +1,39 @@
 """The agent's HTTP server: landing page, /metrics, /-/healthy, /-/ready.
 
-A thread per connection (ThreadingHTTPServer), TLS and basic auth from the
-exporter-toolkit web config. The TLS handshake runs in the connection's thread
-with a timeout, so a client that connects and says nothing cannot stall others.
-Handlers never read the host: /metrics serves the bytes rendered from the last
-snapshot, which is why a scrape cannot hang on a dead iSCSI device.
+One asyncio event loop, in one thread, does all the socket work: accepting, TLS
+handshakes, reading requests, writing responses. A connection costs a coroutine
+and a socket, not a thread, so a burst of a thousand scrapers or clients that
+dribble their request a byte at a time (slowloris) tie up no worker; every phase
+(handshake, request head, idle keep-alive, response write) has a deadline, and the
+number of open connections is capped well below the file descriptor limit, so a
+flood cannot starve the agent's own reads of the host.
+
+Work that must not run in the loop goes to two small bounded pools:
+
+- the endpoints (the agent's callables) serve bodies rendered from the last
+  snapshot, so a scrape never reads the host and cannot hang on a dead iSCSI
+  disk; they may still wait a moment for a lock while a format is encoded once;
+- bcrypt checks run one at a time, as exporter-toolkit serialises them, with
+  verdicts cached (webconfig.BasicAuth): clients with wrong passwords use at most
+  one core between them and never delay a client whose credentials are cached.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import html
 import logging
+import resource
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from email.utils import formatdate
+from http import HTTPStatus
 
 from iscsimple import __version__ as VERSION
 
@@ -24,7 +41,31 @@ from .webconfig import WebConfig
 
 log = logging.getLogger(__name__)
 
-CONNECTION_TIMEOUT = 30.0
+SERVER = f"iscsimple-agent/{VERSION}"
+TEXT = "text/plain; charset=utf-8"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Deadlines and bounds of the server; the defaults suit a Prometheus scraping every 15 s to 5 min."""
+
+    # Linux caps the accept queue at net.core.somaxconn (4096 since 5.4).
+    backlog: int = 4096
+    # Open connections, counting those still in their handshake. At the cap the longest
+    # waiting idle or unfinished one is dropped for the newcomer.
+    max_connections: int = 10_000
+    # Connect to the end of the first request head; from the first byte of a later one.
+    handshake_timeout: float = 10.0
+    request_timeout: float = 10.0
+    # Longer than any sane scrape interval, so Prometheus keeps its connection.
+    idle_timeout: float = 330.0
+    write_timeout: float = 30.0
+    endpoint_timeout: float = 10.0
+    endpoint_workers: int = 4
+    # Password checks queued behind the one bcrypt running; beyond, 503 at once.
+    max_pending_password_checks: int = 64
+    max_head_bytes: int = 16 * 1024
+    max_headers: int = 100
 
 
 @dataclass
@@ -38,27 +79,73 @@ class Endpoints:
     summary: Callable[[], str] = lambda: ""
 
 
-class AgentHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+class _BadRequest(Exception):
+    def __init__(self, status: HTTPStatus, message: str):
+        super().__init__(message)
+        self.status = status
 
-    def __init__(self, address: tuple[str, int], endpoints: Endpoints, web_config: WebConfig | None = None):
+
+@dataclass
+class _Request:
+    method: str
+    path: str
+    version: str
+    headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
+
+    @property
+    def keep_alive(self) -> bool:
+        tokens = {t.strip().lower() for t in self.headers.get("connection", "").split(",")}
+        if self.version == "HTTP/1.1":
+            return "close" not in tokens
+        return False  # HTTP/1.0 clients get one response per connection
+
+    @property
+    def has_body(self) -> bool:
+        return "transfer-encoding" in self.headers or self.headers.get("content-length", "0").strip() != "0"
+
+
+class _Connection:
+    """An open connection and what it is doing, for the cap's choice of whom to drop."""
+
+    __slots__ = ("busy", "since", "writer")
+
+    def __init__(self, writer: asyncio.StreamWriter):
+        self.writer = writer
+        self.busy = False
+        self.since = time.monotonic()
+
+
+class AgentHTTPServer:
+    """Listens at construction (so a busy port fails at once); serve_in_thread() starts serving."""
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        endpoints: Endpoints,
+        web_config: WebConfig | None = None,
+        limits: Limits | None = None,
+    ):
         self.endpoints = endpoints
         self.web_config = web_config or WebConfig()
+        self.limits = limits or Limits()
         self.ssl_context: ssl.SSLContext | None = (
             self.web_config.tls.context() if self.web_config.tls else None
         )
-        host = address[0]
-        if host == "":  # all addresses, IPv4 and IPv6, as Go's ":PORT" does
-            address = ("::", address[1]) if socket.has_ipv6 else ("0.0.0.0", address[1])
-            host = address[0]
-        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        super().__init__(address, _Handler)
-
-    def server_bind(self):
-        if self.address_family == socket.AF_INET6 and self.server_address[0] == "::":
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # dual stack
-        super().server_bind()
+        self.socket = _listen(address, self.limits.backlog)
+        self.server_address = self.socket.getsockname()
+        self.address_family = self.socket.family
+        self.max_connections = min(self.limits.max_connections, _connection_budget())
+        self._connections: dict[asyncio.StreamWriter, _Connection] = {}
+        self._password_checks: dict[bytes, asyncio.Future[bool]] = {}
+        self._endpoint_pool = ThreadPoolExecutor(
+            self.limits.endpoint_workers, thread_name_prefix="http-endpoint"
+        )
+        self._bcrypt_pool = ThreadPoolExecutor(1, thread_name_prefix="http-bcrypt")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
@@ -70,85 +157,325 @@ class AgentHTTPServer(ThreadingHTTPServer):
             host = f"[{host}]"
         return f"{scheme}://{host}:{port}"
 
-    def get_request(self):
-        sock, addr = self.socket.accept()
-        sock.settimeout(CONNECTION_TIMEOUT)
-        if self.ssl_context is not None:
-            sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        return sock, addr
+    # -- running ------------------------------------------------------------------------
 
-    def finish_request(self, request, client_address):
-        if isinstance(request, ssl.SSLSocket):
-            try:
-                request.do_handshake()
-            except (OSError, ssl.SSLError) as e:
-                log.debug("TLS handshake with %s failed: %s", client_address[0], e)
-                return
-        super().finish_request(request, client_address)
-
-    def handle_error(self, request, client_address):
-        log.debug("connection from %s ended with an error", client_address[0], exc_info=True)
+    def serve_forever(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        finally:
+            self._stopped.set()
 
     def serve_in_thread(self) -> threading.Thread:
-        thread = threading.Thread(target=self.serve_forever, name="http", daemon=True)
-        thread.start()
-        return thread
+        self._thread = threading.Thread(target=self.serve_forever, name="http", daemon=True)
+        self._thread.start()
+        self._started.wait(10)
+        return self._thread
 
+    def shutdown(self) -> None:
+        """Stop serving and close every connection; returns when the loop has ended."""
+        if self._loop is not None and self._stop is not None:
+            with contextlib.suppress(RuntimeError):  # loop already closed
+                self._loop.call_soon_threadsafe(self._stop.set)
+            self._stopped.wait(10)
 
-class _Handler(BaseHTTPRequestHandler):
-    server: AgentHTTPServer
-    server_version = f"iscsimple-agent/{VERSION}"
-    protocol_version = "HTTP/1.1"
-    # Headers and body leave in one segment: without this, Nagle + the client's delayed ACK
-    # add ~40 ms to every keep-alive scrape.
-    disable_nagle_algorithm = True
-    wbufsize = 1 << 16
+    def server_close(self) -> None:
+        self.socket.close()
+        self._endpoint_pool.shutdown(wait=False, cancel_futures=True)
+        self._bcrypt_pool.shutdown(wait=False, cancel_futures=True)
 
-    def log_message(self, format, *args):
-        log.debug("%s %s", self.address_string(), format % args)
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        server = await asyncio.start_server(
+            self._connected, sock=self.socket, backlog=self.limits.backlog, limit=self.limits.max_head_bytes
+        )
+        self._started.set()
+        async with server:
+            await self._stop.wait()
+            server.close()
+            for writer in list(self._connections):
+                writer.transport.abort()
+        await asyncio.sleep(0)  # let the aborted connections' tasks finish
 
-    def do_GET(self):
-        self._serve(head=False)
+    # -- one connection -----------------------------------------------------------------
 
-    def do_HEAD(self):
-        self._serve(head=True)
-
-    def _serve(self, head: bool) -> None:
-        config = self.server.web_config
-        if config.auth_required and not config.check_header(self.headers.get("Authorization")):
-            self._send(
-                401,
-                b"Unauthorized\n",
-                "text/plain; charset=utf-8",
-                head,
-                {"WWW-Authenticate": 'Basic realm="iscsimple-agent"'},
-            )
+    async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = (writer.get_extra_info("peername") or ("?",))[0]
+        if len(self._connections) >= self.max_connections and not self._drop_a_waiting_connection():
+            log.debug("connection from %s refused: %d connections open", peer, len(self._connections))
+            writer.transport.abort()
             return
-        path = self.path.split("?", 1)[0]
-        endpoints = self.server.endpoints
-        if path == "/metrics":
-            gzipped = "gzip" in self.headers.get("Accept-Encoding", "")
-            body, content_type = endpoints.metrics(self.headers.get("Accept", ""), gzipped)
-            self._send(200, body, content_type, head, {"Content-Encoding": "gzip"} if gzipped else None)
-        elif path in ("/-/healthy", "/-/ready"):
-            ok, text = endpoints.healthy() if path == "/-/healthy" else endpoints.ready()
-            self._send(200 if ok else 503, (text + "\n").encode(), "text/plain; charset=utf-8", head)
-        elif path == "/":
-            self._send(200, _landing_page(endpoints.summary()).encode(), "text/html; charset=utf-8", head)
-        else:
-            self._send(404, b"Not found: try /metrics\n", "text/plain; charset=utf-8", head)
+        conn = self._connections[writer] = _Connection(writer)
+        clean = False
+        try:
+            await self._converse(conn, reader, writer, peer)
+            clean = True
+        except (TimeoutError, ConnectionError, ssl.SSLError, asyncio.IncompleteReadError) as e:
+            log.debug("connection from %s ended: %s", peer, e.__class__.__name__)
+        except OSError as e:
+            log.debug("connection from %s ended: %s", peer, e)
+        finally:
+            del self._connections[writer]
+            if clean:
+                writer.close()
+            else:  # no TLS goodbye to a client that timed out or broke the protocol
+                writer.transport.abort()
 
-    def _send(
-        self, code: int, body: bytes, content_type: str, head: bool, extra: dict[str, str] | None = None
-    ):
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in {**self.server.web_config.headers, **(extra or {})}.items():
-            self.send_header(name, value)
-        self.end_headers()
-        if not head:
-            self.wfile.write(body)
+    def _drop_a_waiting_connection(self) -> bool:
+        waiting = [c for c in self._connections.values() if not c.busy]
+        if not waiting:
+            return False
+        min(waiting, key=lambda c: c.since).writer.transport.abort()
+        return True
+
+    async def _converse(
+        self, conn: _Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
+    ) -> None:
+        limits = self.limits
+        # From connect to the end of the first request head: the handshake and the request
+        # share one deadline, so a client that connects and says nothing is gone in time.
+        async with asyncio.timeout(limits.handshake_timeout):
+            if self.ssl_context is not None:
+                await writer.start_tls(self.ssl_context)
+            request = await self._next_request(reader, b"")
+        while request is not None:
+            conn.busy = True
+            if isinstance(request, _BadRequest):
+                await self._write(
+                    writer, _response(request.status, f"{request}\n".encode(), TEXT, False, {}, True)
+                )
+                return
+            close = not request.keep_alive or request.has_body  # a body we do not read ends the connection
+            await self._write(writer, await self._respond(request, close))
+            log.debug("%s %s %s", peer, request.method, request.path)
+            if close:
+                return
+            conn.busy, conn.since = False, time.monotonic()
+            async with asyncio.timeout(limits.idle_timeout):
+                start = await reader.read(1)
+            if not start:
+                return
+            async with asyncio.timeout(limits.request_timeout):
+                request = await self._next_request(reader, start)
+
+    async def _next_request(
+        self, reader: asyncio.StreamReader, start: bytes
+    ) -> _Request | _BadRequest | None:
+        """The next request, what is wrong with it, or None if the client closed before sending one."""
+        try:
+            head = await self._read_head(reader, start)
+            return None if head is None else _parse_head(head)
+        except _BadRequest as e:
+            return e
+
+    async def _read_head(self, reader: asyncio.StreamReader, start: bytes) -> list[bytes] | None:
+        """The request line and header lines, or None if the client closed before sending one."""
+        lines: list[bytes] = []
+        size = 0
+        while True:
+            try:
+                line = await reader.readline()
+            except (ValueError, asyncio.LimitOverrunError):
+                raise _BadRequest(
+                    HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request header too large"
+                ) from None
+            if start:
+                line, start = start + line, b""
+            if not line:
+                if lines:
+                    raise _BadRequest(HTTPStatus.BAD_REQUEST, "the request ended in its header")
+                return None
+            if not line.endswith(b"\n"):
+                raise _BadRequest(HTTPStatus.BAD_REQUEST, "the request ended in its header")
+            size += len(line)
+            if size > self.limits.max_head_bytes or len(lines) > self.limits.max_headers:
+                raise _BadRequest(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "request header too large")
+            if line in (b"\r\n", b"\n"):
+                if lines:
+                    return lines
+                continue  # blank lines before the request line are tolerated (RFC 9112 2.2)
+            lines.append(line.rstrip(b"\r\n"))
+
+    async def _write(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        writer.write(data)
+        async with asyncio.timeout(self.limits.write_timeout):
+            await writer.drain()
+
+    # -- one request --------------------------------------------------------------------
+
+    async def _respond(self, request: _Request, close: bool) -> bytes:
+        head = request.method == "HEAD"
+        extra = self.web_config.headers
+
+        def reply(
+            status: HTTPStatus, body: bytes, content_type: str = TEXT, more: dict | None = None
+        ) -> bytes:
+            return _response(status, body, content_type, head, {**extra, **(more or {})}, close)
+
+        auth = self.web_config.auth
+        if auth.required:
+            verdict = await self._check_credentials(request.headers.get("authorization"))
+            if verdict is None:
+                return reply(
+                    HTTPStatus.SERVICE_UNAVAILABLE,
+                    b"Too many logins being checked; retry\n",
+                    more={"Retry-After": "1"},
+                )
+            if not verdict:
+                return reply(
+                    HTTPStatus.UNAUTHORIZED,
+                    b"Unauthorized\n",
+                    more={"WWW-Authenticate": 'Basic realm="iscsimple-agent"'},
+                )
+        if request.method not in ("GET", "HEAD"):
+            return reply(HTTPStatus.METHOD_NOT_ALLOWED, b"Only GET and HEAD\n", more={"Allow": "GET, HEAD"})
+        endpoints = self.endpoints
+        path = request.path
+        try:
+            if path == "/metrics":
+                gzipped = accepts_gzip(request.headers.get("accept-encoding", ""))
+                body, content_type = await self._call(
+                    endpoints.metrics, request.headers.get("accept", ""), gzipped
+                )
+                return reply(
+                    HTTPStatus.OK, body, content_type, {"Content-Encoding": "gzip"} if gzipped else None
+                )
+            if path in ("/-/healthy", "/-/ready"):
+                ok, text = await self._call(endpoints.healthy if path == "/-/healthy" else endpoints.ready)
+                return reply(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, (text + "\n").encode())
+            if path == "/":
+                summary = await self._call(endpoints.summary)
+                return reply(HTTPStatus.OK, _landing_page(summary).encode(), "text/html; charset=utf-8")
+        except TimeoutError:
+            log.warning("%s took more than %.0f s to answer", path, self.limits.endpoint_timeout)
+            return reply(HTTPStatus.SERVICE_UNAVAILABLE, b"The agent did not answer in time; retry\n")
+        except Exception:
+            log.exception("%s failed", path)
+            return reply(HTTPStatus.INTERNAL_SERVER_ERROR, b"Internal error: see the agent's log\n")
+        return reply(HTTPStatus.NOT_FOUND, b"Not found: try /metrics\n")
+
+    async def _call(self, function, *args):
+        future = asyncio.get_running_loop().run_in_executor(self._endpoint_pool, function, *args)
+        async with asyncio.timeout(self.limits.endpoint_timeout):
+            return await future
+
+    async def _check_credentials(self, authorization: str | None) -> bool | None:
+        """True or False; None when too many unverified logins already wait for bcrypt."""
+        auth = self.web_config.auth
+        credentials = auth.parse_header(authorization)
+        if credentials is None:
+            return False
+        key = auth.cache_key(*credentials)
+        verdict = auth.cached(key)
+        if verdict is not None:
+            return verdict
+        pending = self._password_checks.get(key)
+        if pending is None:  # the same credentials on many connections cost one bcrypt
+            if len(self._password_checks) >= self.limits.max_pending_password_checks:
+                return None
+            pending = asyncio.ensure_future(
+                asyncio.get_running_loop().run_in_executor(self._bcrypt_pool, auth.verify, *credentials)
+            )
+            self._password_checks[key] = pending
+            pending.add_done_callback(lambda _: self._password_checks.pop(key, None))
+        return await asyncio.shield(pending)
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether gzip is acceptable by the header's q-values (RFC 9110 12.5.3); `gzip;q=0` refuses it."""
+    explicit: float | None = None
+    wildcard: float | None = None
+    for item in accept_encoding.split(","):
+        coding, *params = (part.strip() for part in item.split(";"))
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value.strip())
+                except ValueError:
+                    q = 0.0
+                if not 0.0 <= q <= 1.0:  # also rejects nan
+                    q = 0.0
+        coding = coding.lower()
+        if coding in ("gzip", "x-gzip"):
+            explicit = q if explicit is None else max(explicit, q)
+        elif coding == "*":
+            wildcard = q
+    if explicit is not None:
+        return explicit > 0
+    return wildcard is not None and wildcard > 0
+
+
+def _parse_head(lines: list[bytes]) -> _Request:
+    try:
+        request_line = lines[0].decode("ascii")
+    except UnicodeDecodeError:
+        raise _BadRequest(HTTPStatus.BAD_REQUEST, "the request line is not ASCII") from None
+    parts = request_line.split()
+    if len(parts) != 3:
+        raise _BadRequest(HTTPStatus.BAD_REQUEST, "expected: METHOD /path HTTP/1.1")
+    method, target, version = parts
+    if version not in ("HTTP/1.0", "HTTP/1.1"):
+        raise _BadRequest(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, "HTTP/1.0 or HTTP/1.1 only")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name != name.strip() or b" " in name or b"\t" in name:
+            raise _BadRequest(HTTPStatus.BAD_REQUEST, "malformed header line")
+        key = name.decode("latin-1").lower()
+        text = value.strip().decode("latin-1")
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+    return _Request(method, target.split("?", 1)[0], version, headers)
+
+
+def _response(
+    status: HTTPStatus, body: bytes, content_type: str, head: bool, headers: dict[str, str], close: bool
+) -> bytes:
+    lines = [
+        f"HTTP/1.1 {status.value} {status.phrase}",
+        f"Server: {SERVER}",
+        f"Date: {formatdate(usegmt=True)}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+    ]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    if close:
+        lines.append("Connection: close")
+    # Headers and body leave in one write: split, Nagle + the client's delayed ACK cost ~40 ms.
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head else body)
+
+
+def _listen(address: tuple[str, int], backlog: int) -> socket.socket:
+    host, port = address
+    if host == "":  # all addresses, IPv4 and IPv6, as Go's ":PORT" does
+        host = "::" if socket.has_ipv6 else "0.0.0.0"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and host == "::":
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # dual stack
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _connection_budget() -> int:
+    """Connections the descriptor limit allows, leaving room for the agent's own reads of the host.
+
+    The soft limit is raised to the hard one first, as Go's runtime does for every Go
+    exporter (systemd's default soft limit is 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return max(64, soft - 256) if soft != resource.RLIM_INFINITY else 1 << 20
 
 
 def _landing_page(summary: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
 import os
 import signal
@@ -9,6 +10,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import pytest
 import requests
 
 from iscsimple.exporter.web import AgentHTTPServer, Endpoints
-from iscsimple.exporter.webconfig import WebConfigError, load_web_config
+from iscsimple.exporter.webconfig import BasicAuth, WebConfig, WebConfigError, load_web_config
 
 PASSWORD = "s3cret-scrape"
 
@@ -215,3 +217,221 @@ def test_empty_host_listens_on_ipv4_and_ipv6():
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+# -- basic auth: bytes, cache, and what wrong passwords may cost ---------------------------------
+
+
+def plain_server(users: dict[str, bytes], limits=None) -> AgentHTTPServer:
+    config = WebConfig(auth=BasicAuth(users))
+    endpoints = Endpoints(
+        metrics=lambda accept, gzipped: (gzip.compress(b"x 1\n") if gzipped else b"x 1\n", "text/plain"),
+        healthy=lambda: (True, "Healthy"),
+        ready=lambda: (True, "Ready"),
+    )
+    srv = AgentHTTPServer(("127.0.0.1", 0), endpoints, config, limits=limits)
+    srv.serve_in_thread()
+    return srv
+
+
+def bcrypt_hash(password: bytes) -> bytes:
+    return bcrypt.hashpw(password, bcrypt.gensalt(rounds=4))
+
+
+def test_a_non_ascii_user_name_locks_nobody_out(tmp_path, tls_files):
+    cert, key = tls_files
+    green = bcrypt_hash("grün".encode()).decode()
+    (tmp_path / "web.yml").write_text(
+        f"tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n"
+        "basic_auth_users:\n"
+        f"  jürgen: '{green}'\n"
+        f"  prometheus: '{bcrypt_hash(PASSWORD.encode()).decode()}'\n",
+        encoding="utf-8",
+    )
+    config = load_web_config(tmp_path / "web.yml")
+    srv = AgentHTTPServer(
+        ("127.0.0.1", 0),
+        Endpoints(
+            lambda a, g: (gzip.compress(b"x 1\n") if g else b"x 1\n", "text/plain"),
+            lambda: (True, ""),
+            lambda: (True, ""),
+        ),
+        config,
+    )
+    srv.serve_in_thread()
+    try:
+        url = f"{srv.url}/metrics"
+        for auth in ((b"prometheus", PASSWORD.encode()), ("jürgen".encode(), "grün".encode())):
+            r = requests.get(url, auth=auth, verify=str(cert), timeout=10)
+            assert (r.status_code, r.text) == (200, "x 1\n"), auth
+        for auth in (
+            (b"j\xfcrgen", "grün".encode()),
+            ("jürgen".encode(), b"gr\xfcn"),
+        ):  # latin-1: other bytes
+            assert requests.get(url, auth=auth, verify=str(cert), timeout=10).status_code == 401
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_a_password_that_is_not_utf8_is_compared_as_bytes():
+    srv = plain_server({"prometheus": bcrypt_hash(b"p\xe4ss")})
+    try:
+        url = f"{srv.url}/metrics"
+        assert requests.get(url, auth=(b"prometheus", b"p\xe4ss"), timeout=5).status_code == 200
+        assert requests.get(url, auth=(b"prometheus", b"p\xc3\xa4ss"), timeout=5).status_code == 401
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.mark.parametrize(
+    "header, parsed",
+    [
+        ("Basic " + base64.b64encode(b"u:p:w").decode(), (b"u", b"p:w")),
+        ("basic " + base64.b64encode(b"u:").decode(), (b"u", b"")),
+        ("BASIC  " + base64.b64encode(b"\xff:\x00").decode(), (b"\xff", b"\x00")),
+        ("Basic " + base64.b64encode(b"no-colon").decode(), None),
+        ("Basic not base64!", None),
+        ("Basic ü", None),
+        ("Bearer abc", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_authorization_headers_are_parsed_as_bytes(header, parsed):
+    assert BasicAuth.parse_header(header) == parsed
+
+
+class CountingCheckpw:
+    """bcrypt.checkpw that records how many run at once and with which passwords."""
+
+    def __init__(self, real, delay: float = 0.0, gate: threading.Event | None = None):
+        self.real, self.delay, self.gate = real, delay, gate
+        self.lock = threading.Lock()
+        self.running = self.most = 0
+        self.passwords: list[bytes] = []
+
+    def __call__(self, password, hashed):
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            self.passwords.append(password)
+        try:
+            if self.gate is not None:
+                self.gate.wait(10)
+            time.sleep(self.delay)
+            return self.real(password, hashed)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def test_wrong_passwords_get_one_bcrypt_at_a_time_and_never_a_cached_good_client(monkeypatch, tls_files):
+    checkpw = CountingCheckpw(bcrypt.checkpw, delay=0.02)
+    monkeypatch.setattr(bcrypt, "checkpw", checkpw)
+    srv = plain_server({"prometheus": bcrypt_hash(PASSWORD.encode())})
+    url = f"{srv.url}/metrics"
+    try:
+        good = requests.Session()
+        assert good.get(url, auth=("prometheus", PASSWORD), timeout=10).status_code == 200
+        statuses: list[int] = []
+
+        def hammer(n: int) -> None:
+            with requests.Session() as s:
+                for i in range(6):
+                    statuses.append(s.get(url, auth=("prometheus", f"wrong-{n}-{i}"), timeout=30).status_code)
+
+        threads = [threading.Thread(target=hammer, args=(n,)) for n in range(12)]
+        for t in threads:
+            t.start()
+        good_statuses = [
+            good.get(url, auth=("prometheus", PASSWORD), timeout=10).status_code for _ in range(20)
+        ]
+        for t in threads:
+            t.join(60)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert good_statuses == [200] * 20
+    assert sorted(set(statuses)) == [401] and len(statuses) == 72
+    assert checkpw.most == 1
+    assert checkpw.passwords.count(PASSWORD.encode()) == 1  # later good scrapes came from the cache
+
+
+def test_the_same_unverified_credentials_on_many_connections_cost_one_bcrypt(monkeypatch):
+    gate = threading.Event()
+    checkpw = CountingCheckpw(bcrypt.checkpw, gate=gate)
+    monkeypatch.setattr(bcrypt, "checkpw", checkpw)
+    srv = plain_server({"prometheus": bcrypt_hash(PASSWORD.encode())})
+    try:
+        results: list[int] = []
+        threads = [
+            threading.Thread(
+                target=lambda: results.append(
+                    requests.get(f"{srv.url}/metrics", auth=("prometheus", "wrong"), timeout=10).status_code
+                )
+            )
+            for _ in range(8)
+        ]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        gate.set()
+        for t in threads:
+            t.join(20)
+    finally:
+        gate.set()
+        srv.shutdown()
+        srv.server_close()
+    assert results == [401] * 8
+    assert checkpw.passwords == [b"wrong"]
+
+
+def test_too_many_logins_waiting_for_bcrypt_get_503_at_once(monkeypatch):
+    from iscsimple.exporter.web import Limits
+
+    gate = threading.Event()
+    monkeypatch.setattr(bcrypt, "checkpw", CountingCheckpw(bcrypt.checkpw, gate=gate))
+    srv = plain_server({"prometheus": bcrypt_hash(PASSWORD.encode())}, Limits(max_pending_password_checks=1))
+    try:
+        waiting = threading.Thread(
+            target=lambda: requests.get(f"{srv.url}/metrics", auth=("prometheus", "first"), timeout=10)
+        )
+        waiting.start()
+        time.sleep(0.3)
+        r = requests.get(f"{srv.url}/metrics", auth=("prometheus", "second"), timeout=5)
+        assert r.status_code == 503
+        assert r.headers["Retry-After"] == "1"
+    finally:
+        gate.set()
+        waiting.join(10)
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_failed_logins_never_push_a_good_login_out_of_the_cache(monkeypatch):
+    checkpw = CountingCheckpw(lambda password, hashed: password == b"right")
+    monkeypatch.setattr(bcrypt, "checkpw", checkpw)
+    auth = BasicAuth({"prometheus": bcrypt_hash(b"right")})
+    good = "Basic " + base64.b64encode(b"prometheus:right").decode()
+    assert auth.check_header(good)
+    for i in range(3 * BasicAuth.BAD_ENTRIES):
+        assert not auth.check_header("Basic " + base64.b64encode(f"prometheus:wrong{i}".encode()).decode())
+    assert auth.check_header(good)
+    assert checkpw.passwords.count(b"right") == 1
+    assert len(auth._bad) <= BasicAuth.BAD_ENTRIES and len(auth._good) <= BasicAuth.GOOD_ENTRIES
+    # A wrong password seen before costs no second bcrypt.
+    calls = len(checkpw.passwords)
+    assert not auth.check_header(
+        "Basic " + base64.b64encode(f"prometheus:wrong{3 * BasicAuth.BAD_ENTRIES - 1}".encode()).decode()
+    )
+    assert len(checkpw.passwords) == calls
+
+
+def test_an_unknown_user_costs_a_bcrypt_like_a_known_one(monkeypatch):
+    checkpw = CountingCheckpw(bcrypt.checkpw)
+    monkeypatch.setattr(bcrypt, "checkpw", checkpw)
+    auth = BasicAuth({"prometheus": bcrypt_hash(b"right")})
+    assert not auth.check_header("Basic " + base64.b64encode(b"nobody:right").decode())
+    assert checkpw.passwords == [b"right"]
