@@ -23,9 +23,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from iscsimple.core.atomic import remove_durably, write_atomic
@@ -40,6 +41,12 @@ from . import iscsiadm
 from .devices import target_sessions
 
 log = logging.getLogger(__name__)
+
+# iscsid's reopen delay and our own start-up lie outside the login timeout.
+LOGIN_GRACE = 2.0
+# Kept back from remove's budget for the logout after waiting for a pending login.
+LOGOUT_RESERVE = iscsiadm.LOGOUT_TIMEOUT
+PENDING_POLL = 0.2
 
 
 @dataclass(frozen=True)
@@ -105,12 +112,25 @@ def ensure(
     for key, value in node_settings(config, timeout):
         if record.setting(key) != value:
             iscsiadm.set_node_setting(target, record.portal, key, value, deadline)
+    # On disk before the login: if this process is killed during it (libxl SIGKILLs the
+    # script, not iscsiadm), the session that appears is still known to be ours and the
+    # remove that follows logs it out.
+    opened_before = is_ours(paths, target)
+    mark_opening(paths, target, record.portal, config.login_timeout)
     if before_login is not None:
         before_login(record.portal)
-    logged_in = iscsiadm.login(target, record.portal, config.login_timeout, deadline)
+    try:
+        logged_in = iscsiadm.login(target, record.portal, config.login_timeout, deadline)
+    except BaseException:
+        # iscsiadm is gone (failed or killed at its timeout): nothing to wait for, but a
+        # session may exist, so the marker stays for the rollback's logout.
+        _write_marker(paths, SessionMarker(target, record.portal))
+        raise
     if logged_in:
         mark_ours(paths, target, record.portal)
         log.info("logged in to %s at %s (replacement timeout %d s)", target, record.portal, timeout)
+    elif not opened_before:  # someone else's session appeared meanwhile: not ours to log out
+        forget(paths, target)
     return SessionResult(record.portal, logged_in, timeout)
 
 
@@ -207,11 +227,14 @@ def release(
         return
     if logout == LOGOUT_NEVER:
         return
-    if logout == LOGOUT_IF_OURS and not is_ours(paths, target):
+    marker = read_marker(paths, target)
+    if logout == LOGOUT_IF_OURS and marker is None:
         if target_sessions(paths, target):
             log.info("last user of %s gone; the session was not opened by iscsimple and stays", target)
         return
-    if iscsiadm.logout(target, attachment.portal, deadline):
+    if marker is not None:
+        _await_pending_login(paths, target, marker, deadline)
+    if iscsiadm.logout(target, attachment.portal or (marker.portal if marker else None), deadline):
         log.info("logged out of %s (no attachment uses it any more)", target)
     forget(paths, target)
 
@@ -227,13 +250,61 @@ def _retune(paths: HostPaths, config: Config, target: str, users: list[Attachmen
 # -- sessions iscsimple opened ------------------------------------------------------
 
 
+# The marker says iscsimple opened (or is opening) the target's session, so the last
+# remove logs it out. It is written before `iscsiadm --login` with the end of the login's
+# window (`login_until`) and rewritten with `logged_in_at` once the login returned.
+
+
+@dataclass(frozen=True)
+class SessionMarker:
+    target: str
+    portal: str | None
+    logged_in_at: float | None = None  # None: the login did not return (yet)
+    login_until: float | None = None  # until then a login we started may still complete
+
+    def pending(self, now: float) -> bool:
+        return self.logged_in_at is None and self.login_until is not None and now < self.login_until
+
+
 def _marker(paths: HostPaths, target: str) -> Path:
     return paths.state / "sessions" / f"{target}.json"
 
 
+def _write_marker(paths: HostPaths, marker: SessionMarker) -> None:
+    write_atomic(_marker(paths, marker.target), json.dumps(asdict(marker), sort_keys=True), fsync=False)
+
+
+def mark_opening(paths: HostPaths, target: str, portal: str | None, login_timeout: float) -> None:
+    """About to run `iscsiadm --login`: a session may appear from now on until `login_timeout` has
+    passed (iscsid gives up within it, see node_settings), even if this process dies."""
+    _write_marker(paths, SessionMarker(target, portal, login_until=time.time() + login_timeout + LOGIN_GRACE))
+
+
 def mark_ours(paths: HostPaths, target: str, portal: str | None) -> None:
-    data = {"target": target, "portal": portal, "logged_in_at": time.time()}
-    write_atomic(_marker(paths, target), json.dumps(data, sort_keys=True), fsync=False)
+    _write_marker(paths, SessionMarker(target, portal, logged_in_at=time.time()))
+
+
+def read_marker(paths: HostPaths, target: str) -> SessionMarker | None:
+    """The marker of `target`, None if iscsimple did not open its session. An unreadable marker
+    still means ours (logging out a session nobody else uses beats leaking it)."""
+    path = _marker(paths, target)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log.warning("unreadable session marker %s (%s): taken as a session iscsimple opened", path, e)
+        return SessionMarker(target, None)
+    if not isinstance(data, dict):
+        log.warning("unreadable session marker %s: taken as a session iscsimple opened", path)
+        return SessionMarker(target, None)
+    portal, logged_in_at, until = data.get("portal"), data.get("logged_in_at"), data.get("login_until")
+    return SessionMarker(
+        target,
+        portal if isinstance(portal, str) else None,
+        float(logged_in_at) if isinstance(logged_in_at, int | float) else None,
+        float(until) if isinstance(until, int | float) and math.isfinite(until) else None,
+    )
 
 
 def is_ours(paths: HostPaths, target: str) -> bool:
@@ -242,3 +313,18 @@ def is_ours(paths: HostPaths, target: str) -> bool:
 
 def forget(paths: HostPaths, target: str) -> None:
     remove_durably(_marker(paths, target))
+
+
+def _await_pending_login(paths: HostPaths, target: str, marker: SessionMarker, deadline: Deadline) -> None:
+    """An add that started a login was killed before it returned: iscsiadm and iscsid may still
+    be logging in. Wait until the session is up or the login's window has closed (within what
+    the deadline leaves for the logout itself), so the logout does not run before the session
+    appears and leave it behind."""
+    if not marker.pending(time.time()):
+        return
+    log.info("a login to %s that iscsimple started may still be running: waiting for it to end", target)
+    end = time.monotonic() + min(marker.login_until - time.time(), deadline.remaining() - LOGOUT_RESERVE)  # type: ignore[operator]
+    while time.monotonic() < end:
+        if any(s.state == "LOGGED_IN" for s in target_sessions(paths, target)):
+            return
+        time.sleep(PENDING_POLL)

@@ -57,6 +57,7 @@ def test_remove_after_an_add_killed_between_build_and_add_undoes_it(hotplug):
 
 
 def test_remove_after_an_add_killed_during_login_logs_out(hotplug):
+    hotplug.set_config(f'[iscsi]\nportals = ["{PORTAL}"]\nlogin_timeout = 2\n[attach]\ndevice_wait = 3\n')
     hotplug.host.add_target(IQN)
     hotplug.mirror("vm1")
     vbd = hotplug.vbd(SPEC)
@@ -67,6 +68,60 @@ def test_remove_after_an_add_killed_during_login_logs_out(hotplug):
 
     assert hotplug.registry().list() == []
     assert not any(line.startswith("mdadm --stop") for line in hotplug.command_lines())
+
+
+def kill_add_once_called(hotplug, vbd, match: tuple[str, ...]) -> None:
+    """Start an add and SIGKILL the script (not its children, as libxl does) as soon as it has started
+    the command matching `match`; that command runs on."""
+    proc = hotplug.start("add", vbd)
+    deadline = time.monotonic() + 60
+    while not any(all(m in " ".join(r["argv"]) for m in match) for r in hotplug.host.call_records()):
+        assert time.monotonic() < deadline, "the add never ran the command"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+
+
+def test_remove_after_an_add_killed_after_the_login_succeeded_logs_the_session_out(hotplug):
+    """The login went through but iscsiadm had not returned when libxl killed the script: the session
+    exists and nothing but the marker written before the login says iscsimple opened it."""
+    hotplug.host.add_target(IQN)
+    hotplug.mirror("vm1")
+    vbd = hotplug.vbd(SPEC)
+    hotplug.host.add_fault("iscsiadm", match=("--login",), action="effect_then_hang", seconds=120)
+    kill_add_once_called(hotplug, vbd, ("--login",))
+    assert hotplug.host.session_targets() == [IQN]
+    assert hotplug.registry().get(vbd.attachment_id).state == STATE_ATTACHING
+
+    result = hotplug.run("remove", vbd)
+
+    assert result.returncode == 0, result.stderr
+    assert hotplug.command_lines()[-1] == LOGOUT
+    assert hotplug.host.session_targets() == []
+    assert hotplug.registry().list() == []
+    assert not (hotplug.paths.state / "sessions" / f"{IQN}.json").exists()
+    for record in hotplug.host.call_records():
+        if record["fault"] == "effect_then_hang":
+            os.kill(record["pid"], signal.SIGKILL)
+
+
+def test_remove_while_the_killed_adds_login_still_runs_waits_for_it_and_logs_out(hotplug):
+    """Killed while `iscsiadm --login` was still logging in (a slow target): the session appears only
+    after remove started. remove waits for the login's window and logs the session out."""
+    hotplug.set_config(f'[iscsi]\nportals = ["{PORTAL}"]\nlogin_timeout = 6\n[attach]\ndevice_wait = 3\n')
+    hotplug.host.add_target(IQN)
+    hotplug.host.set_target(IQN, login_seconds=2)
+    hotplug.mirror("vm1")
+    vbd = hotplug.vbd(SPEC)
+    kill_add_once_called(hotplug, vbd, ("--login",))
+    assert hotplug.host.session_targets() == []  # still logging in
+
+    result = hotplug.run("remove", vbd)
+
+    assert result.returncode == 0, result.stderr
+    assert hotplug.command_lines()[-1] == LOGOUT
+    assert hotplug.host.session_targets() == []
+    assert hotplug.registry().list() == []
 
 
 def test_add_after_a_crashed_add_of_the_same_disk_cleans_up_first(hotplug):

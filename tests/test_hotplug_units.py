@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -189,3 +190,50 @@ def test_first_login_settings_make_iscsid_give_up_before_we_kill_iscsiadm():
     record = parse_node_records((KERNEL_CAPTURES / "iscsiadm_node_record.txt").read_text())[0]
     assert record.setting("node.conn[0].timeo.login_timeout") == "15"  # open-iscsi's default: too long
     assert record.setting("node.session.initial_login_retry_max") == "8"
+
+
+def _paths(tmp_path) -> HostPaths:
+    return HostPaths(
+        *(tmp_path / n for n in ("proc", "sys", "dev", "state", "records", "tab", "cfg", "locks"))
+    )
+
+
+def test_login_that_finds_a_session_opened_meanwhile_does_not_claim_it(tmp_path, monkeypatch):
+    """iscsiadm says the session exists (someone logged in between our look and our login): not ours, so
+    the last remove leaves it; but a marker of an earlier, killed login of ours stays."""
+    from iscsimple.core.registry import Registry
+    from iscsimple.hotplug import iscsiadm, session
+
+    paths = _paths(tmp_path)
+    record = parse_node_records("192.0.2.1:3260,1 iqn.2001-04.com.example:s\n")
+    assert record
+    monkeypatch.setattr(iscsiadm, "node_records", lambda target, deadline: record)
+    monkeypatch.setattr(iscsiadm, "set_node_setting", lambda *a: None)
+    monkeypatch.setattr(session, "target_sessions", lambda paths, target: [])
+    seen_marker = []
+
+    def login(target, portal, timeout, deadline):
+        seen_marker.append(session.read_marker(paths, target))
+        return False  # ERR_SESS_EXISTS
+
+    monkeypatch.setattr(iscsiadm, "login", login)
+    target = "iqn.2001-04.com.example:s"
+    result = session.ensure(paths, Config(), Registry(paths), target, Deadline(10))
+    assert not result.logged_in
+    assert seen_marker[0] is not None and seen_marker[0].pending(time.time())  # on disk before the login
+    assert session.read_marker(paths, target) is None
+
+    session.mark_opening(paths, target, "192.0.2.1:3260", 5)  # a killed add's login
+    session.ensure(paths, Config(), Registry(paths), target, Deadline(10))
+    assert session.read_marker(paths, target) is not None
+
+
+@pytest.mark.parametrize("text", ["", "null", "[]", '{"login_until": "x"}', '{"login_until": 1e999}'])
+def test_an_unreadable_session_marker_still_means_ours_and_never_waits(tmp_path, text):
+    from iscsimple.hotplug import session
+
+    paths = _paths(tmp_path)
+    (paths.state / "sessions").mkdir(parents=True)
+    (paths.state / "sessions" / "iqn.2001-04.com.example:s.json").write_text(text)
+    marker = session.read_marker(paths, "iqn.2001-04.com.example:s")
+    assert marker is not None and not marker.pending(time.time())
