@@ -154,9 +154,9 @@ class _Add:
         spec, paths, registry = self.spec, self.paths, self.registry
         self.entry = _tab_entry(spec, paths)
         self._check_legs()
-        if self.source == LEG_ISCSI:
+        if self.source == LEG_ISCSI:  # building from the iSCSI copy: is it the newest one?
             _refuse_stale(spec, paths)
-        _refuse_stale_elsewhere(spec, paths, self.config, registry)
+            _refuse_stale_elsewhere(spec, paths, self.config, registry)
         # Forward steps stop early enough for the rollback to finish within the budget.
         deadline = self.deadline
         forward = Deadline(max(deadline.remaining() - min(ROLLBACK_RESERVE, deadline.seconds / 4), 0.1))
