@@ -164,6 +164,16 @@ def _check_cfg(cfg: Path, report: Report) -> list[DiskUse]:
                 f"run 'iscsimple convert-config {cfg} --write'"
             )
         disk = parse_diskspec(value)
+        swallowed = _swallowed_script(disk.target)
+        if disk.script is None and swallowed is not None:
+            # xl's target= takes the rest of the entry: the script= after it is part of the spec,
+            # and xl would hand the whole string to its default block script.
+            report.errors.append(
+                f"{where}: target= comes before script={swallowed}; target= must come last (xl takes the "
+                "whole rest of the entry as the spec, so this disk would not use block-iscsimple): "
+                "move target=SPEC to the end"
+            )
+            continue
         if disk.script is None or os.path.basename(disk.script) != SCRIPT:
             continue
         if disk.target is None or "target" not in disk.params:
@@ -183,6 +193,17 @@ def _check_cfg(cfg: Path, report: Report) -> list[DiskUse]:
             continue
         uses.append(DiskUse(where, spec))
     return uses
+
+
+def _swallowed_script(target: str | None) -> str | None:
+    """The script=block-iscsimple that a target= written too early swallowed, if any."""
+    if target is None:
+        return None
+    for part in target.split(",")[1:]:
+        key, eq, value = part.strip().partition("=")
+        if key == "script" and eq and os.path.basename(value.strip()) == SCRIPT:
+            return value.strip()
+    return None
 
 
 def _check_uses(uses: list[DiskUse], tab: Tab | None, paths: HostPaths, report: Report) -> None:

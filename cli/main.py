@@ -21,12 +21,14 @@ nothing else here needs to change.
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from iscsimple import __version__
 from iscsimple.core.config import Config, load_config
 from iscsimple.core.errors import InputError, IscsimpleError
 
@@ -241,10 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
         "'iscsimple COMMAND --help' for a command's options.",
         parents=[common],
     )
+    parser.add_argument("--version", action="version", version=f"iscsimple {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Parser)
     original_add = sub.add_parser
 
     def add_parser(name, **kwargs):
+        # `iscsimple COMMAND --help` (and its man page section) starts with what the command does.
+        kwargs.setdefault("description", _sentence(kwargs.get("help", "")))
         return original_add(name, parents=[common], **kwargs)
 
     sub.add_parser = add_parser
@@ -253,11 +258,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + "." if text else text
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """parse_args, but an unknown option is reported by the subcommand's parser (its --help, and
+    the option it probably meant), not by the top-level one."""
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        command = _subparsers(parser)[args.command]
+        known = [o for action in command._actions for o in action.option_strings]
+        guesses = difflib.get_close_matches(extras[0], known, n=1)
+        hint = f" (did you mean {guesses[0]}?)" if guesses and extras[0].startswith("-") else ""
+        command.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+    return args
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices
+    return {}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     debug = False
     command = "iscsimple"
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_args(build_parser(), argv)
         debug = getattr(args, "debug", False)
         command = f"iscsimple {args.command}"
         _setup_logging(debug)

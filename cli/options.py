@@ -22,26 +22,33 @@ class Parser(argparse.ArgumentParser):
 
 # --- paths and config from the common options ----------------------------------------------------
 
+_DEFAULTS = HostPaths()
+
+# (flag after --path., HostPaths field, default shown, what it is)
+PATH_OPTIONS = (
+    ("tab", "tab", _DEFAULTS.tab, "tab file"),
+    ("config", "config", _DEFAULTS.config, "config file"),
+    ("state", "state", _DEFAULTS.state, "registry directory"),
+    ("records", "records", _DEFAULTS.records, "durable records"),
+    ("locks", "locks", _DEFAULTS.locks, "hotplug lock directory"),
+    ("procfs", "procfs", _DEFAULTS.procfs, "procfs mount point"),
+    ("sysfs", "sysfs", _DEFAULTS.sysfs, "sysfs mount point"),
+    ("devfs", "devfs", _DEFAULTS.devfs, "devfs mount point"),
+)
+
 
 def common_options() -> argparse.ArgumentParser:
     """Options every subcommand accepts, before or after its name (defaults: HostPaths.from_env)."""
     common = argparse.ArgumentParser(add_help=False)
     s = argparse.SUPPRESS
     group = common.add_argument_group("host paths (for tests and unusual layouts)")
-    group.add_argument(
-        "--tab", type=Path, default=s, help="tab file (default /etc/xen/scripts/block-iscsimple-tab.conf)"
-    )
-    group.add_argument(
-        "--config", type=Path, default=s, help="config file (default /etc/iscsimple/iscsimple.toml)"
-    )
-    group.add_argument("--state", type=Path, default=s, help="registry directory (default /run/iscsimple)")
-    group.add_argument("--records", type=Path, default=s, help="durable records (default /var/lib/iscsimple)")
-    group.add_argument(
-        "--locks", type=Path, default=s, help="hotplug lock directory (default /var/run/xen-hotplug)"
-    )
-    group.add_argument("--path.procfs", dest="procfs", type=Path, default=s, help="procfs mount point")
-    group.add_argument("--path.sysfs", dest="sysfs", type=Path, default=s, help="sysfs mount point")
-    group.add_argument("--path.devfs", dest="devfs", type=Path, default=s, help="devfs mount point")
+    # The same --path.* names as iscsimple-agent (its log suggests them); the short names stay.
+    for flag, dest, default, what in PATH_OPTIONS:
+        names = [f"--path.{flag}"] + ([f"--{dest}"] if flag not in ("procfs", "sysfs", "devfs") else [])
+        metavar = "FILE" if dest in ("tab", "config") else "DIR"
+        group.add_argument(
+            *names, dest=dest, type=Path, default=s, metavar=metavar, help=f"{what} (default {default})"
+        )
     group.add_argument("--debug", action="store_true", default=s, help="log every step and show tracebacks")
     return common
 
@@ -50,7 +57,7 @@ def host_paths(args: argparse.Namespace) -> HostPaths:
     paths = HostPaths.from_env()
     changes = {
         name: getattr(args, name)
-        for name in ("tab", "config", "state", "records", "locks", "procfs", "sysfs", "devfs")
+        for name in (dest for _, dest, _, _ in PATH_OPTIONS)
         if getattr(args, name, None) is not None
     }
     return paths.with_(**changes)

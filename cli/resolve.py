@@ -1,23 +1,8 @@
 """`iscsimple resolve LABEL --keep local|iscsi`: settle a mirror whose iSCSI copy is stale.
 
-A stale-copy record (core.stale) makes every attach of LABEL refuse, because
-building the mirror from iSCSI would overwrite the writes only the local leg has.
-The operator decides which copy wins (docs/data-safety.md):
-
---keep local   The local copy is the source. If LABEL's array runs (the VM runs),
-               this is a heal done now: fail/remove the stale iSCSI leg, add the
-               LUN back write-mostly (core.safety.plan_heal, the agent's checks).
-               If it does not run: log in, find the LUN by target and LUN, then
-                   mdadm --build /dev/md/LABEL --level=1 --raid-devices=2 LOCAL missing
-                   mdadm /dev/md/LABEL --add --write-mostly ISCSI_DEV
-               so the iSCSI copy recovers from the local leg. When it is in sync the
-               record is cleared (here with --wait, or by the agent) and the array
-               resolve built is stopped, so the VM's normal attach can run.
---keep iscsi   Discard the local writes: clear the record so the next attach rebuilds
-               the local leg from iSCSI. Only with --yes-discard-local-writes, and
-               never while the array runs.
-
-Both print what they will do first; --dry-run stops there.
+What each choice does is DESCRIPTION below (the operator's `--help`). Internally: the
+record is core.stale's; a running array is healed with core.safety.plan_heal (the agent's
+checks); a stopped one is built with hotplug's session and mdadm wrappers.
 """
 
 from __future__ import annotations
@@ -52,6 +37,26 @@ log = logging.getLogger(__name__)
 POLL = 1.0
 
 Out = Callable[[str], None]
+
+DESCRIPTION = """\
+While a stale-copy record stands for LABEL, every attach of LABEL is refused: building
+the mirror from iSCSI would overwrite the writes only the local leg has. You decide
+which copy wins (see /usr/share/doc/iscsimple/data-safety.md):
+
+--keep local   The local copy is the source. If LABEL's array runs (the VM runs),
+               the stale iSCSI leg is failed, removed and added back write-mostly,
+               with the same checks as the agent's heal. If it does not run: log in,
+               find the LUN by target and LUN, then
+                   mdadm --build /dev/md/LABEL --level=1 --raid-devices=2 LOCAL missing
+                   mdadm /dev/md/LABEL --add --write-mostly ISCSI_DEV
+               so the iSCSI copy recovers from the local leg. When it is in sync the
+               record is cleared (here with --wait, or by the agent) and the array
+               resolve built is stopped, so the VM's normal attach can run.
+--keep iscsi   Discard the local writes: clear the record so the next attach rebuilds
+               the local leg from iSCSI. Only with --yes-discard-local-writes, and
+               never while the array runs.
+
+Both print what they will do first; --dry-run stops there."""
 
 
 def resolve_attachment_id(label: str) -> str:
@@ -277,7 +282,7 @@ def add_resolve(sub) -> None:
     p = sub.add_parser(
         "resolve",
         help="settle a mirror whose iSCSI copy is stale: keep the local writes, or discard them",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("label", metavar="LABEL")

@@ -414,7 +414,13 @@ def _run_demo(args, web_config: WebConfig) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-            log.info("demo host tree in %s (--path.procfs/--path.sysfs/--path.state for other tools)", tmp)
+            # Every root the CLI needs, records included (without them status would read the real
+            # /var/lib/iscsimple and show no ISCSI-STALE while /metrics does).
+            roots = " ".join(
+                f"--path.{name} {getattr(host.paths, name)}"
+                for name in ("procfs", "sysfs", "devfs", "state", "records")
+            )
+            log.info("demo host tree in %s; to look at it: iscsimple status %s", tmp, roots)
             player.start()
 
         player = threading.Thread(target=scenario.run_forever, name="demo", daemon=True)

@@ -8,6 +8,7 @@ hotplug-status=error there and exits 1; libxl shows the error to the operator.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import logging.handlers
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from iscsimple import __version__
 from iscsimple.core.config import Config, ConfigError, load_config
 from iscsimple.core.errors import InputError, IscsimpleError
 from iscsimple.core.paths import HostPaths
@@ -32,8 +34,29 @@ log = logging.getLogger("block-iscsimple")
 USAGE = "usage: block-iscsimple add|remove (run by libxl with XENBUS_PATH set)"
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """What `--help`, `--version` and the man page show; libxl's own calls bypass it."""
+    p = argparse.ArgumentParser(
+        prog="block-iscsimple",
+        description="Xen block hotplug script for iSCSI LUNs, optionally mirrored onto a local device "
+        "(metadata-less md RAID1). libxl runs it for disks with script=block-iscsimple, as "
+        "/etc/xen/scripts/block-iscsimple add|remove, with XENBUS_PATH=backend/vbd/DOMID/DEVID; the "
+        "disk's target=, [lunN@]TARGET[+LABEL], is read from XENBUS_PATH/params. A failure is written "
+        "to XENBUS_PATH/hotplug-error as one sentence, which xl shows.",
+        epilog="Files: /etc/xen/scripts/block-iscsimple-tab.conf (LABEL to local device), "
+        "/etc/iscsimple/iscsimple.toml, /run/iscsimple (registry), /var/lib/iscsimple (stale-copy "
+        "records), /var/run/xen-hotplug (locks shared with Xen's scripts). Logs go to syslog and "
+        "/var/log/xen/xen-hotplug.log. See iscsimple(1) for attach/detach outside Xen.",
+    )
+    p.add_argument("command", choices=("add", "remove"), help="attach (add) or undo (remove) the disk")
+    p.add_argument("--version", action="version", version=f"block-iscsimple {__version__}")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help", "--version") for a in argv):
+        build_parser().parse_args(argv)  # prints and exits 0
     command = argv[0] if len(argv) == 1 else None
     xenbus_path = os.environ.get("XENBUS_PATH", "").strip()
     if command not in ("add", "remove") or not xenbus_path:

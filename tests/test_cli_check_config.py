@@ -188,6 +188,32 @@ def test_both_legs_missing(capsys, etc):
     assert err[0].startswith(f"{cfg}:1: both legs of 'solo' are MISSING (spec and {etc / 'tab.conf'}:1)")
 
 
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "vdev=xvda,access=w,target=lun0@iqn.2001-04.com.example:s+web1,script=block-iscsimple",
+        "target=lun0@iqn.2001-04.com.example:s, script=/etc/xen/scripts/block-iscsimple ,vdev=xvda",
+    ],
+)
+def test_target_written_before_script_is_caught(capsys, etc, entry):
+    """xl's target= swallows the rest of the entry: the script= after it never takes effect."""
+    (etc / "tab.conf").write_text("")
+    cfg = etc / "xen" / "early.cfg"
+    cfg.write_text(f"disk = [ '{entry}' ]\n")
+    code, _, err = _run(capsys, etc, str(cfg))
+    assert code == 2
+    assert err[0].startswith(f"{cfg}:1: target= comes before script=")
+    assert "target= must come last" in err[0]
+
+
+def test_target_last_after_script_is_fine_and_other_scripts_are_ignored(capsys, etc):
+    (etc / "tab.conf").write_text("")
+    cfg = etc / "xen" / "other.cfg"
+    cfg.write_text("disk = [ 'vdev=xvdb,target=iqn.x,script=block-iscsi', 'phy:/dev/vg0/a,xvdc,w' ]\n")
+    code, _, _ = _run(capsys, etc, str(cfg))
+    assert code == 0
+
+
 def test_crlf_and_unreadable_syntax(capsys, etc):
     (etc / "tab.conf").write_text("")
     crlf = etc / "xen" / "crlf.cfg"

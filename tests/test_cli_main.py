@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from iscsimple import __version__
 from iscsimple.cli import main as cli
+from iscsimple.cli.options import host_paths
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "iscsimple"
 
@@ -143,3 +145,52 @@ def test_a_new_subcommand_plugs_in(monkeypatch, capsys):
     assert cli.main(["example-keep", "vm1", "--keep", "local"]) == 0
     assert capsys.readouterr().out == "would keep local for vm1\n"
     assert cli.main(["example-keep", "vm1", "--keep", "both"]) == 2
+
+
+def test_the_agents_path_names_work_and_the_short_ones_too(tmp_path):
+    """The demo and the agent say --path.state/--path.records: the CLI takes the same names."""
+    state, records, locks = tmp_path / "run", tmp_path / "lib", tmp_path / "locks"
+    cfg, tab = tmp_path / "c.toml", tmp_path / "tab"
+    for argv in (
+        ["status", "--path.state", str(state), "--path.records", str(records), "--path.locks", str(locks)],
+        ["--state", str(state), "status", "--records", str(records), "--locks", str(locks)],
+    ):
+        argv += ["--path.config", str(cfg), "--path.tab", str(tab)]
+        args = cli.parse_args(cli.build_parser(), argv)
+        assert (host_paths(args).state, host_paths(args).records, host_paths(args).locks) == (
+            state,
+            records,
+            locks,
+        )
+        assert (host_paths(args).config, host_paths(args).tab) == (cfg, tab)
+
+
+def test_version():
+    result = _console("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"iscsimple {__version__}"
+
+
+def test_an_unknown_option_points_at_the_subcommands_help_and_guesses(capsys):
+    assert cli.main(["status", "--jsn"]) == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --jsn (did you mean --json?)" in err
+    assert "see 'iscsimple status --help'" in err
+
+
+@pytest.mark.parametrize("name", ["status", "check-config", "attach", "detach", "convert-config", "resolve"])
+def test_every_subcommand_help_starts_with_a_description(name, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([name, "--help"])
+    out = capsys.readouterr().out
+    description = out.split("\n\n")[1]
+    assert description.strip() and not description.startswith(("positional", "options"))
+
+
+def test_resolve_help_speaks_to_operators_not_about_modules(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["resolve", "--help"])
+    out = capsys.readouterr().out
+    assert "--keep local" in out
+    for internal in ("core.", "hotplug.", "plan_heal"):
+        assert internal not in out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 
 import pytest
 from fixturetree import FakeLun
@@ -217,6 +218,35 @@ def test_an_os_error_while_healing_is_counted_and_logged_as_a_failure(host, capl
     host.refresh(after=31)
     assert host.results["failure"] == 1 and host.results["success"] == 0
     assert "Read-only file system" in caplog.text
+    assert host.safety.healer.wait_for(LABEL) == 60  # backs off like any failed heal
+    assert host.records.get(LABEL) is not None
+
+
+def _read_only_lock(lock_dir, name, deadline=None):
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(lock_dir / name))
+
+
+@pytest.mark.parametrize("broken", ["lock_dir_is_a_file", "lock_dir_read_only"])
+def test_a_heal_that_cannot_take_its_lock_counts_as_a_failure(tmp_path, monkeypatch, caplog, broken):
+    """The installed unit once left Xen's lock directory read-only (EROFS): the heal must be
+    counted as `failure` (IscsimpleHealFailing) and logged, never vanish into the refresh loop."""
+    host = Host(tmp_path)
+    if broken == "lock_dir_is_a_file":
+        host.lock_dir.write_text("")
+        host.new_agent()
+    else:
+        monkeypatch.setattr("iscsimple.core.heal.hotplug_lock", _read_only_lock)
+    caplog.set_level(logging.ERROR, logger="iscsimple.agent.safety")
+    host.bed.fail_iscsi()
+    host.refresh()
+    host.bed.session_back()
+    host.refresh()
+    host.refresh(after=31)
+    assert host.mdadm.calls == []
+    assert host.results["failure"] == 1
+    assert host.results["success"] == 0
+    assert 'iscsimple_heal_operations_total{result="failure"} 1.0' in host.exposition()
+    assert f"heal of {LABEL} failed: cannot take the lock of {LABEL}" in caplog.text
     assert host.safety.healer.wait_for(LABEL) == 60  # backs off like any failed heal
     assert host.records.get(LABEL) is not None
 
