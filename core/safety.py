@@ -155,27 +155,45 @@ class HealPlan:
     lun: int
     session: str  # e.g. session3
     renamed: bool  # the LUN came back under another name than the member md knew
+    # "full": md forgets the leg and copies the whole disk. "partial": re-added in its old slot,
+    # md copies the chunks its write-intent bitmap marks (only when core.bitmap proved it safe).
+    mode: str = "full"
+    route_reason: str = ""  # why this mode (the proof, or the obligation that failed)
 
     def commands(self) -> list[list[str]]:
         """mdadm calls in order. A kernel member name (not a /dev path) lets mdadm fail and remove
         a member whose device node is gone (it looks it up as md/dev-NAME)."""
         argv = []
-        if self.remove is not None:
+        keep_member = self.mode == "partial" and self.remove == self.add
+        if self.remove is not None and not keep_member:
             argv.append(["mdadm", self.md_path, "--fail", self.remove])
             argv.append(["mdadm", self.md_path, "--remove", self.remove])
-        # --re-add is impossible without metadata: a full recovery local → iSCSI.
-        argv.append(["mdadm", self.md_path, "--add", "--write-mostly", self.add_path])
+        if self.mode == "partial":
+            # mdadm 4.2 on an array without a superblock: `re-add` into md/dev-X/state when the
+            # faulty member is still listed, else ADD_NEW_DISK with MD_DISK_SYNC into the free slot
+            # (the leg's old one): md then copies only the chunks the bitmap marks.
+            argv.append(["mdadm", self.md_path, "--re-add", "--write-mostly", self.add_path])
+        else:
+            # Added as a new disk, md forgets the leg: a full recovery local → iSCSI.
+            argv.append(["mdadm", self.md_path, "--add", "--write-mostly", self.add_path])
         return argv
 
     def describe(self) -> str:
         steps = []
-        if self.remove is not None:
+        if self.remove is not None and not (self.mode == "partial" and self.remove == self.add):
             steps.append(f"fail and remove the stale iSCSI member {self.remove}")
         renamed = " (the LUN came back under a new name)" if self.renamed else ""
-        steps.append(
-            f"add {self.add_path} (LUN {self.lun} of {self.target}){renamed} write-mostly, "
-            "so it recovers from the local leg"
-        )
+        if self.mode == "partial":
+            steps.append(
+                f"re-add {self.add_path} (LUN {self.lun} of {self.target}){renamed} write-mostly in its "
+                f"old slot, so md copies only the chunks its bitmap marks ({self.route_reason})"
+            )
+        else:
+            why = f" ({self.route_reason})" if self.route_reason else ""
+            steps.append(
+                f"add {self.add_path} (LUN {self.lun} of {self.target}){renamed} write-mostly, "
+                f"so it recovers from the local leg: a full copy{why}"
+            )
         return f"{self.label} ({self.md_path}): " + ", then ".join(steps)
 
 

@@ -46,7 +46,7 @@ from iscsimple.core.spec import DiskSpec
 from iscsimple.core.stale import StaleRecords
 from iscsimple.core.tab import TabEntry, read_tab
 
-from . import iscsiadm, mdadm, session
+from . import bitmaps, iscsiadm, mdadm, session
 from .detach import stop_array, undo
 from .devices import (
     BlockDevice,
@@ -273,11 +273,13 @@ class _Add:
             )
         path = str(md_path(paths, label))
         from_local = self.source == LEG_LOCAL or iscsi_dev is None
+        mirrored = iscsi_dev is not None and local_dev is not None
+        bitmap = bitmaps.for_build(paths, label, deadline) if mirrored else None
         self.done.built = True  # from here on an array may exist, even if mdadm fails or times out
         if from_local:
-            mdadm.build(path, None, local_dev, deadline)
+            bitmap = bitmaps.build(paths, path, None, local_dev, deadline, bitmap)
         else:
-            mdadm.build(path, iscsi_dev.path, None, deadline)  # type: ignore[union-attr]
+            bitmap = bitmaps.build(paths, path, iscsi_dev.path, None, deadline, bitmap)  # type: ignore[union-attr]
         md = wait_for_md(paths, label, deadline)
         attachment = registry.put(replace(attachment, md_device=md.name))
         if iscsi_dev is not None and local_dev is not None:
@@ -285,6 +287,10 @@ class _Add:
                 mdadm.add(path, iscsi_dev.path, deadline, write_mostly=True)
             else:  # the local leg recovers from the LUN
                 mdadm.add(path, local_dev, deadline)
+        if bitmap is not None:
+            bitmaps.note_built(
+                paths, label, md.name, bitmap, attachment.local_kernel_name, iscsi_dev, not from_local
+            )
         return BlockDevice(path, md.name, md.major, md.minor, md.size_bytes)
 
     def _rollback(self) -> list[str]:

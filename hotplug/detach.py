@@ -22,7 +22,7 @@ from iscsimple.core.registry import STATE_DETACHING, Attachment, Registry
 from iscsimple.core.run import Deadline
 from iscsimple.core.safety import record_if_stale
 
-from . import mdadm, session
+from . import bitmaps, mdadm, session
 from .devices import md_array_state, md_kernel_names, md_path
 from .xen import XenContext
 
@@ -109,6 +109,7 @@ def stop_array(paths: HostPaths, attachment: Attachment, deadline: Deadline) -> 
                 "retry remove (or iscsimple detach) once nothing uses it"
             ) from None
         log.info("stopped %s (%s)", target, name)
+    bitmaps.forget(paths, label)
 
 
 def record_stale_copy(paths: HostPaths, attachment: Attachment) -> None:

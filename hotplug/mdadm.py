@@ -42,20 +42,50 @@ class MdadmError(OperationError):
     pass
 
 
-def build_argv(md_path: str, iscsi_dev: str | None, local_dev: str | None) -> list[str]:
-    """The --build command for the legs present; the local leg is added afterwards when both are."""
+def build_argv(
+    md_path: str,
+    iscsi_dev: str | None,
+    local_dev: str | None,
+    bitmap: Path | None = None,
+    bitmap_chunk_bytes: int | None = None,
+) -> list[str]:
+    """The --build command for the legs present; the local leg is added afterwards when both are.
+    With `bitmap`: the same command plus the write-intent bitmap file (and its chunk size)."""
     if iscsi_dev is None and local_dev is None:
         raise ValueError("an array needs at least one leg")
     argv = [MDADM, "--build", md_path, "--level=1", "--raid-devices=2"]
     if iscsi_dev is not None:
         # Slot 0 stays empty for the local leg; the iSCSI leg serves reads only when it must.
-        return [*argv, "missing", "--write-mostly", iscsi_dev]
-    # No iSCSI leg: the local device is the only copy and the source; no resync.
-    return [*argv, local_dev, "missing"]  # type: ignore[list-item]
+        argv += ["missing", "--write-mostly", iscsi_dev]
+    else:
+        # No iSCSI leg: the local device is the only copy and the source; no resync.
+        argv += [local_dev, "missing"]  # type: ignore[list-item]
+    if bitmap is not None:
+        argv.append(f"--bitmap={bitmap}")
+        if bitmap_chunk_bytes:
+            argv.append(f"--bitmap-chunk={bitmap_chunk_bytes // 1024}K")
+    return argv
 
 
-def build(md_path: str, iscsi_dev: str | None, local_dev: str | None, deadline: Deadline) -> None:
-    _run(build_argv(md_path, iscsi_dev, local_dev), BUILD_TIMEOUT, deadline, f"building {md_path}")
+def build(
+    md_path: str,
+    iscsi_dev: str | None,
+    local_dev: str | None,
+    deadline: Deadline,
+    bitmap: Path | None = None,
+    bitmap_chunk_bytes: int | None = None,
+) -> None:
+    argv = build_argv(md_path, iscsi_dev, local_dev, bitmap, bitmap_chunk_bytes)
+    _run(argv, BUILD_TIMEOUT, deadline, f"building {md_path}")
+
+
+def version(deadline: Deadline) -> str | None:
+    """What `mdadm --version` says (on stderr), or None if it cannot be run."""
+    try:
+        res = run([MDADM, "--version"], timeout=5.0, deadline=deadline)
+    except OperationError:
+        return None
+    return (res.stdout + res.stderr).strip() or None
 
 
 def add_argv(md_path: str, device: str, *, write_mostly: bool = False) -> list[str]:

@@ -1,0 +1,490 @@
+"""Write-intent bitmaps for the metadata-less mirrors: heal in proportion to the outage.
+
+Every mirror is built with an external bitmap file (`mdadm --build ... --bitmap=FILE`,
+mdadm <= 4.3) on the local filesystem under the records directory, never on the array.
+md sets a chunk's bit before it writes there and, while the array is degraded, never
+clears it. When the iSCSI leg comes back, re-adding it in its old slot (`mdadm --re-add`
+on a running array without a superblock: md's `re-add` state or ADD_NEW_DISK with
+MD_DISK_SYNC) makes md copy only the dirty chunks.
+
+The deadly case: a re-add without a bitmap that covers the whole outage copies
+nothing and marks the stale leg in sync (checked on the real 6.1 kernel). So the
+partial route is taken only when `prove_partial` can show every obligation in
+docs/data-safety.md; anything unproven means the full copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import mmap
+import os
+import re
+import stat
+import struct
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from .atomic import remove_durably, write_atomic
+from .errors import InputError
+from .mdstat import read_mdstat
+from .paths import HostPaths
+from .spec import check_label
+
+log = logging.getLogger(__name__)
+
+BITMAP_MAGIC = 0x6D746962  # "bitm", md-bitmap.h
+SUPERBLOCK_BYTES = 256
+# Measured with bench/heal.py (README, Benchmark): at 1 MiB a steady 4 KiB writer pays
+# no measurable cost, and a heal copies at most 1 MiB per chunk touched in the outage.
+DEFAULT_CHUNK_BYTES = 1 << 20
+# Filesystems where md can use a bitmap file (the kernel maps its blocks with bmap()).
+BITMAP_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs"})
+# mdadm 4.4 removed bitmap files ("mdadm: remove bitmap file support").
+MDADM_LAST_WITH_FILES = (4, 3)
+KICKED = re.compile(r"kicking failed bitmap file|disabling internal bitmap")
+
+
+class BitmapFileError(InputError):
+    pass
+
+
+# -- the file -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BitmapFile:
+    """An md bitmap file as md keeps it: header, then one bit per chunk (1 = may differ)."""
+
+    chunk_bytes: int
+    sync_sectors: int  # what the bitmap covers (the component size)
+    chunks: int
+    dirty: int
+    state: int  # md's bitmap flags (bit 1: BITMAP_STALE)
+    bits: int = 0  # bit i set: chunk i is dirty
+
+    @property
+    def dirty_bytes(self) -> int:
+        return self.dirty * self.chunk_bytes
+
+    def dirty_bytes_after(self, sector: int) -> int:
+        """Dirty chunks at or beyond `sector` (what a running recovery still has to copy)."""
+        first = sector * 512 // self.chunk_bytes
+        return (self.bits >> first).bit_count() * self.chunk_bytes
+
+
+def parse_bitmap(data: bytes, what: str = "bitmap file") -> BitmapFile:
+    if len(data) < SUPERBLOCK_BYTES:
+        raise BitmapFileError(f"{what}: {len(data)} bytes, shorter than a bitmap header")
+    magic, version = struct.unpack_from("<II", data, 0)
+    if magic != BITMAP_MAGIC:
+        raise BitmapFileError(f"{what}: not an md bitmap (magic {magic:#x})")
+    if version not in (3, 4):
+        raise BitmapFileError(f"{what}: unknown bitmap version {version}")
+    (sync_sectors,) = struct.unpack_from("<Q", data, 40)
+    state, chunk = struct.unpack_from("<II", data, 48)
+    if chunk < 512 or chunk & (chunk - 1):
+        raise BitmapFileError(f"{what}: chunk size {chunk} is not a power of two")
+    chunks = -(-sync_sectors * 512 // chunk)
+    bits = data[SUPERBLOCK_BYTES : SUPERBLOCK_BYTES + (chunks + 7) // 8]
+    if len(bits) * 8 < chunks:
+        raise BitmapFileError(f"{what}: truncated ({chunks} chunks, {len(bits)} bytes of bits)")
+    value = int.from_bytes(bits, "little") & ((1 << chunks) - 1)  # md's bit order: little-endian
+    return BitmapFile(chunk, sync_sectors, chunks, value.bit_count(), state, value)
+
+
+def read_bitmap_file(path: Path) -> BitmapFile:
+    """Read what md last wrote. md writes the file's blocks directly, not through its page cache,
+    so read with O_DIRECT (a cached earlier read would be stale); never follow a symlink."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags | os.O_DIRECT)
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # EINVAL: the filesystem has no O_DIRECT (tests on tmpfs)
+            raise BitmapFileError(f"cannot read bitmap file {path}: {e.strerror or e}") from None
+        fd = os.open(path, flags)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BitmapFileError(f"bitmap file {path} is not a regular file")
+        if st.st_size > 64 << 20:
+            raise BitmapFileError(f"bitmap file {path} is implausibly large ({st.st_size} bytes)")
+        length = max(4096, -(-st.st_size // 4096) * 4096)
+        buf = mmap.mmap(-1, length)  # page-aligned, as O_DIRECT wants
+        try:
+            got = os.preadv(fd, [buf], 0)
+            data = bytes(buf[:got])
+        finally:
+            buf.close()
+    except OSError as e:
+        raise BitmapFileError(f"cannot read bitmap file {path}: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    return parse_bitmap(data, f"bitmap file {path}")
+
+
+def bitmap_path(paths: HostPaths, label: str) -> Path:
+    check_label(label, ValueError)
+    return paths.records / "bitmaps" / label
+
+
+# -- does this host support it? -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BitmapSupport:
+    supported: bool
+    reason: str  # why not, or what was found
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+
+
+def detect_support(paths: HostPaths, mdadm_version) -> BitmapSupport:
+    """A kernel with bitmap files, a records directory on a filesystem md can map, and an mdadm
+    that builds with bitmap files. `mdadm_version()`: what `mdadm --version` printed (None: failed);
+    asked last, so a host that fails the other checks runs no command."""
+    kernel = _kernel_problem(paths)
+    if kernel:
+        return BitmapSupport(False, kernel)
+    fs = filesystem_of(paths, paths.records)
+    if fs not in BITMAP_FILESYSTEMS:
+        return BitmapSupport(
+            False,
+            f"{paths.records} is on {fs or 'an unknown filesystem'}; md bitmap files need "
+            + " or ".join(sorted(BITMAP_FILESYSTEMS)),
+        )
+    text = mdadm_version()
+    found = re.search(r"v(\d+)\.(\d+)", text or "")
+    if not found:
+        return BitmapSupport(False, f"cannot tell mdadm's version from {text!r}")
+    version = (int(found[1]), int(found[2]))
+    if version > MDADM_LAST_WITH_FILES:
+        return BitmapSupport(False, f"mdadm {version[0]}.{version[1]} has no bitmap files (removed in 4.4)")
+    return BitmapSupport(True, f"mdadm {version[0]}.{version[1]}, records on {fs}")
+
+
+def _kernel_problem(paths: HostPaths) -> str | None:
+    try:
+        release = (paths.procfs / "sys" / "kernel" / "osrelease").read_text().strip()
+    except OSError as e:
+        return f"cannot read the kernel release: {e.strerror or e}"
+    found = re.match(r"(\d+)\.(\d+)", release)
+    if not found:
+        return f"cannot parse the kernel release {release!r}"
+    if (int(found[1]), int(found[2])) < (6, 6):
+        return None  # bitmap files are always built in before CONFIG_MD_BITMAP_FILE (6.6)
+    try:
+        config = (paths.procfs.parent / "boot" / f"config-{release}").read_text()
+    except OSError:
+        return (
+            f"kernel {release}: cannot tell whether CONFIG_MD_BITMAP_FILE is set (no /boot/config-{release})"
+        )
+    if "CONFIG_MD_BITMAP_FILE=y" not in config:
+        return f"kernel {release} is built without CONFIG_MD_BITMAP_FILE"
+    return None
+
+
+def filesystem_of(paths: HostPaths, directory: Path) -> str | None:
+    """The type of the filesystem `directory` is on, from /proc/mounts (longest mount point)."""
+    try:
+        text = (paths.procfs / "mounts").read_text()
+    except OSError:
+        return None
+    target = os.path.realpath(directory)
+    best, fstype = "", None
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mount = parts[1].replace("\\040", " ")
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, fstype = mount, parts[2]
+    return fstype
+
+
+def cached_support(paths: HostPaths, probe) -> BitmapSupport:
+    """Detected once per boot (kept in the volatile state directory); `probe()` detects."""
+    cache = paths.state / "bitmap-support.json"
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        data = json.loads(cache.read_text())
+        if data.get("boot_id") == boot_id(paths):
+            return BitmapSupport(bool(data["supported"]), str(data["reason"]), int(data["chunk_bytes"]))
+    support = probe()
+    remember_support(paths, support)
+    return support
+
+
+def remember_support(paths: HostPaths, support: BitmapSupport) -> None:
+    data = {**asdict(support), "boot_id": boot_id(paths)}
+    with contextlib.suppress(OSError):
+        write_atomic(paths.state / "bitmap-support.json", json.dumps(data) + "\n", mode=0o644, fsync=False)
+
+
+def boot_id(paths: HostPaths) -> str | None:
+    try:
+        return (paths.procfs / "sys" / "kernel" / "random" / "boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+# -- the instance record: what a partial heal must find unchanged ---------------------------------
+
+
+@dataclass(frozen=True)
+class BitmapInstance:
+    """Written when a mirror is built with a bitmap (volatile, like the array): what identifies
+    this array instance, its bitmap file and the LUN that was its in-sync iSCSI leg."""
+
+    label: str
+    md_device: str
+    file: str
+    file_inode: int
+    file_dev: int
+    file_ctime_ns: int  # md writes the file's blocks directly: nothing changes it while it runs
+    chunk_bytes: int
+    boot_id: str | None
+    kmsg_seq: int | None  # last kernel log record before the bitmap was set up
+    local_device: str | None  # kernel name of the local leg
+    local_rdev_ino: int | None  # sysfs inode of md/dev-LOCAL: new for every array instance
+    iscsi_wwid: str | None
+    iscsi_size_bytes: int | None
+    iscsi_source: bool  # the iSCSI leg was in sync in this instance (the array was built from it)
+
+
+def instance_path(paths: HostPaths, label: str) -> Path:
+    check_label(label, ValueError)
+    return paths.state / "bitmaps" / f"{label}.json"
+
+
+def write_instance(paths: HostPaths, instance: BitmapInstance) -> None:
+    write_atomic(instance_path(paths, instance.label), json.dumps(asdict(instance)) + "\n", mode=0o600)
+
+
+def read_instance(paths: HostPaths, label: str) -> BitmapInstance | None:
+    """None when there is none; a corrupt record is an error (the caller then heals in full)."""
+    try:
+        data = json.loads(instance_path(paths, label).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise BitmapFileError(f"bitmap record of {label}: {e}") from None
+    names = {f.name for f in fields(BitmapInstance)}
+    if not isinstance(data, dict) or not names <= set(data):
+        raise BitmapFileError(f"bitmap record of {label}: missing fields {sorted(names - set(data or {}))}")
+    return BitmapInstance(**{k: data[k] for k in names})
+
+
+def forget(paths: HostPaths, label: str) -> None:
+    """At stop: the bitmap file and the record go with the array."""
+    for path in (bitmap_path(paths, label), instance_path(paths, label)):
+        with contextlib.suppress(FileNotFoundError):
+            if path.is_symlink() or path.is_file():
+                remove_durably(path)
+
+
+def prepare_file(paths: HostPaths, label: str) -> Path:
+    """A fresh start for mdadm: it reuses an existing file (with its old bits), so remove it."""
+    path = bitmap_path(paths, label)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(path.parent)
+    if not stat.S_ISDIR(st.st_mode):
+        raise OSError(errno.ENOTDIR, f"{path.parent} is not a directory")
+    os.chmod(path.parent, 0o700)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    return path
+
+
+def note_built(
+    paths: HostPaths,
+    label: str,
+    md_device: str,
+    chunk_bytes: int,
+    kmsg_seq: int | None,
+    local_device: str | None,
+    iscsi_device: str | None,
+    iscsi_source: bool = True,
+) -> BitmapInstance | None:
+    """After the build with a bitmap (and the local leg's add): remember this instance."""
+    path = bitmap_path(paths, label)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchmod(fd, 0o600)
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        log.error("bitmap file of %s: %s; heals of it will copy the whole disk", label, e)
+        return None
+    instance = BitmapInstance(
+        label=label,
+        md_device=md_device,
+        file=str(path),
+        file_inode=st.st_ino,
+        file_dev=st.st_dev,
+        file_ctime_ns=st.st_ctime_ns,
+        chunk_bytes=chunk_bytes,
+        boot_id=boot_id(paths),
+        kmsg_seq=kmsg_seq,
+        local_device=local_device,
+        local_rdev_ino=_ino(paths.sysfs / "block" / md_device / "md" / f"dev-{local_device}")
+        if local_device
+        else None,
+        iscsi_wwid=lun_wwid(paths, iscsi_device) if iscsi_device else None,
+        iscsi_size_bytes=_size_bytes(paths, iscsi_device) if iscsi_device else None,
+        iscsi_source=iscsi_source and iscsi_device is not None,
+    )
+    write_instance(paths, instance)
+    return instance
+
+
+def _ino(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def lun_wwid(paths: HostPaths, name: str) -> str | None:
+    try:
+        return (paths.sysfs / "block" / name / "device" / "wwid").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _size_bytes(paths: HostPaths, name: str) -> int | None:
+    try:
+        return int((paths.sysfs / "block" / name / "size").read_text().strip()) * 512
+    except (OSError, ValueError):
+        return None
+
+
+# -- the kernel log -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelLog:
+    first_seq: int | None
+    last_seq: int | None
+    messages: tuple[tuple[int, str], ...]  # (seq, text)
+
+
+def read_kernel_log(paths: HostPaths) -> KernelLog | None:
+    """Every record still in the kernel's ring buffer (/dev/kmsg), or None if unreadable."""
+    try:
+        fd = os.open(paths.devfs / "kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    records: list[tuple[int, str]] = []
+    try:
+        while True:
+            try:
+                chunk = os.read(fd, 16384)
+            except BlockingIOError:
+                break
+            except BrokenPipeError:  # a record was overwritten while we read: go on with the next
+                continue
+            if not chunk:
+                break
+            for line in chunk.decode(errors="replace").splitlines():
+                head, sep, text = line.partition(";")
+                parts = head.split(",")
+                if sep and len(parts) >= 3 and parts[1].isdigit():
+                    records.append((int(parts[1]), text))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    seqs = [s for s, _ in records]
+    return KernelLog(min(seqs, default=None), max(seqs, default=None), tuple(records))
+
+
+# -- the decision ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Proof:
+    """A partial heal is proven (`ok`) or why not (`reason`, a sentence)."""
+
+    ok: bool
+    reason: str
+    bitmap: BitmapFile | None = None
+
+
+def prove_partial(paths: HostPaths, md_name: str, label: str, add_device: str) -> Proof:
+    """Every obligation of a partial heal (docs/data-safety.md), or the first one that fails.
+
+    `add_device`: the kernel name of the device that would be re-added.
+    """
+    try:
+        inst = read_instance(paths, label)
+    except BitmapFileError as e:
+        return Proof(False, str(e))
+    if inst is None:
+        return Proof(False, f"{label} was not built with a bitmap here")
+    if not inst.iscsi_source:
+        return Proof(False, f"the iSCSI leg of {label} was never in sync in this array instance")
+    current_boot = boot_id(paths)
+    if inst.boot_id is None or inst.boot_id != current_boot:
+        return Proof(False, f"the bitmap record of {label} is from another boot")
+    if inst.md_device != md_name:
+        return Proof(False, f"{label} runs as {md_name}, its bitmap record names {inst.md_device}")
+    if inst.local_rdev_ino is None or inst.local_device is None:
+        return Proof(False, f"cannot tell the array instance of {label} (no local leg recorded)")
+    if _ino(paths.sysfs / "block" / md_name / "md" / f"dev-{inst.local_device}") != inst.local_rdev_ino:
+        return Proof(False, f"{md_name} is not the array instance the bitmap record of {label} describes")
+    mdstat_bitmap = _mdstat_bitmap(paths, md_name)
+    if mdstat_bitmap is None or f"file: {inst.file}" not in mdstat_bitmap:
+        return Proof(False, f"/proc/mdstat shows no bitmap file {inst.file} on {md_name}")
+    try:
+        st = os.lstat(inst.file)
+    except OSError as e:
+        return Proof(False, f"bitmap file {inst.file}: {e.strerror or e}")
+    if (st.st_ino, st.st_dev, st.st_ctime_ns) != (inst.file_inode, inst.file_dev, inst.file_ctime_ns):
+        return Proof(False, f"bitmap file {inst.file} is not the one {md_name} was built with")
+    klog = read_kernel_log(paths)
+    if klog is None or inst.kmsg_seq is None:
+        return Proof(False, "cannot read the kernel log to rule out a kicked bitmap")
+    if klog.first_seq is None or klog.first_seq > inst.kmsg_seq + 1:
+        return Proof(False, f"the kernel log no longer reaches back to the build of {md_name}")
+    for seq, text in klog.messages:
+        if seq > inst.kmsg_seq and KICKED.search(text) and (md_name in text or inst.file in text):
+            return Proof(False, f"md dropped the bitmap of {md_name}: {text.strip()}")
+    wwid = lun_wwid(paths, add_device)
+    if inst.iscsi_wwid is None or wwid != inst.iscsi_wwid:
+        return Proof(
+            False, f"{add_device} is not the LUN {label} was built with (WWID {wwid} vs {inst.iscsi_wwid})"
+        )
+    if _size_bytes(paths, add_device) != inst.iscsi_size_bytes:
+        return Proof(False, f"{add_device} changed size since {label} was built")
+    try:
+        bitmap = read_bitmap_file(Path(inst.file))
+    except BitmapFileError as e:
+        return Proof(False, str(e))
+    if bitmap.state & 0x2:  # BITMAP_STALE: md stopped trusting the file
+        return Proof(False, f"md marked the bitmap of {md_name} stale")
+    return Proof(True, f"bitmap {inst.file} active since {md_name} was built", bitmap)
+
+
+def _mdstat_bitmap(paths: HostPaths, md_name: str) -> str | None:
+    try:
+        array = read_mdstat(paths.procfs).arrays.get(md_name)
+    except (OSError, InputError):
+        return None
+    return array.bitmap if array else None
+
+
+def choose_route(paths: HostPaths, plan):
+    """`plan` (a core.safety.HealPlan, full copy) turned partial when proven; else full with the reason."""
+    proof = prove_partial(paths, plan.md_device, plan.label, plan.add)
+    if proof.ok:
+        return replace(plan, mode="partial", route_reason=proof.reason)
+    return replace(plan, mode="full", route_reason=proof.reason)
+
+
+def kmsg_last_seq(paths: HostPaths) -> int | None:
+    klog = read_kernel_log(paths)
+    return klog.last_seq if klog else None
