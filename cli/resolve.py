@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
+from iscsimple.core.bitmap import choose_route
 from iscsimple.core.cluster import check_before_writing_lun
 from iscsimple.core.config import Config, load_config
 from iscsimple.core.errors import InputError, OperationError
@@ -164,8 +165,10 @@ class Resolver:
                 self.out("the iSCSI leg already recovers from the local leg")
                 return True
             raise OperationError(f"cannot heal {label} now: {plan.detail}")
-        self.out(f"will: {plan.describe()}:")
-        for argv in plan.commands():
+        # What the executor will run if nothing changes: partial only when proven (core.bitmap).
+        shown = choose_route(self.paths, plan)
+        self.out(f"will: {shown.describe()}:")
+        for argv in shown.commands():
             self.out("  " + " ".join(argv))
         if dry_run:
             self.out("dry run: nothing done")
@@ -178,6 +181,7 @@ class Resolver:
                 raise OperationError(f"{label} changed while we looked at it; run resolve again")
             if not outcome.started:
                 raise OperationError(f"cannot heal {label}: {outcome.detail}")
+        self.out(f"{outcome.plan.mode} heal started: {outcome.detail}")
         return True
 
     def _build_from_local(self, label: str, record: StaleRecord, dry_run: bool) -> bool:

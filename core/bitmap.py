@@ -31,6 +31,7 @@ from .atomic import remove_durably, write_atomic
 from .errors import InputError
 from .mdstat import read_mdstat
 from .paths import HostPaths
+from .safety import HealPlan
 from .spec import check_label
 
 log = logging.getLogger(__name__)
@@ -477,8 +478,13 @@ def _mdstat_bitmap(paths: HostPaths, md_name: str) -> str | None:
     return array.bitmap if array else None
 
 
-def choose_route(paths: HostPaths, plan):
-    """`plan` (a core.safety.HealPlan, full copy) turned partial when proven; else full with the reason."""
+def full_route(plan: HealPlan) -> HealPlan:
+    """The plan as core.safety.plan_heal makes it: the full copy, no route chosen yet."""
+    return replace(plan, mode="full", route_reason="")
+
+
+def choose_route(paths: HostPaths, plan: HealPlan) -> HealPlan:
+    """`plan` turned partial when every obligation is proven now; else full, saying which failed."""
     proof = prove_partial(paths, plan.md_device, plan.label, plan.add)
     if proof.ok:
         return replace(plan, mode="partial", route_reason=proof.reason)

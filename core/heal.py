@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .bitmap import choose_route, full_route
 from .errors import OperationError
 from .locking import LockTimeout, hotplug_lock, label_lock_name
 from .paths import HostPaths
@@ -74,9 +75,11 @@ def execute_locked(paths: HostPaths, view: ArrayView, plan: HealPlan, *, runner:
     except (OSError, ValueError, OperationError) as e:
         return HealOutcome(FAILED, f"cannot read {plan.label} again before healing it: {e}", plan)
     again: HealPlan | HealBlocked | None = plan_heal(fresh, paths.sysfs, paths.devfs) if fresh else None
-    if again != plan:
+    if again != full_route(plan):
         why = again.detail if isinstance(again, HealBlocked) else "the array or its LUN changed"
         return HealOutcome(CHANGED, why, plan)
+    # Partial (re-add, only the bitmap's dirty chunks) only when proven now, under the lock.
+    plan = choose_route(paths, full_route(plan))
     log.warning("healing %s", plan.describe())
     for argv in plan.commands():
         try:
@@ -93,7 +96,8 @@ def execute_locked(paths: HostPaths, view: ArrayView, plan: HealPlan, *, runner:
                 f"cannot update it: {e}",
                 plan,
             )
-    return HealOutcome(STARTED, f"{plan.add_path} recovers from the local leg", plan)
+    copies = "the chunks written during the outage" if plan.mode == "partial" else "the whole disk"
+    return HealOutcome(STARTED, f"{plan.add_path} recovers from the local leg ({copies})", plan)
 
 
 def _note_new_device(paths: HostPaths, view: ArrayView, plan: HealPlan) -> None:

@@ -54,6 +54,7 @@ log = logging.getLogger("iscsimple.agent.safety")
 
 LOCK_WAIT = 2.0  # a hotplug holds the label: try again on the next refresh
 HEAL_RESULTS = ("success", "failure", "aborted")  # always exported; skipped_<reason> when seen
+HEAL_MODES = ("full", "partial")  # skips are counted with mode "none": no heal ran
 
 
 class StaleDetector:
@@ -102,6 +103,7 @@ class _Progress:
     ready_since: float | None = None  # when a heal first looked possible (monotonic)
     failures: int = 0  # failed or aborted heals since the last completed one
     healing_since: float | None = None  # we re-added the leg; its recovery runs
+    mode: str = "full"  # of the heal that runs (full copy, or partial from the bitmap)
     last_skip: str | None = None
 
 
@@ -134,7 +136,7 @@ class Healer:
         self.lock_dir = lock_dir or paths.locks
         self.lock_wait = lock_wait
         self.clock = clock
-        self.results: dict[str, int] = dict.fromkeys(HEAL_RESULTS, 0)
+        self.counts: dict[tuple[str, str], int] = {(r, m): 0 for r in HEAL_RESULTS for m in HEAL_MODES}
         self._progress: dict[str, _Progress] = {}
         self._recovering = 0  # iSCSI legs recovering in the snapshot being handled
 
@@ -183,7 +185,7 @@ class Healer:
             progress.healing_since = None
             progress.ready_since = None
             progress.failures += 1
-            self._count("aborted")
+            self._count("aborted", progress.mode)
             log.warning(
                 "heal of %s aborted: the iSCSI leg is %s again before its recovery completed; "
                 "next attempt after %.0f s of a healthy session",
@@ -250,22 +252,25 @@ class Healer:
         if not outcome.started:
             progress.failures += 1
             progress.ready_since = None
-            self._count("failure")
+            self._count("failure", outcome.plan.mode)
             log.error(
-                "heal of %s failed: %s; next attempt after %.0f s of a healthy session",
+                "heal of %s (%s) failed: %s; next attempt after %.0f s of a healthy session",
                 view.label,
+                outcome.plan.mode,
                 outcome.detail,
                 self.wait_for(view.label),
             )
             return False
         progress.healing_since = self.clock()
+        progress.mode = outcome.plan.mode
         progress.last_skip = None
-        self._count("success")
+        self._count("success", outcome.plan.mode)
         log.warning(
-            "heal of %s started: %s recovers from the local leg; the stale record is cleared when it "
-            "is in sync",
+            "heal of %s started, %s: %s; the stale record is cleared when it is in sync (%s)",
             view.label,
-            plan.add_path,
+            outcome.plan.mode,
+            outcome.detail,
+            outcome.plan.route_reason,
         )
         return True
 
@@ -277,8 +282,16 @@ class Healer:
         self._count(f"skipped_{reason}")
         log.info("not healing %s yet: %s", label, detail)
 
-    def _count(self, result: str) -> None:
-        self.results[result] = self.results.get(result, 0) + 1
+    def _count(self, result: str, mode: str = "none") -> None:
+        self.counts[(result, mode)] = self.counts.get((result, mode), 0) + 1
+
+    @property
+    def results(self) -> dict[str, int]:
+        """Counts by result, whatever the mode."""
+        totals: dict[str, int] = {}
+        for (result, _), count in self.counts.items():
+            totals[result] = totals.get(result, 0) + count
+        return totals
 
 
 class ClusterProbe:
@@ -395,11 +408,13 @@ class SafetyCollector(SnapshotCollector):
             "iscsimple_heal_operations_total",
             "Heals of stale iSCSI copies by result: success (leg re-added, recovering from the local "
             "leg), failure (an mdadm call failed), aborted (the leg failed again before its recovery "
-            "completed), skipped_<reason> (held back: session down, device not ready, backoff, ...).",
-            labels=["result"],
+            "completed), skipped_<reason> (held back: session down, device not ready, backoff, ...); "
+            "mode: full (the whole disk), partial (only the chunks the write-intent bitmap marks), "
+            "none (skipped).",
+            labels=["result", "mode"],
         )
-        for result, count in sorted(healer.results.items()):
-            operations.add_metric([result], float(count))
+        for (result, mode), count in sorted(healer.counts.items()):
+            operations.add_metric([result, mode], float(count))
         yield operations
         enabled = gauge(
             "iscsimple_heal_enabled",

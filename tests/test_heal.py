@@ -145,8 +145,8 @@ def test_heal_success_and_record_cleared_only_when_recovery_completes(host):
     assert host.records.get(LABEL) is None
     text = host.exposition()
     assert 'iscsimple_array_iscsi_stale{domain="vm1",label="vm1-disk"} 0.0' in text
-    assert 'iscsimple_heal_operations_total{result="success"} 1.0' in text
-    assert 'iscsimple_heal_operations_total{result="failure"} 0.0' in text
+    assert 'iscsimple_heal_operations_total{mode="full",result="success"} 1.0' in text
+    assert 'iscsimple_heal_operations_total{mode="full",result="failure"} 0.0' in text
     assert "iscsimple_heal_enabled 1.0" in text
 
 
@@ -405,7 +405,7 @@ def test_the_agent_runs_the_detector_and_exports_the_safety_metrics(tmp_path):
     assert 'iscsimple_array_iscsi_stale{domain="vm1",label="vm1-disk"} 1.0' in text
     assert StaleRecords(bed.paths).get(LABEL) is not None
     assert "iscsimple_heal_enabled 0.0" in text
-    assert 'iscsimple_heal_operations_total{result="failure"} 0.0' in text
+    assert 'iscsimple_heal_operations_total{mode="full",result="failure"} 0.0' in text
 
 
 def test_heal_timing_comes_from_the_config(tmp_path):
