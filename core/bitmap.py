@@ -494,3 +494,56 @@ def choose_route(paths: HostPaths, plan: HealPlan) -> HealPlan:
 def kmsg_last_seq(paths: HostPaths) -> int | None:
     klog = read_kernel_log(paths)
     return klog.last_seq if klog else None
+
+
+# -- what the agent exports -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArrayBitmap:
+    """One running mirror's bitmap as the agent sees it on a refresh."""
+
+    label: str
+    active: bool  # md uses the bitmap file this host built the array with
+    out_of_sync_bytes: int | None  # dirty chunks x chunk size while degraded (None: unknown / not degraded)
+    heal_eta_seconds: float | None  # dirty bytes the running recovery has left / its speed
+    error: str | None = None
+
+
+def array_bitmaps(paths: HostPaths, views) -> list[ArrayBitmap]:
+    """For each running ArrayView: is its bitmap active, how much is out of sync, the heal's ETA.
+    Reads /proc/mdstat once, and a bitmap file only for a degraded array."""
+    try:
+        mdstat = read_mdstat(paths.procfs).arrays
+    except (OSError, InputError):
+        mdstat = {}
+    out = []
+    for view in views:
+        md = view.md
+        if md is None:
+            continue
+        line = mdstat[md.name].bitmap if md.name in mdstat else None
+        try:
+            inst = read_instance(paths, view.label)
+        except BitmapFileError as e:
+            out.append(ArrayBitmap(view.label, False, None, None, str(e)))
+            continue
+        active = (
+            inst is not None
+            and inst.md_device == md.name
+            and line is not None
+            and f"file: {inst.file}" in line
+        )
+        if not active or not md.degraded:
+            out.append(ArrayBitmap(view.label, active, 0 if active else None, None))
+            continue
+        try:
+            bitmap = read_bitmap_file(Path(inst.file))  # type: ignore[union-attr]
+        except BitmapFileError as e:
+            out.append(ArrayBitmap(view.label, True, None, None, str(e)))
+            continue
+        eta = None
+        if view.iscsi.state == "recovering" and md.sync_completed and view.sync_speed_bytes > 0:
+            eta = bitmap.dirty_bytes_after(md.sync_completed[0]) / view.sync_speed_bytes
+        out.append(ArrayBitmap(view.label, True, bitmap.dirty_bytes, eta))
+    return out

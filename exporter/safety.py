@@ -31,6 +31,7 @@ from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, Metric
 
+from iscsimple.core.bitmap import ArrayBitmap, array_bitmaps
 from iscsimple.core.cluster import ClusterGuard, ClusterSettings, ClusterUnreachable, check_before_writing_lun
 from iscsimple.core.config import Config, ConfigError, load_config
 from iscsimple.core.heal import BUSY, CHANGED, Runner, execute_heal
@@ -327,6 +328,7 @@ class SafetyState:
 
     taken: float | None = None
     standing: dict[str, StaleRecord] = field(default_factory=dict)
+    bitmaps: list[ArrayBitmap] = field(default_factory=list)
 
 
 class Safety:
@@ -337,6 +339,7 @@ class Safety:
         self.healer = healer
         self.probe = probe or ClusterProbe(healer.cluster)
         self.state = SafetyState()
+        self._bitmap_errors: set[str] = set()
 
     @classmethod
     def for_host(cls, paths: HostPaths, *, heal: bool = True, **healer_options) -> Safety:
@@ -364,7 +367,12 @@ class Safety:
     def __call__(self, snapshot: HostSnapshot) -> None:
         standing = self.detector.observe(snapshot)
         standing = self.healer.observe(snapshot, standing)
-        self.state = SafetyState(snapshot.taken, standing)
+        bitmaps = array_bitmaps(self.healer.paths, snapshot.arrays)
+        for b in bitmaps:
+            if b.error and b.error not in self._bitmap_errors:
+                log.error("write-intent bitmap of %s: %s (its heals copy the whole disk)", b.label, b.error)
+        self._bitmap_errors = {b.error for b in bitmaps if b.error}
+        self.state = SafetyState(snapshot.taken, standing, bitmaps)
 
     def standing_for(self, snapshot: HostSnapshot) -> dict[str, StaleRecord]:
         state = self.state
@@ -424,6 +432,38 @@ class SafetyCollector(SnapshotCollector):
         )
         enabled.add_metric([], 1.0 if healer.enabled else 0.0)
         yield enabled
+        yield from self._bitmaps(snapshot)
+
+    def _bitmaps(self, snapshot: HostSnapshot) -> Iterable[Metric]:
+        state = self.safety.state
+        bitmaps = state.bitmaps if state.taken == snapshot.taken else []
+        active = gauge(
+            "iscsimple_array_bitmap",
+            "1 while md keeps the write-intent bitmap file this host built the mirror with (a heal can "
+            "then copy only what changed in an outage); 0: none, every heal copies the whole disk.",
+            ["label"],
+        )
+        dirty = gauge(
+            "iscsimple_array_out_of_sync_bytes",
+            "While the mirror is degraded: chunks its bitmap marks as written since the iSCSI leg last "
+            "had them, times the chunk size (what a partial heal copies). 0 when not degraded.",
+            ["label"],
+        )
+        eta = gauge(
+            "iscsimple_array_heal_eta_seconds",
+            "While the iSCSI leg recovers: the marked bytes the recovery has still to copy, divided by "
+            "md's current speed.",
+            ["label"],
+        )
+        for b in bitmaps:
+            active.add_metric([b.label], 1.0 if b.active else 0.0)
+            if b.out_of_sync_bytes is not None:
+                dirty.add_metric([b.label], float(b.out_of_sync_bytes))
+            if b.heal_eta_seconds is not None:
+                eta.add_metric([b.label], b.heal_eta_seconds)
+        yield active
+        yield dirty
+        yield eta
 
     def _cluster_families(self, snapshot: HostSnapshot, standing: dict[str, StaleRecord]) -> Iterable[Metric]:
         """What the other hosts' guards ask Prometheus about (core/cluster.py), and the guard's health."""

@@ -299,3 +299,34 @@ def test_full_route_is_unchanged():
     assert plan(remove=None, mode="partial").commands() == [
         ["mdadm", "/dev/md/vm1", "--re-add", "--write-mostly", "/dev/sda"]
     ]
+
+
+# -- what the agent exports -------------------------------------------------------------------
+
+
+def view(degraded=1, iscsi="faulty", done=None, speed=0.0):
+    from types import SimpleNamespace
+
+    md = SimpleNamespace(
+        name=MD, degraded=degraded, sync_completed=(done, SECTORS) if done is not None else None
+    )
+    return SimpleNamespace(label=LABEL, md=md, iscsi=SimpleNamespace(state=iscsi), sync_speed_bytes=speed)
+
+
+def test_exported_while_degraded_dirty_bytes_and_eta(bed):
+    [b] = bitmap.array_bitmaps(bed.paths, [view()])
+    assert (b.active, b.out_of_sync_bytes, b.heal_eta_seconds) == (True, 2 * CHUNK, None)
+    # Recovering past chunk 4 at 64 KiB/s: chunk 5 is left, one second.
+    [b] = bitmap.array_bitmaps(bed.paths, [view(iscsi="recovering", done=4 * CHUNK // 512, speed=CHUNK)])
+    assert b.heal_eta_seconds == 1.0
+    [b] = bitmap.array_bitmaps(bed.paths, [view(degraded=0, iscsi="in_sync")])
+    assert (b.active, b.out_of_sync_bytes) == (True, 0)
+
+
+def test_exported_inactive_without_bitmap_line_and_error_on_corrupt_file(bed):
+    bed.rewrite(b"garbage")
+    [b] = bitmap.array_bitmaps(bed.paths, [view()])
+    assert b.active and b.out_of_sync_bytes is None and "shorter than a bitmap header" in b.error
+    bed.mdstat(None)
+    [b] = bitmap.array_bitmaps(bed.paths, [view()])
+    assert not b.active and b.out_of_sync_bytes is None

@@ -1,0 +1,289 @@
+#!/usr/bin/env python3
+"""Partial (bitmap) heal vs full heal on the real kernel: prints figures, asserts only data safety.
+
+    sudo .venv/bin/python bench/heal.py [--mib 256] [--outage-writes 64] [--write-kib 64] [--seconds 6]
+
+Boots the real-kernel test bed (tests/vm: Debian's kernel under qemu TCG, tgt on the guest's
+loopback) holding the machine-wide VM lock (/tmp/iscsimple-vm.lock), with /var/lib/iscsimple on
+ext4 as on a host. One mirror of a LUN (`iscsimple attach`, built with a write-intent bitmap),
+one outage (tgtd killed) during which OUTAGE_WRITES blocks of WRITE_KIB are written at seeded
+random offsets, then the LUN back and `iscsimple resolve LABEL --keep local` heals through the
+shared executor, which chooses the partial route. Measured: bytes written to the iSCSI leg
+(/sys/block/sdX/stat, sectors written) and the time to in-sync, for the partial route and, after
+the same outage again, for the full route (`--fail`, `--remove`, `--add --write-mostly`).
+After each heal both legs' checksums must be equal and every outage write present.
+
+Writer throughput with and without the bitmap: 4 KiB O_DIRECT|O_DSYNC writes for SECONDS on
+mirrors of two loop devices built with the project's --build command, without a bitmap and
+with it at 64 KiB and at the default chunk size. Loop legs leave the bitmap's own writes as
+the only difference (an iSCSI leg's latency would hide part of it): an upper bound on the cost.
+
+The last line is exactly:
+    partial heal: W MiB written to the iSCSI leg for D MiB of dirty chunks (full heal: F MiB); T_p s vs T_f s
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import mmap
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VM_LOCK = Path("/tmp/iscsimple-vm.lock")
+IQN = "iqn.2026-11.bench.local:heal"
+LABEL = "bench-heal"
+BITMAPS_FS_MIB = 32
+
+
+# -- in the guest (run as `python bench/heal.py guest ...`) -----------------------------------------
+
+
+def guest_main(argv: list[str]) -> None:
+    op = argv[0]
+    if op == "write":  # device seed count size -> offsets
+        device, seed, count, size = argv[1], argv[2], int(argv[3]), int(argv[4])
+        print(json.dumps(scattered_writes(device, seed, count, size)))
+    elif op == "verify":  # device seed count size -> mismatches
+        device, seed, count, size = argv[1], argv[2], int(argv[3]), int(argv[4])
+        print(json.dumps(verify_writes(device, seed, count, size)))
+    elif op == "throughput":  # device seconds pattern -> writes/s
+        print(json.dumps(throughput(argv[1], float(argv[2]), argv[3])))
+    elif op == "bitmap":
+        from iscsimple.core.bitmap import read_bitmap_file
+
+        f = read_bitmap_file(Path(argv[1]))
+        print(json.dumps({"dirty": f.dirty, "chunk": f.chunk_bytes, "chunks": f.chunks}))
+    elif op == "record":  # what the agent's detector (or `remove`) writes when it sees the stale copy
+        from iscsimple.core.paths import HostPaths
+        from iscsimple.core.registry import Registry
+        from iscsimple.core.safety import record_if_stale
+
+        paths = HostPaths()
+        attachment = Registry(paths).by_label(argv[1])
+        record = record_if_stale(paths, attachment, attachment.md_device) if attachment else None
+        print(json.dumps({"recorded": record is not None}))
+
+
+def _blocks(device: str, seed: str, count: int, size: int) -> list[tuple[int, bytes]]:
+    fd = os.open(device, os.O_RDONLY)
+    total = os.lseek(fd, 0, os.SEEK_END)
+    os.close(fd)
+    rnd = random.Random(seed)
+    slots = rnd.sample(range(total // size), count)  # distinct places
+    return [(slot * size, rnd.randbytes(size)) for slot in slots]
+
+
+def scattered_writes(device: str, seed: str, count: int, size: int) -> dict:
+    fd = os.open(device, os.O_WRONLY | os.O_DIRECT | os.O_SYNC)
+    buf = mmap.mmap(-1, size)
+    started = time.monotonic()
+    try:
+        for offset, data in _blocks(device, seed, count, size):
+            buf.seek(0)
+            buf.write(data)
+            os.pwrite(fd, buf, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return {"seconds": time.monotonic() - started}
+
+
+def verify_writes(device: str, seed: str, count: int, size: int) -> dict:
+    fd = os.open(device, os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, size)
+    bad = []
+    try:
+        for offset, data in _blocks(device, seed, count, size):
+            os.preadv(fd, [buf], offset)
+            if buf[:size] != data:
+                bad.append(offset)
+    finally:
+        os.close(fd)
+    return {"mismatched": bad}
+
+
+def throughput(device: str, seconds: float, pattern: str) -> dict:
+    fd = os.open(device, os.O_WRONLY | os.O_DIRECT | os.O_DSYNC)
+    size = os.lseek(fd, 0, os.SEEK_END)
+    buf = mmap.mmap(-1, 4096)
+    buf.write(os.urandom(4096))
+    rnd = random.Random(1)
+    n, offset = 0, 0
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        offset = rnd.randrange(size // 4096) * 4096 if pattern == "random" else (offset + 4096) % size
+        os.pwrite(fd, buf, offset)
+        n += 1
+    os.close(fd)
+    return {"writes_per_second": n / (time.monotonic() - started)}
+
+
+# -- on the host ------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mib", type=int, default=256, help="LUN size (MiB)")
+    parser.add_argument("--outage-writes", type=int, default=64, help="blocks written during the outage")
+    parser.add_argument("--write-kib", type=int, default=64, help="size of each outage write (KiB)")
+    parser.add_argument("--seconds", type=float, default=6.0, help="each throughput run")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench/heal.py boots the real-kernel bed: run it as root")
+    sys.path.insert(0, str(REPO / "tests" / "vm"))
+    VM_LOCK.touch(exist_ok=True)
+    with open(VM_LOCK) as lock:
+        print(f"waiting for {VM_LOCK} ...", flush=True)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
+    from storagebed import StorageBed
+    from vmharness import Guest, prepare_kernel
+    from xldriver import CLI, Xl
+
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bench-heal-") as tmp:
+        guest = Guest.boot(Path(tmp), prepare_kernel())
+        try:
+            bed = StorageBed(guest)
+            bed.setup()
+            print(f"booted and set up in {time.monotonic() - started:.0f} s", flush=True)
+            Bench(bed, Xl(bed), CLI, args).run()
+        finally:
+            guest.shutdown()
+
+
+class Bench:
+    def __init__(self, bed, xl, cli: str, args: argparse.Namespace):
+        self.bed, self.g, self.xl, self.cli, self.args = bed, bed.guest, xl, cli, args
+        self.size = args.write_kib << 10
+
+    def sh(self, argv: list[str], timeout: float = 120):
+        return self.g.run(argv, timeout=timeout)
+
+    def helper(self, *argv: str, timeout: float = 300) -> dict:
+        res = self.g.run([sys.executable, str(Path(__file__).resolve()), "guest", *argv], timeout=timeout)
+        return json.loads(res.stdout)
+
+    def sectors_written(self, sd: str) -> int:
+        return int(self.g.read(f"/sys/block/{sd}/stat").split()[6])
+
+    def run(self) -> None:
+        g, bed, a = self.g, self.bed, self.args
+        fs = bed.make_disk("bitmaps-fs", BITMAPS_FS_MIB)
+        self.sh(["mkfs.ext4", "-q", fs])
+        self.sh(["mkdir", "-p", "/var/lib/iscsimple"])
+        self.sh(["mount", fs, "/var/lib/iscsimple"])
+        self.throughput()
+
+        lun = bed.make_disk("lun", a.mib)
+        local = bed.make_disk("local", a.mib)
+        bed.export(IQN, {1: lun})
+        self.xl.configure({LABEL: local}, "replacement_timeout_mirrored = 5\n[heal]\nenabled = false\n")
+        spec = f"lun1@{IQN}+{LABEL}"
+        self.sh([self.cli, "attach", spec], timeout=120)
+        md = bed.md_name(LABEL)
+        sd = bed.lun_device(IQN, 1)[5:]
+        bed.wait_in_sync(md, timeout=600)
+        print(f"attached {spec} as {md}: {bed.mdstat().splitlines()[-3].strip()}", flush=True)
+        bitmap = f"/var/lib/iscsimple/bitmaps/{LABEL}"
+
+        # -- partial: the project's own heal ------------------------------------------------------
+        self.outage("outage-1", md, sd)
+        before = self.helper("bitmap", bitmap)
+        dirty_mib = before["dirty"] * before["chunk"] / (1 << 20)
+        print(f"bitmap before the heal: {before['dirty']} dirty chunks of {before['chunk'] >> 10} KiB")
+        assert self.helper("record", LABEL)["recorded"], "no stale record for the outage"
+        w0, t0 = self.sectors_written(sd), g.now()
+        res = self.sh([self.cli, "resolve", LABEL, "--keep", "local"], timeout=120)
+        print(res.stdout.strip(), flush=True)
+        assert "partial heal started" in res.stdout, res.stdout
+        g.wait_for(f"/sys/block/{md}/md/dev-{sd}/state", "equals", "in_sync,write_mostly", timeout=600)
+        bed.wait_in_sync(md, timeout=600)
+        t_partial = g.now() - t0
+        w_partial = (self.sectors_written(sd) - w0) * 512 / (1 << 20)
+        self.check_legs("partial", md, sd, local, "outage-1")
+
+        # -- full: the same outage again, the full route's commands --------------------------------
+        self.outage("outage-2", md, sd)
+        w0, t0 = self.sectors_written(sd), g.now()
+        for argv in (["--fail", sd], ["--remove", sd], ["--add", "--write-mostly", f"/dev/{sd}"]):
+            self.sh(["mdadm", f"/dev/md/{LABEL}", *argv])
+        bed.wait_in_sync(md, timeout=900)
+        t_full = g.now() - t0
+        w_full = (self.sectors_written(sd) - w0) * 512 / (1 << 20)
+        self.check_legs("full", md, sd, local, "outage-2")
+
+        self.sh([self.cli, "detach", spec], timeout=120)
+        assert g.read(bitmap) is None, "the bitmap file outlived the array"
+        print(f"LUN {a.mib} MiB; outage writes {a.outage_writes} x {a.write_kib} KiB at random places")
+        print(
+            f"partial heal: {w_partial:.2f} MiB in {t_partial:.2f} s; full heal: {w_full:.2f} MiB in {t_full:.2f} s"
+        )
+        print(
+            f"partial heal: {w_partial:.2f} MiB written to the iSCSI leg for {dirty_mib:.2f} MiB of dirty "
+            f"chunks (full heal: {w_full:.2f} MiB); {t_partial:.2f} s vs {t_full:.2f} s"
+        )
+
+    def outage(self, seed: str, md: str, sd: str) -> None:
+        a, bed, g = self.args, self.bed, self.g
+        bed.kill_target()
+        wrote = self.helper("write", f"/dev/md/{LABEL}", seed, str(a.outage_writes), str(self.size))
+        assert "faulty" in bed.md_legs(md)[sd], bed.md_legs(md)
+        print(
+            f"{seed}: {a.outage_writes} writes in {wrote['seconds']:.1f} s (the first stalls until md fails the leg)"
+        )
+        bed.start_target()
+        g.wait_for(bed.session(IQN) + "/state", "equals", "LOGGED_IN", timeout=120)
+        g.wait_for(f"/sys/block/{sd}/device/state", "equals", "running", timeout=60)
+
+    def check_legs(self, route: str, md: str, sd: str, local: str, seed: str) -> None:
+        sums = {dev: self.g.call("sha256", wait=600, path=dev)["sha256"] for dev in (f"/dev/{sd}", local)}
+        assert len(set(sums.values())) == 1, f"{route} heal: the legs differ: {sums}"
+        bad = self.helper("verify", f"/dev/md/{LABEL}", seed, str(self.args.outage_writes), str(self.size))
+        assert bad["mismatched"] == [], f"{route} heal lost writes at {bad['mismatched']}"
+        print(f"{route} heal: both legs' checksums equal, every outage write present", flush=True)
+
+    def throughput(self) -> None:
+        from iscsimple.core.bitmap import DEFAULT_CHUNK_BYTES
+        from iscsimple.hotplug.mdadm import build_argv
+
+        a = self.bed.make_disk("tp-a", 64)
+        b = self.bed.make_disk("tp-b", 64)
+        results: dict[str, dict[str, float]] = {}
+        variants = [("no bitmap", None), ("bitmap 64 KiB", 64 << 10), ("bitmap default", DEFAULT_CHUNK_BYTES)]
+        for name, chunk in variants:
+            file = Path(f"/var/lib/iscsimple/tp-{chunk}") if chunk else None
+            argv = build_argv("/dev/md/bench-tp", None, a, file, chunk)
+            argv[argv.index("missing")] = b  # two loop legs, the rest of the command as built
+            self.sh(["rm", "-f", str(file)] if file else ["true"])
+            self.sh(argv)
+            md = self.bed.md_name("bench-tp")
+            self.bed.wait_in_sync(md, timeout=300)
+            results[name] = {
+                p: self.helper("throughput", "/dev/md/bench-tp", str(self.args.seconds), p)[
+                    "writes_per_second"
+                ]
+                for p in ("sequential", "random")
+            }
+            self.sh(["mdadm", "--stop", "/dev/md/bench-tp"])
+        base = results["no bitmap"]
+        for name, r in results.items():
+            cost = ", ".join(f"{p} {r[p]:.0f}/s ({(1 - r[p] / base[p]) * 100:+.1f} % slower)" for p in r)
+            print(f"writer, 4 KiB O_DSYNC, {name}: {cost}", flush=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "guest":
+        guest_main(sys.argv[2:])
+    else:
+        main()
