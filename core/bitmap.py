@@ -356,6 +356,20 @@ def lun_wwid(paths: HostPaths, name: str) -> str | None:
         return None
 
 
+def rescan(paths: HostPaths, name: str) -> bool:
+    """Make the SCSI layer re-read the device's identity (VPD pages) and capacity."""
+    try:
+        fd = os.open(paths.sysfs / "block" / name / "device" / "rescan", os.O_WRONLY | os.O_NOFOLLOW)
+        try:
+            os.write(fd, b"1")
+        finally:
+            os.close(fd)
+        return True
+    except OSError as e:
+        log.warning("cannot rescan %s: %s", name, e.strerror or e)
+        return False
+
+
 def _size_bytes(paths: HostPaths, name: str) -> int | None:
     try:
         return int((paths.sysfs / "block" / name / "size").read_text().strip()) * 512
@@ -454,6 +468,10 @@ def prove_partial(paths: HostPaths, md_name: str, label: str, add_device: str) -
     for seq, text in klog.messages:
         if seq > inst.kmsg_seq and KICKED.search(text) and (md_name in text or inst.file in text):
             return Proof(False, f"md dropped the bitmap of {md_name}: {text.strip()}")
+    # The kernel keeps the VPD pages and capacity it read at scan time; a target that came back
+    # with another LU behind the same session would still show the old ones. Ask again first.
+    if not rescan(paths, add_device):
+        return Proof(False, f"cannot rescan {add_device} to check that it is still the same LUN")
     wwid = lun_wwid(paths, add_device)
     if inst.iscsi_wwid is None or wwid != inst.iscsi_wwid:
         return Proof(

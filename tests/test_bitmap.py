@@ -152,6 +152,7 @@ class Bed:
         (self.paths.sysfs / "block" / name / "device").mkdir(parents=True, exist_ok=True)
         (self.paths.sysfs / "block" / name / "device" / "wwid").write_text(wwid + "\n")
         (self.paths.sysfs / "block" / name / "size").write_text(f"{sectors}\n")
+        (self.paths.sysfs / "block" / name / "device" / "rescan").write_text("")
 
     def kmsg(self, lines):
         (self.paths.devfs / "kmsg").write_text("".join(line + "\n" for line in lines))
@@ -204,6 +205,7 @@ def test_agent_restart_needs_no_memory_the_proof_is_in_the_kernel_and_files(bed)
         (lambda b: b.mdstat(None), "shows no bitmap file"),
         (lambda b: b.lun("sda", "naa.60000000000000000e00000000020001", SECTORS), "is not the LUN"),
         (lambda b: b.lun("sda", WWID, SECTORS * 2), "changed size"),
+        (lambda b: (b.paths.sysfs / "block/sda/device/rescan").unlink(), "cannot rescan"),
         (lambda b: (b.paths.procfs / "sys/kernel/random/boot_id").write_text("boot-2\n"), "another boot"),
         (lambda b: b.file.unlink() or b.file.write_bytes(header() + bits(set())), "not the one"),
         (lambda b: b.rewrite(header(state=2) + bits({1})), "stale"),
@@ -217,6 +219,7 @@ def test_agent_restart_needs_no_memory_the_proof_is_in_the_kernel_and_files(bed)
         "no-bitmap-in-mdstat",
         "different-lun-same-name",
         "lun-resized",
+        "rescan-impossible",
         "rebooted",
         "bitmap-file-replaced",
         "bitmap-marked-stale",
