@@ -11,8 +11,9 @@ mirrored arrays and measures, from this process:
    meanwhile one kept-alive client scrapes --scrapes times: latency p50/p99;
 3. bad passwords: the agent with TLS and basic auth (bcrypt cost 10, as
    `htpasswd -nBC 10` makes); one good client scrapes for --duration seconds, alone and
-   then while --bad-clients clients (another process) send wrong passwords as fast as
-   they are answered, each a new password: its latency p50/p99 and the bad requests answered.
+   then while --bad-clients clients (another process; connected over TLS first, so
+   their handshakes are not counted) send wrong passwords as fast as they are answered,
+   each a new one: its latency p50/p99/max and the bad requests answered.
 
 --source DIR runs the agent from another checkout (e.g. an older commit unpacked with
 `git archive`), so before/after figures come from one client on one machine:
@@ -40,6 +41,7 @@ from pathlib import Path
 import bcrypt
 import requests
 import urllib3
+from scrape import build_host  # bench/scrape.py: the same simulated host
 
 from iscsimple.exporter.demo import SimulatedHost
 
@@ -53,17 +55,6 @@ SCRAPE = (
     "Accept-Encoding: gzip\r\nUser-Agent: web_load\r\n"
 ).encode()
 PASSWORD = "bench-scrape-password"
-
-
-def build_host(root: Path, n: int) -> SimulatedHost:
-    host = SimulatedHost(root)
-    with host.batch():
-        for i in range(n):
-            target = f"iqn.2003-01.org.example.filer:lun-{i:05d}"
-            host.add_target(target, f"192.0.2.{10 + i % 200}:3260")
-            host.attach(f"vm{i:05d}-disk", f"vm{i:05d}", target, 1, size_bytes=(8 + i % 64) << 30)
-            host.finish_resync(f"vm{i:05d}-disk")
-    return host
 
 
 def package_layout(source: Path, into: Path) -> Path:
@@ -225,17 +216,26 @@ def scrape_latencies(session: requests.Session, url: str, count: int = 0, durati
 
 
 def hammer(url: str, clients: int, duration: float) -> None:
-    """Runs in its own process: `clients` threads sending wrong passwords, a new one each time."""
+    """Runs in its own process: `clients` threads sending wrong passwords, a new one each time.
+
+    Each first opens its connection (TLS handshake, one request without credentials) and
+    "ready" is printed when all have; then they hammer for `duration` and the number of
+    bad requests answered is printed."""
     urllib3.disable_warnings()
     counts = [0] * clients
-    end = time.monotonic() + duration
+    connected = threading.Barrier(clients + 1)
+    go = threading.Event()
 
     def client(i: int) -> None:
         with requests.Session() as s:
+            s.get(f"{url}/-/healthy", verify=False, timeout=60)
+            connected.wait()
+            go.wait()
+            end = time.monotonic() + duration
             while time.monotonic() < end:
                 password = "".join(random.choices(string.ascii_letters, k=16))
                 try:
-                    s.get(f"{url}/metrics", auth=("prometheus", password), verify=False, timeout=30)
+                    s.get(f"{url}/metrics", auth=("prometheus", password), verify=False, timeout=60)
                     counts[i] += 1
                 except requests.RequestException:
                     pass
@@ -243,6 +243,9 @@ def hammer(url: str, clients: int, duration: float) -> None:
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
+    connected.wait()
+    print("ready", flush=True)
+    go.set()
     for t in threads:
         t.join()
     print(sum(counts), flush=True)
@@ -328,10 +331,11 @@ def main() -> int:
                      "--duration", str(args.duration)],
                     stdout=subprocess.PIPE, text=True,
                 )  # fmt: skip
-                time.sleep(1.0)  # let the bad clients connect
+                if bad.stdout.readline().strip() != "ready":
+                    raise SystemExit("the bad clients did not connect")
+                time.sleep(1.0)  # their first wrong passwords are queued
                 attacked = scrape_latencies(session, agent.url, duration=args.duration - 2, **options)
-                out, _ = bad.communicate(timeout=args.duration + 120)
-            bad_requests = int(out.strip() or 0)
+                bad_requests = int(bad.communicate(timeout=args.duration + 120)[0].strip() or 0)
             print(
                 f"TLS + basic auth, good client alone: p50 {ms(percentile(alone, 50))} p99 {ms(percentile(alone, 99))}; "
                 f"while {args.bad_clients} clients send wrong passwords: p50 {ms(percentile(attacked, 50))} "

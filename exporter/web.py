@@ -214,8 +214,10 @@ class AgentHTTPServer:
             log.debug("connection from %s ended: %s", peer, e.__class__.__name__)
         except OSError as e:
             log.debug("connection from %s ended: %s", peer, e)
+        except Exception:
+            log.exception("connection from %s failed", peer)
         finally:
-            del self._connections[writer]
+            self._connections.pop(writer, None)
             if clean:
                 writer.close()
             else:  # no TLS goodbye to a client that timed out or broke the protocol
@@ -225,7 +227,9 @@ class AgentHTTPServer:
         waiting = [c for c in self._connections.values() if not c.busy]
         if not waiting:
             return False
-        min(waiting, key=lambda c: c.since).writer.transport.abort()
+        oldest = min(waiting, key=lambda c: c.since)
+        del self._connections[oldest.writer]  # counted out now, not when its task has ended
+        oldest.writer.transport.abort()
         return True
 
     async def _converse(
@@ -241,8 +245,9 @@ class AgentHTTPServer:
         while request is not None:
             conn.busy = True
             if isinstance(request, _BadRequest):
+                body = f"{request}\n".encode()
                 await self._write(
-                    writer, _response(request.status, f"{request}\n".encode(), TEXT, False, {}, True)
+                    writer, _response(request.status, body, TEXT, False, self.web_config.headers, True)
                 )
                 return
             close = not request.keep_alive or request.has_body  # a body we do not read ends the connection
