@@ -435,3 +435,45 @@ def test_an_unknown_user_costs_a_bcrypt_like_a_known_one(monkeypatch):
     auth = BasicAuth({"prometheus": bcrypt_hash(b"right")})
     assert not auth.check_header("Basic " + base64.b64encode(b"nobody:right").decode())
     assert checkpw.passwords == [b"right"]
+
+
+def test_client_certificates_are_required_and_verified(tmp_path, tls_files):
+    cert, key = tls_files
+    ca_key, ca_crt = tmp_path / "ca.key", tmp_path / "ca.crt"
+    client_key, client_csr, client_crt = tmp_path / "c.key", tmp_path / "c.csr", tmp_path / "c.crt"
+    for argv in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+         "-keyout", str(ca_key), "-out", str(ca_crt)],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=prometheus", "-keyout", str(client_key),
+         "-out", str(client_csr)],
+        ["x509", "-req", "-in", str(client_csr), "-CA", str(ca_crt), "-CAkey", str(ca_key),
+         "-CAcreateserial", "-days", "2", "-out", str(client_crt)],
+    ):  # fmt: skip
+        subprocess.run(["openssl", *argv], check=True, capture_output=True, timeout=60)
+    (tmp_path / "web.yml").write_text(
+        f"tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n"
+        f"  client_ca_file: {ca_crt}\n  client_auth_type: RequireAndVerifyClientCert\n"
+    )
+    config = load_web_config(tmp_path / "web.yml")
+    srv = AgentHTTPServer(
+        ("127.0.0.1", 0),
+        Endpoints(
+            lambda a, g: (gzip.compress(b"x 1\n") if g else b"x 1\n", "text/plain"),
+            lambda: (True, "ok"),
+            lambda: (True, "ok"),
+        ),
+        config,
+    )
+    srv.serve_in_thread()
+    try:
+        url = f"{srv.url}/metrics"
+        r = requests.get(url, cert=(str(client_crt), str(client_key)), verify=str(cert), timeout=10)
+        assert (r.status_code, r.text) == (200, "x 1\n")
+        with pytest.raises(requests.exceptions.RequestException):
+            requests.get(url, verify=str(cert), timeout=10)
+        # A certificate the CA did not sign is refused too.
+        with pytest.raises(requests.exceptions.RequestException):
+            requests.get(url, cert=(str(cert), str(key)), verify=str(cert), timeout=10)
+    finally:
+        srv.shutdown()
+        srv.server_close()
