@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -25,7 +26,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from iscsimple import __version__ as VERSION
 from iscsimple.core.atomic import write_atomic
 from iscsimple.core.errors import InputError
-from iscsimple.core.paths import DEFAULT_RECORDS, DEFAULT_STATE, HostPaths
+from iscsimple.core.paths import DEFAULT_CONFIG, DEFAULT_RECORDS, DEFAULT_STATE, HostPaths
 from iscsimple.core.snapshot import HostSnapshot
 
 from .collectors import default_collectors
@@ -240,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_RECORDS,
         help="durable records (stale iSCSI copies), must survive reboots",
     )
+    p.add_argument(
+        "--config.file",
+        dest="config",
+        type=Path,
+        default=Path(os.environ.get("ISCSIMPLE_CONFIG", DEFAULT_CONFIG)),
+        help="iscsimple.toml: heal policy and the cross-host guard (default $ISCSIMPLE_CONFIG or %(default)s)",
+    )
     p.add_argument("--path.devfs", dest="devfs", type=Path, default=Path("/dev"), help=argparse.SUPPRESS)
     p.add_argument(
         "--refresh.interval",
@@ -313,7 +321,12 @@ def main(argv: list[str] | None = None) -> int:
         return _run_demo(args, web_config)
 
     paths = HostPaths(
-        procfs=args.procfs, sysfs=args.sysfs, devfs=args.devfs, state=args.state, records=args.records
+        procfs=args.procfs,
+        sysfs=args.sysfs,
+        devfs=args.devfs,
+        state=args.state,
+        records=args.records,
+        config=args.config,
     )
     for flag, path in (("--path.procfs", args.procfs), ("--path.sysfs", args.sysfs)):
         if not path.is_dir():
@@ -334,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     agent = Agent(options)
     if args.once:
+        agent.safety.probe.run()  # a one-shot report says whether the cross-host guard answers too
         rendered = agent.refresher.refresh_now()
         if args.textfile:
             write_textfile(args.textfile, rendered.text)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -78,12 +79,16 @@ def agent_metric_names(tmp_path: Path) -> set[str]:
     host.finish_resync("vm2-disk")
     host.record_hotplug("add", "success", 2.0)
     p = host.paths
+    # A configured cross-host guard (its Prometheus closed: reachable 0) exports the guard's metrics too.
+    p.config.parent.mkdir(parents=True, exist_ok=True)
+    p.config.write_text('[cluster]\nprometheus_url = "http://127.0.0.1:9"\ntimeout = 0.5\n')
     code = "import sys; from iscsimple.exporter.agent import main; sys.exit(main(sys.argv[1:]))"
     argv = [
         sys.executable, "-c", code, "--once", "--no-udev",
         f"--path.procfs={p.procfs}", f"--path.sysfs={p.sysfs}", f"--path.state={p.state}", f"--path.records={p.records}",
     ]  # fmt: skip
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    env = {**os.environ, "ISCSIMPLE_CONFIG": str(p.config)}
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False, env=env)
     assert result.returncode == 0, result.stderr
     return {
         re.split(r"[{ ]", line, maxsplit=1)[0]
