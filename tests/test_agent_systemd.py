@@ -31,7 +31,9 @@ def directives(text: str | None = None) -> dict[str, list[str]]:
 def test_unit_is_hardened():
     d = directives()
     assert d["ProtectSystem"] == ["strict"]
-    assert d["CapabilityBoundingSet"] == ["CAP_SYS_ADMIN"]  # mdadm's ioctls for heal, nothing else
+    # mdadm's ioctls for heal, and /dev/kmsg (proof of an uninterrupted bitmap for a partial heal)
+    assert d["CapabilityBoundingSet"] == ["CAP_SYS_ADMIN CAP_SYSLOG"]
+    assert "/dev/kmsg r" in d["DeviceAllow"]
     for key in ("NoNewPrivileges", "ProtectHome", "PrivateTmp", "ProtectKernelModules", "RestrictNamespaces"):
         assert d[key] == ["yes"], key
     assert "AF_NETLINK" in d["RestrictAddressFamilies"][0]  # udev events
