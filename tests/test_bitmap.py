@@ -333,3 +333,15 @@ def test_exported_inactive_without_bitmap_line_and_error_on_corrupt_file(bed):
     bed.mdstat(None)
     [b] = bitmap.array_bitmaps(bed.paths, [view()])
     assert not b.active and b.out_of_sync_bytes is None
+
+
+def test_choose_route_partial_when_proven_full_with_the_reason_otherwise(bed):
+    routed = bitmap.choose_route(bed.paths, plan())
+    assert routed.mode == "partial" and routed.commands()[-1][2] == "--re-add"
+    assert "only the chunks its bitmap marks" in routed.describe()
+    bed.kmsg(["2,150,9,-;md127: kicking failed bitmap file /x from array!", "6,100,1,-;x"])
+    routed = bitmap.choose_route(bed.paths, plan())
+    assert routed.mode == "full" and routed.commands()[-1][2] == "--add"
+    assert "dropped the bitmap" in routed.route_reason and "a full copy" in routed.describe()
+    # The executor re-plans with core.safety.plan_heal, which knows no route: compare without it.
+    assert bitmap.full_route(routed) == plan()
