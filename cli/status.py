@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from iscsimple.core.config import Config
 from iscsimple.core.iscsi import IscsiSession
@@ -18,7 +19,9 @@ from iscsimple.core.registry import Attachment
 from iscsimple.core.snapshot import ArrayView, HostSnapshot, LegView
 from iscsimple.hotplug.session import replacement_timeout
 
-RUNBOOKS = "docs/runbooks"
+# The package ships the runbooks here; from a checkout they are under docs/.
+INSTALLED_RUNBOOKS = Path("/usr/share/doc/iscsimple/runbooks")
+RUNBOOKS = str(INSTALLED_RUNBOOKS) if INSTALLED_RUNBOOKS.is_dir() else "docs/runbooks"
 
 
 @dataclass(frozen=True)
@@ -315,10 +318,11 @@ def _notes(row: DiskRow) -> list[str]:
             f"{name}: runs on its local leg alone and the iSCSI copy is going stale; do not migrate, stop or "
             f"move this VM until the mirror is healed — see {RUNBOOKS}/IscsimpleArrayLocalOnly.md"
         )
-    if row.stale is not None and not row.local_only:
+    if row.stale is not None:
         notes.append(
             f"{name}: {row.stale}; do not start this VM on another host — see {RUNBOOKS}/IscsimpleArrayIscsiStale.md"
         )
+        notes.append(f"{name}: heal: {_heal_progress(row)}")
     if row.unprotected and not row.no_good_leg and row.running:
         why = "is still recovering" if row.local and row.local.state == "recovering" else "is not in sync"
         if row.local and not row.local.configured:
@@ -330,11 +334,47 @@ def _notes(row: DiskRow) -> list[str]:
             f"{name}: unmirrored and its iSCSI session is {state}; the VM's I/O waits for the target "
             f"(up to {row.session.replacement_timeout or '?'} s), then fails — see {RUNBOOKS}/IscsimpleIscsiSessionDown.md"
         )
+    timeout = row.session
+    if (
+        timeout.replacement_timeout is not None
+        and timeout.replacement_timeout_configured is not None
+        and timeout.replacement_timeout != timeout.replacement_timeout_configured
+    ):
+        notes.append(
+            f"{name}: the session to {timeout.target} queues I/O for {timeout.replacement_timeout} s on an "
+            f"outage (TIMEOUT column), the config asks for {timeout.replacement_timeout_configured} s: it is "
+            "set at login and when an attach or detach changes the target's disks, and the session was "
+            "logged in with another value (by hand or an older config); the next such change applies it"
+        )
     if row.label is not None and not row.running:
         notes.append(
             f"{name}: the registry lists it but no md array is running; run 'iscsimple detach {row.spec}' to clean up"
         )
     return notes
+
+
+def _heal_progress(row: DiskRow) -> str:
+    """Where the heal of a stale iSCSI copy stands, as far as the host shows it (the agent's own
+    attempts and back-off are in its log and iscsimple_heal_operations_total)."""
+    iscsi = row.iscsi.state
+    if not row.running:
+        return (
+            f"the VM is stopped; run 'iscsimple resolve {row.label} --keep local' to rebuild the iSCSI copy"
+        )
+    if iscsi in ("recovering", "spare"):
+        done = "" if row.sync_ratio is None else f" {row.sync_ratio * 100:.0f}% done"
+        left = (
+            "" if row.sync_remaining_seconds is None else f", about {row.sync_remaining_seconds:.0f} s left"
+        )
+        return f"the iSCSI copy is being rebuilt from the local leg,{done}{left}; the record is cleared when it is in sync"
+    if iscsi == "in_sync":
+        return "both legs are in sync; the agent clears the record on its next refresh"
+    if row.session.state != "LOGGED_IN":
+        return f"waiting for the iSCSI session (now {row.session.state or 'gone'}); the agent re-adds the leg once it is back"
+    return (
+        f"the session is back and the iSCSI leg is {iscsi}: the agent re-adds it after [heal] stable_seconds "
+        "(if heal is enabled); its log and iscsimple_heal_operations_total say what it tried"
+    )
 
 
 def render_json(status: Status) -> str:

@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Files: /etc/xen/scripts/block-iscsimple-tab.conf (LABEL to local device), "
         "/etc/iscsimple/iscsimple.toml, /run/iscsimple (registry), /var/lib/iscsimple (stale-copy "
         "records), /var/run/xen-hotplug (locks shared with Xen's scripts). Logs go to syslog and "
-        "/var/log/xen/xen-hotplug.log. See iscsimple(1) for attach/detach outside Xen.",
+        "/var/log/xen/xen-hotplug.log. See iscsimple(1) for attach/detach outside Xen, iscsimple-agent(1) for the agent.",
     )
     p.add_argument("command", choices=("add", "remove"), help="attach (add) or undo (remove) the disk")
     p.add_argument("--version", action="version", version=f"block-iscsimple {__version__}")

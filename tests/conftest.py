@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,3 +35,21 @@ def kernel_state_readonly(tmp_path_factory: pytest.TempPathFactory) -> Callable[
         return roots[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def deb() -> Path:
+    """The package scripts/build-deb makes (lintian included), built once per session;
+    ISCSIMPLE_DEB=PATH uses one built already. Used by tests/test_debian_package.py and tests/vm."""
+    from iscsimple import __version__
+
+    given = os.environ.get("ISCSIMPLE_DEB")
+    if given:
+        return Path(given).resolve()
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [str(repo / "scripts" / "build-deb")], capture_output=True, text=True, timeout=900, cwd=repo
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "lintian: no errors or warnings" in r.stdout
+    return repo / "dist" / f"iscsimple_{__version__}_all.deb"

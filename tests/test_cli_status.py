@@ -201,3 +201,41 @@ def test_stale_record_of_a_stopped_vm_is_shown(capsys, host, tmp_path):
     code, out, _ = _status(capsys, host("12"), "--json")
     (stale,) = json.loads(out)["stale"]
     assert (stale["label"], stale["vm"], stale["target"], stale["lun"]) == ("test", "web1", TARGET, 1)
+
+
+def _stale(tmp_path):
+    StaleRecords(host_paths_for(tmp_path)).put(
+        StaleRecord(
+            "test", 1700000000.0, "md127", "web1", 1, TARGET, 1, "sda", "/dev/loop1", "iSCSI leg faulty"
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("state", "heal"),
+    [
+        ("06", "heal: waiting for the iSCSI session (now FREE); the agent re-adds the leg once it is back"),
+        ("08", "heal: the session is back and the iSCSI leg is missing: the agent re-adds it after [heal]"),
+        ("09", "heal: the iSCSI copy is being rebuilt from the local leg, 6% done"),
+    ],
+)
+def test_a_stale_record_shows_with_its_heal_progress(capsys, host, tmp_path, state, heal):
+    """What the runbooks promise: status shows the record (since when, which VM, why) and how far
+    the heal is, also while the disk runs on its local leg alone."""
+    _register(tmp_path)
+    _stale(tmp_path)
+    _, out, _ = _status(capsys, host(state))
+    assert "ISCSI-STALE" in _table(out)[1]
+    assert "web1 test: since " in out and "holds writes its iSCSI copy lacks (iSCSI leg faulty)" in out
+    assert f"web1 test: {heal}" in out
+
+
+def test_a_timeout_differing_from_the_config_is_explained(capsys, host, tmp_path):
+    _register(tmp_path)
+    _, out, _ = _status(capsys, host("04"))
+    assert "  20s (config 5s)" in _table(out)[1]
+    assert (
+        f"web1 test: the session to {TARGET} queues I/O for 20 s on an outage (TIMEOUT column), the config "
+        "asks for 5 s" in out
+    )
+    assert "the next such change applies it" in out

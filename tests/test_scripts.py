@@ -43,3 +43,22 @@ def test_an_existing_policy_is_left_exactly_as_it_is(tmp_path):
     assert (tmp_path / "seen").read_text() == "#!/bin/sh\n# the host's own\nexit 0\n"
     assert policy.read_text() == "#!/bin/sh\n# the host's own\nexit 0\n"
     assert policy.stat().st_mode & 0o777 == 0o700
+
+
+def test_demo_says_it_is_installing_on_its_first_run_only(tmp_path):
+    """The first run's pip install is silent for seconds: the demo says what it is doing.
+    (A stand-in venv whose pip 'installs' an agent that just prints its arguments.)"""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to("/bin/true")
+    agent = venv / "bin" / "iscsimple-agent"
+    pip = venv / "bin" / "pip"
+    pip.write_text(f"#!/bin/sh\nprintf '#!/bin/sh\\necho agent \"$@\"\\n' > {agent}\nchmod +x {agent}\n")
+    pip.chmod(0o755)
+    demo = Path(__file__).resolve().parents[1] / "scripts" / "demo"
+    env = {**os.environ, "ISCSIMPLE_VENV": str(venv)}
+    first = subprocess.run([str(demo)], capture_output=True, text=True, env=env, timeout=60)
+    assert "first run: installing iscsimple" in first.stderr
+    assert first.stdout.strip() == "agent --demo"
+    again = subprocess.run([str(demo)], capture_output=True, text=True, env=env, timeout=60)
+    assert "installing" not in again.stderr and again.stdout.strip() == "agent --demo"
