@@ -207,7 +207,7 @@ class Bench:
         res = self.sh([self.cli, "resolve", LABEL, "--keep", "local"], timeout=120)
         print(res.stdout.strip(), flush=True)
         assert "partial heal started" in res.stdout, res.stdout
-        g.wait_for(f"/sys/block/{md}/md/dev-{sd}/state", "equals", "in_sync,write_mostly", timeout=600)
+        # degraded 0: both legs in sync (the re-added member keeps md's write_error flag, if any)
         bed.wait_in_sync(md, timeout=600)
         t_partial = g.now() - t0
         w_partial = (self.sectors_written(sd) - w0) * 512 / (1 << 20)
