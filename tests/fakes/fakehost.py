@@ -29,6 +29,7 @@ import fcntl
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -81,6 +82,22 @@ class FakeHost:
         (host.base / "xenstore.json").write_text("{}")
         host._write_launchers()
         return host
+
+    def enable_bitmaps(
+        self, records: Path, mdadm_version: str = "mdadm - v4.2 - 2021-12-30 - Debian 4.2-5"
+    ) -> None:
+        """What a host with write-intent bitmaps shows: kernel 6.1, `records` on ext4, mdadm 4.2."""
+        (self.proc / "sys" / "kernel" / "random").mkdir(parents=True, exist_ok=True)
+        (self.proc / "sys" / "kernel" / "osrelease").write_text("6.1.0-28-amd64\n")
+        (self.proc / "sys" / "kernel" / "random" / "boot_id").write_text("boot-1\n")
+        (self.proc / "mounts").write_text(f"/dev/root / ext4 rw 0 0\n/dev/vg0/var {records} ext4 rw 0 0\n")
+        with self.locked() as state:
+            state["mdadm_version"] = mdadm_version
+
+    def refuse_bitmaps(self) -> None:
+        """The kernel refuses SET_BITMAP_FILE (e.g. built without CONFIG_MD_BITMAP_FILE)."""
+        with self.locked() as state:
+            state["bitmap_refused"] = True
 
     def _write_launchers(self) -> None:
         """bin/TOOL for each fake: this interpreter, without site (-S), so each call starts fast."""
@@ -808,6 +825,11 @@ def _late_luns(base: str, iqn: str, delay: str) -> None:
 def mdadm(host: FakeHost, argv: list[str]) -> int:
     if not argv:
         raise _Exit(2, "mdadm: no arguments")
+    if argv == ["--version"]:
+        version = host.state().get("mdadm_version")
+        if version is None:
+            raise _Exit(2, "mdadm: the fake has no version (FakeHost.enable_bitmaps sets one)")
+        raise _Exit(0, version)
     if argv[0] == "--build":
         return _mdadm_build(host, argv[1:])
     if argv[0] in ("--stop", "-S"):
@@ -869,10 +891,26 @@ def _mdadm_build(host: FakeHost, args: list[str]) -> int:
     members = []
     for path, write_mostly in devices:
         members.append((None if path == "missing" else _check_member(host, path), write_mostly))
+    if "bitmap" in options:
+        _bitmap_file(host, md_path, options)
     with host.locked() as state:
         if host._build_md(state, name, members) is None:
             raise _Exit(1, "mdadm: No avail md devices - aborting")
     raise _Exit(0, f"mdadm: array {md_path} built and started.")
+
+
+def _bitmap_file(host: FakeHost, md_path: str, options: dict[str, str]) -> None:
+    """mdadm 4.2's CreateBitmap (bitmap.c): a 256-byte header, then every bit set; or the kernel's refusal."""
+    if host.state().get("bitmap_refused"):
+        raise _Exit(1, f"mdadm: Cannot set bitmap file for {md_path}: Invalid argument")
+    chunk = int(options.get("bitmap-chunk", "4K").rstrip("K")) * 1024
+    sectors = 64 << 11  # what the fake's arrays report
+    header = bytearray(256)
+    struct.pack_into("<II", header, 0, 0x6D746962, 4)
+    struct.pack_into("<Q", header, 40, sectors)
+    struct.pack_into("<IIII", header, 48, 0, chunk, 5, 0)
+    bits = b"\xff" * -(-(sectors * 512 // chunk) // 8)
+    Path(options["bitmap"]).write_bytes(bytes(header) + bits)
 
 
 def _mdadm_stop(host: FakeHost, args: list[str]) -> int:
