@@ -208,7 +208,14 @@ class Alertmanager(Daemon):
 class Prometheus(Daemon):
     """Prometheus with iscsimple's rule files, scraping `agents` as job "iscsimple"."""
 
-    def __init__(self, workdir: Path, agents: list[str], alertmanager: str, interval: str = "1s"):
+    def __init__(
+        self,
+        workdir: Path,
+        agents: list[str],
+        alertmanager: str,
+        interval: str = "1s",
+        port: int | None = None,
+    ):
         workdir.mkdir(parents=True, exist_ok=True)
         config = {
             "global": {"scrape_interval": interval, "evaluation_interval": interval},
@@ -220,7 +227,7 @@ class Prometheus(Daemon):
         }
         config_file = workdir / "prometheus.yml"
         config_file.write_text(yaml.safe_dump(config, sort_keys=False))
-        self.url = f"http://127.0.0.1:{free_port()}"
+        self.url = f"http://127.0.0.1:{port or free_port()}"
         argv = [
             binary("prometheus", "prometheus"),
             f"--config.file={config_file}",

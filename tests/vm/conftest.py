@@ -109,6 +109,11 @@ def pytest_runtest_makereport(item, call):
     guest = bed.guest if bed is not None else None
     if report.failed and guest is not None:
         report.sections.append(("guest console (tail)", guest.console_tail(80)))
+    two = funcargs.get("hosts")  # test_vm_twohost.py: both guests (a crashed one has none)
+    if report.failed and two is not None:
+        for host in (two.a, two.b):
+            if host.guest is not None:
+                report.sections.append((f"{host.name} console (tail)", host.guest.console_tail(60)))
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -265,6 +265,12 @@ class Agent:
             os.close(fd)
         return {"writes": len(times), "offsets": len(last), "mismatched": bad[:20], "times": times}
 
+    def op_verify_records(self, path, count):
+        """Records 0..count-1 (tests/vm/records.py) on a device: which are missing or bad."""
+        import records  # beside this file
+
+        return records.verify(path, count)
+
     # -- captures ------------------------------------------------------------------------------------
     def op_capture(self, dest, commands=()):
         """Save the md and iSCSI sysfs state in the layout of the shared fixtures (NN_state/sys/...)."""
@@ -436,6 +442,11 @@ def writer(device: str, log: str, stop: str, span: int = 4 << 20) -> None:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "writer":
         writer(sys.argv[2], sys.argv[3], sys.argv[4])
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "records":
+        import records  # beside this file
+
+        records.write_records(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], int(sys.argv[6]))
         return
     if os.getpid() == 1:
         # PID 1 must reap orphans (daemons' children): the parent does that, the child serves.

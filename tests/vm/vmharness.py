@@ -258,7 +258,9 @@ class Guest:
         xen: Path | None = None,
         memory_mib: int = 1024,
         timeout: float = 300,
+        extra_argv: tuple[str, ...] = (),
     ) -> Guest:
+        """`extra_argv`: more qemu options (a network restricted to explicit forwards, disks)."""
         preflight(xen=xen is not None)
         initramfs = build_initramfs(kernel)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -317,6 +319,7 @@ class Guest:
             argv += ["-cpu", "qemu64,+svm,+npt", "-kernel", str(xen)]
             argv += ["-append", f"console=com1 dom0_mem={memory_mib // 2}M,max:{memory_mib // 2}M"]
             argv += ["-initrd", f"{kernel.vmlinuz} {' '.join(dom0)},{initramfs}"]
+        argv += list(extra_argv)
         (workdir / "qemu-argv.json").write_text(json.dumps(argv, indent=1))
         start = time.monotonic()
         with open(workdir / "qemu.log", "wb") as log:
