@@ -67,6 +67,17 @@ def hosts(tmp_path_factory):
         bed.stop()
 
 
+@pytest.fixture(autouse=True)
+def clean_hosts(hosts):
+    """Each scenario starts with nothing attached, even after a failed one."""
+    yield
+    for host in (hosts.a, hosts.b):
+        if host.guest is not None and host.guest.glob("/run/iscsimple/attachments/*"):
+            if host.guest.call("running", name="writer")["running"]:
+                end_writer(host)
+            host.xl.remove(VBD, timeout=120)
+
+
 def wait_prometheus(bed: TwoHosts, expr: str, what: str, timeout: float = 60) -> list[dict]:
     assert bed.prometheus is not None
     deadline = time.monotonic() + timeout
@@ -128,7 +139,7 @@ def migrate(src: Host, dst: Host, lun: int) -> tuple[int, float]:
     start_writer(dst, last + 1)
     handover = time.monotonic() - started
     end_writer(src)
-    removed = src.xl.remove(VBD)
+    removed = src.xl.remove(VBD, timeout=120)
     assert removed.rc == 0, str(removed)
     record(f"twohost: lun{lun} {src.name} -> {dst.name}: destination add (guest)", added.seconds)
     if (seconds := guard_seconds(dst)) is not None:
@@ -159,7 +170,7 @@ def detach(host: Host) -> None:
     with_writer = host.guest.call("running", name="writer")["running"]
     if with_writer:
         end_writer(host)
-    res = host.xl.remove(VBD)
+    res = host.xl.remove(VBD, timeout=120)
     assert res.rc == 0, str(res)
 
 
