@@ -283,3 +283,28 @@ class FakeMdadm:
             raise AssertionError(f"unexpected mdadm call {argv}")
         bed.write()
         return Result(tuple(argv), 0, "", "", 0.0)
+
+
+def as_block_script_host(bed: SafetyBed, monkeypatch, xenbus_path: str, spec: str):
+    """Point `block-iscsimple` (run in-process, as libxl would) at this bed: its paths in the
+    environment and a file-backed xenstore holding `spec` as the backend's params."""
+    from iscsimple.core.xenstore import FileXenStore
+
+    store = bed.root / "xenstore.json"
+    for var, value in {
+        "XENBUS_PATH": xenbus_path,
+        "ISCSIMPLE_XENSTORE_FILE": str(store),
+        "ISCSIMPLE_RECORDS": str(bed.paths.records),
+        "ISCSIMPLE_STATE": str(bed.paths.state),
+        "ISCSIMPLE_TAB": str(bed.paths.tab),
+        "ISCSIMPLE_CONFIG": str(bed.paths.config),
+        "ISCSIMPLE_LOCKS": str(bed.root / "locks"),
+        "ISCSIMPLE_SYSFS": str(bed.paths.sysfs),
+        "ISCSIMPLE_DEVFS": str(bed.paths.devfs),
+        "ISCSIMPLE_PROCFS": str(bed.paths.procfs),
+        "ISCSIMPLE_NO_SYSLOG": "1",
+    }.items():
+        monkeypatch.setenv(var, value)
+    xs = FileXenStore(store)
+    xs.write(f"{xenbus_path}/params", spec)
+    return xs

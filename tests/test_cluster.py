@@ -11,7 +11,7 @@ import time
 
 import pytest
 from fakeprometheus import FakePrometheus
-from safetybed import LABEL, TARGET, FakeMdadm, SafetyBed
+from safetybed import LABEL, TARGET, FakeMdadm, SafetyBed, as_block_script_host
 from test_heal import Host as HealHost
 from test_safety_attach import XENBUS_PATH
 
@@ -31,7 +31,6 @@ from iscsimple.core.errors import OperationError
 from iscsimple.core.registry import Registry
 from iscsimple.core.safety import stale_record
 from iscsimple.core.stale import StaleRecords
-from iscsimple.core.xenstore import FileXenStore
 from iscsimple.hotplug import main as block_script
 from iscsimple.hotplug import mdadm as hotplug_mdadm
 
@@ -207,24 +206,7 @@ def add_host(tmp_path, monkeypatch, prom):
 
     monkeypatch.setattr(hotplug_mdadm, "run", no_tools)
     monkeypatch.setattr("iscsimple.hotplug.iscsiadm.run", no_tools)
-    store = tmp_path / "xenstore.json"
-    env = {
-        "XENBUS_PATH": XENBUS_PATH,
-        "ISCSIMPLE_XENSTORE_FILE": str(store),
-        "ISCSIMPLE_RECORDS": str(bed.paths.records),
-        "ISCSIMPLE_STATE": str(bed.paths.state),
-        "ISCSIMPLE_TAB": str(bed.paths.tab),
-        "ISCSIMPLE_CONFIG": str(bed.paths.config),
-        "ISCSIMPLE_LOCKS": str(tmp_path / "locks"),
-        "ISCSIMPLE_SYSFS": str(bed.paths.sysfs),
-        "ISCSIMPLE_DEVFS": str(bed.paths.devfs),
-        "ISCSIMPLE_PROCFS": str(bed.paths.procfs),
-        "ISCSIMPLE_NO_SYSLOG": "1",
-    }
-    for var, value in env.items():
-        monkeypatch.setenv(var, value)
-    xs = FileXenStore(store)
-    xs.write(f"{XENBUS_PATH}/params", f"lun1@{TARGET}+{LABEL}")
+    xs = as_block_script_host(bed, monkeypatch, XENBUS_PATH, f"lun1@{TARGET}+{LABEL}")
 
     def configure(policy="refuse", url=None):
         bed.paths.config.write_text(

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from safetybed import LABEL, TARGET, SafetyBed
+from safetybed import LABEL, TARGET, SafetyBed, as_block_script_host
 
 from iscsimple.core.registry import Registry
 from iscsimple.core.run import CommandError
 from iscsimple.core.safety import stale_record
 from iscsimple.core.stale import StaleRecords
-from iscsimple.core.xenstore import FileXenStore
 from iscsimple.hotplug import iscsiadm
 from iscsimple.hotplug import main as block_script
 from iscsimple.hotplug import mdadm as hotplug_mdadm
@@ -38,23 +37,7 @@ def stale_host(tmp_path, monkeypatch):
 
     monkeypatch.setattr(hotplug_mdadm, "run", failing_command)
     monkeypatch.setattr(iscsiadm, "run", failing_command)
-    store = tmp_path / "xenstore.json"
-    for var, value in {
-        "XENBUS_PATH": XENBUS_PATH,
-        "ISCSIMPLE_XENSTORE_FILE": str(store),
-        "ISCSIMPLE_RECORDS": str(bed.paths.records),
-        "ISCSIMPLE_STATE": str(bed.paths.state),
-        "ISCSIMPLE_TAB": str(bed.paths.tab),
-        "ISCSIMPLE_CONFIG": str(bed.paths.config),
-        "ISCSIMPLE_LOCKS": str(tmp_path / "locks"),
-        "ISCSIMPLE_SYSFS": str(bed.paths.sysfs),
-        "ISCSIMPLE_DEVFS": str(bed.paths.devfs),
-        "ISCSIMPLE_PROCFS": str(bed.paths.procfs),
-        "ISCSIMPLE_NO_SYSLOG": "1",
-    }.items():
-        monkeypatch.setenv(var, value)
-    xs = FileXenStore(store)
-    xs.write(f"{XENBUS_PATH}/params", f"lun1@{TARGET}+{LABEL}")
+    xs = as_block_script_host(bed, monkeypatch, XENBUS_PATH, f"lun1@{TARGET}+{LABEL}")
     return bed, xs, calls
 
 
