@@ -246,7 +246,7 @@ def test_a_heal_that_cannot_take_its_lock_counts_as_a_failure(tmp_path, monkeypa
     assert host.results["failure"] == 1
     assert host.results["success"] == 0
     assert 'iscsimple_heal_operations_total{mode="full",result="failure"} 1.0' in host.exposition()
-    assert f"heal of {LABEL} failed: cannot take the lock of {LABEL}" in caplog.text
+    assert f"heal of {LABEL} (full) failed: cannot take the lock of {LABEL}" in caplog.text
     assert host.safety.healer.wait_for(LABEL) == 60  # backs off like any failed heal
     assert host.records.get(LABEL) is not None
 
