@@ -241,30 +241,65 @@ def test_the_agent_exits_2_for_a_fifo_web_config(tmp_path):
 
 
 # Anything YAML can say, in the shape of a web config: loads, or a one-line WebConfigError.
-KEYS = st.sampled_from(
-    ["tls_server_config", "http_server_config", "basic_auth_users", "headers", "http2", "cert_file",
-     "key_file", "client_ca_file", "client_auth_type", "min_version", "max_version", "X-Frame-Options",
-     "Content-Security-Policy", "prometheus", "jürgen", "NoClientCert", "RequireAndVerifyClientCert"]
-)  # fmt: skip
 SCALARS = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(),
     st.floats(allow_nan=True),
     st.text(max_size=20),
-    st.sampled_from(["deny", "TLS12", HASH, "NoClientCert", "\r\n", "a\nb", "\x00"]),
+    st.sampled_from(
+        [
+            "deny",
+            "nosniff",
+            "TLS12",
+            "TLS13",
+            HASH,
+            "NoClientCert",
+            "RequestClientCert",
+            "\r\n",
+            "a\nb",
+            "\x00",
+        ]
+    ),
 )
 VALUES = st.recursive(
     SCALARS,
     lambda inner: st.one_of(
-        st.lists(inner, max_size=3), st.dictionaries(KEYS | st.text(max_size=5), inner, max_size=4)
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)
     ),
-    max_leaves=12,
+    max_leaves=8,
+)
+TLS_KEYS = st.sampled_from(
+    ["cert_file", "key_file", "client_ca_file", "client_auth_type", "min_version", "max_version",
+     "cipher_suites", "prefer_server_cipher_suites", "cert", "tls_config"]
+)  # fmt: skip
+HEADER_NAMES = st.sampled_from(
+    ["X-Frame-Options", "x-content-type-options", "Content-Security-Policy", "Server"]
+)
+CONFIGS = st.fixed_dictionaries(
+    {},
+    optional={
+        "tls_server_config": st.one_of(st.dictionaries(TLS_KEYS, VALUES, max_size=4), VALUES),
+        "http_server_config": st.one_of(
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "http2": VALUES,
+                    "headers": st.one_of(st.dictionaries(HEADER_NAMES, VALUES), VALUES),
+                },
+            ),
+            VALUES,
+        ),
+        "basic_auth_users": st.one_of(
+            st.dictionaries(st.one_of(st.text(max_size=8), st.integers(), st.booleans()), VALUES, max_size=3),
+            VALUES,
+        ),
+    },
 )
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.dictionaries(KEYS, VALUES, max_size=4))
+@given(data=CONFIGS)
 def test_any_config_shape_loads_or_is_a_one_line_error(tmp_path, data):
     path = tmp_path / "web.yml"
     path.write_text(yaml.safe_dump(data, allow_unicode=True))
