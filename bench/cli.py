@@ -39,6 +39,7 @@ TARGETS = 10
 def build(root: Path, vms: int, per_vm: int) -> tuple[HostPaths, list[Path]]:
     sysfs, state, xen = root / "sys", root / "run", root / "xen"
     xen.mkdir(parents=True)
+    (root / "lib").mkdir()  # the CLI refuses a --records directory that does not exist (a typo)
     paths = HostPaths(
         sysfs=sysfs,
         devfs=root / "dev",

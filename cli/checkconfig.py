@@ -14,12 +14,13 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from iscsimple.core.config import load_config
-from iscsimple.core.errors import InputError
+from iscsimple.core.config import check_config
+from iscsimple.core.errors import FileInputError
+from iscsimple.core.files import read_file, read_problem
 from iscsimple.core.paths import HostPaths
 from iscsimple.core.spec import DiskSpec, SpecError, parse_spec, shorten
 from iscsimple.core.tab import Tab, check_tab_text
-from iscsimple.core.xlcfg import XlCfgError, parse_diskspec, string_lists
+from iscsimple.core.xlcfg import parse_diskspec, string_lists
 
 from .convert import SCRIPT, is_legacy, legacy_to_xl
 
@@ -58,13 +59,15 @@ def check_all(paths: HostPaths, cfgs: list[Path], *, tab_given: bool = False) ->
 def _check_tab(paths: HostPaths, report: Report, required: bool) -> Tab | None:
     path = paths.tab
     try:
-        text = path.read_text()
+        text = read_file(path).decode("utf-8")
     except FileNotFoundError:
         message = f"{path}: tab file not found; create it with one 'LABEL DEVICE' line per mirrored disk"
         (report.errors if required else report.warnings).append(message)
         return None
     except (OSError, UnicodeDecodeError) as e:
-        report.errors.append(f"{path}: cannot read the tab file ({e}); check its permissions and encoding")
+        report.errors.append(
+            f"{path}: cannot read the tab file ({read_problem(e)}); check the path and encoding"
+        )
         return None
     tab, errors = check_tab_text(text, path)
     report.errors += [str(e) for e in errors]
@@ -117,13 +120,12 @@ def _check_local_devices(tab: Tab, paths: HostPaths, report: Report) -> None:
 
 
 def _check_config(paths: HostPaths, report: Report) -> None:
-    if not paths.config.exists():
+    if not os.path.lexists(paths.config):
         report.checked.append(f"config {paths.config}: absent, defaults apply")
         return
-    try:
-        config = load_config(paths.config)
-    except InputError as e:
-        report.errors.append(str(e))
+    config, errors = check_config(paths.config)
+    if errors:
+        report.errors += [str(e) for e in errors]
         return
     report.checked.append(
         f"config {paths.config}: {len(config.target_replacement_timeout)} per-target timeout(s)"
@@ -132,12 +134,12 @@ def _check_config(paths: HostPaths, report: Report) -> None:
 
 def _check_cfg(cfg: Path, report: Report) -> list[DiskUse]:
     try:
-        text = cfg.read_bytes().decode("utf-8", "surrogateescape")
+        text = read_file(cfg).decode("utf-8", "surrogateescape")
     except FileNotFoundError:
         report.errors.append(f"{cfg}: no such file; give the path of a domU .cfg file")
         return []
     except OSError as e:
-        report.errors.append(f"{cfg}: cannot read it ({e.strerror}); check the path and permissions")
+        report.errors.append(f"{cfg}: cannot read it ({read_problem(e)}); give the path of a domU .cfg file")
         return []
     if "\r" in text:
         line = text[: text.index("\r")].count("\n") + 1
@@ -146,7 +148,7 @@ def _check_cfg(cfg: Path, report: Report) -> list[DiskUse]:
         )
     try:
         entries = string_lists(text, path=str(cfg))
-    except XlCfgError as e:
+    except FileInputError as e:
         report.errors.append(str(e))
         return []
     uses = []

@@ -19,21 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from iscsimple.core.atomic import write_atomic
-from iscsimple.core.errors import InputError, OperationError
+from iscsimple.core.errors import FileInputError, InputError, OperationError
+from iscsimple.core.files import read_file
 from iscsimple.core.spec import SpecError, parse_spec, shorten
-from iscsimple.core.xlcfg import XlCfgError, XlString, string_lists
+from iscsimple.core.xlcfg import XlString, string_lists
 
 LEGACY_PREFIX = "iscsimple:"
 SCRIPT = "block-iscsimple"
 _ACCESS = frozenset({"w", "rw", "r", "ro"})
 _DEVTYPES = {"disk", "cdrom"}
-
-
-class ConvertError(InputError):
-    def __init__(self, path: str, line: int, message: str):
-        super().__init__(f"{path}:{line}: {message}")
-        self.path = path
-        self.line = line
 
 
 @dataclass(frozen=True)
@@ -111,7 +105,7 @@ def convert_text(text: str, path: str = "<cfg>") -> tuple[str, tuple[Rewrite, ..
     """
     try:
         entries = string_lists(text, path=path)
-    except XlCfgError as e:
+    except FileInputError as e:
         return text, (), [e]
     pieces: list[str] = []
     rewrites: list[Rewrite] = []
@@ -123,7 +117,7 @@ def convert_text(text: str, path: str = "<cfg>") -> tuple[str, tuple[Rewrite, ..
         try:
             new_value = _convert_entry(entry)
         except (ValueError, SpecError) as e:
-            errors.append(ConvertError(path, entry.line, str(e)))
+            errors.append(FileInputError(path, entry.line, str(e)))
             continue
         pieces += [text[done : entry.start], entry.quote, new_value, entry.quote]
         done = entry.end
@@ -144,11 +138,13 @@ def _convert_entry(entry: XlString) -> str:
 def convert_file(path: Path | str) -> tuple[Conversion | None, list[InputError]]:
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = read_file(path)
     except FileNotFoundError:
-        return None, [InputError(f"{path}: no such file; give the path of a domU .cfg file")]
+        return None, [FileInputError(path, None, "no such file; give the path of a domU .cfg file")]
     except OSError as e:
-        return None, [InputError(f"{path}: cannot read it ({e.strerror}); check the path and permissions")]
+        return None, [
+            FileInputError(path, None, f"cannot read it ({e.strerror}); give the path of a domU .cfg file")
+        ]
     text = data.decode("utf-8", "surrogateescape")
     converted, rewrites, errors = convert_text(text, str(path))
     return Conversion(str(path), text, converted, rewrites), errors
@@ -173,7 +169,7 @@ def write_conversion(conversion: Conversion) -> Path:
     path = Path(os.path.realpath(conversion.path))
     try:
         st = path.stat()
-        current = path.read_bytes().decode("utf-8", "surrogateescape")
+        current = read_file(path).decode("utf-8", "surrogateescape")
     except OSError as e:
         raise OperationError(f"{path}: cannot read it again before writing ({e.strerror})") from None
     if current != conversion.original:
@@ -190,6 +186,11 @@ def write_conversion(conversion: Conversion) -> Path:
 
 
 def _write_like(path: Path, text: str, st: os.stat_result) -> None:
-    write_atomic(path, text.encode("utf-8", "surrogateescape"), mode=st.st_mode & 0o7777)
-    if (st.st_uid, st.st_gid) != (os.getuid(), os.getgid()):
-        os.chown(path, st.st_uid, st.st_gid)
+    """Owner and mode of the original, set on the temporary file before it takes the name."""
+    write_atomic(
+        path,
+        text.encode("utf-8", "surrogateescape"),
+        mode=st.st_mode & 0o7777,
+        owner=(st.st_uid, st.st_gid),
+        private_dir=False,
+    )

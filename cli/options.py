@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from iscsimple.core.errors import InputError
-from iscsimple.core.paths import HostPaths
+from iscsimple.core.paths import HostPaths, require_given_dirs
 
 
 class UsageError(InputError):
@@ -60,4 +60,6 @@ def host_paths(args: argparse.Namespace) -> HostPaths:
         for name in (dest for _, dest, _, _ in PATH_OPTIONS)
         if getattr(args, name, None) is not None
     }
-    return paths.with_(**changes)
+    paths = paths.with_(**changes)
+    require_given_dirs(paths, {name: f"--{name}" for name in ("state", "records") if name in changes})
+    return paths

@@ -7,25 +7,44 @@ import os
 import tempfile
 from pathlib import Path
 
+from .files import check_path, ensure_dir
 
-def write_atomic(path: Path, data: bytes | str, mode: int = 0o644, fsync: bool = True) -> None:
+
+def write_atomic(
+    path: Path,
+    data: bytes | str,
+    mode: int = 0o644,
+    fsync: bool = True,
+    *,
+    owner: tuple[int, int] | None = None,
+    private_dir: bool = True,
+) -> None:
     """Replace `path` with `data` so readers see the old or the new file, never a torn one.
 
     With fsync the data and the rename are on disk before we return: a record that
     says "the local leg holds the only good copy" must survive a power cut.
+
+    Mode (and `owner`, uid and gid) are set on the temporary file's descriptor before the
+    rename, so the file never exists under its name with other ones, and nothing is
+    changed through a symlink swapped in meanwhile. A missing directory is created 0755
+    whatever the umask; with `private_dir` (root's state) the directory must also be
+    root's and not writable by others (files.check_dir), else it is refused.
     """
     path = Path(path)
+    check_path(path)
     if isinstance(data, str):
         data = data.encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(path.parent, check=private_dir)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            if owner is not None and owner != (os.fstat(f.fileno()).st_uid, os.fstat(f.fileno()).st_gid):
+                os.fchown(f.fileno(), *owner)
+            os.fchmod(f.fileno(), mode)
             f.write(data)
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
-        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -46,6 +65,7 @@ def fsync_dir(directory: Path) -> None:
 def remove_durably(path: Path) -> bool:
     """Unlink `path` and make the removal durable. Returns False if it was already gone."""
     path = Path(path)
+    check_path(path)
     try:
         path.unlink()
     except FileNotFoundError:

@@ -26,18 +26,24 @@ lookback = "14d"                # how long a host that is down keeps its last st
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cluster import DURATION_RE, MAX_TIMEOUT, ON_UNREACHABLE, ClusterSettings
-from .errors import InputError
+from .errors import FileInputError
+from .files import read_problem, read_text
 from .spec import SpecError, parse_spec
 
+ConfigError = FileInputError  # the one FILE:LINE error type (core.errors), under its old name
 
-class ConfigError(InputError):
-    pass
+# libxl kills the hotplug script at 40 s; the add must have ended (and undone itself) before.
+MAX_BUDGET = 35.0
+# Upper bounds that keep a typo from reaching iscsiadm or a timer as an absurd number.
+MAX_SECONDS = 7 * 24 * 3600.0
+MAX_COUNT = 2**31 - 1  # open-iscsi and the kernel keep these in an int
 
 
 @dataclass(frozen=True)
@@ -62,179 +68,234 @@ class Config:
         return self.replacement_timeout_mirrored if mirrored else self.replacement_timeout_unmirrored
 
 
-_SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
+SECONDS, COUNT, FLAG, PORTALS, STRING = "seconds", "count", "flag", "portals", "string"
+
+# section → key → (field, kind); "cluster.x" is ClusterSettings.x. The defaults are the
+# dataclasses', written once above.
+_SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
     "iscsi": {
-        "portals": list,
-        "login_timeout": (int, float),
-        "replacement_timeout_mirrored": int,
-        "replacement_timeout_unmirrored": int,
+        "portals": ("portals", PORTALS),
+        "login_timeout": ("login_timeout", SECONDS),
+        "replacement_timeout_mirrored": ("replacement_timeout_mirrored", COUNT),
+        "replacement_timeout_unmirrored": ("replacement_timeout_unmirrored", COUNT),
     },
-    "attach": {"device_wait": (int, float), "budget": (int, float)},
+    "attach": {"device_wait": ("device_wait", SECONDS), "budget": ("attach_budget", SECONDS)},
     "heal": {
-        "enabled": bool,
-        "stable_seconds": (int, float),
-        "backoff_max_seconds": (int, float),
-        "max_parallel": int,
+        "enabled": ("heal_enabled", FLAG),
+        "stable_seconds": ("heal_stable_seconds", SECONDS),
+        "backoff_max_seconds": ("heal_backoff_max_seconds", SECONDS),
+        "max_parallel": ("heal_max_parallel", COUNT),
     },
     "cluster": {
-        "prometheus_url": str,
-        "timeout": (int, float),
-        "on_unreachable": str,
-        "host_name": str,
-        "lookback": str,
+        "prometheus_url": ("cluster.prometheus_url", STRING),
+        "timeout": ("cluster.timeout", SECONDS),
+        "on_unreachable": ("cluster.on_unreachable", STRING),
+        "host_name": ("cluster.host_name", STRING),
+        "lookback": ("cluster.lookback", STRING),
     },
 }
 
 
 def load_config(path: Path | str) -> Config:
-    """A missing file means defaults; an unknown key or a wrong type is an error naming it.
+    """A missing file means defaults; an unknown key or a wrong value is an error naming it.
 
-    Errors read ``FILE:LINE: message`` (the line of the offending key or table).
+    Errors read ``FILE:LINE: message`` (the line of the offending key or table). When there
+    are several, the first is raised and says how many more `iscsimple check-config` lists.
     """
+    config, errors = check_config(path)
+    if errors:
+        first = errors[0]
+        if len(errors) > 1:
+            raise FileInputError(
+                first.path,
+                first.line,
+                f"{first.message} (and {len(errors) - 1} more error(s): 'iscsimple check-config' lists them)",
+            )
+        raise first
+    return config
+
+
+def check_config(path: Path | str) -> tuple[Config, list[FileInputError]]:
+    """The config and every error in it (for check-config); bad keys keep their defaults."""
     path = Path(path)
     try:
-        text = path.read_text()
-        data = tomllib.loads(text)
+        text = read_text(path)
     except FileNotFoundError:
-        return Config()
+        return Config(), []
+    except (OSError, UnicodeDecodeError) as e:
+        return Config(), [FileInputError(path, None, f"cannot read: {read_problem(e)}")]
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         m = re.search(r"\(at line (\d+), column \d+\)", str(e))
-        line = m.group(1) if m else text.rstrip("\n").count("\n") + 1  # "at end of document"
-        where = f"{path}:{line}"
-        raise ConfigError(f"{where}: not valid TOML: {e}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read: {e}") from None
+        line = int(m.group(1)) if m else text.rstrip("\n").count("\n") + 1  # "at end of document"
+        return Config(), [FileInputError(path, line, f"not valid TOML: {e}")]
+    except RecursionError:
+        return Config(), [
+            FileInputError(path, None, "not valid here: arrays or tables nested too deeply for a config file")
+        ]
+    checker = _Checker(path, text)
+    values = checker.check(data)
+    errors = sorted(checker.errors, key=lambda e: e.line or 0)
+    return Config(**values, path=str(path)), errors
 
-    def fail(message: str, table: tuple[str, ...] = (), key: str | None = None):
-        line = _line_of(text, table, key)
-        raise ConfigError(f"{path}:{line}: {message}" if line else f"{path}: {message}")
 
-    for section, values in data.items():
-        if section == "targets":
-            continue
-        if section not in _SCHEMA:
-            known = ", ".join(sorted([*_SCHEMA, "targets"]))
-            if isinstance(values, dict):
-                fail(f"unknown section [{section}]; known: {known}", (section,))
-            fail(f"unknown key {section!r} outside any section; known sections: {known}", (), section)
-        if not isinstance(values, dict):
-            fail(f"[{section}] must be a table", (), section)
-        for key, value in values.items():
-            expected = _SCHEMA[section].get(key)
-            if expected is None:
-                fail(
-                    f"unknown key {key!r} in [{section}]; known: {', '.join(sorted(_SCHEMA[section]))}",
-                    (section,),
-                    key,
-                )
-            if isinstance(value, bool) and expected is not bool:
-                fail(f"[{section}] {key} must be a number, not {value!r}", (section,), key)
-            if not isinstance(value, expected):
-                fail(f"[{section}] {key} has the wrong type ({type(value).__name__})", (section,), key)
+class _Checker:
+    def __init__(self, path: Path, text: str):
+        self.path = path
+        self.errors: list[FileInputError] = []
+        self._lines = _Locations(text)
 
-    iscsi = data.get("iscsi", {})
-    portals = iscsi.get("portals", [])
-    if not all(isinstance(p, str) and p for p in portals):
-        fail("[iscsi] portals must be a list of 'host[:port]' strings", ("iscsi",), "portals")
-    for key in ("login_timeout", "replacement_timeout_mirrored", "replacement_timeout_unmirrored"):
-        if key in iscsi and iscsi[key] <= 0:
-            fail(f"[iscsi] {key} must be positive", ("iscsi",), key)
+    def fail(self, message: str, table: tuple[str, ...] = (), key: str | None = None) -> None:
+        self.errors.append(FileInputError(self.path, self._lines.find(table, key), message))
 
-    targets = data.get("targets", {})
-    if not isinstance(targets, dict):
-        fail('targets must be tables: [targets."iqn.…"] with replacement_timeout = N', (), "targets")
-    per_target = {}
-    for target, values in targets.items():
-        table = ("targets", target)
-        problem = _target_name_problem(target)
-        if problem:
-            fail(f"[targets.{target!r}]: {problem}", table)
-        if not isinstance(values, dict) or set(values) - {"replacement_timeout"}:
-            fail(f"[targets.{target!r}] may only set replacement_timeout", table)
-        timeout = values.get("replacement_timeout")
-        if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout <= 0:
-            fail(
-                f"[targets.{target!r}] replacement_timeout must be a positive integer",
-                table,
-                "replacement_timeout",
+    def check(self, data: dict) -> dict:
+        values: dict = {}
+        for section, table in data.items():
+            if section == "targets":
+                continue
+            if section not in _SCHEMA:
+                known = ", ".join(sorted([*_SCHEMA, "targets"]))
+                if isinstance(table, dict):
+                    self.fail(f"unknown section [{section}]; known: {known}", (section,))
+                else:
+                    self.fail(
+                        f"unknown key {section!r} outside any section; known sections: {known}", (), section
+                    )
+                continue
+            if not isinstance(table, dict):
+                self.fail(f"[{section}] must be a table", (), section)
+                continue
+            for key, value in table.items():
+                known_key = _SCHEMA[section].get(key)
+                if known_key is None:
+                    known = ", ".join(sorted(_SCHEMA[section]))
+                    self.fail(f"unknown key {key!r} in [{section}]; known: {known}", (section,), key)
+                    continue
+                name, kind = known_key
+                problem = _value_problem(kind, value)
+                if problem:
+                    self.fail(f"[{section}] {key} {problem}", (section,), key)
+                else:
+                    values[name] = (
+                        tuple(value) if kind == PORTALS else float(value) if kind == SECONDS else value
+                    )
+        self._check_attach(values)
+        values["target_replacement_timeout"] = self._targets(data.get("targets", {}))
+        return values
+
+    def _check_attach(self, values: dict) -> None:
+        budget = values.get("attach_budget", Config.attach_budget)
+        if budget > MAX_BUDGET:
+            self.fail(
+                f"[attach] budget must be between 0 and {MAX_BUDGET:g} seconds (libxl kills the hotplug script at 40)",
+                ("attach",),
+                "budget",
             )
-        per_target[target] = timeout
+            values.pop("attach_budget")
+            budget = Config.attach_budget
+        if values.get("device_wait", 0) >= budget:
+            self.fail(
+                f"[attach] device_wait must be positive and below the budget ({budget:g} s)",
+                ("attach",),
+                "device_wait",
+            )
+            values.pop("device_wait")
 
-    attach = data.get("attach", {})
-    budget = float(attach.get("budget", 30.0))
-    if not 0 < budget <= 35:
-        fail(
-            "[attach] budget must be between 0 and 35 seconds (libxl kills the hotplug script at 40)",
-            ("attach",),
-            "budget",
-        )
-    if "device_wait" in attach and not 0 < attach["device_wait"] < budget:
-        fail(
-            f"[attach] device_wait must be positive and below the budget ({budget:g} s)",
-            ("attach",),
-            "device_wait",
-        )
-    heal = data.get("heal", {})
-    for key in ("stable_seconds", "backoff_max_seconds", "max_parallel"):
-        if key in heal and heal[key] <= 0:
-            fail(f"[heal] {key} must be positive", ("heal",), key)
-    cluster = _cluster_settings(data.get("cluster", {}), fail)
-    return Config(
-        portals=tuple(portals),
-        login_timeout=float(iscsi.get("login_timeout", 15.0)),
-        replacement_timeout_mirrored=iscsi.get("replacement_timeout_mirrored", 5),
-        replacement_timeout_unmirrored=iscsi.get("replacement_timeout_unmirrored", 120),
-        target_replacement_timeout=per_target,
-        device_wait=float(attach.get("device_wait", 10.0)),
-        attach_budget=budget,
-        heal_enabled=heal.get("enabled", True),
-        heal_stable_seconds=float(heal.get("stable_seconds", 30.0)),
-        heal_backoff_max_seconds=float(heal.get("backoff_max_seconds", 3600.0)),
-        heal_max_parallel=heal.get("max_parallel", 4),
-        cluster=cluster,
-        path=str(path),
+    def _cluster(self, given: dict) -> ClusterSettings:
+        """[cluster], each value checked; a bad one is reported and keeps its default."""
+        where = ("cluster",)
+        checks = {
+            "prometheus_url": (
+                lambda url: re.match(r"^https?://[^/\s]+(/\S*)?$", url),
+                lambda url: f"[cluster] prometheus_url must be an http:// or https:// URL, not {url!r}",
+            ),
+            "timeout": (
+                lambda timeout: timeout <= MAX_TIMEOUT,
+                lambda _: f"[cluster] timeout must be above 0 and at most {MAX_TIMEOUT:g} seconds (of the add's budget)",
+            ),
+            "on_unreachable": (
+                lambda policy: policy in ON_UNREACHABLE,
+                lambda policy: f"[cluster] on_unreachable must be one of {', '.join(ON_UNREACHABLE)}, not {policy!r}",
+            ),
+            "host_name": (
+                lambda host: re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$", host),
+                lambda host: f"[cluster] host_name {host!r}: letters, digits, '.', '-', '_' (at most 63)",
+            ),
+            "lookback": (
+                lambda lookback: DURATION_RE.match(lookback),
+                lambda lookback: f"[cluster] lookback must be a duration such as '14d' or '12h', not {lookback!r}",
+            ),
+        }
+        settings = {}
+        for key, value in given.items():
+            good, message = checks[key]
+            if good(value):
+                settings[key] = value
+            else:
+                self.fail(message(value), where, key)
+        return ClusterSettings(**settings)
+
+    def _targets(self, targets) -> dict[str, int]:
+        if not isinstance(targets, dict):
+            self.fail('targets must be tables: [targets."iqn.…"] with replacement_timeout = N', (), "targets")
+            return {}
+        per_target = {}
+        for target, values in targets.items():
+            table = ("targets", target)
+            problem = _target_name_problem(target)
+            if problem:
+                self.fail(f"[targets.{target!r}]: {problem}", table)
+                continue
+            if not isinstance(values, dict) or set(values) - {"replacement_timeout"}:
+                self.fail(f"[targets.{target!r}] may only set replacement_timeout", table)
+                continue
+            timeout = values.get("replacement_timeout")
+            if _value_problem(COUNT, timeout):
+                self.fail(
+                    f"[targets.{target!r}] replacement_timeout must be a positive integer (at most {MAX_COUNT})",
+                    table,
+                    "replacement_timeout",
+                )
+                continue
+            per_target[target] = timeout
+        return per_target
+
+
+def _value_problem(kind: str, value) -> str | None:
+    """Why `value` is no good for a key of `kind`, in words; None when it is."""
+    if kind == FLAG:
+        return None if isinstance(value, bool) else f"has the wrong type ({type(value).__name__})"
+    if kind == STRING:
+        return None if isinstance(value, str) else f"has the wrong type ({type(value).__name__})"
+    if kind == PORTALS:
+        if isinstance(value, list) and all(isinstance(p, str) and _portal_ok(p) for p in value):
+            return None
+        return "must be a list of 'host[:port]' strings"
+    if isinstance(value, bool):
+        return f"must be a number, not {value!r}"
+    if kind == COUNT:
+        if not isinstance(value, int):
+            return f"has the wrong type ({type(value).__name__})"
+        return None if 0 < value <= MAX_COUNT else f"must be positive (and at most {MAX_COUNT}), not {value}"
+    if not isinstance(value, (int, float)):
+        return f"has the wrong type ({type(value).__name__})"
+    if not math.isfinite(value):  # TOML's nan and inf, and 1e400 (read as inf)
+        return f"must be a finite number of seconds, not {value!r}"
+    return (
+        None
+        if 0 < value <= MAX_SECONDS
+        else f"must be positive (and at most {MAX_SECONDS:g} s), not {value!r}"
     )
 
 
-def _cluster_settings(cluster: dict, fail) -> ClusterSettings:
-    where = ("cluster",)
-    url = cluster.get("prometheus_url")
-    if url is not None and not re.match(r"^https?://[^/\s]+(/\S*)?$", url):
-        fail(
-            f"[cluster] prometheus_url must be an http:// or https:// URL, not {url!r}",
-            where,
-            "prometheus_url",
-        )
-    timeout = cluster.get("timeout", 2.0)
-    if not 0 < timeout <= MAX_TIMEOUT:
-        fail(
-            f"[cluster] timeout must be above 0 and at most {MAX_TIMEOUT:g} seconds (of the add's budget)",
-            where,
-            "timeout",
-        )
-    policy = cluster.get("on_unreachable", "refuse")
-    if policy not in ON_UNREACHABLE:
-        fail(
-            f"[cluster] on_unreachable must be one of {', '.join(ON_UNREACHABLE)}, not {policy!r}",
-            where,
-            "on_unreachable",
-        )
-    host = cluster.get("host_name")
-    if host is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$", host):
-        fail(f"[cluster] host_name {host!r}: letters, digits, '.', '-', '_' (at most 63)", where, "host_name")
-    lookback = cluster.get("lookback", "14d")
-    if not DURATION_RE.match(lookback):
-        fail(
-            f"[cluster] lookback must be a duration such as '14d' or '12h', not {lookback!r}",
-            where,
-            "lookback",
-        )
-    return ClusterSettings(
-        prometheus_url=url,
-        timeout=float(timeout),
-        on_unreachable=policy,
-        host_name=host,
-        lookback=lookback,
+def _portal_ok(portal: str) -> bool:
+    # It reaches iscsiadm's argv: no blanks or control characters, and no leading '-' (an option).
+    return (
+        bool(portal)
+        and portal.isprintable()
+        and not any(c.isspace() for c in portal)
+        and not portal.startswith("-")
     )
 
 
@@ -249,28 +310,51 @@ def _target_name_problem(target: str) -> str | None:
     return None
 
 
-_TABLE_RE = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(#.*)?$")
+class _Locations:
+    """Line numbers of tables and keys, found once per file: good enough for error messages.
+
+    Plain string scanning, no regex: a crafted line must not make it backtrack.
+    """
+
+    def __init__(self, text: str):
+        self.headers: dict[tuple[str, ...], int] = {}
+        self.keys: dict[tuple[tuple[str, ...], str], int] = {}
+        current: tuple[str, ...] = ()
+        for number, line in enumerate(text.split("\n"), start=1):
+            header = _table_header(line)
+            if header is not None:
+                current = _table_name(header)
+                self.headers.setdefault(current, number)
+                continue
+            if "=" in line:
+                name = line.split("=", 1)[0].strip().strip("\"'")
+                self.keys.setdefault((current, name), number)
+
+    def find(self, table: tuple[str, ...], key: str | None) -> int | None:
+        if key is not None and (table, key) in self.keys:
+            return self.keys[(table, key)]
+        return self.headers.get(table)
 
 
-def _line_of(text: str, table: tuple[str, ...], key: str | None) -> int | None:
-    """The line of `key` in `[table]` (or of the table header): good enough for error messages."""
-    current: tuple[str, ...] = ()
-    header_line = None
-    for number, line in enumerate(text.split("\n"), start=1):
-        m = _TABLE_RE.match(line)
-        if m:
-            current = _table_name(m.group(1))
-            if current == table and header_line is None:
-                header_line = number
-            continue
-        if key is not None and current == table:
-            name = line.split("=", 1)[0].strip().strip("\"'")
-            if "=" in line and name == key:
-                return number
-    return header_line
+def _table_header(line: str) -> str | None:
+    """'[ targets."iqn…" ]  # note' → 'targets."iqn…"'; None for anything else (arrays of tables too)."""
+    stripped = line.strip()
+    if not stripped.startswith("["):
+        return None
+    end = stripped.find("]")
+    inner = stripped[1:end]
+    if end < 0 or "[" in inner:
+        return None
+    rest = stripped[end + 1 :].lstrip()
+    if rest and not rest.startswith("#"):
+        return None
+    return inner.strip() or None
+
+
+_NAME_PART = re.compile(r'"([^"]*)"|\'([^\']*)\'|([^."\'\s]+)')
 
 
 def _table_name(header: str) -> tuple[str, ...]:
     """'targets."iqn.2001-04.com.example:x"' → ("targets", "iqn.2001-04.com.example:x")."""
-    parts = re.findall(r'"([^"]*)"|\'([^\']*)\'|([^."\'\s]+)', header)
+    parts = _NAME_PART.findall(header)
     return tuple(next(p for p in group if p) if any(group) else "" for group in parts)

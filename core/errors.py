@@ -4,6 +4,10 @@ Every failure an operator can see is one of these, so the CLI and the hotplug
 script can turn it into an exit code and a sentence, never a traceback.
 """
 
+from __future__ import annotations
+
+from pathlib import Path
+
 
 class IscsimpleError(Exception):
     """Base of every error iscsimple reports to a person."""
@@ -21,3 +25,26 @@ class OperationError(IscsimpleError):
     """An operation failed on the host (a command, a device, a timeout). CLI exit 1."""
 
     exit_code = 1
+
+
+class FileInputError(InputError):
+    """Bad input found in a file: ``FILE:LINE: message`` (``FILE: message`` when no line applies).
+
+    The one error of every file parser (tab, iscsimple.toml, domU .cfg, convert-config), so
+    check-config can collect them and editors can jump to the line.
+    """
+
+    def __init__(self, path: Path | str, line: int | None, message: str):
+        where = f"{path}:{line}" if line else f"{path}"
+        super().__init__(f"{where}: {message}")
+        self.path = str(path)
+        self.line = line
+        self.message = message
+
+
+class StateFileError(OperationError):
+    """A file of iscsimple's own state (registry entry, record, marker) is unreadable or corrupt.
+
+    State files are input like any other: a local user, a full disk or an old version may
+    have left anything there. The message names the file and what is wrong with it.
+    """

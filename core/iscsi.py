@@ -114,7 +114,7 @@ def _read_session(sysfs: Path, class_dir: str, name: str, errors: list[str]) -> 
     attrs_dir = os.path.realpath(os.path.join(class_dir, name))
     session_errors: list[str] = []
     attrs = AttrReader(attrs_dir, session_errors)
-    target = attrs.text("targetname", required=True)
+    target = attrs.text("targetname", required=True, empty_ok=False)
     # .../host0/session1/iscsi_session/session1 -> the session device is two levels up.
     session_dir = os.path.dirname(os.path.dirname(attrs_dir))
     host = os.path.basename(os.path.dirname(session_dir))
@@ -124,7 +124,7 @@ def _read_session(sysfs: Path, class_dir: str, name: str, errors: list[str]) -> 
         name=name,
         target=target or "",
         tpgt=attrs.parsed("tpgt", True, parse_int),
-        state=attrs.text("state", required=True),
+        state=attrs.text("state", required=True, empty_ok=False),
         recovery_tmo=attrs.parsed("recovery_tmo", True, parse_int),
         host=host if host.startswith("host") else None,
         portal_address=address,
@@ -146,7 +146,7 @@ def _read_connection(session_dir: str, errors: list[str]) -> tuple[str | None, i
             continue
         attrs = AttrReader(conn_dir, errors)
         return (
-            attrs.text("persistent_address", required=True) or None,
+            attrs.text("persistent_address", required=True, empty_ok=False),
             attrs.parsed("persistent_port", True, parse_int, none_words=("",)),
             attrs.text("state", required=False),
         )

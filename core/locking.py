@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import OperationError
+from .files import ensure_dir, open_lock_file
 from .run import Deadline
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def hotplug_lock(lock_dir: Path, name: str, deadline: Deadline | None = None) ->
     """Hold the Xen-style lock `lock_dir/name` for the body; give up when `deadline` is spent."""
     if "/" in name or name in ("", ".", ".."):
         raise ValueError(f"bad lock name {name!r}")
-    lock_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(lock_dir)  # 0755 whatever the umask; refused if others could plant links in it
     path = lock_dir / name
     started = time.monotonic()
     fd = _claim(path, deadline)
@@ -73,7 +74,7 @@ def hotplug_lock(lock_dir: Path, name: str, deadline: Deadline | None = None) ->
 def _claim(path: Path, deadline: Deadline | None) -> int:
     delay = _POLL_FIRST
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = open_lock_file(path)  # never through a planted symlink
         try:
             while not _try_flock(fd):
                 if deadline is not None and deadline.remaining() <= delay:

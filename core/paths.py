@@ -4,8 +4,10 @@ and `--path.*` flags can point the same code at a fixture tree."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+
+from .errors import InputError
 
 DEFAULT_CONFIG = Path("/etc/iscsimple/iscsimple.toml")
 DEFAULT_TAB = Path("/etc/xen/scripts/block-iscsimple-tab.conf")
@@ -28,6 +30,13 @@ class HostPaths:
     config: Path = DEFAULT_CONFIG
     # Hotplug locks, shared with Xen's own block scripts.
     locks: Path = DEFAULT_LOCKS
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if "\0" in os.fspath(getattr(self, f.name)):
+                raise InputError(
+                    f"the {f.name} path {os.fspath(getattr(self, f.name))!r} contains a NUL byte"
+                )
 
     @classmethod
     def from_env(cls, env: os._Environ[str] | dict[str, str] | None = None) -> HostPaths:
@@ -56,3 +65,21 @@ class HostPaths:
 
     def with_(self, **changes: Path) -> HostPaths:
         return replace(self, **changes)
+
+
+def require_given_dirs(paths: HostPaths, given: dict[str, str]) -> None:
+    """Refuse a state or records directory named on the command line that does not exist.
+
+    `given` maps a HostPaths field to the flag that set it (only those the operator typed:
+    the defaults may not exist yet on a fresh host). A typo there would otherwise make the
+    CLI report nothing attached and the agent look healthy while watching nothing.
+    """
+    for name, flag in given.items():
+        path = getattr(paths, name)
+        if not path.is_dir():
+            what = "is not a directory" if os.path.lexists(path) else "does not exist"
+            raise InputError(
+                f"{flag} {path} {what}; give the directory iscsimple keeps its "
+                f"{'registry' if name == 'state' else 'durable records'} in (default "
+                f"{DEFAULT_STATE if name == 'state' else DEFAULT_RECORDS})"
+            )

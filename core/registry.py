@@ -11,6 +11,8 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import math
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -19,7 +21,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .atomic import remove_durably, write_atomic
+from .errors import StateFileError
+from .files import ensure_dir, load_state_json, open_lock_file
 from .paths import HostPaths
+from .spec import SpecError, check_label, parse_spec
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +86,169 @@ class Attachment:
 
     @classmethod
     def from_dict(cls, data: dict) -> Attachment:
+        """Checked field by field: these values reach iscsiadm/mdadm argv and file paths.
+
+        Raises ValueError naming the first bad field."""
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, found {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}  # tolerate newer writers
+        for name in ("id", "spec", "lun", "target", "label"):
+            if name not in values:
+                raise ValueError(f"no {name!r}")
+        for name, value in values.items():
+            problem = _FIELD_CHECKS[name](value)
+            if problem:
+                raise ValueError(f"{name} {_short(value)}: {problem}")
         if values.get("last") is not None:
-            values["last"] = OperationResult(**values["last"])
+            values["last"] = _operation_result(values["last"])
         return cls(**values)
+
+
+# -- checks of what a registry entry may hold (it is read back as untrusted input) ----------------
+
+_KERNEL_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:+-]{0,63}")
+_STATE_RE = re.compile(r"[a-z_]{1,32}")
+_MAX_TEXT = 4096
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _text(value, *, optional: bool = True) -> str | None:
+    if value is None:
+        return None if optional else "missing"
+    if not isinstance(value, str):
+        return f"must be a string, not {type(value).__name__}"
+    if "\0" in value or len(value) > _MAX_TEXT:
+        return "holds a NUL byte or is too long"
+    return None
+
+
+def _kernel_name(value) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _KERNEL_NAME_RE.fullmatch(value):
+        return "is not a kernel device name (like sda, dm-3, md127)"
+    return None
+
+
+def _absolute_path(value) -> str | None:
+    problem = _text(value)
+    if problem or value is None:
+        return problem
+    if (
+        not value.isprintable()
+        or not value.startswith("/")
+        or os.path.normpath(value) != value
+        or value.startswith("//")
+    ):
+        return "is not a normalised absolute path"
+    return None
+
+
+def _count(value, *, optional: bool = True, positive: bool = False) -> str | None:
+    if value is None:
+        return None if optional else "missing"
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < (1 if positive else 0)
+        or value >= 2**64
+    ):
+        return "must be a whole number" + (" above 0" if positive else " of 0 or more")
+    return None
+
+
+def _time(value) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "must be a time in seconds"
+    return None
+
+
+def _target(value) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        return "must be a string"
+    try:
+        spec = parse_spec(value)
+    except SpecError as e:
+        return str(e)
+    return None if spec.target == value else "is not an iSCSI target name"
+
+
+def _label(value) -> str | None:
+    if value is None:
+        return None
+    try:
+        check_label(value, ValueError)
+    except (ValueError, TypeError) as e:
+        return str(e)
+    return None
+
+
+def _portal(value) -> str | None:
+    problem = _text(value)
+    if problem or value is None:
+        return problem
+    bad = not value or not value.isprintable() or value.startswith("-") or " " in value
+    return "is not a portal (host[:port])" if bad else None
+
+
+def _one_of(*allowed):
+    return lambda value: None if value in allowed else f"must be one of {', '.join(map(str, allowed))}"
+
+
+_FIELD_CHECKS = {
+    "id": lambda v: None if isinstance(v, str) and _ID_RE.fullmatch(v) else "is not an attachment id",
+    "spec": lambda v: _text(v, optional=False),
+    "lun": lambda v: _count(v, optional=False),
+    "target": _target,
+    "label": _label,
+    "state": lambda v: None if isinstance(v, str) and _STATE_RE.fullmatch(v) else "is not a state name",
+    "portal": _portal,
+    "iscsi_device": _kernel_name,
+    "local_device": _absolute_path,
+    "local_kernel_name": _kernel_name,
+    "md_device": _kernel_name,
+    "md_path": _absolute_path,
+    "write_mostly_leg": _one_of(None, LEG_ISCSI, LEG_LOCAL),
+    "source_leg": _one_of(None, LEG_ISCSI, LEG_LOCAL),
+    "domain_id": _count,
+    "domain_name": _text,
+    "vbd": _text,
+    "xenbus_path": _text,
+    "we_logged_in": lambda v: None if isinstance(v, bool) else "must be true or false",
+    "replacement_timeout": lambda v: _count(v, positive=True),
+    "created": _time,
+    "updated": _time,
+    "last": lambda v: None if v is None or isinstance(v, dict) else "must be an object",
+}
+
+
+def _operation_result(data: dict) -> OperationResult:
+    known = {f.name for f in fields(OperationResult)}
+    values = {k: v for k, v in data.items() if k in known}
+    for name in ("operation", "result"):
+        if not isinstance(values.get(name), str):
+            raise ValueError(f"last.{name} must be a string")
+    for name in ("seconds", "at"):
+        if _time(values.get(name)):
+            raise ValueError(f"last.{name} must be a time in seconds")
+    if _text(values.get("error")):
+        raise ValueError("last.error must be a string")
+    return OperationResult(**values)
+
+
+@dataclass(frozen=True)
+class RegistryRead:
+    """Every readable attachment, and one line per entry that is not (never silently dropped)."""
+
+    attachments: list[Attachment]
+    errors: list[str]
 
 
 def attachment_id_for_xenbus(xenbus_path: str) -> str:
@@ -110,30 +273,54 @@ class Registry:
         return self.directory / f"{attachment_id}.json"
 
     def get(self, attachment_id: str) -> Attachment | None:
+        """The entry, None when there is none; a corrupt one is a StateFileError naming the file."""
+        path = self._file(attachment_id)
         try:
-            return Attachment.from_dict(json.loads(self._file(attachment_id).read_text()))
+            return self._load(path)
         except FileNotFoundError:
             return None
 
+    def _load(self, path: Path) -> Attachment:
+        data = load_state_json(path)
+        try:
+            attachment = Attachment.from_dict(data)
+        except (ValueError, TypeError) as e:
+            raise StateFileError(f"{path}: not a registry entry iscsimple wrote: {e}") from None
+        if f"{attachment.id}.json" != path.name:
+            raise StateFileError(f"{path}: holds the entry of {attachment.id!r}, not of its own name")
+        return attachment
+
     def put(self, attachment: Attachment) -> Attachment:
         attachment = replace(attachment, updated=time.time())
+        self._ensure_dirs()
         write_atomic(self._file(attachment.id), attachment.to_json(), mode=0o644, fsync=False)
         return attachment
+
+    def _ensure_dirs(self) -> None:
+        ensure_dir(self.paths.state)
+        ensure_dir(self.directory)
 
     def remove(self, attachment_id: str) -> bool:
         return remove_durably(self._file(attachment_id))
 
     def list(self) -> list[Attachment]:
-        """Every readable attachment; a corrupt file is logged and skipped, never fatal."""
-        attachments = []
+        """Every readable attachment; a corrupt entry is logged (read_all reports them)."""
+        read = self.read_all()
+        for error in read.errors:
+            log.warning("unreadable registry entry: %s", error)
+        return read.attachments
+
+    def read_all(self) -> RegistryRead:
+        """Every attachment, and an error line for each entry that cannot be used."""
+        attachments, errors = [], []
         for path in self._files():
             try:
-                attachments.append(Attachment.from_dict(json.loads(path.read_text())))
+                attachments.append(self._load(path))
             except FileNotFoundError:
                 continue  # removed while we listed
-            except (ValueError, TypeError) as e:
-                log.warning("ignoring unreadable registry entry %s: %s", path, e)
-        return attachments
+            except StateFileError as e:
+                errors.append(str(e))
+        return RegistryRead(attachments, errors)
 
     def _files(self) -> Iterator[Path]:
         try:
@@ -154,18 +341,22 @@ class Registry:
 
     @contextmanager
     def _stats_lock(self):
-        self.paths.state.mkdir(parents=True, exist_ok=True)
-        with open(self.paths.state / ".hotplug-stats.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        ensure_dir(self.paths.state)
+        fd = open_lock_file(self.paths.state / ".hotplug-stats.lock")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
             yield
+        finally:
+            os.close(fd)
 
     def read_stats(self) -> HotplugStats:
+        """The statistics; a missing or corrupt file counts from zero (with a warning), never fails."""
         try:
-            return HotplugStats.from_dict(json.loads(self.stats_path.read_text()))
+            return HotplugStats.from_dict(load_state_json(self.stats_path))
         except FileNotFoundError:
             return HotplugStats()
-        except (ValueError, TypeError) as e:
-            log.warning("ignoring unreadable %s: %s", self.stats_path, e)
+        except (StateFileError, ValueError, TypeError, AttributeError) as e:
+            log.warning("ignoring unreadable hotplug statistics %s: %s", self.stats_path, e)
             return HotplugStats()
 
     @contextmanager
@@ -180,10 +371,16 @@ class Registry:
         self.record_operation(operation, "success", time.monotonic() - started)
 
     def record_operation(self, operation: str, result: str, seconds: float) -> None:
-        with self._stats_lock():
-            stats = self.read_stats()
-            stats.count(operation, result, seconds)
-            write_atomic(self.stats_path, json.dumps(asdict(stats), indent=1, sort_keys=True), fsync=False)
+        """Count one operation. Statistics never fail an operation: a problem is a warning."""
+        try:
+            with self._stats_lock():
+                stats = self.read_stats()
+                stats.count(operation, result, seconds)
+                write_atomic(
+                    self.stats_path, json.dumps(asdict(stats), indent=1, sort_keys=True), fsync=False
+                )
+        except Exception as e:
+            log.warning("cannot record the hotplug statistics in %s: %s", self.stats_path, e)
 
 
 @dataclass
@@ -201,12 +398,31 @@ class HotplugStats:
         self.last_at[operation] = time.time()
 
     @classmethod
-    def from_dict(cls, data: dict) -> HotplugStats:
+    def from_dict(cls, data) -> HotplugStats:
+        """Raises ValueError for anything but what `count` writes (a whole file is trusted or not)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, found {type(data).__name__}")
+
+        def mapping(name: str) -> dict:
+            value = data.get(name, {})
+            if not isinstance(value, dict):
+                raise ValueError(f"{name} must be an object")
+            return value
+
+        def number(value, whole: bool = False):
+            if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+                raise ValueError(f"{_short(value)} is not a {'count' if whole else 'number'}")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{_short(value)} is not a count or time")
+            return value
+
+        totals = {}
+        for op, per_result in mapping("totals").items():
+            if not isinstance(per_result, dict):
+                raise ValueError(f"totals.{op} must be an object")
+            totals[op] = {r: number(n, whole=True) for r, n in per_result.items()}
         return cls(
-            totals={
-                str(op): {str(r): int(n) for r, n in res.items()}
-                for op, res in data.get("totals", {}).items()
-            },
-            last_seconds={str(k): float(v) for k, v in data.get("last_seconds", {}).items()},
-            last_at={str(k): float(v) for k, v in data.get("last_at", {}).items()},
+            totals=totals,
+            last_seconds={k: float(number(v)) for k, v in mapping("last_seconds").items()},
+            last_at={k: float(number(v)) for k, v in mapping("last_at").items()},
         )

@@ -17,7 +17,7 @@ from typing import TypeVar
 from .iscsi import IscsiReadResult, IscsiSession, ScsiLun, read_iscsi_sessions
 from .md import MdArray, MdMember, MdReadResult, read_md_arrays
 from .paths import HostPaths
-from .registry import LEG_ISCSI, LEG_LOCAL, Attachment, HotplugStats, Registry
+from .registry import LEG_ISCSI, LEG_LOCAL, Attachment, HotplugStats, Registry, RegistryRead
 from .stale import StaleRecord, StaleRecords
 
 LEG_STATES = ("in_sync", "recovering", "faulty", "missing", "spare", "blocked")
@@ -209,9 +209,12 @@ class HostSnapshot:
             return result
 
         registry = Registry(paths)
-        attachments = timed("registry", registry.list, [])
+        # A corrupt registry entry or stale record is an error of its source, never silently dropped.
+        attachments = timed(
+            "registry", registry.read_all, RegistryRead([], []), lambda r: r.errors
+        ).attachments
         hotplug = timed("hotplug", registry.read_stats, HotplugStats())
-        stale = timed("stale", StaleRecords(paths).list, [])
+        stale = timed("stale", StaleRecords(paths).read_all, ([], []), lambda r: r[1])[0]
         md = timed("md", lambda: read_md_arrays(paths.sysfs), MdReadResult({}, []), lambda r: r.errors)
         iscsi = timed(
             "iscsi", lambda: read_iscsi_sessions(paths.sysfs), IscsiReadResult([], []), lambda r: r.errors
@@ -248,7 +251,9 @@ class HostSnapshot:
         for target in sorted({a.target for a in attachments if a.target}):
             found = by_target.get(target, [])
             if found:
-                sessions.extend(SessionView(target, s.portal, s) for s in sorted(found, key=lambda s: s.sid))
+                sessions.extend(
+                    SessionView(target, s.portal or "", s) for s in sorted(found, key=lambda s: s.sid)
+                )
             else:
                 portal = next((a.portal for a in attachments if a.target == target and a.portal), "")
                 sessions.append(SessionView(target, portal or "", None))

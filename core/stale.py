@@ -10,12 +10,15 @@ refuses to attach a LABEL that has one; heal or `iscsimple resolve` clear it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .atomic import remove_durably, write_atomic
+from .errors import StateFileError
+from .files import ensure_dir, load_state_json
 from .paths import HostPaths
 from .spec import check_label
 
@@ -33,6 +36,8 @@ class StaleRecord:
     local_device: str | None
     reason: str  # plain words: what was seen
     recorded: float = field(default_factory=time.time)
+    # The file is there but could not be read: stale all the same, with unknown details.
+    unreadable: bool = False
 
     def describe(self) -> str:
         when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(self.since))
@@ -51,16 +56,24 @@ class StaleRecords:
         return self.directory / f"{label}.json"
 
     def get(self, label: str) -> StaleRecord | None:
+        """The record of `label`, None when there is none.
+
+        A record that is there but cannot be read (garbage, a directory, a symlink, wrong
+        fields) still means "the iSCSI copy of LABEL is stale": it comes back as a record
+        with unknown details that names the file, never as None."""
+        path = self.path(label)
         try:
-            data = json.loads(self.path(label).read_text())
+            return _record_from(load_state_json(path), label)
         except FileNotFoundError:
             return None
-        known = {f.name for f in fields(StaleRecord)}
-        return StaleRecord(**{k: v for k, v in data.items() if k in known})
+        except (StateFileError, ValueError, TypeError) as e:
+            return _unreadable(label, path, e)
 
     def put(self, record: StaleRecord) -> None:
         """Write once: the first sighting is the one that matters, so an existing record is kept."""
         if self.get(record.label) is None:
+            ensure_dir(self.directory.parent)
+            ensure_dir(self.directory)
             write_atomic(
                 self.path(record.label), json.dumps(asdict(record), indent=1, sort_keys=True), mode=0o600
             )
@@ -69,13 +82,86 @@ class StaleRecords:
         return remove_durably(self.path(label))
 
     def list(self) -> list[StaleRecord]:
-        # Only "no records yet" is empty; an unreadable directory must surface, not look like "no stale copies".
+        return self.read_all()[0]
+
+    def read_all(self) -> tuple[list[StaleRecord], list[str]]:
+        """Every record (unreadable ones as "details unknown") and a line per problem.
+
+        Only "no records yet" is empty; an unreadable directory raises, and one bad record never
+        hides the others: each is a data-safety signal."""
         try:
             names = sorted(
-                n[: -len(".json")]
-                for n in os.listdir(self.directory)
-                if n.endswith(".json") and not n.startswith(".")
+                n for n in os.listdir(self.directory) if n.endswith(".json") and not n.startswith(".")
             )
         except FileNotFoundError:
-            return []
-        return [r for r in (self.get(n) for n in names) if r is not None]
+            return [], []
+        records, errors = [], []
+        for name in names:
+            label = name[: -len(".json")]
+            try:
+                check_label(label, ValueError)
+            except ValueError as e:
+                errors.append(f"{self.directory / name}: not a record iscsimple writes ({e})")
+                continue
+            record = self.get(label)
+            if record is None:
+                continue  # cleared while we listed
+            if record.unreadable:
+                errors.append(record.reason)
+            records.append(record)
+        return records, errors
+
+
+UNKNOWN = "details unknown"
+
+
+def _record_from(data, label: str) -> StaleRecord:
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, found {type(data).__name__}")
+    known = {f.name for f in fields(StaleRecord)} - {"unreadable"}
+    values = {k: v for k, v in data.items() if k in known}
+    if values.get("label") != label:
+        raise ValueError(f"it names LABEL {values.get('label')!r}, not {label!r}")
+    for name in ("since", "recorded"):
+        value = values.get(name, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} is not a time")
+    for name in ("md_device", "domain_name", "target", "iscsi_device", "local_device", "reason"):
+        value = values.get(name)
+        if value is not None and (not isinstance(value, str) or not value.isprintable() or len(value) > 4096):
+            raise ValueError(f"{name} is not a line of text")
+    for name in ("domain_id", "lun"):
+        value = values.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{name} is not a whole number")
+    if "since" not in values or "reason" not in values:
+        raise ValueError("since or reason is missing")
+    values.setdefault("md_device", None)
+    for name in ("domain_name", "domain_id", "target", "lun", "iscsi_device", "local_device"):
+        values.setdefault(name, None)
+    return StaleRecord(**values)
+
+
+def _unreadable(label: str, path: Path, error: Exception) -> StaleRecord:
+    """Stale, details unknown: the file's time stands in for when it was written."""
+    try:
+        since = os.lstat(path).st_mtime
+    except OSError:
+        since = time.time()
+    detail = str(error)
+    if not detail.startswith(str(path)):
+        detail = f"{path}: {detail}"
+    return StaleRecord(
+        label=label,
+        since=since,
+        md_device=None,
+        domain_name=None,
+        domain_id=None,
+        target=None,
+        lun=None,
+        iscsi_device=None,
+        local_device=None,
+        reason=f"record unreadable, {UNKNOWN}: {detail}",
+        recorded=since,
+        unreadable=True,
+    )

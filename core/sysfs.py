@@ -42,8 +42,11 @@ class AttrReader:
         self.dir_fd = dir_fd
         self.relative = relative
 
-    def text(self, attr: str, required: bool) -> str | None:
-        """The stripped content, or None if missing/unreadable."""
+    def text(self, attr: str, required: bool, empty_ok: bool = True) -> str | None:
+        """The stripped content, or None if missing, unreadable, not text, or empty when not `empty_ok`.
+
+        The kernel writes one line of ASCII: bytes that are not UTF-8 or control characters mean
+        the tree is not what we think it is, and that is an error even for an optional attribute."""
         try:
             if self.dir_fd is None:
                 data = read_bytes(os.path.join(self.directory, attr))
@@ -57,7 +60,18 @@ class AttrReader:
             if required:
                 self.errors.append(f"{os.path.join(self.directory, attr)}: unreadable: {e.strerror or e}")
             return None
-        return data.decode("utf-8", "replace").strip()
+        try:
+            text = data.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            text = None
+        if text is None or not text.isprintable():
+            self.errors.append(f"{os.path.join(self.directory, attr)}: not text: {data[:40]!r}")
+            return None
+        if not text and not empty_ok:
+            if required:
+                self.errors.append(f"{os.path.join(self.directory, attr)}: empty")
+            return None
+        return text
 
     def parsed(
         self, attr: str, required: bool, parse: Callable[[str], T], none_words: tuple[str, ...] = ("none",)

@@ -14,16 +14,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError
+from .errors import FileInputError
+from .files import read_problem, read_text
 from .spec import MISSING_PREFIX, check_label
 
-
-class TabError(InputError):
-    def __init__(self, path: Path | str, line: int | None, message: str):
-        where = f"{path}:{line}" if line else f"{path}"
-        super().__init__(f"{where}: {message}")
-        self.path = str(path)
-        self.line = line
+TabError = FileInputError  # the one FILE:LINE error type (core.errors), under its old name
 
 
 @dataclass(frozen=True)
@@ -47,7 +42,7 @@ class Tab:
         try:
             return self.entries[label]
         except KeyError:
-            raise TabError(
+            raise FileInputError(
                 self.path,
                 None,
                 f"no entry for LABEL {label!r}; add a line '{label} /dev/VG/LV' "
@@ -63,20 +58,20 @@ def parse_tab(text: str, path: Path | str = "<tab>") -> Tab:
     return tab
 
 
-def check_tab_text(text: str, path: Path | str = "<tab>") -> tuple[Tab, list[TabError]]:
+def check_tab_text(text: str, path: Path | str = "<tab>") -> tuple[Tab, list[FileInputError]]:
     """Parse every line and collect every error (for `iscsimple check-config`).
 
     The Tab holds the lines that were good; a line with an error is left out.
     """
     tab = Tab(path=str(path))
-    errors: list[TabError] = []
+    errors: list[FileInputError] = []
     devices: dict[str, TabEntry] = {}
     # Only "\n" ends a line: str.splitlines() would also split on form feeds and
     # other separators and give line numbers no editor shows.
     for number, raw in enumerate(text.split("\n"), start=1):
         try:
             entry = _parse_line(raw, number, path, tab, devices)
-        except TabError as e:
+        except FileInputError as e:
             errors.append(e)
             continue
         if entry is not None:
@@ -92,18 +87,26 @@ def _parse_line(
     line = raw.split("#", 1)[0].strip()
     if not line:
         return None
+    bad = next((c for c in line if not c.isprintable() and c not in " \t"), None)
+    if bad is not None:
+        # str.split() would take some of these for blanks, and a NUL cannot reach the kernel.
+        raise FileInputError(
+            path,
+            number,
+            f"control character U+{ord(bad):04X} in {line!r}; write LABEL and DEVICE in plain text",
+        )
     fields = line.split()
     if len(fields) != 2:
-        raise TabError(
+        raise FileInputError(
             path,
             number,
             f"expected 'LABEL DEVICE' (two columns), found {len(fields)}: {line!r}",
         )
     label, device = fields
-    check_label(label, lambda msg: TabError(path, number, msg))
+    check_label(label, lambda msg: FileInputError(path, number, msg))
     if label in tab.entries:
         first = tab.entries[label]
-        raise TabError(
+        raise FileInputError(
             path,
             number,
             f"LABEL {label!r} is already defined on line {first.line}; labels are unique per host",
@@ -111,7 +114,7 @@ def _parse_line(
     if device.startswith(MISSING_PREFIX):
         return TabEntry(label, None, str(path), number)
     if not device.startswith("/"):
-        raise TabError(
+        raise FileInputError(
             path,
             number,
             f"DEVICE {device!r} for {label!r} is a relative path; write the absolute path, e.g. /dev/vg0/{label}",
@@ -121,7 +124,7 @@ def _parse_line(
     # Two mirrors writing one local device would destroy both copies.
     if device in devices:
         other = devices[device]
-        raise TabError(
+        raise FileInputError(
             path,
             number,
             f"DEVICE {device} is already the local leg of {other.label!r} (line {other.line}); "
@@ -133,11 +136,11 @@ def _parse_line(
 def read_tab(path: Path | str) -> Tab:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = read_text(path)
     except FileNotFoundError:
-        raise TabError(
+        raise FileInputError(
             path, None, "tab file not found; create it with one 'LABEL DEVICE' line per mirrored disk"
         ) from None
     except (OSError, UnicodeDecodeError) as e:
-        raise TabError(path, None, f"cannot read the tab file: {e}") from None
+        raise FileInputError(path, None, f"cannot read the tab file: {read_problem(e)}") from None
     return parse_tab(text, path)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .errors import InputError
+from .errors import FileInputError
 
 DISK_KEY = "disk"
 
@@ -22,11 +22,7 @@ _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 _NUMBER = re.compile(r"[0-9][0-9A-Za-z_.]*")
 
 
-class XlCfgError(InputError):
-    def __init__(self, path: str, line: int, message: str):
-        super().__init__(f"{path}:{line}: {message}")
-        self.path = path
-        self.line = line
+XlCfgError = FileInputError  # the one FILE:LINE error type (core.errors), under its old name
 
 
 @dataclass(frozen=True)
@@ -73,7 +69,7 @@ def _tokens(text: str, path: str) -> list[_Token]:
                 # Both quote kinds take backslash escapes (xlu__cfgl_dequote).
                 j += 2 if text[j] == "\\" and j + 1 < n and text[j + 1] != "\n" else 1
             if j >= n or text[j] != c:
-                raise XlCfgError(
+                raise FileInputError(
                     path, line, f"unterminated string starting with {c}; close it on the same line"
                 )
             tokens.append(_Token("string", text[i : j + 1], i, j + 1, line))
@@ -91,7 +87,7 @@ def _tokens(text: str, path: str) -> list[_Token]:
             tokens.append(_Token("number", m.group(), i, m.end(), line))
             i = m.end()
         else:
-            raise XlCfgError(path, line, f"unexpected character {c!r}; is this an xl domain config file?")
+            raise FileInputError(path, line, f"unexpected character {c!r}; is this an xl domain config file?")
     return tokens
 
 
@@ -145,12 +141,12 @@ def _list_items(tokens: list[_Token], j: int, key: str, path: str, line: int) ->
         if s.kind == "string":
             items.append(XlString(_unquote(s.text), s.start, s.end, s.line, s.text[0]))
         elif s.kind not in (",", "\n"):
-            raise XlCfgError(
+            raise FileInputError(
                 path, s.line, f"unexpected {s.text!r} in the {key} list; expected quoted strings"
             )
         j += 1
     if j >= len(tokens):
-        raise XlCfgError(path, line, f"the {key} list opened here has no closing ']'")
+        raise FileInputError(path, line, f"the {key} list opened here has no closing ']'")
     return items, j + 1
 
 

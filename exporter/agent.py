@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import logging
+import math
 import os
 import signal
 import sys
@@ -26,7 +27,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from iscsimple import __version__ as VERSION
 from iscsimple.core.atomic import write_atomic
 from iscsimple.core.errors import InputError
-from iscsimple.core.paths import DEFAULT_CONFIG, DEFAULT_RECORDS, DEFAULT_STATE, HostPaths
+from iscsimple.core.paths import DEFAULT_CONFIG, DEFAULT_RECORDS, DEFAULT_STATE, HostPaths, require_given_dirs
 from iscsimple.core.snapshot import HostSnapshot
 
 from .collectors import default_collectors
@@ -187,6 +188,9 @@ def _listen_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+MAX_INTERVAL = 7 * 24 * 3600.0  # a week: anything longer is a typo, and nan/inf stop the scheduler
+
+
 def _seconds(text: str) -> float:
     units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
     for unit in sorted(units, key=len, reverse=True):
@@ -199,8 +203,18 @@ def _seconds(text: str) -> float:
         value = float(number) * units[unit]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 15s, 500ms or 2m") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0")
+    if not math.isfinite(value) or not 0 < value <= MAX_INTERVAL:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 and at most {MAX_INTERVAL:g}s")
+    return value
+
+
+def _speed(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or not 0 < value <= 1e6:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0 and at most 1e6")
     return value
 
 
@@ -231,15 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--path.state",
         dest="state",
         type=Path,
-        default=DEFAULT_STATE,
-        help="the hotplug script's registry of attachments",
+        default=None,
+        help=f"the hotplug script's registry of attachments (default {DEFAULT_STATE})",
     )
     p.add_argument(
         "--path.records",
         dest="records",
         type=Path,
-        default=DEFAULT_RECORDS,
-        help="durable records (stale iSCSI copies), must survive reboots",
+        default=None,
+        help=f"durable records (stale iSCSI copies), must survive reboots (default {DEFAULT_RECORDS})",
     )
     p.add_argument(
         "--config.file",
@@ -285,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--demo.speed",
         dest="demo_speed",
-        type=float,
+        type=_speed,
         default=1.0,
         help="play the demo scenario this many times faster; default 1",
     )
@@ -310,8 +324,6 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     logging.getLogger("apscheduler").setLevel(logging.WARNING)  # one line per job run is noise
-    if args.demo_speed <= 0:
-        parser.error("--demo.speed must be more than 0")
     try:
         web_config = load_web_config(args.web_config) if args.web_config else WebConfig()
     except InputError as e:
@@ -320,14 +332,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.demo:
         return _run_demo(args, web_config)
 
+    given = {name: f"--path.{name}" for name in ("state", "records") if getattr(args, name) is not None}
     paths = HostPaths(
         procfs=args.procfs,
         sysfs=args.sysfs,
         devfs=args.devfs,
-        state=args.state,
-        records=args.records,
+        state=args.state or DEFAULT_STATE,
+        records=args.records or DEFAULT_RECORDS,
         config=args.config,
     )
+    try:
+        require_given_dirs(paths, given)
+    except InputError as e:
+        print(f"iscsimple-agent: {e}", file=sys.stderr)
+        return 2
     for flag, path in (("--path.procfs", args.procfs), ("--path.sysfs", args.sysfs)):
         if not path.is_dir():
             print(

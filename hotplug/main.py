@@ -64,14 +64,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     xen = XenContext(open_xenstore(), xenbus_path)
     _setup_logging(xen.attachment_id)
-    paths = HostPaths.from_env()
     started = time.monotonic()
+    paths = None
+    # Whatever goes wrong, libxl must get hotplug-status=error and a sentence, never silence.
     try:
+        paths = HostPaths.from_env()
         config = _config(paths, command)
         spec = _spec(xen) if command == "add" else None
-    except IscsimpleError as e:
-        _count(paths, command, started)  # attach()/detach() count their own outcomes, not these
-        return _fail(xen, str(e))
+    except Exception as e:
+        if paths is not None:
+            _count(paths, command, started)  # attach()/detach() count their own outcomes, not these
+        return _fail(xen, _message(command, e))
     try:
         if spec is not None:
             attachment = attach(spec, paths, config, xen=xen, operation="add")
@@ -79,12 +82,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             detach(xen.recorded_id() or xen.attachment_id, paths, config, xen=xen, operation="remove")
             log.info("remove done in %.1f s", time.monotonic() - started)
-    except IscsimpleError as e:
-        return _fail(xen, str(e))
-    except Exception as e:  # a bug: still tell libxl, in words, rather than die silently
-        log.exception("unexpected error")
-        return _fail(xen, f"block-iscsimple {command} failed: internal error {type(e).__name__}: {e}")
+    except Exception as e:
+        return _fail(xen, _message(command, e))
     return 0
+
+
+def _message(command: str, error: Exception) -> str:
+    if isinstance(error, IscsimpleError):
+        return str(error)
+    # A bug: still tell libxl, in words, rather than die silently.
+    log.error("unexpected error", exc_info=error)
+    return f"block-iscsimple {command} failed: internal error {type(error).__name__}: {error}"
 
 
 def _config(paths: HostPaths, command: str) -> Config:
@@ -106,10 +114,7 @@ def _spec(xen: XenContext) -> DiskSpec:
 
 
 def _count(paths: HostPaths, command: str, started: float) -> None:
-    try:
-        Registry(paths).record_operation(command, "failure", time.monotonic() - started)
-    except OSError as e:
-        log.warning("cannot record the hotplug statistics: %s", e)
+    Registry(paths).record_operation(command, "failure", time.monotonic() - started)  # never raises
 
 
 def _fail(xen: XenContext, message: str) -> int:

@@ -19,6 +19,8 @@ def host(kernel_state_readonly, tmp_path):
 
     def args_for(state):
         root = kernel_state_readonly(state)
+        for directory in ("run", "lib"):  # a --state/--records that does not exist is a typo (exit 2)
+            (tmp_path / directory).mkdir(exist_ok=True)
         return [
             f"--path.sysfs={root / 'sys'}",
             f"--path.procfs={root / 'proc'}",

@@ -1,0 +1,218 @@
+"""Opening the files iscsimple reads and the directories it keeps root-owned state in.
+
+Every file iscsimple reads is untrusted. A FIFO, a device or a socket given as a
+tab, config or domU .cfg must be refused before a byte is read (reading a FIFO
+blocks a hotplug script past libxl's 40 s); a symlink planted in a state directory
+must not be followed (root would read or write wherever it points); a NUL byte in
+a path is a clear error, not a ValueError. Directories of root-owned state are
+created with explicit modes whatever the umask (xl's umask is not ours to choose)
+and refused when another user could plant files in them.
+
+Failures are OSErrors with a sentence in `strerror`, so every caller's existing
+``except OSError`` turns them into its own one-line message.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+from collections.abc import Iterable
+from pathlib import Path
+
+from .errors import OperationError, StateFileError
+
+# An operator's files (tab, config, domU .cfg) are a few KiB; state files far less.
+MAX_INPUT_BYTES = 4 * 1024 * 1024
+MAX_STATE_BYTES = 1024 * 1024
+
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISLNK, "a symbolic link"),
+)
+
+
+class UnsafeFileError(OperationError, OSError):
+    """Not a file we read: a special file, a symlink where none is followed, a NUL in the path, too big,
+    a state directory others could write. An OSError for callers that wrap read failures in their
+    own message, an OperationError (one sentence, exit 1) for those that do not."""
+
+    def __init__(self, path: Path | str, reason: str, code: int = errno.EINVAL):
+        super().__init__(code, reason, _printable(path))
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror}"
+
+
+def kind_of(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def check_path(path: Path | str) -> None:
+    """Refuse a path with a NUL byte (the kernel cannot be given one)."""
+    if "\0" in os.fspath(path):
+        raise UnsafeFileError(path, "the path contains a NUL byte")
+
+
+def read_file(path: Path | str, *, follow_symlinks: bool = True, max_bytes: int = MAX_INPUT_BYTES) -> bytes:
+    """The content of a regular file; anything else is refused before it is read.
+
+    stat first (so opening a device never happens), then open non-blocking and check the
+    opened file again (it may have been swapped in between). `follow_symlinks=False` for
+    state files: a symlink there is refused, not followed.
+    """
+    check_path(path)
+    st = os.stat(path, follow_symlinks=follow_symlinks)
+    _require_regular(path, st.st_mode)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    if not follow_symlinks:
+        flags |= os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == errno.ELOOP and not follow_symlinks:
+            raise UnsafeFileError(
+                path, "is a symbolic link; links are not followed here", errno.ELOOP
+            ) from None
+        raise
+    try:
+        opened = os.fstat(fd)
+        _require_regular(path, opened.st_mode)
+        chunks, total = [], 0
+        while True:
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > max_bytes:
+                raise UnsafeFileError(
+                    path, f"is larger than {max_bytes} bytes; not a file iscsimple wrote or expects"
+                )
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def read_text(path: Path | str, **options) -> str:
+    """read_file decoded as UTF-8 (UnicodeDecodeError for anything else)."""
+    return read_file(path, **options).decode("utf-8")
+
+
+def read_problem(error: OSError | UnicodeDecodeError) -> str:
+    """A read failure in words, without the path (callers put it first)."""
+    if isinstance(error, UnicodeDecodeError):
+        return f"not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start})"
+    return error.strerror or str(error)
+
+
+def load_state_json(path: Path) -> object:
+    """One state file's JSON: a regular file (no symlink followed, no FIFO), bounded, parsed.
+
+    FileNotFoundError passes through (callers decide what absent means); everything else
+    is a StateFileError naming the file and the problem.
+    """
+    try:
+        return json.loads(read_file(path, follow_symlinks=False, max_bytes=MAX_STATE_BYTES))
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError) as e:
+        raise StateFileError(f"{path}: unreadable: {read_problem(e)}") from None
+    except (ValueError, RecursionError) as e:
+        raise StateFileError(f"{path}: not valid JSON: {str(e)[:80]}") from None
+
+
+def _require_regular(path: Path | str, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        code = errno.EISDIR if stat.S_ISDIR(mode) else errno.EINVAL
+        raise UnsafeFileError(path, f"is {kind_of(mode)}, not a regular file", code)
+
+
+# -- directories of root-owned state --------------------------------------------------------------
+
+
+def trusted_uids() -> frozenset[int]:
+    """Who may own a state directory: root, and whoever runs us (the same in production)."""
+    return frozenset({0, os.geteuid()})
+
+
+def ensure_dir(
+    path: Path | str, mode: int = 0o755, *, trusted: Iterable[int] | None = None, check: bool = True
+) -> Path:
+    """Create `path` (and missing parents) with exactly `mode`, whatever the umask; check it.
+
+    With `check` (root's state), the directory is accepted only if it is a real directory (not a symlink), owned by
+    a trusted user and not writable by group or others: otherwise another user could plant
+    the symlinks and files root then follows. Raises UnsafeFileError naming the problem.
+    """
+    path = Path(path)
+    check_path(path)
+    missing = []
+    probe = path
+    while not os.path.lexists(probe) and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, mode)
+        except FileExistsError:
+            pass  # made by a concurrent hotplug: checked below like any existing one
+        else:
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.fchmod(fd, mode)  # mkdir's mode is masked by the umask
+            finally:
+                os.close(fd)
+    if check:
+        check_dir(path, trusted=trusted)
+    return path
+
+
+def check_dir(path: Path | str, *, trusted: Iterable[int] | None = None) -> None:
+    """Refuse a state directory that is a symlink, not a directory, foreign-owned or writable by others."""
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeFileError(path, f"is {kind_of(st.st_mode)}, expected a directory for iscsimple's state")
+    owners = trusted_uids() if trusted is None else frozenset(trusted)
+    if st.st_uid not in owners:
+        raise UnsafeFileError(
+            path,
+            f"is owned by uid {st.st_uid}, not root; refusing to keep root's state there "
+            f"(chown root: {_printable(path)})",
+            errno.EPERM,
+        )
+    if st.st_mode & 0o022:
+        raise UnsafeFileError(
+            path,
+            f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); refusing to keep "
+            f"root's state there (chmod go-w {_printable(path)})",
+            errno.EPERM,
+        )
+
+
+def open_lock_file(path: Path | str, mode: int = 0o600) -> int:
+    """A lock file's descriptor: created with `mode`, never through a symlink, always a regular file."""
+    check_path(path)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UnsafeFileError(
+                path, "is a symbolic link; refusing to lock through it", errno.ELOOP
+            ) from None
+        raise
+    try:
+        _require_regular(path, os.fstat(fd).st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _printable(path: Path | str) -> str:
+    return os.fspath(path).replace("\0", "\\0")
