@@ -212,11 +212,15 @@ class _Checker:
             ),
             "timeout": (
                 lambda timeout: timeout <= MAX_TIMEOUT,
-                lambda _: f"[cluster] timeout must be above 0 and at most {MAX_TIMEOUT:g} seconds (of the add's budget)",
+                lambda _: (
+                    f"[cluster] timeout must be above 0 and at most {MAX_TIMEOUT:g} seconds (of the add's budget)"
+                ),
             ),
             "on_unreachable": (
                 lambda policy: policy in ON_UNREACHABLE,
-                lambda policy: f"[cluster] on_unreachable must be one of {', '.join(ON_UNREACHABLE)}, not {policy!r}",
+                lambda policy: (
+                    f"[cluster] on_unreachable must be one of {', '.join(ON_UNREACHABLE)}, not {policy!r}"
+                ),
             ),
             "host_name": (
                 lambda host: re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$", host),
@@ -224,7 +228,9 @@ class _Checker:
             ),
             "lookback": (
                 lambda lookback: DURATION_RE.match(lookback),
-                lambda lookback: f"[cluster] lookback must be a duration such as '14d' or '12h', not {lookback!r}",
+                lambda lookback: (
+                    f"[cluster] lookback must be a duration such as '14d' or '12h', not {lookback!r}"
+                ),
             ),
         }
         settings = {}

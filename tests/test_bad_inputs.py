@@ -29,12 +29,12 @@ from iscsimple.core.config import check_config, load_config
 from iscsimple.core.errors import FileInputError, IscsimpleError, OperationError
 from iscsimple.core.files import UnsafeFileError, ensure_dir, read_file
 from iscsimple.core.iscsi import read_iscsi_sessions
+from iscsimple.core.locking import hotplug_lock
 from iscsimple.core.paths import HostPaths
 from iscsimple.core.registry import Attachment, Registry
 from iscsimple.core.snapshot import HostSnapshot
 from iscsimple.core.stale import StaleRecord, StaleRecords
 from iscsimple.core.tab import read_tab
-from iscsimple.core.locking import hotplug_lock
 from tests.fakes.harness import IQN, make_hotplug
 
 BIN = Path(sys.executable).parent
