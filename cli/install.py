@@ -21,6 +21,7 @@ from pathlib import Path
 
 from iscsimple.core.atomic import write_atomic
 from iscsimple.core.errors import InputError, OperationError
+from iscsimple.core.files import read_text
 from iscsimple.core.paths import DEFAULT_CONFIG, DEFAULT_TAB
 from iscsimple.hotplug.mdadm import NAMES_DROPIN, NAMES_DROPIN_TEXT
 
@@ -127,7 +128,7 @@ def install_hook(
     argv = argv or entry_point()
     content = launcher(argv)
     try:
-        existing = hook.read_text()
+        existing = read_text(hook)
     except (FileNotFoundError, NotADirectoryError):
         existing = None
     except (OSError, UnicodeDecodeError) as e:
@@ -142,7 +143,7 @@ def install_hook(
         action = "unchanged"
     else:
         try:
-            write_atomic(hook, content, mode=0o755)
+            write_atomic(hook, content, mode=0o755, private_dir=False)
         except OSError as e:
             raise OperationError(
                 f"{hook}: cannot write it ({e.strerror}); run install-hook as root"
@@ -167,7 +168,7 @@ def _write_if_absent(path: Path, text: str, mode: int) -> str:
         return "kept"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.example")
-    write_atomic(tmp, text, mode=mode)
+    write_atomic(tmp, text, mode=mode, private_dir=False)
     try:
         os.link(tmp, path)  # fails if path exists: the link is the exclusive create
     except FileExistsError:

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from .atomic import write_atomic
 from .errors import OperationError
+from .files import load_state_json
 from .paths import HostPaths
 
 log = logging.getLogger(__name__)
@@ -235,7 +236,7 @@ class Acceptances:
         for name in names:
             path = self.directory / name
             try:
-                data = json.loads(path.read_text())
+                data = load_state_json(path)  # no FIFO, no symlink, bounded: StateFileError otherwise
                 a = Acceptance(
                     host=str(data["host"]),
                     target=str(data["target"]),
@@ -244,7 +245,7 @@ class Acceptances:
                     label=str(data.get("label", "")),
                     accepted=float(data.get("accepted", 0.0)),
                 )
-            except (OSError, ValueError, KeyError, TypeError) as e:
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, OperationError) as e:
                 raise OperationError(
                     f"{path}: unreadable accepted-loss record ({e}); remove or fix it"
                 ) from None

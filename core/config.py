@@ -69,6 +69,7 @@ class Config:
 
 
 SECONDS, COUNT, FLAG, PORTALS, STRING = "seconds", "count", "flag", "portals", "string"
+NUMBER = "number"  # finite; its range checked where it is used
 
 # section → key → (field, kind); "cluster.x" is ClusterSettings.x. The defaults are the
 # dataclasses', written once above.
@@ -88,7 +89,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
     },
     "cluster": {
         "prometheus_url": ("cluster.prometheus_url", STRING),
-        "timeout": ("cluster.timeout", SECONDS),
+        "timeout": ("cluster.timeout", NUMBER),
         "on_unreachable": ("cluster.on_unreachable", STRING),
         "host_name": ("cluster.host_name", STRING),
         "lookback": ("cluster.lookback", STRING),
@@ -178,9 +179,12 @@ class _Checker:
                     self.fail(f"[{section}] {key} {problem}", (section,), key)
                 else:
                     values[name] = (
-                        tuple(value) if kind == PORTALS else float(value) if kind == SECONDS else value
+                        tuple(value) if kind == PORTALS else float(value) if kind in (SECONDS, NUMBER) else value
                     )
         self._check_attach(values)
+        values["cluster"] = self._cluster(
+            {name.split(".", 1)[1]: values.pop(name) for name in list(values) if name.startswith("cluster.")}
+        )
         values["target_replacement_timeout"] = self._targets(data.get("targets", {}))
         return values
 
@@ -211,7 +215,7 @@ class _Checker:
                 lambda url: f"[cluster] prometheus_url must be an http:// or https:// URL, not {url!r}",
             ),
             "timeout": (
-                lambda timeout: timeout <= MAX_TIMEOUT,
+                lambda timeout: 0 < timeout <= MAX_TIMEOUT,
                 lambda _: (
                     f"[cluster] timeout must be above 0 and at most {MAX_TIMEOUT:g} seconds (of the add's budget)"
                 ),
@@ -288,6 +292,8 @@ def _value_problem(kind: str, value) -> str | None:
         return f"has the wrong type ({type(value).__name__})"
     if not math.isfinite(value):  # TOML's nan and inf, and 1e400 (read as inf)
         return f"must be a finite number of seconds, not {value!r}"
+    if kind == NUMBER:
+        return None
     return (
         None
         if 0 < value <= MAX_SECONDS

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .atomic import remove_durably, write_atomic
-from .errors import StateFileError
+from .errors import InputError, StateFileError
 from .files import ensure_dir, load_state_json, open_lock_file
 from .paths import HostPaths
 from .spec import SpecError, check_label, parse_spec
@@ -243,6 +243,10 @@ def _operation_result(data: dict) -> OperationResult:
     return OperationResult(**values)
 
 
+class BadAttachmentId(InputError, ValueError):
+    pass
+
+
 @dataclass(frozen=True)
 class RegistryRead:
     """Every readable attachment, and one line per entry that is not (never silently dropped)."""
@@ -268,8 +272,11 @@ class Registry:
         self.stats_path = paths.state / "hotplug-stats.json"
 
     def _file(self, attachment_id: str) -> Path:
-        if not _ID_RE.fullmatch(attachment_id):
-            raise ValueError(f"bad attachment id {attachment_id!r}")
+        if not isinstance(attachment_id, str) or not _ID_RE.fullmatch(attachment_id):
+            raise BadAttachmentId(
+                f"bad attachment id {attachment_id!r}: letters, digits, '.', '_' and '-' only "
+                "(from XENBUS_PATH backend/vbd/DOMID/DEVID or the spec)"
+            )
         return self.directory / f"{attachment_id}.json"
 
     def get(self, attachment_id: str) -> Attachment | None:

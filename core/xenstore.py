@@ -79,14 +79,18 @@ class FileXenStore:
         with self._locked():
             data = self._load()
             data.update(items)
-            write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True), fsync=False)
+            write_atomic(
+                self.path, json.dumps(data, indent=1, sort_keys=True), fsync=False, private_dir=False
+            )
 
     def rm(self, key: str) -> None:
         with self._locked():
             data = self._load()
             kept = {k: v for k, v in data.items() if k != key and not k.startswith(key + "/")}
             if kept != data:
-                write_atomic(self.path, json.dumps(kept, indent=1, sort_keys=True), fsync=False)
+                write_atomic(
+                    self.path, json.dumps(kept, indent=1, sort_keys=True), fsync=False, private_dir=False
+                )
 
 
 def open_xenstore(env: Mapping[str, str] | None = None) -> XenStore:

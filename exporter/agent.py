@@ -172,7 +172,9 @@ class Agent:
 
 def write_textfile(path: Path, text: bytes) -> None:
     """For node_exporter's textfile collector: the file must appear whole (it reads *.prom)."""
-    write_atomic(path, text, mode=0o644, fsync=False)
+    write_atomic(
+        path, text, mode=0o644, fsync=False, private_dir=False
+    )  # node_exporter's directory, not ours
 
 
 # -- command line -----------------------------------------------------------------------

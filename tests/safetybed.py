@@ -50,6 +50,9 @@ class SafetyBed:
             tab=root / "tab.conf",
             config=root / "iscsimple.toml",
         )
+        # As a host has them: the CLI refuses a --state/--records directory that does not exist.
+        for directory in (self.paths.state, self.paths.records):
+            directory.mkdir(parents=True, exist_ok=True)
         self.running = True
         self.members: list[FakeMember] = [
             FakeMember("dm-3", slot=0, state="in_sync", dev="253:3"),
