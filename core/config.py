@@ -179,7 +179,11 @@ class _Checker:
                     self.fail(f"[{section}] {key} {problem}", (section,), key)
                 else:
                     values[name] = (
-                        tuple(value) if kind == PORTALS else float(value) if kind in (SECONDS, NUMBER) else value
+                        tuple(value)
+                        if kind == PORTALS
+                        else float(value)
+                        if kind in (SECONDS, NUMBER)
+                        else value
                     )
         self._check_attach(values)
         values["cluster"] = self._cluster(
