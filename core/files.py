@@ -28,6 +28,7 @@ MAX_INPUT_BYTES = 4 * 1024 * 1024
 MAX_STATE_BYTES = 1024 * 1024
 
 _KINDS = (
+    (stat.S_ISREG, "a regular file"),
     (stat.S_ISDIR, "a directory"),
     (stat.S_ISFIFO, "a FIFO"),
     (stat.S_ISSOCK, "a socket"),

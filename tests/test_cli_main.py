@@ -151,6 +151,8 @@ def test_the_agents_path_names_work_and_the_short_ones_too(tmp_path):
     """The demo and the agent say --path.state/--path.records: the CLI takes the same names."""
     state, records, locks = tmp_path / "run", tmp_path / "lib", tmp_path / "locks"
     cfg, tab = tmp_path / "c.toml", tmp_path / "tab"
+    state.mkdir()  # a --state/--records directory that does not exist is a typo (exit 2)
+    records.mkdir()
     for argv in (
         ["status", "--path.state", str(state), "--path.records", str(records), "--path.locks", str(locks)],
         ["--state", str(state), "status", "--records", str(records), "--locks", str(locks)],
