@@ -36,6 +36,7 @@ import bcrypt
 import yaml
 
 from iscsimple.core.errors import InputError
+from iscsimple.core.files import kind_of, read_file
 
 _TLS_KEYS = {
     "cert_file",
@@ -293,23 +294,6 @@ def _read_config(path: Path) -> str:
         ) from None
 
 
-def read_file(path: Path, max_bytes: int) -> bytes:
-    """A regular file's bytes; a FIFO, device or directory is refused before a byte is read."""
-    if "\0" in str(path):
-        raise OSError(0, "the path contains a NUL byte")
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(0, "not a regular file")
-        with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read(max_bytes + 1)
-    finally:
-        os.close(fd)
-    if len(data) > max_bytes:
-        raise OSError(0, f"larger than {max_bytes} bytes; not a web config")
-    return data
-
-
 def _yaml_problem(path: Path, error: yaml.YAMLError) -> str:
     mark = getattr(error, "problem_mark", None)
     where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else f"{path}"
@@ -433,7 +417,8 @@ def _parse_tls(path: Path, base: Path, tls: object) -> TlsConfig:
             ) from None
         if not stat.S_ISREG(mode):
             raise WebConfigError(
-                f"cannot load the TLS {what} {file} (tls_server_config.{key} in {path}): not a regular file"
+                f"cannot load the TLS {what} {file} (tls_server_config.{key} in {path}): "
+                f"it is {kind_of(mode)}, not a regular file"
             )
         return file
 
