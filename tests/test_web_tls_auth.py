@@ -222,8 +222,8 @@ def test_empty_host_listens_on_ipv4_and_ipv6():
 # -- basic auth: bytes, cache, and what wrong passwords may cost ---------------------------------
 
 
-def plain_server(users: dict[str, bytes], limits=None) -> AgentHTTPServer:
-    config = WebConfig(auth=BasicAuth(users))
+def serving(config: WebConfig, limits=None) -> AgentHTTPServer:
+    """A started server whose /metrics says `x 1`."""
     endpoints = Endpoints(
         metrics=lambda accept, gzipped: (gzip.compress(b"x 1\n") if gzipped else b"x 1\n", "text/plain"),
         healthy=lambda: (True, "Healthy"),
@@ -232,6 +232,10 @@ def plain_server(users: dict[str, bytes], limits=None) -> AgentHTTPServer:
     srv = AgentHTTPServer(("127.0.0.1", 0), endpoints, config, limits=limits)
     srv.serve_in_thread()
     return srv
+
+
+def plain_server(users: dict[str, bytes], limits=None) -> AgentHTTPServer:
+    return serving(WebConfig(auth=BasicAuth(users)), limits)
 
 
 def bcrypt_hash(password: bytes) -> bytes:
@@ -248,17 +252,7 @@ def test_a_non_ascii_user_name_locks_nobody_out(tmp_path, tls_files):
         f"  prometheus: '{bcrypt_hash(PASSWORD.encode()).decode()}'\n",
         encoding="utf-8",
     )
-    config = load_web_config(tmp_path / "web.yml")
-    srv = AgentHTTPServer(
-        ("127.0.0.1", 0),
-        Endpoints(
-            lambda a, g: (gzip.compress(b"x 1\n") if g else b"x 1\n", "text/plain"),
-            lambda: (True, ""),
-            lambda: (True, ""),
-        ),
-        config,
-    )
-    srv.serve_in_thread()
+    srv = serving(load_web_config(tmp_path / "web.yml"))
     try:
         url = f"{srv.url}/metrics"
         for auth in ((b"prometheus", PASSWORD.encode()), ("jürgen".encode(), "grün".encode())):
@@ -454,17 +448,7 @@ def test_client_certificates_are_required_and_verified(tmp_path, tls_files):
         f"tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n"
         f"  client_ca_file: {ca_crt}\n  client_auth_type: RequireAndVerifyClientCert\n"
     )
-    config = load_web_config(tmp_path / "web.yml")
-    srv = AgentHTTPServer(
-        ("127.0.0.1", 0),
-        Endpoints(
-            lambda a, g: (gzip.compress(b"x 1\n") if g else b"x 1\n", "text/plain"),
-            lambda: (True, "ok"),
-            lambda: (True, "ok"),
-        ),
-        config,
-    )
-    srv.serve_in_thread()
+    srv = serving(load_web_config(tmp_path / "web.yml"))
     try:
         url = f"{srv.url}/metrics"
         r = requests.get(url, cert=(str(client_crt), str(client_key)), verify=str(cert), timeout=10)
