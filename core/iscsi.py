@@ -25,7 +25,11 @@ __all__ = [
     "IscsiSession",
     "ScsiLun",
     "find_lun_block",
+    "iscsi_session_names",
+    "read_iscsi_session",
     "read_iscsi_sessions",
+    "read_session_states",
+    "session_sid",
 ]
 
 _SESSION = re.compile(r"^session([0-9]{1,9})$")
@@ -74,24 +78,51 @@ class IscsiReadResult:
 
 def read_iscsi_sessions(sysfs: Path) -> IscsiReadResult:
     """All iSCSI sessions, sorted by sid. No iscsi_session class (module not loaded) = no sessions."""
-    result = IscsiReadResult()
+    names, errors = iscsi_session_names(sysfs)
+    result = IscsiReadResult(errors=errors)
+    for name in names:
+        session, session_errors = read_iscsi_session(sysfs, name)
+        result.errors.extend(session_errors)
+        if session is not None:
+            result.sessions.append(session)
+    return result
+
+
+def iscsi_session_names(sysfs: Path) -> tuple[list[str], list[str]]:
+    """The session names ("session3") sorted by sid, and listing errors."""
     class_dir = os.path.join(sysfs, "class", "iscsi_session")
     try:
         names = [e.name for e in os.scandir(class_dir) if _SESSION.match(e.name)]
     except FileNotFoundError:
-        return result
+        return [], []
     except OSError as e:
-        result.errors.append(f"{class_dir}: cannot list: {e.strerror or e}")
-        return result
-    for name in sorted(names, key=lambda n: int(n[7:])):
-        try:
-            session = _read_session(sysfs, class_dir, name, result.errors)
-        except (OSError, ValueError) as e:  # one broken session never hides the others
-            result.errors.append(f"{os.path.join(class_dir, name)}: {e}")
-            continue
-        if session is not None:
-            result.sessions.append(session)
-    return result
+        return [], [f"{class_dir}: cannot list: {e.strerror or e}"]
+    return sorted(names, key=session_sid), []
+
+
+def session_sid(name: str) -> int:
+    return int(name[len("session") :])
+
+
+def read_iscsi_session(sysfs: Path, name: str) -> tuple[IscsiSession | None, list[str]]:
+    """One session by name and the problems reading it; None when it does not exist (any more)."""
+    class_dir = os.path.join(sysfs, "class", "iscsi_session")
+    errors: list[str] = []
+    if not _SESSION.match(name) or not os.path.isdir(os.path.join(class_dir, name)):
+        return None, []
+    try:
+        return _read_session(sysfs, class_dir, name, errors), errors
+    except (OSError, ValueError) as e:  # one broken session never hides the others
+        return None, [*errors, f"{os.path.join(class_dir, name)}: {e}"]
+
+
+def read_session_states(sysfs: Path) -> dict[str, str | None]:
+    """Only the `state` of every session, by name: what a cheap periodic look for session
+    changes needs (the kernel sends no uevent when a session fails or recovers)."""
+    names, _ = iscsi_session_names(sysfs)
+    class_dir = os.path.join(sysfs, "class", "iscsi_session")
+    ignored: list[str] = []
+    return {name: AttrReader(os.path.join(class_dir, name), ignored).text("state", False) for name in names}
 
 
 def find_lun_block(

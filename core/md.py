@@ -19,7 +19,9 @@ __all__ = [
     "MdMember",
     "MdReadResult",
     "SysfsError",
+    "md_array_names",
     "read_md_array",
+    "read_md_array_errors",
     "read_md_arrays",
 ]
 
@@ -101,25 +103,37 @@ class MdReadResult:
 
 def read_md_arrays(sysfs: Path) -> MdReadResult:
     """Every md array under sysfs/block. A broken array is reported in errors, never hides others."""
-    result = MdReadResult()
+    names, errors = md_array_names(sysfs)
+    result = MdReadResult(errors=errors)
+    for name in names:
+        array, array_errors = read_md_array_errors(sysfs, name)
+        result.errors.extend(array_errors)
+        if array is not None:
+            result.arrays[name] = array
+    return result
+
+
+def md_array_names(sysfs: Path) -> tuple[list[str], list[str]]:
+    """The kernel names under sysfs/block that may be md arrays, sorted, and listing errors."""
     block = os.path.join(sysfs, "block")
     try:
-        names = sorted(entry.name for entry in os.scandir(block) if entry.name.startswith("md"))
+        return sorted(entry.name for entry in os.scandir(block) if entry.name.startswith("md")), []
     except FileNotFoundError:
-        return result
+        return [], []
     except OSError as e:
-        result.errors.append(f"{block}: cannot list: {e.strerror or e}")
-        return result
-    for name in names:
-        try:
-            array = _read_array(block, name, result.errors)
-        except _Gone:
-            continue  # not an array (any more): stopped while we listed or read it
-        except (OSError, ValueError) as e:  # never let one array hide the others
-            result.errors.append(f"{os.path.join(block, name, 'md')}: {e}")
-            continue
-        result.arrays[name] = array
-    return result
+        return [], [f"{block}: cannot list: {e.strerror or e}"]
+
+
+def read_md_array_errors(sysfs: Path, name: str) -> tuple[MdArray | None, list[str]]:
+    """One array by kernel name and the problems reading it; None when it is not (any more) an array."""
+    block = os.path.join(sysfs, "block")
+    errors: list[str] = []
+    try:
+        return _read_array(block, name, errors), errors
+    except _Gone:
+        return None, []  # not an array (any more): stopped while we listed or read it
+    except (OSError, ValueError) as e:  # never let one array hide the others
+        return None, [f"{os.path.join(block, name, 'md')}: {e}"]
 
 
 def read_md_array(sysfs: Path, name: str, errors: list[str] | None = None) -> MdArray:

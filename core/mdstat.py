@@ -31,6 +31,7 @@ __all__ = [
     "MdstatMember",
     "MdstatProgress",
     "format_mdstat",
+    "mdstat_blocks",
     "parse_mdstat",
     "read_mdstat",
 ]
@@ -301,3 +302,25 @@ def _format_progress(p: MdstatProgress) -> str:
     if p.speed_kib is not None:
         text += f" speed={p.speed_kib}K/sec"
     return text
+
+
+def mdstat_blocks(text: str) -> dict[str, str]:
+    """Each array's lines of /proc/mdstat as one string, by array name.
+
+    A cheap split (no parsing) for telling which arrays changed between two reads: an array
+    block starts with its unindented `NAME : ...` line and goes on with the indented ones."""
+    blocks: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if not line:
+            continue
+        if line[0] in " \t":
+            if current is not None:
+                current.append(line)
+            continue
+        name, sep, _ = line.partition(" : ")
+        if sep and name != "Personalities" and " " not in name:
+            current = blocks[name] = [line]
+        else:
+            current = None
+    return {name: "\n".join(lines) for name, lines in blocks.items()}

@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TypeVar
 
-from .iscsi import IscsiReadResult, IscsiSession, ScsiLun, read_iscsi_sessions
-from .md import MdArray, MdMember, MdReadResult, read_md_arrays
+from .iscsi import (
+    IscsiReadResult,
+    IscsiSession,
+    ScsiLun,
+    iscsi_session_names,
+    read_iscsi_session,
+    session_sid,
+)
+from .md import MdArray, MdMember, MdReadResult, md_array_names, read_md_array_errors
 from .paths import HostPaths
 from .registry import LEG_ISCSI, LEG_LOCAL, Attachment, HotplugStats, Registry, RegistryRead
 from .stale import StaleRecord, StaleRecords
@@ -175,6 +183,59 @@ class SourceResult:
 
 
 @dataclass(frozen=True)
+class Changes:
+    """What `HostSnapshot.update` re-reads; everything else is taken over from the previous snapshot.
+
+    The registry, hotplug statistics and stale records are files: every update checks them
+    with one stat each and re-reads those that moved."""
+
+    md: frozenset[str] = frozenset()  # md arrays by kernel name: "md127", "md_web1"
+    sessions: frozenset[str] = frozenset()  # iSCSI sessions by name: "session3"
+    # Other kernel names an event named ("sda", "dm-3", "0:0:0:1", "connection3:0", "host2"):
+    # the arrays and sessions that use them are re-read.
+    devices: frozenset[str] = frozenset()
+    everything: bool = False  # list and re-read every array and session (the full sweep)
+
+    def __or__(self, other: Changes) -> Changes:
+        return Changes(
+            self.md | other.md,
+            self.sessions | other.sessions,
+            self.devices | other.devices,
+            self.everything or other.everything,
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.everything or self.md or self.sessions or self.devices)
+
+
+EVERYTHING = Changes(everything=True)
+
+# How close to a file's mtime a stat must be to trust "unchanged": within one timestamp tick a
+# second write can leave the same mtime (the racy-git problem), so such a file is read again.
+_RACY_NS = 2_000_000_000
+
+
+@dataclass(frozen=True)
+class FileSignature:
+    stat: tuple[int, int, int, int] | None  # (inode, size, mtime_ns, ctime_ns); None: absent
+    checked_ns: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileSignature:
+        now = time.time_ns()
+        try:
+            st = os.stat(path)
+        except OSError:
+            return cls(None, now)
+        return cls((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns), now)
+
+    def moved_since(self, old: FileSignature | None) -> bool:
+        if old is None or old.stat != self.stat:
+            return True
+        return old.stat is not None and old.checked_ns - max(old.stat[2], old.stat[3]) < _RACY_NS
+
+
+@dataclass(frozen=True)
 class HostSnapshot:
     taken: float
     attachments: tuple[Attachment, ...]
@@ -185,41 +246,79 @@ class HostSnapshot:
     stale: tuple[StaleRecord, ...]
     hotplug: HotplugStats
     sources: dict[str, SourceResult] = field(default_factory=dict)
+    # Per md array / session name, the problems reading it ("" = listing); None when the snapshot
+    # was not read from a host (build()), so it cannot be updated piecewise.
+    md_errors: Mapping[str, tuple[str, ...]] | None = field(default=None, compare=False, repr=False)
+    iscsi_errors: Mapping[str, tuple[str, ...]] | None = field(default=None, compare=False, repr=False)
+    files: Mapping[str, FileSignature] = field(default_factory=dict, compare=False, repr=False)
+    # Attachment ids whose ArrayView is not the previous snapshot's object, and targets whose
+    # SessionViews are not: None after a full read (everything may be new).
+    changed: frozenset[str] | None = field(default=None, compare=False, repr=False)
+    changed_targets: frozenset[str] | None = field(default=None, compare=False, repr=False)
 
     @property
     def ok(self) -> bool:
         return all(s.ok for s in self.sources.values())
 
     def array(self, label: str) -> ArrayView | None:
-        return next((a for a in self.arrays if a.label == label), None)
+        ids = self._index.by_label.get(label)
+        if not ids:
+            return None
+        return min((self._index.by_id[i] for i in ids), key=lambda v: v.attachment.id)
+
+    def by_id(self, attachment_id: str) -> ArrayView | None:
+        return self._index.by_id.get(attachment_id)
+
+    def session_views(self, target: str) -> tuple[SessionView, ...]:
+        return self._index.session_views.get(target, ())
+
+    def position(self, attachment_id: str) -> int | None:
+        """Where the attachment's view is in `arrays`."""
+        return self._index.position.get(attachment_id)
+
+    def ids_of(self, label: str) -> frozenset[str]:
+        return self._index.by_label.get(label, frozenset())
+
+    @cached_property
+    def _index(self) -> _Index:
+        return _Index.of(self)
 
     @classmethod
     def read(cls, paths: HostPaths) -> HostSnapshot:
         """Read every source once. Each source's failure is recorded, never raised."""
         sources: dict[str, SourceResult] = {}
-
-        def timed(name: str, read: Callable[[], T], empty: T, errors_of=lambda r: ()) -> T:
-            started = time.perf_counter()
-            try:
-                result = read()
-                errors = tuple(errors_of(result))
-            except Exception as e:  # a broken source must not hide the others
-                result, errors = empty, (f"{name}: {e}",)
-            sources[name] = SourceResult(time.perf_counter() - started, errors)
-            return result
-
+        files = _file_signatures(paths)
         registry = Registry(paths)
         # A corrupt registry entry or stale record is an error of its source, never silently dropped.
-        attachments = timed(
-            "registry", registry.read_all, RegistryRead([], []), lambda r: r.errors
-        ).attachments
-        hotplug = timed("hotplug", registry.read_stats, HotplugStats())
-        stale = timed("stale", StaleRecords(paths).read_all, ([], []), lambda r: r[1])[0]
-        md = timed("md", lambda: read_md_arrays(paths.sysfs), MdReadResult({}, []), lambda r: r.errors)
-        iscsi = timed(
-            "iscsi", lambda: read_iscsi_sessions(paths.sysfs), IscsiReadResult([], []), lambda r: r.errors
-        )
-        return cls.build(attachments, md, iscsi, stale, hotplug, paths=paths, sources=sources)
+        attachments = _read_registry(sources, registry)
+        hotplug = _timed(sources, "hotplug", registry.read_stats, HotplugStats())
+        stale = _read_stale(sources, StaleRecords(paths))
+        started = time.perf_counter()
+        names, listing = md_array_names(paths.sysfs)
+        md_parts = {name: read_md_array_errors(paths.sysfs, name) for name in names}
+        md, md_errors = _md_result(md_parts, listing)
+        sources["md"] = SourceResult(time.perf_counter() - started, tuple(md.errors))
+        started = time.perf_counter()
+        names, listing = iscsi_session_names(paths.sysfs)
+        session_parts = {name: read_iscsi_session(paths.sysfs, name) for name in names}
+        iscsi, iscsi_errors = _iscsi_result(session_parts, listing)
+        sources["iscsi"] = SourceResult(time.perf_counter() - started, tuple(iscsi.errors))
+        snapshot = cls.build(attachments, md, iscsi, stale, hotplug, paths=paths, sources=sources)
+        return cls._with(snapshot, md_errors=md_errors, iscsi_errors=iscsi_errors, files=files)
+
+    @classmethod
+    def _with(cls, snapshot: HostSnapshot, **values) -> HostSnapshot:
+        fields_ = {name: getattr(snapshot, name) for name in cls.__dataclass_fields__}
+        return cls(**{**fields_, **values})
+
+    def update(self, paths: HostPaths, changes: Changes = Changes()) -> HostSnapshot:
+        """A new snapshot: this one with what `changes` names (and the files that moved) re-read.
+
+        Views, sessions and md arrays that read the same are this snapshot's very objects, so
+        consumers can tell what changed by identity (`changed` lists the new ArrayViews)."""
+        if self.md_errors is None or self.iscsi_errors is None:
+            return HostSnapshot.read(paths)
+        return _Update(self, paths, changes).run()
 
     @classmethod
     def build(
@@ -240,23 +339,14 @@ class HostSnapshot:
             by_target.setdefault(s.target, []).append(s)
 
         arrays = []
-        for a in sorted(attachments, key=lambda a: (a.label or "", a.id)):
+        for a in sorted(attachments, key=_array_order):
             if a.label is None:
                 continue
-            session, lun = _session_for(a, by_target.get(a.target or "", []))
-            array = _md_for(a, md.arrays, paths)
-            arrays.append(_array_view(a, array, session, lun, stale_by_label.get(a.label), paths))
+            arrays.append(_view_of(a, md.arrays, by_target, stale_by_label, paths))
 
         sessions = []
         for target in sorted({a.target for a in attachments if a.target}):
-            found = by_target.get(target, [])
-            if found:
-                sessions.extend(
-                    SessionView(target, s.portal or "", s) for s in sorted(found, key=lambda s: s.sid)
-                )
-            else:
-                portal = next((a.portal for a in attachments if a.target == target and a.portal), "")
-                sessions.append(SessionView(target, portal or "", None))
+            sessions.extend(_session_views(target, by_target.get(target, []), attachments))
         return cls(
             taken=time.time() if taken is None else taken,
             attachments=tuple(attachments),
@@ -268,6 +358,474 @@ class HostSnapshot:
             hotplug=hotplug or HotplugStats(),
             sources=sources or {},
         )
+
+
+def _array_order(a: Attachment) -> tuple[str, str]:
+    return (a.label or "", a.id)
+
+
+def _view_of(
+    a: Attachment,
+    md_arrays: Mapping[str, MdArray],
+    sessions_by_target: Mapping[str, list[IscsiSession]],
+    stale_by_label: Mapping[str, StaleRecord],
+    paths: HostPaths | None,
+) -> ArrayView:
+    session, lun = _session_for(a, sessions_by_target.get(a.target or "", []))
+    array = _md_for(a, md_arrays, paths)
+    return _array_view(a, array, session, lun, stale_by_label.get(a.label or ""), paths)
+
+
+def _session_views(
+    target: str, found: Iterable[IscsiSession], attachments: Iterable[Attachment]
+) -> list[SessionView]:
+    found = sorted(found, key=lambda s: s.sid)
+    if found:
+        return [SessionView(target, s.portal or "", s) for s in found]
+    portal = next((a.portal for a in attachments if a.target == target and a.portal), "")
+    return [SessionView(target, portal or "", None)]
+
+
+def _timed(sources: dict[str, SourceResult], name: str, read: Callable[[], T], empty: T, errors_of=None) -> T:
+    started = time.perf_counter()
+    try:
+        result = read()
+        errors = tuple(errors_of(result)) if errors_of else ()
+    except Exception as e:  # a broken source must not hide the others
+        result, errors = empty, (f"{name}: {e}",)
+    sources[name] = SourceResult(time.perf_counter() - started, errors)
+    return result
+
+
+def _read_registry(sources: dict[str, SourceResult], registry: Registry) -> list[Attachment]:
+    return _timed(sources, "registry", registry.read_all, RegistryRead([], []), lambda r: r.errors).attachments
+
+
+def _read_stale(sources: dict[str, SourceResult], records: StaleRecords) -> list[StaleRecord]:
+    return _timed(sources, "stale", records.read_all, ([], []), lambda r: r[1])[0]
+
+
+def _file_signatures(paths: HostPaths) -> dict[str, FileSignature]:
+    registry = Registry(paths)
+    return {
+        "registry": FileSignature.of(registry.directory),
+        "hotplug": FileSignature.of(registry.stats_path),
+        "stale": FileSignature.of(StaleRecords(paths).directory),
+    }
+
+
+def _md_result(
+    parts: Mapping[str, tuple[MdArray | None, list[str] | tuple[str, ...]]], listing: list[str]
+) -> tuple[MdReadResult, dict[str, tuple[str, ...]]]:
+    """One MdReadResult from per-array reads, in the order a full read lists them (by name)."""
+    errors = {name: tuple(e) for name, (_, e) in parts.items() if e}
+    if listing:
+        errors[""] = tuple(listing)
+    arrays = {name: parts[name][0] for name in sorted(parts) if parts[name][0] is not None}
+    return MdReadResult(arrays, _flat_errors(errors, sorted)), errors
+
+
+def _iscsi_result(
+    parts: Mapping[str, tuple[IscsiSession | None, list[str] | tuple[str, ...]]], listing: list[str]
+) -> tuple[IscsiReadResult, dict[str, tuple[str, ...]]]:
+    errors = {name: tuple(e) for name, (_, e) in parts.items() if e}
+    if listing:
+        errors[""] = tuple(listing)
+    order = sorted(parts, key=session_sid)
+    sessions = [parts[name][0] for name in order if parts[name][0] is not None]
+    return IscsiReadResult(
+        sessions, _flat_errors(errors, lambda names: sorted(names, key=session_sid))
+    ), errors
+
+
+def _flat_errors(
+    errors: Mapping[str, tuple[str, ...]], order: Callable[[Iterable[str]], list[str]]
+) -> list[str]:
+    flat = list(errors.get("", ()))
+    for name in order(n for n in errors if n):
+        flat.extend(errors[name])
+    return flat
+
+
+def _view_keys(view: ArrayView) -> tuple[set[str], set[str]]:
+    """The md names and device names whose change can change `view`."""
+    a = view.attachment
+    md = {n for n in (a.md_device, view.md.name if view.md else None) if n}
+    devices = {m.name for m in view.md.members} if view.md else set()
+    devices.update(
+        n for n in (a.iscsi_device, a.local_kernel_name, view.lun.block if view.lun else None) if n
+    )
+    return md, devices
+
+
+def _add(index: dict[str, frozenset[str]], keys: Iterable[str], value: str) -> None:
+    for key in keys:
+        index[key] = index.get(key, frozenset()) | {value}
+
+
+def _discard(index: dict[str, frozenset[str]], keys: Iterable[str], value: str) -> None:
+    for key in keys:
+        rest = index.get(key, frozenset()) - {value}
+        if rest:
+            index[key] = rest
+        else:
+            index.pop(key, None)
+
+
+@dataclass
+class _Index:
+    """Look-ups over one snapshot; a derived snapshot derives its index from the previous one
+    instead of walking every view again."""
+
+    by_id: dict[str, ArrayView]
+    position: dict[str, int]
+    by_label: dict[str, frozenset[str]]
+    by_md: dict[str, frozenset[str]]
+    by_device: dict[str, frozenset[str]]
+    no_md: frozenset[str]
+    attachments_by_target: dict[str, tuple[Attachment, ...]]
+    ids_by_target: dict[str, frozenset[str]]
+    sessions_by_target: dict[str, tuple[IscsiSession, ...]]
+    session_by_name: dict[str, IscsiSession]
+    session_by_host: dict[str, str]
+    session_views: dict[str, tuple[SessionView, ...]]
+
+    @classmethod
+    def of(cls, snapshot: HostSnapshot) -> _Index:
+        index = cls({}, {}, {}, {}, {}, frozenset(), {}, {}, {}, {}, {}, {})
+        for position, view in enumerate(snapshot.arrays):
+            index.position[view.attachment.id] = position
+            index.enter(view)
+        index.attachments_by_target = _attachments_by_target(snapshot.attachments)
+        index.index_sessions(snapshot.iscsi.sessions)
+        for view in snapshot.sessions:
+            index.session_views[view.target] = (*index.session_views.get(view.target, ()), view)
+        return index
+
+    def index_sessions(self, sessions: Iterable[IscsiSession]) -> None:
+        by_target: dict[str, list[IscsiSession]] = {}
+        self.session_by_name, self.session_by_host = {}, {}
+        for s in sessions:
+            by_target.setdefault(s.target, []).append(s)
+            self.session_by_name[s.name] = s
+            if s.host:
+                self.session_by_host[s.host] = s.name
+        self.sessions_by_target = {t: tuple(found) for t, found in by_target.items()}
+
+    def enter(self, view: ArrayView) -> None:
+        a = view.attachment
+        self.by_id[a.id] = view
+        md, devices = _view_keys(view)
+        _add(self.by_label, (view.label,), a.id)
+        _add(self.by_md, md, a.id)
+        _add(self.by_device, devices, a.id)
+        _add(self.ids_by_target, (a.target,) if a.target else (), a.id)
+        if view.md is None:
+            self.no_md = self.no_md | {a.id}
+
+    def leave(self, view: ArrayView) -> None:
+        a = view.attachment
+        del self.by_id[a.id]
+        md, devices = _view_keys(view)
+        _discard(self.by_label, (view.label,), a.id)
+        _discard(self.by_md, md, a.id)
+        _discard(self.by_device, devices, a.id)
+        _discard(self.ids_by_target, (a.target,) if a.target else (), a.id)
+        self.no_md = self.no_md - {a.id}
+
+    def copy(self) -> _Index:
+        return _Index(
+            dict(self.by_id),
+            self.position,
+            dict(self.by_label),
+            dict(self.by_md),
+            dict(self.by_device),
+            self.no_md,
+            self.attachments_by_target,
+            dict(self.ids_by_target),
+            self.sessions_by_target,
+            self.session_by_name,
+            self.session_by_host,
+            dict(self.session_views),
+        )
+
+
+def _attachments_by_target(attachments: Iterable[Attachment]) -> dict[str, tuple[Attachment, ...]]:
+    by_target: dict[str, list[Attachment]] = {}
+    for a in attachments:
+        if a.target:
+            by_target.setdefault(a.target, []).append(a)
+    return {t: tuple(found) for t, found in by_target.items()}
+
+
+class _Update:
+    """HostSnapshot.update, one step at a time: files, md arrays, sessions, then the views they touch."""
+
+    def __init__(self, old: HostSnapshot, paths: HostPaths, changes: Changes):
+        self.old = old
+        self.paths = paths
+        self.changes = changes
+        self.index = old._index
+        self.sources = dict(old.sources)
+        self.files = dict(old.files)
+
+    def run(self) -> HostSnapshot:
+        old, changes = self.old, self.changes
+        md_names, session_names = self._names_from_devices()
+        attachments, hotplug, stale = self._files()
+        md, md_errors, changed_md, md_appeared = self._md(md_names | changes.md)
+        iscsi, iscsi_errors, changed_sessions = self._sessions(session_names | changes.sessions)
+
+        index = self.index.copy()
+        if iscsi is not old.iscsi:
+            index.index_sessions(iscsi.sessions)
+        if attachments is not old.attachments:
+            index.attachments_by_target = _attachments_by_target(attachments)
+
+        # Which views to rebuild.
+        old_by_id = {a.id: a for a in old.attachments} if attachments is not old.attachments else None
+        new_by_id = {a.id: a for a in attachments} if old_by_id is not None else None
+        todo: set[str] = set()
+        targets: set[str] = set()
+        if changes.everything:
+            todo.update(self.index.by_id)  # devfs links may have moved too
+        if old_by_id is not None and new_by_id is not None:
+            for key in old_by_id.keys() | new_by_id.keys():
+                before, after = old_by_id.get(key), new_by_id.get(key)
+                if before != after:
+                    todo.add(key)
+                    targets.update(a.target for a in (before, after) if a is not None and a.target)
+            if [(a.target, a.portal) for a in old.attachments] != [(a.target, a.portal) for a in attachments]:
+                targets.update(index.attachments_by_target)
+                targets.update(self.index.attachments_by_target)
+        for name in changed_md:
+            todo.update(self.index.by_md.get(name, ()))
+        if md_appeared:
+            todo.update(self.index.no_md)
+        for session in changed_sessions:
+            targets.add(session)
+        for target in targets:
+            todo.update(self.index.ids_by_target.get(target, ()))
+        if stale is not old.stale:
+            before = {r.label: r for r in old.stale}
+            after = {r.label: r for r in stale}
+            for label in before.keys() | after.keys():
+                if before.get(label) != after.get(label):
+                    todo.update(self.index.by_label.get(label, ()))
+        stale_by_label = {r.label: r for r in stale}
+        if new_by_id is not None:
+            todo.update(i for i, a in new_by_id.items() if i not in self.index.by_id)
+        current = new_by_id if new_by_id is not None else None
+
+        # Rebuild them, keeping every view that reads the same.
+        changed: set[str] = set()
+        reorder = False
+        sessions_by_target = index.sessions_by_target
+        for key in todo:
+            before_view = self.index.by_id.get(key)
+            a = current.get(key) if current is not None else before_view.attachment if before_view else None
+            view = None
+            if a is not None and a.label is not None:
+                view = _view_of(a, md.arrays, sessions_by_target, stale_by_label, self.paths)  # type: ignore[arg-type]
+                if before_view is not None and view == before_view:
+                    continue
+            if before_view is not None:
+                index.leave(before_view)
+            if view is not None:
+                index.enter(view)
+            changed.add(key)
+            if before_view is None or view is None or view.label != before_view.label:
+                reorder = True
+
+        if reorder:
+            arrays = tuple(sorted(index.by_id.values(), key=lambda v: _array_order(v.attachment)))
+            index.position = {v.attachment.id: i for i, v in enumerate(arrays)}
+        elif changed:
+            as_list = list(old.arrays)
+            for key in changed:
+                as_list[index.position[key]] = index.by_id[key]
+            arrays = tuple(as_list)
+        else:
+            arrays = old.arrays
+
+        sessions, changed_targets = self._session_views(index, targets, attachments)
+        snapshot = HostSnapshot(
+            taken=time.time(),
+            attachments=attachments,
+            arrays=arrays,
+            sessions=sessions,
+            md=md,
+            iscsi=iscsi,
+            stale=stale,
+            hotplug=hotplug,
+            sources=self.sources,
+            md_errors=md_errors,
+            iscsi_errors=iscsi_errors,
+            files=self.files,
+            changed=frozenset(changed),
+            changed_targets=frozenset(changed_targets),
+        )
+        snapshot.__dict__["_index"] = index
+        return snapshot
+
+    def _names_from_devices(self) -> tuple[set[str], set[str]]:
+        """md arrays and sessions to re-read for the kernel names an event gave."""
+        md: set[str] = set()
+        sessions: set[str] = set()
+        index = self.index
+        for name in self.changes.devices:
+            if name.startswith("md"):
+                md.add(name)
+            elif name.startswith("session"):
+                sessions.add(name)
+            elif name.startswith("connection"):
+                sessions.add("session" + name[len("connection") :].split(":", 1)[0])
+            elif name.count(":") == 3:  # a SCSI device H:C:T:L
+                host = index.session_by_host.get("host" + name.split(":", 1)[0])
+                if host:
+                    sessions.add(host)
+            elif name.startswith("host") and name in index.session_by_host:
+                sessions.add(index.session_by_host[name])
+            for key in index.by_device.get(name, ()):
+                view = index.by_id[key]
+                md.update(_view_keys(view)[0])
+                if view.session is not None:
+                    sessions.add(view.session.name)
+        return md, sessions
+
+    def _files(self) -> tuple[tuple[Attachment, ...], HotplugStats, tuple[StaleRecord, ...]]:
+        old, paths = self.old, self.paths
+        registry = Registry(paths)
+        records = StaleRecords(paths)
+        everything = self.changes.everything
+        attachments, hotplug, stale = old.attachments, old.hotplug, old.stale
+        for name, path in (
+            ("registry", registry.directory),
+            ("hotplug", registry.stats_path),
+            ("stale", records.directory),
+        ):
+            signature = FileSignature.of(path)
+            if not (everything or signature.moved_since(self.files.get(name))):
+                continue
+            self.files[name] = signature
+            if name == "registry":
+                new = tuple(_read_registry(self.sources, registry))
+                attachments = old.attachments if new == old.attachments else new
+            elif name == "hotplug":
+                new_stats = _timed(self.sources, name, registry.read_stats, HotplugStats())
+                hotplug = old.hotplug if new_stats == old.hotplug else new_stats
+            else:
+                new_stale = tuple(_read_stale(self.sources, records))
+                stale = old.stale if new_stale == old.stale else new_stale
+        return attachments, hotplug, stale
+
+    def _md(self, names: set[str]):
+        old = self.old
+        sysfs = self.paths.sysfs
+        if not names and not self.changes.everything:
+            return old.md, old.md_errors, set(), False
+        started = time.perf_counter()
+        errors = dict(old.md_errors or {})
+        if self.changes.everything:
+            listed, listing = md_array_names(sysfs)
+            names = names | set(listed) | set(old.md.arrays)
+            errors.pop("", None)
+            if listing:
+                errors[""] = tuple(listing)
+        arrays = dict(old.md.arrays)
+        changed: set[str] = set()
+        appeared = False
+        for name in names:
+            array, array_errors = read_md_array_errors(sysfs, name)
+            before = arrays.get(name)
+            if array_errors:
+                errors[name] = tuple(array_errors)
+            else:
+                errors.pop(name, None)
+            if array is None:
+                if before is not None:
+                    del arrays[name]
+                    changed.add(name)
+                continue
+            if before is None:
+                appeared = True
+            elif array == before:
+                continue
+            arrays[name] = array
+            changed.add(name)
+        if appeared or any(n not in arrays for n in old.md.arrays):
+            arrays = {name: arrays[name] for name in sorted(arrays)}
+        md = MdReadResult(arrays, _flat_errors(errors, sorted))
+        self.sources["md"] = SourceResult(time.perf_counter() - started, tuple(md.errors))
+        return md, errors, changed, appeared
+
+    def _sessions(self, names: set[str]):
+        old = self.old
+        sysfs = self.paths.sysfs
+        if not names and not self.changes.everything:
+            return old.iscsi, old.iscsi_errors, set()
+        started = time.perf_counter()
+        errors = dict(old.iscsi_errors or {})
+        if self.changes.everything:
+            listed, listing = iscsi_session_names(sysfs)
+            names = names | set(listed) | set(self.index.session_by_name)
+            errors.pop("", None)
+            if listing:
+                errors[""] = tuple(listing)
+        by_name = dict(self.index.session_by_name)
+        changed_targets: set[str] = set()
+        for name in names:
+            session, session_errors = read_iscsi_session(sysfs, name)
+            if session_errors:
+                errors[name] = tuple(session_errors)
+            else:
+                errors.pop(name, None)
+            before = by_name.get(name)
+            if session == before:
+                continue
+            for s in (before, session):
+                if s is not None:
+                    changed_targets.add(s.target)
+            if session is None:
+                del by_name[name]
+            else:
+                by_name[name] = session
+        if changed_targets:
+            sessions = [by_name[n] for n in sorted(by_name, key=session_sid)]
+        else:
+            sessions = old.iscsi.sessions
+        iscsi = IscsiReadResult(sessions, _flat_errors(errors, lambda ns: sorted(ns, key=session_sid)))
+        self.sources["iscsi"] = SourceResult(time.perf_counter() - started, tuple(iscsi.errors))
+        return iscsi, errors, changed_targets
+
+    def _session_views(
+        self, index: _Index, targets: set[str], attachments: tuple[Attachment, ...]
+    ) -> tuple[tuple[SessionView, ...], set[str]]:
+        old = self.old
+        changed: set[str] = set()
+        for target in targets:
+            before = index.session_views.get(target)
+            expected = target in index.attachments_by_target
+            if not expected:
+                if before is not None:
+                    del index.session_views[target]
+                    changed.add(target)
+                continue
+            views = _session_views(
+                target, index.sessions_by_target.get(target, ()), index.attachments_by_target[target]
+            )
+            if before is not None:
+                views = [b if b == v else v for b, v in zip(before, views, strict=False)] + views[
+                    len(before) :
+                ]
+            new = tuple(views)
+            if new != before or before is None or any(a is not b for a, b in zip(new, before, strict=False)):
+                index.session_views[target] = new
+                changed.add(target)
+        if not changed:
+            return old.sessions, changed
+        sessions = tuple(v for t in sorted(index.session_views) for v in index.session_views[t])
+        return sessions, changed
 
 
 def _session_for(a: Attachment, sessions: list[IscsiSession]) -> tuple[IscsiSession | None, ScsiLun | None]:

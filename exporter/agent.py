@@ -1,10 +1,12 @@
 """iscsimple-agent: Prometheus exporter and health checks for mirrored iSCSI disks.
 
 Entry point only: flags, logging, wiring. The parts:
-- refresh.Refresher reads the host into one HostSnapshot (the only thread that reads);
-- events.* (udev, /proc/mdstat poll) and the apscheduler jobs ask it to refresh;
-- health.HealthChecker logs state changes and runs the checks after each refresh;
-- exposition.render turns the snapshot into bytes; web.AgentHTTPServer serves them.
+- refresh.Refresher keeps one HostSnapshot (its thread is the only one that reads),
+  deriving each from the previous one by re-reading what changed;
+- events.* (udev, /proc/mdstat) say what changed; the apscheduler jobs ask for the
+  poll of what the kernel does not announce and, rarely, a full sweep;
+- health.HealthChecker and safety.Safety observe each snapshot;
+- exposition.Renderer turns it into bytes; web.AgentHTTPServer serves them.
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ from iscsimple import __version__ as VERSION
 from iscsimple.core.atomic import write_atomic
 from iscsimple.core.errors import InputError
 from iscsimple.core.paths import DEFAULT_CONFIG, DEFAULT_RECORDS, DEFAULT_STATE, HostPaths, require_given_dirs
-from iscsimple.core.snapshot import HostSnapshot
+from iscsimple.core.snapshot import EVERYTHING, Changes, HostSnapshot
 
-from .collectors import default_collectors
-from .events import MdstatWatcher, UdevWatcher, udev_monitor
-from .health import HealthChecker, HealthCollector
+from .collectors import Context, default_collectors
+from .events import ChangePoll, MdstatDiff, MdstatWatcher, UdevWatcher, udev_monitor
+from .health import HealthChecker
 from .refresh import Refresher, Watcher
-from .safety import Safety, SafetyCollector
+from .safety import Safety
 from .web import AgentHTTPServer, Endpoints
 from .webconfig import WebConfig, load_web_config
 
@@ -44,12 +46,16 @@ log = logging.getLogger("iscsimple.agent")
 # wiki, with no exporter found on it in what we could search (see README "Agent").
 DEFAULT_PORT = 9977
 DEFAULT_LISTEN = f":{DEFAULT_PORT}"
+# The full re-read behind the events and the poll. It costs about 0.6 ms of CPU per array
+# (bench/scrape.py), so at thousands of arrays it is the largest cost of an idle agent.
+DEFAULT_SWEEP = 1800.0
 
 
 @dataclass
 class AgentOptions:
     paths: HostPaths
-    refresh_interval: float = 10.0
+    refresh_interval: float = 10.0  # the poll of sync progress and session states
+    sweep_interval: float = DEFAULT_SWEEP
     stall_after: float = 300.0
     udev: bool = True
     mdstat_events: bool = True
@@ -67,14 +73,22 @@ class Agent:
     def __init__(self, options: AgentOptions):
         self.options = options
         self.health = HealthChecker(stall_after=options.stall_after)
-        self.refresher = Refresher(lambda: HostSnapshot.read(options.paths))
-        collectors = default_collectors(self.refresher.snapshot)
+        paths = options.paths
+        self.mdstat = MdstatDiff(paths.procfs / "mdstat")
+
+        def read(previous: HostSnapshot | None, changes: Changes) -> HostSnapshot:
+            if previous is None:
+                self.mdstat.read()  # what later md events and polls are compared with
+                return HostSnapshot.read(paths)
+            return previous.update(paths, changes)
+
+        self.refresher = Refresher(read, poll=ChangePoll(paths.sysfs, self.mdstat))
         # Data safety (exporter/safety.py, docs/data-safety.md): stale-copy records, heal, their metrics.
-        self.safety = Safety.for_host(options.paths, heal=options.heal)
-        collectors.append(SafetyCollector(self.refresher.snapshot, self.safety))
-        collectors.append(HealthCollector(self.refresher.snapshot, self.health))
-        self.refresher.collectors = collectors
-        self.refresher.watchers = [self.health.observe, self.safety, *options.watchers]
+        self.safety = Safety.for_host(paths, heal=options.heal)
+        self.refresher.collectors = default_collectors(
+            Context(self.refresher.snapshot, self.health, self.safety)
+        )
+        self.refresher.watchers = [self.health, self.safety, *options.watchers]
         self.scheduler = BackgroundScheduler(daemon=True)
         self._watchers: list[UdevWatcher | MdstatWatcher] = []
         self.started = threading.Event()
@@ -86,18 +100,22 @@ class Agent:
         self.refresher.start()
         o = self.options
         if o.mdstat_events:
-            self._watchers.append(MdstatWatcher(o.paths.procfs / "mdstat", self.refresher.request).start())
+            self._watchers.append(
+                MdstatWatcher(o.paths.procfs / "mdstat", self.refresher.request, diff=self.mdstat).start()
+            )
         if o.udev:
             monitor = udev_monitor_factory()
             if monitor is not None:
                 self._watchers.append(UdevWatcher(monitor, self.refresher.request).start())
         self.scheduler.add_job(
+            self.refresher.request_poll, "interval", seconds=o.refresh_interval, id="poll", coalesce=True
+        )
+        self.scheduler.add_job(
             self.refresher.request,
             "interval",
-            args=["schedule"],
-            seconds=o.refresh_interval,
-            id="refresh",
-            max_instances=1,
+            args=["full sweep", EVERYTHING],
+            seconds=o.sweep_interval,
+            id="sweep",
             coalesce=True,
         )
         if self.safety.probe.settings.configured:
@@ -270,7 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
         dest="refresh_interval",
         type=_seconds,
         default=10.0,
-        help="re-read the host at least this often (events refresh at once); default 10s",
+        help="look for sync progress and session state changes this often (events refresh at once); "
+        "default 10s",
+    )
+    p.add_argument(
+        "--refresh.sweep-interval",
+        dest="sweep_interval",
+        type=_seconds,
+        default=DEFAULT_SWEEP,
+        help="re-read every array and session this often, whatever the events said; default 30m",
     )
     p.add_argument(
         "--health.stall-after",
@@ -358,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     options = AgentOptions(
         paths=paths,
         refresh_interval=args.refresh_interval,
+        sweep_interval=args.sweep_interval,
         stall_after=args.stall_after,
         # udev reports this machine's devices: meaningless when reading another tree.
         udev=args.udev and args.sysfs == Path("/sys"),

@@ -6,8 +6,13 @@
   recovery started or ended) and wakes pollers with POLLPRI|POLLERR, which is how
   `mdadm --monitor` waits (select() on exceptfds). The file must then be read
   again (from the start) to re-arm the notification.
-Each watcher runs in its own daemon thread and only calls `on_event(reason)`;
-the refresher coalesces bursts.
+Each watcher runs in its own daemon thread and only calls `on_event(reason, changes)`,
+naming what changed (udev: the device; mdstat: the arrays whose lines differ), so the
+refresher re-reads only that; it coalesces bursts.
+
+The kernel announces neither a resync's progress nor an iSCSI session's state change,
+so `ChangePoll` (run by the refresher on its schedule) looks at the two cheap places
+that show them: /proc/mdstat while an array syncs, and each session's `state`.
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
+
+from iscsimple.core.iscsi import read_session_states
+from iscsimple.core.mdstat import MdstatError, mdstat_blocks, parse_mdstat
+from iscsimple.core.snapshot import Changes, HostSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +59,74 @@ def udev_monitor() -> Monitor | None:
         return None
 
 
+OnEvent = Callable[[str, Changes], None]
+
+
+class MdstatDiff:
+    """Which arrays' lines of /proc/mdstat changed since the last read, and which arrays sync.
+
+    Shared by the md event watcher and the refresher's poll (under a lock)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.syncing: frozenset[str] = frozenset()
+        self._blocks: dict[str, str] | None = None
+        self._lock = threading.Lock()
+
+    def read(self) -> set[str]:
+        try:
+            with open(self.path, "rb") as f:
+                text = f.read()
+        except OSError:
+            return set()
+        return self.changed(text)
+
+    def changed(self, text: bytes | str) -> set[str]:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", "replace")
+        blocks = mdstat_blocks(text)
+        with self._lock:
+            before, self._blocks = self._blocks, blocks
+            if before is None:
+                changed = set(blocks)
+            else:
+                changed = {n for n in before.keys() | blocks.keys() if before.get(n) != blocks.get(n)}
+            syncing = set(self.syncing & blocks.keys())
+            for name in changed & blocks.keys():
+                syncing.discard(name)
+                if _syncs(blocks[name]):
+                    syncing.add(name)
+            self.syncing = frozenset(syncing)
+        return changed if before is not None else set()
+
+
+def _syncs(block: str) -> bool:
+    try:
+        (array,) = parse_mdstat(block + "\n").arrays.values()
+    except (MdstatError, ValueError):
+        return True  # a line we cannot read: keep looking at it
+    return array.progress is not None or array.sync_state is not None
+
+
+class ChangePoll:
+    """The scheduled look for what the kernel does not announce (run in the refresh thread)."""
+
+    def __init__(self, sysfs: Path, mdstat: MdstatDiff | None):
+        self.sysfs = sysfs
+        self.mdstat = mdstat
+
+    def __call__(self, snapshot: HostSnapshot) -> Changes:
+        md: set[str] = set()
+        if self.mdstat is not None and self.mdstat.syncing:
+            md = self.mdstat.read()
+        known = {s.name: s.state for s in snapshot.iscsi.sessions}
+        states = read_session_states(self.sysfs)
+        sessions = {n for n in known.keys() | states.keys() if known.get(n, "?") != states.get(n, "?")}
+        return Changes(md=frozenset(md), sessions=frozenset(sessions))
+
+
 class UdevWatcher:
-    def __init__(self, monitor: Monitor, on_event: Callable[[str], None]):
+    def __init__(self, monitor: Monitor, on_event: OnEvent):
         self.monitor = monitor
         self.on_event = on_event
         self._stop = threading.Event()
@@ -77,7 +152,8 @@ class UdevWatcher:
             name = getattr(device, "sys_name", None) or "?"
             subsystem = getattr(device, "subsystem", None) or "?"
             log.debug("udev: %s %s %s", action, subsystem, name)
-            self.on_event(f"udev {action} {subsystem} {name}")
+            changes = Changes(devices=frozenset({name})) if name != "?" else Changes(everything=True)
+            self.on_event(f"udev {action} {subsystem} {name}", changes)
 
 
 class MdstatWatcher:
@@ -86,12 +162,14 @@ class MdstatWatcher:
     def __init__(
         self,
         path: Path,
-        on_event: Callable[[str], None],
+        on_event: OnEvent,
         opener: Callable[[], Any] | None = None,
         poll_timeout: float = 1.0,
+        diff: MdstatDiff | None = None,
     ):
         self.path = Path(path)
         self.on_event = on_event
+        self.diff = diff or MdstatDiff(self.path)
         self.opener = opener or (lambda: open(self.path, "rb"))  # noqa: SIM115 - kept open on purpose
         self.poll_timeout = poll_timeout
         self._stop = threading.Event()
@@ -111,19 +189,20 @@ class MdstatWatcher:
             log.info("not watching %s for md events: %s", self.path, e.strerror or e)
             return
         with f:
-            _rearm(f)
+            self.diff.changed(_rearm(f))
             poller = select.poll()
             poller.register(f.fileno(), select.POLLPRI | select.POLLERR)
             while not self._stop.is_set():
                 events = poller.poll(self.poll_timeout * 1000)
                 if not any(mask & (select.POLLPRI | select.POLLERR) for _, mask in events):
                     continue
-                _rearm(f)
-                self.on_event("md event (/proc/mdstat)")
+                changed = self.diff.changed(_rearm(f))
+                if changed:
+                    self.on_event("md event (/proc/mdstat)", Changes(md=frozenset(changed)))
 
 
-def _rearm(f) -> None:
+def _rearm(f) -> bytes:
     """Reading mdstat from the start acknowledges the event (md_seq_start stores the counter)."""
     with contextlib.suppress(OSError, ValueError):
         f.seek(0)
-    f.read()
+    return f.read() or b""

@@ -7,7 +7,7 @@ in the refresh thread, compares with what it saw before and:
 - flags a resync/recovery that makes no progress for `stall_after` seconds;
 - flags write-mostly on the wrong leg (reads would cross the network);
 - counts session up/down changes and flags a session that flaps.
-Its verdicts are exported by HealthCollector from an immutable HealthReport.
+Its verdicts are exported by collectors.health from an immutable HealthReport.
 """
 
 from __future__ import annotations
@@ -15,14 +15,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from prometheus_client.core import CounterMetricFamily, Metric
-
 from iscsimple.core.snapshot import ArrayView, HostSnapshot, SessionView
-
-from .collectors.base import SnapshotCollector, gauge
 
 log = logging.getLogger("iscsimple.agent")
 
@@ -179,50 +175,3 @@ def _log_array_changes(old: ArrayView | None, new: ArrayView, first: bool) -> No
         log.warning("%s is unprotected: local leg %s, the VM depends on iSCSI alone", vm, new.local.state)
     elif old_unprotected and not new.unprotected:
         log.info("%s is protected again: local leg in sync", vm)
-
-
-class HealthCollector(SnapshotCollector):
-    """Exports the HealthReport of the snapshot just observed."""
-
-    name = "health"
-    sources = ()
-
-    def __init__(self, current: Callable[[], HostSnapshot], checker: HealthChecker):
-        super().__init__(current)
-        self.checker = checker
-
-    def families(self, snapshot: HostSnapshot) -> Iterable[Metric]:
-        report = self.checker.report
-        stalled = gauge(
-            "iscsimple_array_sync_stalled",
-            "1 when the array's resync/recovery has not advanced for the agent's stall time: the mirror "
-            "will not become whole by itself. Check the leg being written and the md log in dmesg.",
-            ["label"],
-        )
-        wrong = gauge(
-            "iscsimple_array_write_mostly_wrong",
-            "1 when write-mostly is on the wrong leg (the local one): VM reads cross the network. Fix it "
-            "with: echo -writemostly > /sys/block/MD/md/dev-LOCAL/state, then writemostly on the iSCSI leg.",
-            ["label"],
-        )
-        flapping = gauge(
-            "iscsimple_iscsi_session_flapping",
-            "1 when the session went up/down repeatedly within the agent's flap window: a bad network "
-            "path or target; mirrors on it may go in and out of local-only.",
-            ["target", "portal"],
-        )
-        changes = CounterMetricFamily(
-            "iscsimple_iscsi_session_changes",
-            "Session up/down changes the agent saw (catches flaps shorter than the scrape interval).",
-            labels=["target", "portal"],
-        )
-        for view in snapshot.arrays:
-            if view.md is None:
-                continue
-            stalled.add_metric([view.label], 1.0 if view.label in report.stalled else 0.0)
-            wrong.add_metric([view.label], 1.0 if view.label in report.write_mostly_wrong else 0.0)
-        for view in snapshot.sessions:
-            key = (view.target, view.portal)
-            flapping.add_metric(list(key), 1.0 if key in report.flapping else 0.0)
-            changes.add_metric(list(key), float(report.session_changes.get(key, 0)))
-        return stalled, wrong, flapping, changes

@@ -1,11 +1,13 @@
 """The agent's snapshot: read by one thread, swapped atomically, served to everyone.
 
-`Refresher` owns the only thread that reads the host. Events and the schedule
-call `request(reason)`; bursts (a udev storm while a target logs out) collapse
-into one read. After each read it runs the watchers (state-change logging,
-health checks, and later actions such as heal) and renders the exposition, then
-publishes the result with one reference assignment: a scrape sees the old or
-the new snapshot, never a mix.
+`Refresher` owns the only thread that reads the host. Events call `request(reason,
+changes)` naming what changed; the schedule calls `request_poll()` (look at what the
+kernel does not announce) and, rarely, asks for a full sweep. Bursts (a udev storm
+while a target logs out) collapse into one update whose changes are the union. Each
+update derives the next HostSnapshot from the previous one, re-reading only what
+changed; then the watchers run (state-change logging, health checks, data safety) and
+the exposition is rendered from cached per-array pieces, and the result is published
+with one reference assignment: a scrape sees the old or the new snapshot, never a mix.
 """
 
 from __future__ import annotations
@@ -14,38 +16,61 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
-from iscsimple.core.snapshot import HostSnapshot
+from iscsimple.core.snapshot import EVERYTHING, Changes, HostSnapshot
 
 from .collectors.base import SnapshotCollector
-from .exposition import Rendered, render
+from .exposition import Rendered, Renderer
 
 log = logging.getLogger(__name__)
 
-Watcher = Callable[[HostSnapshot], object]
+
+class Watcher(Protocol):
+    """Acts on each new snapshot in the refresh thread (health checks, data safety)."""
+
+    def observe(self, snapshot: HostSnapshot, /) -> object: ...
+
+
+# read(previous snapshot or None, what changed) -> the new snapshot
+Read = Callable[[HostSnapshot | None, Changes], HostSnapshot]
+Poll = Callable[[HostSnapshot], Changes]
 
 
 class Refresher:
     def __init__(
         self,
-        read: Callable[[], HostSnapshot],
+        read: Read,
         collectors: Sequence[SnapshotCollector] = (),
         watchers: Sequence[Watcher] = (),
         min_gap: float = 0.05,
+        poll: Poll | None = None,
     ):
         self.read = read
-        self.collectors = list(collectors)
         self.watchers = list(watchers)
         self.min_gap = min_gap
+        self.poll = poll
+        self.renderer = Renderer(collectors)
         self.current: Rendered | None = None
         self.refreshes = 0
         self.last_error: str | None = None
         self._wanted = threading.Event()
         self._stop = threading.Event()
         self._done = threading.Condition()
+        self._pending_lock = threading.Lock()
         self._reasons: list[str] = []
+        self._changes = Changes()
+        self._poll_wanted = False
         self._snapshot: HostSnapshot | None = None
         self.thread = threading.Thread(target=self._run, name="refresh", daemon=True)
+
+    @property
+    def collectors(self) -> list[SnapshotCollector]:
+        return self.renderer.collectors
+
+    @collectors.setter
+    def collectors(self, collectors: Sequence[SnapshotCollector]) -> None:
+        self.renderer = Renderer(collectors)
 
     def snapshot(self) -> HostSnapshot:
         """The snapshot being rendered (collectors call this; pinned during one render)."""
@@ -61,20 +86,31 @@ class Refresher:
         self._stop.set()
         self._wanted.set()
 
-    def request(self, reason: str) -> None:
-        self._reasons.append(reason)
+    def request(self, reason: str, changes: Changes = EVERYTHING) -> None:
+        """Re-read what `changes` names (by default everything) as soon as possible."""
+        with self._pending_lock:
+            self._reasons.append(reason)
+            self._changes = self._changes | changes
         self._wanted.set()
 
-    def refresh_now(self) -> Rendered:
-        """Read and render in the caller's thread (--once, tests, start-up)."""
-        snapshot = self.read()
+    def request_poll(self, reason: str = "schedule") -> None:
+        """Look at what the kernel does not announce (sync progress, session states)."""
+        with self._pending_lock:
+            self._reasons.append(reason)
+            self._poll_wanted = True
+        self._wanted.set()
+
+    def refresh_now(self, changes: Changes = EVERYTHING) -> Rendered:
+        """Update and render in the caller's thread (--once, tests, start-up)."""
+        previous = self._snapshot
+        snapshot = self.read(previous, changes)
         self._snapshot = snapshot
         for watcher in self.watchers:
             try:
-                watcher(snapshot)
+                watcher.observe(snapshot)
             except Exception:
                 log.exception("watcher %r failed", watcher)
-        rendered = render(snapshot, self.collectors)
+        rendered = self.renderer.render(snapshot)
         self.current = rendered
         with self._done:
             self.refreshes += 1
@@ -86,17 +122,27 @@ class Refresher:
         with self._done:
             return self._done.wait_for(lambda: self.refreshes > after, timeout)
 
+    def _take(self) -> tuple[list[str], Changes, bool]:
+        with self._pending_lock:
+            reasons, self._reasons = self._reasons, []
+            changes, self._changes = self._changes, Changes()
+            poll, self._poll_wanted = self._poll_wanted, False
+        return reasons, changes, poll
+
     def _run(self) -> None:
         while not self._stop.is_set():
             self._wanted.wait()
             if self._stop.is_set():
                 return
             self._wanted.clear()
-            reasons, self._reasons = self._reasons, []
+            reasons, changes, poll = self._take()
             log.debug("refreshing: %s", ", ".join(reasons[:5]) or "requested")
             started = time.monotonic()
             try:
-                self.refresh_now()
+                if poll and self.poll is not None and self._snapshot is not None:
+                    changes = changes | self.poll(self._snapshot)
+                if changes or self._snapshot is None or poll:
+                    self.refresh_now(changes)
                 self.last_error = None
             except Exception as e:  # keep serving the previous snapshot
                 self.last_error = str(e)

@@ -12,7 +12,7 @@ snapshot just read:
    and the LUN have looked healthy for `stable_seconds`, doubling that wait after
    each failed or aborted heal (capped), holds the hotplug's label lock while it
    acts, and re-checks everything under the lock before running mdadm.
-3. `SafetyCollector` exports `iscsimple_array_iscsi_stale{label,domain}`,
+3. `collectors.safety.SafetyCollector` exports `iscsimple_array_iscsi_stale{label,domain}`,
    `iscsimple_heal_operations_total{result}` and `iscsimple_heal_enabled`.
 
 Crash safety: all state that matters is on disk (the record) or in the kernel
@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from prometheus_client.core import CounterMetricFamily, Metric
 
 from iscsimple.core.bitmap import ArrayBitmap, array_bitmaps
 from iscsimple.core.cluster import ClusterGuard, ClusterSettings, ClusterUnreachable, check_before_writing_lun
@@ -41,7 +39,6 @@ from iscsimple.core.run import Deadline, run
 from iscsimple.core.safety import (
     HealBlocked,
     HealPlan,
-    migrate_blockers,
     plan_heal,
     recovery_complete,
     stale_record,
@@ -49,10 +46,9 @@ from iscsimple.core.safety import (
 from iscsimple.core.snapshot import ArrayView, HostSnapshot
 from iscsimple.core.stale import StaleRecord, StaleRecords
 
-from .collectors.base import SnapshotCollector, gauge
-
 log = logging.getLogger("iscsimple.agent.safety")
 
+BITMAP_RESCAN = 10.0  # seconds between two reads of the bitmaps of degraded arrays
 LOCK_WAIT = 2.0  # a hotplug holds the label: try again on the next refresh
 HEAL_RESULTS = ("success", "failure", "aborted")  # always exported; skipped_<reason> when seen
 HEAL_MODES = ("full", "partial")  # skips are counted with mode "none": no heal ran
@@ -328,11 +324,15 @@ class SafetyState:
 
     taken: float | None = None
     standing: dict[str, StaleRecord] = field(default_factory=dict)
-    bitmaps: list[ArrayBitmap] = field(default_factory=list)
+    bitmap_by_label: dict[str, ArrayBitmap] = field(default_factory=dict)
+
+    @property
+    def bitmaps(self) -> list[ArrayBitmap]:
+        return list(self.bitmap_by_label.values())
 
 
 class Safety:
-    """The agent's watcher (call it with each snapshot) and the source of SafetyCollector."""
+    """The agent's watcher (observe each snapshot) and the source of SafetyCollector."""
 
     def __init__(self, detector: StaleDetector, healer: Healer, probe: ClusterProbe | None = None):
         self.detector = detector
@@ -340,6 +340,12 @@ class Safety:
         self.probe = probe or ClusterProbe(healer.cluster)
         self.state = SafetyState()
         self._bitmap_errors: set[str] = set()
+        self._bitmap_by_label: dict[str, ArrayBitmap] = {}
+        self._bitmaps_seen: HostSnapshot | None = None
+        self._bitmaps_scanned = float("-inf")
+        self._degraded: set[str] = set()  # attachment ids of degraded arrays
+        self.bitmap_changes: set[str] | None = None  # labels whose bitmap moved on the last pass
+        self.clock = time.monotonic
 
     @classmethod
     def for_host(cls, paths: HostPaths, *, heal: bool = True, **healer_options) -> Safety:
@@ -364,167 +370,60 @@ class Safety:
             ClusterProbe(options["cluster"]),
         )
 
-    def __call__(self, snapshot: HostSnapshot) -> None:
+    def observe(self, snapshot: HostSnapshot) -> None:
         standing = self.detector.observe(snapshot)
         standing = self.healer.observe(snapshot, standing)
-        bitmaps = array_bitmaps(self.healer.paths, snapshot.arrays)
-        for b in bitmaps:
+        computed = self._bitmaps(snapshot)
+        for b in computed:
             if b.error and b.error not in self._bitmap_errors:
                 log.error("write-intent bitmap of %s: %s (its heals copy the whole disk)", b.label, b.error)
-        self._bitmap_errors = {b.error for b in bitmaps if b.error}
-        self.state = SafetyState(snapshot.taken, standing, bitmaps)
+        self._bitmap_errors = {b.error for b in self._bitmap_by_label.values() if b.error}
+        self.state = SafetyState(snapshot.taken, standing, dict(self._bitmap_by_label))
+
+    def _bitmaps(self, snapshot: HostSnapshot) -> list[ArrayBitmap]:
+        """Bitmaps of the arrays that changed, and of the degraded ones (whose bitmap fills up
+        as the VM writes) every BITMAP_RESCAN seconds; all of them when the snapshot is not
+        derived from the last one seen. `bitmap_changes` names the labels whose result moved."""
+        changed = snapshot.changed_since(self._bitmaps_seen)
+        self._bitmaps_seen = snapshot
+        now = self.clock()
+        if changed is None:
+            keys = [v.attachment.id for v in snapshot.arrays]
+            self._bitmap_by_label = {}
+            self.bitmap_changes = None
+        else:
+            keys = set(changed)
+            if now - self._bitmaps_scanned >= BITMAP_RESCAN:
+                keys |= self._degraded
+            self.bitmap_changes = set()
+        if changed is None or now - self._bitmaps_scanned >= BITMAP_RESCAN:
+            self._bitmaps_scanned = now
+        views = []
+        for key in keys:
+            view = snapshot.by_id(key)
+            if view is None or view.md is None:
+                self._degraded.discard(key)
+                label = view.label if view is not None else None
+                if label is not None and label in self._bitmap_by_label and snapshot.array(label) is view:
+                    del self._bitmap_by_label[label]
+                    if self.bitmap_changes is not None:
+                        self.bitmap_changes.add(label)
+                continue
+            if view.md.degraded:
+                self._degraded.add(key)
+            else:
+                self._degraded.discard(key)
+            views.append(view)
+        computed = array_bitmaps(self.healer.paths, views) if views else []
+        for b in computed:
+            if self._bitmap_by_label.get(b.label) != b:
+                self._bitmap_by_label[b.label] = b
+                if self.bitmap_changes is not None:
+                    self.bitmap_changes.add(b.label)
+        return computed
 
     def standing_for(self, snapshot: HostSnapshot) -> dict[str, StaleRecord]:
         state = self.state
         if state.taken == snapshot.taken:
             return state.standing
         return {r.label: r for r in snapshot.stale}
-
-
-class SafetyCollector(SnapshotCollector):
-    name = "safety"
-    sources = ("registry", "stale")
-
-    def __init__(self, current: Callable[[], HostSnapshot], safety: Safety):
-        super().__init__(current)
-        self.safety = safety
-
-    def families(self, snapshot: HostSnapshot) -> Iterable[Metric]:
-        standing = self.safety.standing_for(snapshot)
-        stale = gauge(
-            "iscsimple_array_iscsi_stale",
-            "1 while a stale-copy record stands for this LABEL: the local leg holds writes its iSCSI copy "
-            "lacks, on this host only. Do not migrate, stop or move the VM, nor start it on another "
-            "host, until the mirror is healed (the record is cleared then).",
-            ["label", "domain"],
-        )
-        seen = set()
-        for view in snapshot.arrays:
-            if view.label in seen:
-                continue
-            seen.add(view.label)
-            stale.add_metric([view.label, view.domain], 1.0 if view.label in standing else 0.0)
-        for label, record in sorted(standing.items()):
-            if label not in seen:  # VM stopped or host rebooted: the record still matters
-                domain = record.domain_name or ("" if record.domain_id is None else str(record.domain_id))
-                stale.add_metric([label, domain], 1.0)
-        yield stale
-        yield from self._cluster_families(snapshot, standing)
-
-        healer = self.safety.healer
-        operations = CounterMetricFamily(
-            "iscsimple_heal_operations_total",
-            "Heals of stale iSCSI copies by result: success (leg re-added, recovering from the local "
-            "leg), failure (an mdadm call failed), aborted (the leg failed again before its recovery "
-            "completed), skipped_<reason> (held back: session down, device not ready, backoff, ...); "
-            "mode: full (the whole disk), partial (only the chunks the write-intent bitmap marks), "
-            "none (skipped).",
-            labels=["result", "mode"],
-        )
-        for (result, mode), count in sorted(healer.counts.items()):
-            operations.add_metric([result, mode], float(count))
-        yield operations
-        enabled = gauge(
-            "iscsimple_heal_enabled",
-            "1 when the agent re-adds a returned iSCSI leg by itself ([heal] enabled in the config); 0: "
-            "stale copies wait for `iscsimple resolve`.",
-            [],
-        )
-        enabled.add_metric([], 1.0 if healer.enabled else 0.0)
-        yield enabled
-        yield from self._bitmaps(snapshot)
-
-    def _bitmaps(self, snapshot: HostSnapshot) -> Iterable[Metric]:
-        state = self.safety.state
-        bitmaps = state.bitmaps if state.taken == snapshot.taken else []
-        active = gauge(
-            "iscsimple_array_bitmap",
-            "1 while md keeps the write-intent bitmap file this host built the mirror with (a heal can "
-            "then copy only what changed in an outage); 0: none, every heal copies the whole disk.",
-            ["label"],
-        )
-        dirty = gauge(
-            "iscsimple_array_out_of_sync_bytes",
-            "While the mirror is degraded: chunks its bitmap marks as written since the iSCSI leg last "
-            "had them, times the chunk size (what a partial heal copies). 0 when not degraded.",
-            ["label"],
-        )
-        eta = gauge(
-            "iscsimple_array_heal_eta_seconds",
-            "While the iSCSI leg recovers: the marked bytes the recovery has still to copy, divided by "
-            "md's current speed.",
-            ["label"],
-        )
-        for b in bitmaps:
-            active.add_metric([b.label], 1.0 if b.active else 0.0)
-            if b.out_of_sync_bytes is not None:
-                dirty.add_metric([b.label], float(b.out_of_sync_bytes))
-            if b.heal_eta_seconds is not None:
-                eta.add_metric([b.label], b.heal_eta_seconds)
-        yield active
-        yield dirty
-        yield eta
-
-    def _cluster_families(self, snapshot: HostSnapshot, standing: dict[str, StaleRecord]) -> Iterable[Metric]:
-        """What the other hosts' guards ask Prometheus about (core/cluster.py), and the guard's health."""
-        host = self.safety.healer.cluster.host
-        lun_labels = ["host", "target", "lun", "label", "domain"]
-        since = gauge(
-            "iscsimple_lun_stale_since_seconds",
-            "Present while a stale-copy record stands for the mirror of this target and LUN on this host: "
-            "when (Unix time) the local leg started holding writes the iSCSI copy lacks. Other hosts' "
-            "attach refuses this LUN while it is reported (cross-host guard).",
-            lun_labels,
-        )
-        for label, record in sorted(standing.items()):
-            if record.target is not None:
-                domain = record.domain_name or ("" if record.domain_id is None else str(record.domain_id))
-                since.add_metric([host, record.target, str(record.lun or 0), label, domain], record.since)
-        yield since
-        attached = gauge(
-            "iscsimple_lun_attached",
-            "1 for each iSCSI LUN attached on this host (a mirror or a plain disk). Another host's heal "
-            "or resolve never writes onto a LUN reported here.",
-            lun_labels,
-        )
-        for a in snapshot.attachments:
-            if a.target is not None:
-                attached.add_metric([host, a.target, str(a.lun), a.label or "", a.domain_name or ""], 1.0)
-        yield attached
-        safe = gauge(
-            "iscsimple_array_safe_to_migrate",
-            "1 when the VM using this mirror may move to another host now: the iSCSI leg is in sync, "
-            "its session is up and no stale record stands (`iscsimple migrate-check` says why not).",
-            ["label", "domain"],
-        )
-        for view in snapshot.arrays:
-            safe.add_metric(
-                [view.label, view.domain], 0.0 if migrate_blockers(view, standing.get(view.label)) else 1.0
-            )
-        yield safe
-        probe = self.safety.probe
-        configured = gauge(
-            "iscsimple_cluster_guard_configured",
-            "1 when [cluster] prometheus_url is set: attach asks Prometheus whether another host holds "
-            "newer writes of the LUN. 0: the cross-host guard is off.",
-            [],
-        )
-        configured.add_metric([], 1.0 if probe.settings.configured else 0.0)
-        yield configured
-        if probe.settings.configured and probe.reachable is not None:
-            reachable = gauge(
-                "iscsimple_cluster_guard_reachable",
-                "1 when the guard's Prometheus answered the last probe (every 30 s). 0: attaches follow "
-                "[cluster] on_unreachable (refuse by default).",
-                [],
-            )
-            reachable.add_metric([], 1.0 if probe.reachable else 0.0)
-            yield reachable
-            if probe.seconds is not None:
-                seconds = gauge(
-                    "iscsimple_cluster_guard_query_seconds",
-                    "How long the guard's last probe query to Prometheus took.",
-                    [],
-                )
-                seconds.add_metric([], probe.seconds)
-                yield seconds

@@ -281,7 +281,7 @@ def test_stalled_resync_and_flapping_session(host):
     now = [1000.0]
     agent = Agent(AgentOptions(paths=host.paths, udev=False, mdstat_events=False))
     agent.health = HealthChecker(stall_after=60, flap_window=600, flap_changes=4, clock=lambda: now[0])
-    agent.refresher.watchers = [agent.health.observe]
+    agent.refresher.watchers = [agent.health]
     agent.refresher.collectors[-1].checker = agent.health
     host.attach("vm0-disk", "vm0", TB, 1)
     host.advance_resync("vm0-disk", 0.5)

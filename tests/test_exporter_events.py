@@ -76,10 +76,12 @@ def test_udev_event_refreshes_without_waiting_for_the_schedule(host):
 
 class OobMdstat:
     """A file whose fileno signals POLLPRI like /proc/mdstat after an md event: a TCP socket
-    receiving urgent data. read() consumes the urgent byte, as reading mdstat re-arms the poll."""
+    receiving urgent data. read() consumes the urgent byte, as reading mdstat re-arms the poll,
+    and returns the text of `mdstat` (what the watcher compares to tell which arrays changed)."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, mdstat=None):
         self.sock = sock
+        self.mdstat = mdstat
         self.reads = 0
 
     def fileno(self):
@@ -91,9 +93,10 @@ class OobMdstat:
     def read(self):
         self.reads += 1
         try:
-            return self.sock.recv(1, socket.MSG_OOB | socket.MSG_DONTWAIT)
+            urgent = self.sock.recv(1, socket.MSG_OOB | socket.MSG_DONTWAIT)
         except OSError:  # EINVAL/EAGAIN: no urgent byte pending
-            return b""
+            urgent = b""
+        return self.mdstat.read_bytes() if self.mdstat is not None else urgent
 
     def __enter__(self):
         return self
@@ -116,7 +119,7 @@ def test_mdstat_poll_event_refreshes_without_waiting_for_the_schedule(host, oob_
     sender, receiver = oob_pair
     agent = Agent(AgentOptions(paths=host.paths, refresh_interval=HOUR, udev=False, mdstat_events=False))
     agent.start()
-    fake = OobMdstat(receiver)
+    fake = OobMdstat(receiver, host.paths.procfs / "mdstat")
     watcher = MdstatWatcher(
         host.paths.procfs / "mdstat", agent.refresher.request, opener=lambda: fake
     ).start()
@@ -151,10 +154,10 @@ def test_burst_of_events_is_coalesced(host):
     original = agent.refresher.read
     gate = threading.Event()
 
-    def slow_read():
+    def slow_read(previous, changes):
         reads.append(time.monotonic())
         gate.wait(1.0)
-        return original()
+        return original(previous, changes)
 
     agent.refresher.read = slow_read
     agent.refresher.start()

@@ -21,7 +21,8 @@ from iscsimple.core.config import ConfigError, load_config
 from iscsimple.core.locking import hotplug_lock, label_lock_name
 from iscsimple.core.registry import Registry
 from iscsimple.core.stale import StaleRecords
-from iscsimple.exporter.safety import Healer, Safety, SafetyCollector, StaleDetector
+from iscsimple.exporter.collectors import SafetyCollector
+from iscsimple.exporter.safety import Healer, Safety, StaleDetector
 
 MD = f"/dev/md/{LABEL}"
 
@@ -74,7 +75,7 @@ class Host:
     def refresh(self, after: float = 0.0):
         self.clock.now += after
         snapshot = self.bed.snapshot()
-        self.safety(snapshot)
+        self.safety.observe(snapshot)
         return snapshot
 
     def exposition(self) -> str:
@@ -385,7 +386,7 @@ def test_unreadable_config_disables_heal_but_not_detection(tmp_path, caplog):
     safety = Safety.for_host(bed.paths, runner=FakeMdadm(bed), lock_dir=tmp_path / "locks")
     assert safety.healer.enabled is False
     bed.fail_iscsi()
-    safety(bed.snapshot())
+    safety.observe(bed.snapshot())
     assert StaleRecords(bed.paths).get(LABEL) is not None
     assert "automatic heal is off" in caplog.text
 

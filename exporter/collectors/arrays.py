@@ -12,7 +12,7 @@ from prometheus_client.core import Metric
 
 from iscsimple.core.snapshot import LEG_STATES, SYNC_ACTIONS, ArrayView, HostSnapshot
 
-from .base import SnapshotCollector, add_one_hot, gauge
+from .base import Part, SnapshotCollector, add_one_hot, gauge
 
 INFO_LABELS = ("label", "device", "domain", "vbd", "target", "lun", "iscsi_device", "local_device")
 
@@ -21,7 +21,7 @@ class ArraysCollector(SnapshotCollector):
     name = "arrays"
     sources = ("registry", "md", "iscsi")
 
-    def families(self, snapshot: HostSnapshot) -> Iterable[Metric]:
+    def families(self, snapshot: HostSnapshot, part: Part) -> Iterable[Metric]:
         info = gauge(
             "iscsimple_array_info",
             "An iscsimple mirror: which VM (domain, vbd) uses which md device, iSCSI target/LUN and "
@@ -90,7 +90,7 @@ class ArraysCollector(SnapshotCollector):
             "and an iSCSI outage would stop its disk. Normal for a while after attach (recovery).",
             ["label", "domain"],
         )
-        for view in snapshot.arrays:
+        for view in part.arrays:
             _render(view, info, degraded, action, ratio, speed, remaining, size, leg_state)
             label = view.label
             for leg in (view.iscsi, view.local):

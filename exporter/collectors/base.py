@@ -1,19 +1,51 @@
-"""What every collector shares: reading one pinned snapshot, one-hot gauges.
+"""What every collector shares: reading one pinned snapshot, one-hot gauges, parts.
 
 Collectors follow node_exporter's shape: one per source, each turning parsed
 dataclasses (here the core HostSnapshot) into metric families. They never read
 the host themselves; the agent reads it once per refresh and every collector of
 one exposition renders from that same snapshot.
+
+A collector renders a `Part` of the snapshot: some of its arrays, some of its
+sessions, and (`rest`) what belongs to neither. Every family's samples are the
+arrays' samples, then the sessions', then the rest's, so the exposition can be
+joined from parts rendered at different times: the agent re-renders only the
+parts whose views changed (exposition.Renderer).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from iscsimple.core.snapshot import HostSnapshot
+from iscsimple.core.snapshot import ArrayView, HostSnapshot, SessionView
+
+if TYPE_CHECKING:
+    from ..health import HealthChecker
+    from ..safety import Safety
+
+
+@dataclass
+class Context:
+    """What a collector may be built from: the pinned snapshot and the agent's watchers."""
+
+    current: Callable[[], HostSnapshot]
+    health: HealthChecker | Any = None
+    safety: Safety | Any = None
+
+
+@dataclass(frozen=True)
+class Part:
+    arrays: Sequence[ArrayView] = ()
+    sessions: Sequence[SessionView] = ()
+    rest: bool = False
+
+    @classmethod
+    def whole(cls, snapshot: HostSnapshot) -> Part:
+        return cls(snapshot.arrays, snapshot.sessions, True)
 
 
 class SnapshotCollector(Collector):
@@ -27,11 +59,23 @@ class SnapshotCollector(Collector):
     def __init__(self, current: Callable[[], HostSnapshot]):
         self.current = current
 
-    def collect(self) -> Iterator[Metric]:
-        return iter(self.families(self.current()))
+    @classmethod
+    def create(cls, context: Context) -> SnapshotCollector:
+        return cls(context.current)
 
-    def families(self, snapshot: HostSnapshot) -> Iterable[Metric]:
+    def collect(self) -> Iterator[Metric]:
+        snapshot = self.current()
+        return iter(self.families(snapshot, Part.whole(snapshot)))
+
+    def families(self, snapshot: HostSnapshot, part: Part) -> Iterable[Metric]:
+        """Every family, in a fixed order, with the samples of `part` only."""
         raise NotImplementedError
+
+    def dirty(self, snapshot: HostSnapshot) -> tuple[set[str] | None, bool]:
+        """What changed since the last call besides the views: labels whose array samples may
+        differ (None: all) and whether session samples may. Collectors that render only views
+        have nothing else."""
+        return set(), False
 
 
 def gauge(name: str, documentation: str, labels: Sequence[str]) -> GaugeMetricFamily:

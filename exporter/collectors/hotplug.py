@@ -6,16 +6,17 @@ from collections.abc import Iterable
 
 from prometheus_client.core import CounterMetricFamily, Metric
 
+from iscsimple.core.registry import HotplugStats
 from iscsimple.core.snapshot import HostSnapshot
 
-from .base import SnapshotCollector, gauge
+from .base import Part, SnapshotCollector, gauge
 
 
 class HotplugCollector(SnapshotCollector):
     name = "hotplug"
     sources = ("hotplug",)
 
-    def families(self, snapshot: HostSnapshot) -> Iterable[Metric]:
+    def families(self, snapshot: HostSnapshot, part: Part) -> Iterable[Metric]:
         total = CounterMetricFamily(
             "iscsimple_hotplug_operations",
             "Hotplug operations block-iscsimple ran since boot, by result. A growing failure count means "
@@ -28,7 +29,7 @@ class HotplugCollector(SnapshotCollector):
             "the device: values near that mean VM starts are about to fail.",
             ["operation"],
         )
-        stats = snapshot.hotplug
+        stats = snapshot.hotplug if part.rest else HotplugStats()
         for operation, results in sorted(stats.totals.items()):
             for result in sorted({"success", "failure", *results}):
                 total.add_metric([operation, result], float(results.get(result, 0)))

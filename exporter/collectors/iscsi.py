@@ -8,7 +8,7 @@ from prometheus_client.core import Metric
 
 from iscsimple.core.snapshot import SESSION_STATES, HostSnapshot
 
-from .base import SnapshotCollector, add_one_hot, gauge
+from .base import Part, SnapshotCollector, add_one_hot, gauge
 
 # scsi_device_state names (drivers/scsi/scsi_sysfs.c) an operator is likely to see.
 LUN_STATES = ("running", "blocked", "transport-offline", "offline", "created", "quiesce", "cancel", "deleted")
@@ -18,7 +18,7 @@ class IscsiCollector(SnapshotCollector):
     name = "iscsi"
     sources = ("registry", "iscsi")
 
-    def families(self, snapshot: HostSnapshot) -> Iterable[Metric]:
+    def families(self, snapshot: HostSnapshot, part: Part) -> Iterable[Metric]:
         state = gauge(
             "iscsimple_iscsi_session_state",
             "State of the iSCSI session (one-hot). FAILED: the connection broke and the kernel queues "
@@ -38,7 +38,7 @@ class IscsiCollector(SnapshotCollector):
             "the session recovers; transport-offline: I/O fails.",
             ["target", "lun", "device", "state"],
         )
-        for view in snapshot.sessions:
+        for view in part.sessions:
             labels = [view.target, view.portal]
             add_one_hot(state, labels, SESSION_STATES, view.state)
             up.add_metric(labels, 1.0 if view.up else 0.0)

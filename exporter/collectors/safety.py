@@ -1,0 +1,200 @@
+"""Data safety (exporter/safety.py): stale iSCSI copies, the heals of them, the write-intent
+bitmaps, and what the other hosts' cross-host guards ask about (core/cluster.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client.core import CounterMetricFamily, Metric
+
+from iscsimple.core.safety import migrate_blockers
+from iscsimple.core.snapshot import HostSnapshot
+from iscsimple.core.stale import StaleRecord
+
+from ..safety import Safety
+from .base import Context, Part, SnapshotCollector, gauge
+
+
+class SafetyCollector(SnapshotCollector):
+    name = "safety"
+    sources = ("registry", "stale")
+
+    def __init__(self, current: Callable[[], HostSnapshot], safety: Safety):
+        super().__init__(current)
+        self.safety = safety
+        self._rendered: set[str] | None = None
+        self._host_of: tuple[object, str] | None = None
+
+    def _host(self) -> str:
+        # ClusterSettings.host asks the kernel each time (gethostname): once per setting here.
+        settings = self.safety.healer.cluster
+        if self._host_of is None or self._host_of[0] is not settings:
+            self._host_of = (settings, settings.host)
+        return self._host_of[1]
+
+    @classmethod
+    def create(cls, context: Context) -> SafetyCollector:
+        return cls(context.current, context.safety)
+
+    def dirty(self, snapshot: HostSnapshot) -> tuple[set[str] | None, set[str] | None]:
+        standing = set(self.safety.standing_for(snapshot))
+        before, self._rendered = self._rendered, standing
+        bitmaps = self.safety.bitmap_changes
+        if before is None or bitmaps is None:
+            return None, set()
+        return (standing ^ before) | bitmaps, set()
+
+    def families(self, snapshot: HostSnapshot, part: Part) -> Iterable[Metric]:
+        standing = self.safety.standing_for(snapshot)
+        stale = gauge(
+            "iscsimple_array_iscsi_stale",
+            "1 while a stale-copy record stands for this LABEL: the local leg holds writes its iSCSI copy "
+            "lacks, on this host only. Do not migrate, stop or move the VM, nor start it on another "
+            "host, until the mirror is healed (the record is cleared then).",
+            ["label", "domain"],
+        )
+        for view in part.arrays:
+            if snapshot.array(view.label) is view:  # one sample per LABEL
+                stale.add_metric([view.label, view.domain], 1.0 if view.label in standing else 0.0)
+        for label, record in sorted(standing.items()) if part.rest else ():
+            if snapshot.array(label) is None:  # VM stopped or host rebooted: the record still matters
+                domain = record.domain_name or ("" if record.domain_id is None else str(record.domain_id))
+                stale.add_metric([label, domain], 1.0)
+        yield stale
+        yield from self._cluster_families(snapshot, part, standing)
+
+        healer = self.safety.healer
+        operations = CounterMetricFamily(
+            "iscsimple_heal_operations_total",
+            "Heals of stale iSCSI copies by result: success (leg re-added, recovering from the local "
+            "leg), failure (an mdadm call failed), aborted (the leg failed again before its recovery "
+            "completed), skipped_<reason> (held back: session down, device not ready, backoff, ...); "
+            "mode: full (the whole disk), partial (only the chunks the write-intent bitmap marks), "
+            "none (skipped).",
+            labels=["result", "mode"],
+        )
+        for (result, mode), count in sorted(healer.counts.items()) if part.rest else ():
+            operations.add_metric([result, mode], float(count))
+        yield operations
+        enabled = gauge(
+            "iscsimple_heal_enabled",
+            "1 when the agent re-adds a returned iSCSI leg by itself ([heal] enabled in the config); 0: "
+            "stale copies wait for `iscsimple resolve`.",
+            [],
+        )
+        if part.rest:
+            enabled.add_metric([], 1.0 if healer.enabled else 0.0)
+        yield enabled
+        yield from self._bitmaps(snapshot, part)
+
+    def _bitmaps(self, snapshot: HostSnapshot, part: Part) -> Iterable[Metric]:
+        state = self.safety.state
+        by_label = state.bitmap_by_label if state.taken == snapshot.taken else {}
+        bitmaps = [
+            by_label[v.label]
+            for v in part.arrays
+            if v.md is not None and v.label in by_label and snapshot.array(v.label) is v
+        ]
+        active = gauge(
+            "iscsimple_array_bitmap",
+            "1 while md keeps the write-intent bitmap file this host built the mirror with (a heal can "
+            "then copy only what changed in an outage); 0: none, every heal copies the whole disk.",
+            ["label"],
+        )
+        dirty = gauge(
+            "iscsimple_array_out_of_sync_bytes",
+            "While the mirror is degraded: chunks its bitmap marks as written since the iSCSI leg last "
+            "had them, times the chunk size (what a partial heal copies). 0 when not degraded.",
+            ["label"],
+        )
+        eta = gauge(
+            "iscsimple_array_heal_eta_seconds",
+            "While the iSCSI leg recovers: the marked bytes the recovery has still to copy, divided by "
+            "md's current speed.",
+            ["label"],
+        )
+        for b in bitmaps:
+            active.add_metric([b.label], 1.0 if b.active else 0.0)
+            if b.out_of_sync_bytes is not None:
+                dirty.add_metric([b.label], float(b.out_of_sync_bytes))
+            if b.heal_eta_seconds is not None:
+                eta.add_metric([b.label], b.heal_eta_seconds)
+        yield active
+        yield dirty
+        yield eta
+
+    def _cluster_families(
+        self, snapshot: HostSnapshot, part: Part, standing: dict[str, StaleRecord]
+    ) -> Iterable[Metric]:
+        """What the other hosts' guards ask Prometheus about (core/cluster.py), and the guard's health."""
+        host = self._host()
+        lun_labels = ["host", "target", "lun", "label", "domain"]
+        since = gauge(
+            "iscsimple_lun_stale_since_seconds",
+            "Present while a stale-copy record stands for the mirror of this target and LUN on this host: "
+            "when (Unix time) the local leg started holding writes the iSCSI copy lacks. Other hosts' "
+            "attach refuses this LUN while it is reported (cross-host guard).",
+            lun_labels,
+        )
+        # A record with its array's part (cached with it), then those of arrays gone.
+        records = [(v.label, standing.get(v.label)) for v in part.arrays if snapshot.array(v.label) is v]
+        if part.rest:
+            records += [(label, r) for label, r in sorted(standing.items()) if snapshot.array(label) is None]
+        for label, record in records:
+            if record is not None and record.target is not None:
+                domain = record.domain_name or ("" if record.domain_id is None else str(record.domain_id))
+                since.add_metric([host, record.target, str(record.lun or 0), label, domain], record.since)
+        yield since
+        attached = gauge(
+            "iscsimple_lun_attached",
+            "1 for each iSCSI LUN attached on this host (a mirror or a plain disk). Another host's heal "
+            "or resolve never writes onto a LUN reported here.",
+            lun_labels,
+        )
+        # A mirror's LUN with its array (cached with it), then the plain LUNs.
+        mirrors = [v.attachment for v in part.arrays]
+        plain = [a for a in snapshot.attachments if a.label is None] if part.rest else []
+        for a in (*mirrors, *plain):
+            if a.target is not None:
+                attached.add_metric([host, a.target, str(a.lun), a.label or "", a.domain_name or ""], 1.0)
+        yield attached
+        safe = gauge(
+            "iscsimple_array_safe_to_migrate",
+            "1 when the VM using this mirror may move to another host now: the iSCSI leg is in sync, "
+            "its session is up and no stale record stands (`iscsimple migrate-check` says why not).",
+            ["label", "domain"],
+        )
+        for view in part.arrays:
+            safe.add_metric(
+                [view.label, view.domain], 0.0 if migrate_blockers(view, standing.get(view.label)) else 1.0
+            )
+        yield safe
+        probe = self.safety.probe
+        configured = gauge(
+            "iscsimple_cluster_guard_configured",
+            "1 when [cluster] prometheus_url is set: attach asks Prometheus whether another host holds "
+            "newer writes of the LUN. 0: the cross-host guard is off.",
+            [],
+        )
+        if part.rest:
+            configured.add_metric([], 1.0 if probe.settings.configured else 0.0)
+        yield configured
+        if probe.settings.configured and probe.reachable is not None:
+            reachable = gauge(
+                "iscsimple_cluster_guard_reachable",
+                "1 when the guard's Prometheus answered the last probe (every 30 s). 0: attaches follow "
+                "[cluster] on_unreachable (refuse by default).",
+                [],
+            )
+            if part.rest:
+                reachable.add_metric([], 1.0 if probe.reachable else 0.0)
+            yield reachable
+            if probe.seconds is not None:
+                seconds = gauge(
+                    "iscsimple_cluster_guard_query_seconds",
+                    "How long the guard's last probe query to Prometheus took.",
+                    [],
+                )
+                if part.rest:
+                    seconds.add_metric([], probe.seconds)
+                yield seconds

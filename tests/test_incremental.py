@@ -1,0 +1,156 @@
+"""A snapshot derived piecewise (HostSnapshot.update) equals a full re-read of the same tree,
+and its exposition rendered from cached pieces equals a full render.
+
+Random sequences of what happens on a host (attach, resync progress, iSCSI outages, heals,
+detach, hotplug statistics, stale records) are played on a simulated kernel tree; after
+each step the changes are found the way the agent finds them (the /proc/mdstat diff and the
+session-state poll of exporter/events.py, the registry's file signatures) and the previous
+snapshot is updated with them."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from iscsimple.core.snapshot import Changes, HostSnapshot
+from iscsimple.core.stale import StaleRecord, StaleRecords
+from iscsimple.exporter.collectors import default_collectors
+from iscsimple.exporter.demo import SimulatedHost
+from iscsimple.exporter.events import ChangePoll, MdstatDiff
+from iscsimple.exporter.exposition import Renderer, render
+
+TARGETS = [f"iqn.2026-11.test.example:t{i}" for i in range(3)]
+LABELS = [f"vm{i}-disk" for i in range(6)]
+
+step = st.one_of(
+    st.tuples(st.just("attach"), st.sampled_from(LABELS), st.sampled_from(TARGETS)),
+    st.tuples(st.just("advance"), st.sampled_from(LABELS), st.floats(0, 1)),
+    st.tuples(st.just("finish"), st.sampled_from(LABELS)),
+    st.tuples(st.just("fail"), st.sampled_from(TARGETS)),
+    st.tuples(st.just("expire"), st.sampled_from(TARGETS)),
+    st.tuples(st.just("restore"), st.sampled_from(TARGETS)),
+    st.tuples(st.just("heal"), st.sampled_from(LABELS)),
+    st.tuples(st.just("detach"), st.sampled_from(LABELS)),
+    st.tuples(st.just("hotplug"), st.sampled_from(["add", "remove"])),
+    st.tuples(st.just("errors"), st.sampled_from(LABELS), st.integers(0, 5)),
+    st.tuples(st.just("stale"), st.sampled_from(LABELS)),
+)
+
+
+def play(host: SimulatedHost, action: tuple) -> Changes:
+    """Do `action` if it applies; the changes no detector would see are returned explicitly."""
+    kind, *args = action
+    labels = set(host.labels())
+    if kind == "attach" and args[0] not in labels:
+        host.attach(args[0], args[0][:3], args[1], 1 + LABELS.index(args[0]))
+        # udev: the new SCSI device (H:C:T:L), its disk and the md array appear.
+        hctl = f"{host._sessions[args[1]].host}:0:0:{1 + LABELS.index(args[0])}"
+        return Changes(devices=frozenset({hctl, host.iscsi_device(args[0]), host.md_device(args[0])}))
+    elif kind == "advance" and args[0] in labels:
+        try:
+            host.advance_resync(args[0], args[1], speed_kib=1000 + int(args[1] * 1000))
+        except ValueError:
+            pass  # no recovery running
+    elif kind == "finish" and args[0] in labels:
+        host.finish_resync(args[0])
+    elif kind in ("fail", "expire", "restore") and args[0] in host._sessions:
+        {"fail": host.fail_session, "expire": host.expire_session, "restore": host.restore_session}[kind](
+            args[0]
+        )
+    elif kind == "heal" and args[0] in labels:
+        try:
+            host.heal(args[0])
+        except ValueError:
+            pass  # the iSCSI leg is not faulty
+    elif kind == "detach" and args[0] in labels:
+        array = host._arrays[args[0]]
+        gone = {f"{host._sessions[array.target].host}:0:0:{array.lun}", host.iscsi_device(args[0]), array.md}
+        host.detach(args[0])
+        return Changes(devices=frozenset(gone))  # udev: the SCSI device, its disk and the array go
+    elif kind == "hotplug":
+        host.record_hotplug(args[0], "success", 1.5)
+    elif kind == "errors" and args[0] in labels:
+        host.set_leg_errors(args[0], "local", args[1])
+        # md announces no change of a leg's error count (no uevent, same mdstat): the sweep
+        # finds it. Named here as a udev change of the member would name it.
+        return Changes(md=frozenset({host.md_device(args[0])}))
+    elif kind == "stale" and args[0] in labels:
+        StaleRecords(host.paths).put(
+            StaleRecord(args[0], 1.0, host.md_device(args[0]), "vm", 1, None, 1, None, None, "test", 1.0)
+        )
+    return Changes()
+
+
+def same(a: HostSnapshot, b: HostSnapshot) -> None:
+    assert a.attachments == b.attachments
+    assert a.md.arrays == b.md.arrays and list(a.md.arrays) == list(b.md.arrays)
+    assert a.md.errors == b.md.errors
+    assert a.iscsi == b.iscsi
+    assert a.arrays == b.arrays
+    assert a.sessions == b.sessions
+    assert a.stale == b.stale
+    assert a.hotplug == b.hotplug
+    assert {k: v.errors for k, v in a.sources.items()} == {k: v.errors for k, v in b.sources.items()}
+
+
+def body(rendered) -> bytes:
+    """Everything but the agent's own families (durations and the refresh time differ)."""
+    return b"".join(rendered.openmetrics_pieces[:-1])
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    report_multiple_bugs=False,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(st.lists(step, min_size=1, max_size=14), st.lists(st.sampled_from(LABELS), max_size=3))
+def test_update_equals_full_read(steps, first):
+    with tempfile.TemporaryDirectory() as tmp:
+        host = SimulatedHost(Path(tmp))
+        for i, label in enumerate(first):
+            if label not in host.labels():
+                host.attach(label, "vm", TARGETS[i % len(TARGETS)], 1 + LABELS.index(label))
+        mdstat = MdstatDiff(host.paths.procfs / "mdstat")
+        mdstat.read()
+        poll = ChangePoll(host.paths.sysfs, mdstat)
+        snapshot = HostSnapshot.read(host.paths)
+        pinned = [snapshot]
+        renderer = Renderer(default_collectors(lambda: pinned[0]))
+        renderer.render(snapshot)
+        for action in steps:
+            explicit = play(host, action)
+            # What the md event watcher would report (md wakes it on every array change),
+            # then the scheduled poll.
+            changes = Changes(md=frozenset(mdstat.read())) | explicit | poll(snapshot)
+            updated = snapshot.update(host.paths, changes)
+            full = HostSnapshot.read(host.paths)
+            same(updated, full)
+            pinned[0] = updated
+            incremental = renderer.render(updated)
+            assert body(incremental) == body(render(full, default_collectors(lambda: full)))
+            # Views that read the same are the previous snapshot's objects.
+            previous = {v.attachment.id: v for v in snapshot.arrays}
+            for view in updated.arrays:
+                key = view.attachment.id
+                if key not in (updated.changed or ()):
+                    assert view is previous[key]
+            snapshot = updated
+
+
+def test_full_sweep_keeps_unchanged_views(tmp_path):
+    host = SimulatedHost(tmp_path)
+    host.attach("a", "vm", TARGETS[0], 1)
+    host.attach("b", "vm", TARGETS[1], 2)
+    before = HostSnapshot.read(host.paths)
+    after = before.update(host.paths, Changes(everything=True))
+    assert after.changed == frozenset()
+    assert all(x is y for x, y in zip(after.arrays, before.arrays, strict=True))
+    host.advance_resync("b", 0.5)
+    swept = after.update(host.paths, Changes(everything=True))
+    assert swept.changed == {host.registry.by_label("b").id}
+    assert swept.arrays[0] is after.arrays[0] and swept.arrays[1] is not after.arrays[1]
+    same(swept, HostSnapshot.read(host.paths))
