@@ -12,7 +12,8 @@ refresher re-reads only that; it coalesces bursts.
 
 The kernel announces neither a resync's progress nor an iSCSI session's state change,
 so `ChangePoll` (run by the refresher on its schedule) looks at the two cheap places
-that show them: /proc/mdstat while an array syncs, and each session's `state`.
+that show them: /proc/mdstat (diffed per array; also the net under a missed md event)
+and each session's `state`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from iscsimple.core.iscsi import read_session_states
-from iscsimple.core.mdstat import MdstatError, mdstat_blocks, parse_mdstat
+from iscsimple.core.mdstat import mdstat_blocks
 from iscsimple.core.snapshot import Changes, HostSnapshot
 
 log = logging.getLogger(__name__)
@@ -63,13 +64,12 @@ OnEvent = Callable[[str, Changes], None]
 
 
 class MdstatDiff:
-    """Which arrays' lines of /proc/mdstat changed since the last read, and which arrays sync.
+    """Which arrays' lines of /proc/mdstat changed since the last read.
 
     Shared by the md event watcher and the refresher's poll (under a lock)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.syncing: frozenset[str] = frozenset()
         self._blocks: dict[str, str] | None = None
         self._lock = threading.Lock()
 
@@ -87,25 +87,9 @@ class MdstatDiff:
         blocks = mdstat_blocks(text)
         with self._lock:
             before, self._blocks = self._blocks, blocks
-            if before is None:
-                changed = set(blocks)
-            else:
-                changed = {n for n in before.keys() | blocks.keys() if before.get(n) != blocks.get(n)}
-            syncing = set(self.syncing & blocks.keys())
-            for name in changed & blocks.keys():
-                syncing.discard(name)
-                if _syncs(blocks[name]):
-                    syncing.add(name)
-            self.syncing = frozenset(syncing)
-        return changed if before is not None else set()
-
-
-def _syncs(block: str) -> bool:
-    try:
-        (array,) = parse_mdstat(block + "\n").arrays.values()
-    except (MdstatError, ValueError):
-        return True  # a line we cannot read: keep looking at it
-    return array.progress is not None or array.sync_state is not None
+        if before is None:
+            return set()
+        return {n for n in before.keys() | blocks.keys() if before.get(n) != blocks.get(n)}
 
 
 class ChangePoll:
@@ -116,9 +100,7 @@ class ChangePoll:
         self.mdstat = mdstat
 
     def __call__(self, snapshot: HostSnapshot) -> Changes:
-        md: set[str] = set()
-        if self.mdstat is not None and self.mdstat.syncing:
-            md = self.mdstat.read()
+        md = self.mdstat.read() if self.mdstat is not None else set()
         known = {s.name: s.state for s in snapshot.iscsi.sessions}
         states = read_session_states(self.sysfs)
         sessions = {n for n in known.keys() | states.keys() if known.get(n, "?") != states.get(n, "?")}
