@@ -304,23 +304,23 @@ def _format_progress(p: MdstatProgress) -> str:
     return text
 
 
+_ARRAY_HEADER = re.compile(r"^(\S+) : ", re.MULTILINE)
+
+
 def mdstat_blocks(text: str) -> dict[str, str]:
     """Each array's lines of /proc/mdstat as one string, by array name.
 
-    A cheap split (no parsing) for telling which arrays changed between two reads: an array
-    block starts with its unindented `NAME : ...` line and goes on with the indented ones."""
-    blocks: dict[str, list[str]] = {}
-    current: list[str] | None = None
-    for line in text.splitlines():
-        if not line:
-            continue
-        if line[0] in " \t":
-            if current is not None:
-                current.append(line)
-            continue
-        name, sep, _ = line.partition(" : ")
-        if sep and name != "Personalities" and " " not in name:
-            current = blocks[name] = [line]
-        else:
-            current = None
-    return {name: "\n".join(lines) for name, lines in blocks.items()}
+    A cheap split (no parsing; one regex scan in C) for telling which arrays changed between
+    two reads: an array block starts with its unindented `NAME : ...` line and runs to the
+    next unindented line."""
+    blocks: dict[str, str] = {}
+    starts = [(m.start(), m.group(1)) for m in _ARRAY_HEADER.finditer(text) if m.group(1) != "Personalities"]
+    for index, (start, name) in enumerate(starts):
+        end = starts[index + 1][0] if index + 1 < len(starts) else len(text)
+        block = text[start:end]
+        tail = _UNINDENTED.search(block, 1)  # "unused devices:" after the last array
+        blocks[name] = block[: tail.start()] if tail else block
+    return blocks
+
+
+_UNINDENTED = re.compile(r"^[^\s]", re.MULTILINE)

@@ -255,6 +255,14 @@ class HostSnapshot:
     # SessionViews are not: None after a full read (everything may be new).
     changed: frozenset[str] | None = field(default=None, compare=False, repr=False)
     changed_targets: frozenset[str] | None = field(default=None, compare=False, repr=False)
+    derived_from: float | None = field(default=None, compare=False, repr=False)  # the parent's `taken`
+
+    def changed_since(self, previous: HostSnapshot | None) -> frozenset[str] | None:
+        """Attachment ids whose view is new since `previous`, when this snapshot was derived
+        from it; None when unknown (then every view may be new)."""
+        if previous is None or self.derived_from is None or self.derived_from != previous.taken:
+            return None
+        return self.changed
 
     @property
     def ok(self) -> bool:
@@ -264,7 +272,7 @@ class HostSnapshot:
         ids = self._index.by_label.get(label)
         if not ids:
             return None
-        return min((self._index.by_id[i] for i in ids), key=lambda v: v.attachment.id)
+        return self._index.by_id[min(ids)]  # arrays are ordered by (label, id): the first one
 
     def by_id(self, attachment_id: str) -> ArrayView | None:
         return self._index.by_id.get(attachment_id)
@@ -664,6 +672,7 @@ class _Update:
             files=self.files,
             changed=frozenset(changed),
             changed_targets=frozenset(changed_targets),
+            derived_from=old.taken,
         )
         snapshot.__dict__["_index"] = index
         return snapshot

@@ -14,6 +14,7 @@ compressed when a scrape first asks for it.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
@@ -104,9 +105,11 @@ CHUNK = 16  # arrays (or sessions) per cached piece: small enough that one chang
 
 
 @dataclass
-class _Cached:
-    items: tuple
-    lines: dict[str, bytes]  # by family name
+class _Pieces:
+    """One collector's encoded sample lines for one kind of view (arrays or sessions)."""
+
+    items: list[tuple]  # the views of each chunk, as rendered
+    by_family: dict[str, list[bytes]]  # family name -> one piece per chunk (b"" when it has none)
 
 
 class Renderer:
@@ -114,8 +117,8 @@ class Renderer:
 
     def __init__(self, collectors: Sequence[SnapshotCollector]):
         self.collectors = list(collectors)
-        self._arrays: dict[str, list[_Cached]] = {}
-        self._sessions: dict[str, list[_Cached]] = {}
+        self._pieces: dict[tuple[str, bool], _Pieces] = {}
+        self._headers: dict[tuple[str, str, str], tuple[bytes, bytes]] = {}
 
     def render(self, snapshot: HostSnapshot) -> Rendered:
         text: list[bytes] = []
@@ -126,17 +129,15 @@ class Renderer:
             started = time.perf_counter()
             name = collector.name
             try:
-                text_part, om_part = self._collector(collector, snapshot)
-                text.extend(text_part)
-                om.extend(om_part)
+                self._collector(collector, snapshot, text, om)
                 failed = [
                     s for s in collector.sources if s in snapshot.sources and not snapshot.sources[s].ok
                 ]
                 success[name] = not failed
             except Exception:
                 log.exception("collector %s failed", name)
-                self._arrays.pop(name, None)
-                self._sessions.pop(name, None)
+                self._pieces.pop((name, True), None)
+                self._pieces.pop((name, False), None)
                 success[name] = False
             read = sum(snapshot.sources[s].seconds for s in collector.sources if s in snapshot.sources)
             seconds[name] = read + time.perf_counter() - started
@@ -146,64 +147,95 @@ class Renderer:
         om.append(agent_om)  # ends with "# EOF"
         return Rendered(snapshot, self.collectors, success, text, om, agent)
 
-    def _collector(self, collector: SnapshotCollector, snapshot: HostSnapshot):
-        name = collector.name
-        labels, sessions_dirty = collector.dirty(snapshot)
+    def _collector(self, collector: SnapshotCollector, snapshot: HostSnapshot, text: list, om: list) -> None:
+        labels, targets = collector.dirty(snapshot)
         families = list(collector.families(snapshot, Part(rest=True)))
-        dirty_chunks: set[int] | None = None
-        if labels is not None:
-            dirty_chunks = set()
-            for label in labels:
-                for key in snapshot.ids_of(label):
-                    position = snapshot.position(key)
-                    if position is not None:
-                        dirty_chunks.add(position // CHUNK)
-        arrays = self._chunks(
-            collector, snapshot, snapshot.arrays, self._arrays.setdefault(name, []), dirty_chunks, True
-        )
-        sessions = self._chunks(
-            collector,
-            snapshot,
-            snapshot.sessions,
-            self._sessions.setdefault(name, []),
-            None if sessions_dirty else set(),
-            False,
-        )
-        text: list[bytes] = []
-        om: list[bytes] = []
+        arrays = self._update(collector, snapshot, True, _array_chunks(snapshot, labels))
+        sessions = self._update(collector, snapshot, False, _session_chunks(snapshot, targets))
+        # Build both lists first: a failing collector adds nothing.
+        text_part: list[bytes] = []
+        om_part: list[bytes] = []
         for family in families:
-            text_header, om_header = _headers(family)
-            text.append(text_header)
-            om.append(om_header)
-            name = family.name
-            body = [line for line in (c.lines.get(name) for c in arrays) if line]
-            body.extend(line for line in (c.lines.get(name) for c in sessions) if line)
-            rest = _sample_lines(family)
-            if rest:
-                body.append(rest)
-            text.extend(body)
-            om.extend(body)
-        return text, om
+            key = (family.name, family.type, family.documentation)
+            headers = self._headers.get(key)
+            if headers is None:
+                headers = self._headers[key] = _headers(family)
+            body = [
+                *arrays.by_family.get(family.name, ()),
+                *sessions.by_family.get(family.name, ()),
+                _sample_lines(family),
+            ]
+            text_part.append(headers[0])
+            text_part.extend(body)
+            om_part.append(headers[1])
+            om_part.extend(body)
+        text.extend(text_part)
+        om.extend(om_part)
 
-    def _chunks(
-        self, collector, snapshot, items: tuple, cache: list[_Cached], dirty: set[int] | None, arrays: bool
-    ):
+    def _update(self, collector, snapshot: HostSnapshot, arrays: bool, dirty: set[int] | None) -> _Pieces:
+        items = snapshot.arrays if arrays else snapshot.sessions
+        key = (collector.name, arrays)
+        old = self._pieces.get(key)
         count = (len(items) + CHUNK - 1) // CHUNK
-        del cache[count:]
+        todo = []
         for index in range(count):
             chunk = items[index * CHUNK : (index + 1) * CHUNK]
-            if index < len(cache):
-                cached = cache[index]
-                if (dirty is not None and index not in dirty) and cached.items == chunk:
-                    continue
+            if (
+                old is not None
+                and index < len(old.items)
+                and (dirty is not None and index not in dirty)
+                and old.items[index] == chunk  # the same view objects: compared by identity first
+            ):
+                continue
+            todo.append((index, chunk))
+        if old is not None and not todo and count == len(old.items):
+            return old
+        new_items = list(old.items[:count]) if old is not None else []
+        new_items += [()] * (count - len(new_items))
+        by_family = {}
+        if old is not None:
+            for family, pieces in old.by_family.items():
+                pieces = pieces[:count]
+                by_family[family] = pieces + [b""] * (count - len(pieces))
+        for index, chunk in todo:
             part = Part(arrays=chunk) if arrays else Part(sessions=chunk)
-            lines = {f.name: _sample_lines(f) for f in collector.families(snapshot, part)}
-            rendered = _Cached(chunk, lines)
-            if index < len(cache):
-                cache[index] = rendered
-            else:
-                cache.append(rendered)
-        return cache
+            for family in collector.families(snapshot, part):
+                pieces = by_family.get(family.name)
+                if pieces is None:
+                    pieces = by_family[family.name] = [b""] * count
+                pieces[index] = _sample_lines(family)
+            new_items[index] = chunk
+        pieces = self._pieces[key] = _Pieces(new_items, by_family)
+        return pieces
+
+
+def _array_chunks(snapshot: HostSnapshot, labels: set[str] | None) -> set[int] | None:
+    """The chunks holding these labels' views (None: all)."""
+    if labels is None:
+        return None
+    chunks = set()
+    for label in labels:
+        for key in snapshot.ids_of(label):
+            position = snapshot.position(key)
+            if position is not None:
+                chunks.add(position // CHUNK)
+    return chunks
+
+
+def _session_chunks(snapshot: HostSnapshot, targets: set[str] | None) -> set[int] | None:
+    if targets is None:
+        return None
+    chunks = set()
+    sessions = snapshot.sessions  # ordered by target
+    for target in targets:
+        start = bisect.bisect_left(sessions, target, key=_target)
+        end = bisect.bisect_right(sessions, target, key=_target)
+        chunks.update(range(start // CHUNK, (max(start, end - 1)) // CHUNK + 1))
+    return chunks
+
+
+def _target(view) -> str:
+    return view.target
 
 
 def render(snapshot: HostSnapshot, collectors: Sequence[SnapshotCollector]) -> Rendered:

@@ -54,17 +54,49 @@ class HealthChecker:
         self._progress: dict[str, _Progress] = {}
         self._changes: dict[tuple[str, str], deque[float]] = {}
         self._change_totals: dict[tuple[str, str], int] = {}
+        self._syncing: set[str] = set()  # attachment ids of the arrays that sync
+        self._stalled: set[str] = set()
+        self._stalls_scanned = float("-inf")
+        self._wrong: set[str] = set()  # ... that have write-mostly on the wrong leg
 
     def observe(self, snapshot: HostSnapshot) -> HealthReport:
         now = self.clock()
-        before = {a.label: a for a in self._previous.arrays} if self._previous else {}
-        for view in snapshot.arrays:
-            _log_array_changes(before.get(view.label), view, first=self._previous is None)
-        for label in before.keys() - {a.label for a in snapshot.arrays}:
-            log.info("%s is no longer attached (registry entry gone)", label)
-        self._sessions(snapshot, now)
-        stalled = self._stalls(snapshot, now)
-        wrong = frozenset(a.label for a in snapshot.arrays if a.md is not None and a.write_mostly_wrong)
+        previous = self._previous
+        changed = snapshot.changed_since(previous)
+        if previous is None or changed is None:
+            # Every view may be new: look at all of them.
+            before = {a.label: a for a in previous.arrays} if previous else {}
+            for view in snapshot.arrays:
+                _log_array_changes(before.get(view.label), view, first=previous is None)
+            for label in before.keys() - {a.label for a in snapshot.arrays}:
+                log.info("%s is no longer attached (registry entry gone)", label)
+            self._syncing = {v.attachment.id for v in snapshot.arrays if v.syncing}
+            self._wrong = {
+                v.attachment.id for v in snapshot.arrays if v.md is not None and v.write_mostly_wrong
+            }
+            targets = {v.target for v in snapshot.sessions} | (
+                {v.target for v in previous.sessions} if previous else set()
+            )
+        else:
+            # Derived from the previous snapshot: only the views it names are new.
+            for key in changed:
+                old, new = previous.by_id(key), snapshot.by_id(key)
+                if new is not None:
+                    _log_array_changes(old, new, first=False)
+                elif old is not None:
+                    log.info("%s is no longer attached (registry entry gone)", old.label)
+                for ids, member in (
+                    (self._syncing, new is not None and new.syncing),
+                    (self._wrong, new is not None and new.md is not None and new.write_mostly_wrong),
+                ):
+                    if member:
+                        ids.add(key)
+                    else:
+                        ids.discard(key)
+            targets = set(snapshot.changed_targets or ())
+        self._sessions(snapshot, targets, now)
+        stalled = self._stalls(snapshot, now, changed)
+        wrong = frozenset(v.label for v in map(snapshot.by_id, self._wrong) if v is not None)
         for label in wrong - self.report.write_mostly_wrong:
             log.warning(
                 "%s: write-mostly is set on the wrong leg; VM reads go over iSCSI instead of the local disk",
@@ -81,41 +113,57 @@ class HealthChecker:
             )
         for target, portal in self.report.flapping - flapping:
             log.info("session to %s (%s) stopped flapping", target, portal)
-        self.report = HealthReport(stalled, wrong, flapping, dict(self._change_totals))
+        report = HealthReport(stalled, wrong, flapping, dict(self._change_totals))
+        if report != self.report:  # the same object while nothing moved: collectors re-render nothing
+            self.report = report
         self._previous = snapshot
         return self.report
 
-    def _sessions(self, snapshot: HostSnapshot, now: float) -> None:
-        before = {(s.target, s.portal): s for s in self._previous.sessions} if self._previous else {}
-        for view in snapshot.sessions:
-            key = (view.target, view.portal)
-            old = before.get(key)
-            if old is None and self._previous is None:
-                if not view.up:
-                    log.warning("session to %s (%s) is %s", view.target, view.portal, _session_words(view))
-            elif old is not None and old.state != view.state:
-                _log_session_change(old, view)
-                if old.up != view.up:
-                    self._changes.setdefault(key, deque()).append(now)
-                    self._change_totals[key] = self._change_totals.get(key, 0) + 1
-            times = self._changes.get(key)
+    def _sessions(self, snapshot: HostSnapshot, targets: set[str], now: float) -> None:
+        first = self._previous is None
+        for target in targets:
+            before = {s.portal: s for s in self._previous.session_views(target)} if self._previous else {}
+            for view in snapshot.session_views(target):
+                key = (view.target, view.portal)
+                old = before.get(view.portal)
+                if old is None and first:
+                    if not view.up:
+                        log.warning(
+                            "session to %s (%s) is %s", view.target, view.portal, _session_words(view)
+                        )
+                elif old is not None and old.state != view.state:
+                    _log_session_change(old, view)
+                    if old.up != view.up:
+                        self._changes.setdefault(key, deque()).append(now)
+                        self._change_totals[key] = self._change_totals.get(key, 0) + 1
+        for key in list(self._changes):
+            times = self._changes[key]
             while times and now - times[0] > self.flap_window:
                 times.popleft()
 
-    def _stalls(self, snapshot: HostSnapshot, now: float) -> frozenset[str]:
-        stalled = set()
+    def _stalls(self, snapshot: HostSnapshot, now: float, changed: frozenset[str] | None) -> frozenset[str]:
+        """Syncs without progress for stall_after. Every syncing array is looked at once per
+        1/60 of stall_after (5 s by default: a stall is a matter of minutes); in between only
+        the ones that changed, so a refresh for one array costs the same at any number."""
+        full = changed is None or now - self._stalls_scanned >= self.stall_after / 60
+        keys = self._syncing if full else self._syncing & changed
+        if full:
+            self._stalls_scanned = now
+            self._stalled = set()
         syncing = set()
-        for view in snapshot.arrays:
-            if not view.syncing:
+        for key in sorted(keys):
+            view = snapshot.by_id(key)
+            if view is None or not view.syncing:
                 continue
             syncing.add(view.label)
+            self._stalled.discard(view.label)
             ratio = view.sync_completed_ratio
             progress = self._progress.get(view.label)
             if progress is None or ratio != progress.ratio:
                 self._progress[view.label] = _Progress(ratio, now)
                 continue
             if now - progress.since >= self.stall_after:
-                stalled.add(view.label)
+                self._stalled.add(view.label)
                 if view.label not in self.report.stalled:
                     log.warning(
                         "%s: %s has made no progress for %.0f s (stuck at %.1f%%)",
@@ -124,9 +172,16 @@ class HealthChecker:
                         now - progress.since,
                         ratio * 100,
                     )
-        for label in set(self._progress) - syncing:
-            del self._progress[label]
-        return frozenset(stalled)
+        if full:
+            for label in set(self._progress) - syncing:
+                del self._progress[label]
+        else:
+            for key in changed - self._syncing:  # stopped syncing (or gone) since the last look
+                view = snapshot.by_id(key) or self._previous.by_id(key) if self._previous else None
+                if view is not None:
+                    self._progress.pop(view.label, None)
+                    self._stalled.discard(view.label)
+        return frozenset(self._stalled)
 
 
 def _session_words(view: SessionView) -> str:

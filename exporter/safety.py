@@ -62,11 +62,22 @@ class StaleDetector:
         self.clock = clock
         self.write_failures = 0
         self._announced: set[str] = set()
+        self._previous: HostSnapshot | None = None
+        self._unwritten: set[str] = set()  # labels whose record could not be written yet
 
     def observe(self, snapshot: HostSnapshot) -> dict[str, StaleRecord]:
         """The records standing after this pass (the snapshot's plus those written now)."""
         standing = {r.label: r for r in snapshot.stale}
-        for view in snapshot.arrays:
+        changed = snapshot.changed_since(self._previous)
+        if changed is None:
+            views = snapshot.arrays
+        else:
+            # Only a view that changed can have become stale; retry the records not written yet.
+            keys = changed | {k for label in self._unwritten for k in snapshot.ids_of(label)}
+            views = [v for v in map(snapshot.by_id, sorted(keys)) if v is not None]
+        self._previous = snapshot
+        unwritten = set()
+        for view in views:
             if view.label in standing:
                 continue
             record = stale_record(view, now=self.clock())
@@ -78,8 +89,10 @@ class StaleDetector:
             except (OSError, ValueError) as e:
                 # Export it anyway: the danger is real even if we could not write it down.
                 standing[view.label] = record
+                unwritten.add(view.label)
                 self.write_failures += 1
                 log.error("cannot write the stale record of %s: %s", view.label, e)
+        self._unwritten = unwritten
         # Once per record: new ones, those found at start-up, those `remove` wrote.
         self._announced &= set(standing)
         for label, record in sorted(standing.items()):
@@ -135,6 +148,8 @@ class Healer:
         self.clock = clock
         self.counts: dict[tuple[str, str], int] = {(r, m): 0 for r in HEAL_RESULTS for m in HEAL_MODES}
         self._progress: dict[str, _Progress] = {}
+        # Labels plan_heal held back, with the view it judged: the same view gets the same verdict.
+        self._blocked: dict[str, ArrayView] = {}
         self._recovering = 0  # iSCSI legs recovering in the snapshot being handled
 
     def wait_for(self, label: str) -> float:
@@ -146,16 +161,17 @@ class Healer:
         """Clear records of healed arrays, heal what may be healed; returns the records still standing."""
         standing = dict(standing)
         # A filer that returns serves every stale leg of the host at once: copy a few at a time.
-        self._recovering = sum(
-            1 for v in snapshot.arrays if v.label in standing and v.iscsi.state in ("recovering", "spare")
-        )
-        for view in snapshot.arrays:
-            if view.label not in standing:
-                self._progress.pop(view.label, None)
-                continue
+        views = [v for v in map(snapshot.array, sorted(standing)) if v is not None]
+        self._recovering = sum(1 for v in views if v.iscsi.state in ("recovering", "spare"))
+        for label in set(self._progress) - standing.keys():
+            del self._progress[label]
+            self._blocked.pop(label, None)
+        for view in views:
             if recovery_complete(view):
                 self._cleared(view, standing)
                 continue
+            if self._blocked.get(view.label) is view:
+                continue  # held back by the array's state, and that state has not changed
             self._consider(view, snapshot.iscsi.sessions)
         return standing
 
@@ -191,7 +207,9 @@ class Healer:
                 self.wait_for(view.label),
             )
         plan = plan_heal(view, self.paths.sysfs, self.paths.devfs, enabled=self.enabled, sessions=sessions)
+        self._blocked.pop(view.label, None)
         if isinstance(plan, HealBlocked):
+            self._blocked[view.label] = view
             if plan.reason != "in_progress":
                 progress.ready_since = None
                 self._skip(view.label, progress, plan.reason, plan.detail)

@@ -71,11 +71,11 @@ class SnapshotCollector(Collector):
         """Every family, in a fixed order, with the samples of `part` only."""
         raise NotImplementedError
 
-    def dirty(self, snapshot: HostSnapshot) -> tuple[set[str] | None, bool]:
-        """What changed since the last call besides the views: labels whose array samples may
-        differ (None: all) and whether session samples may. Collectors that render only views
-        have nothing else."""
-        return set(), False
+    def dirty(self, snapshot: HostSnapshot) -> tuple[set[str] | None, set[str] | None]:
+        """What changed since the last call besides the views: labels whose array samples and
+        targets whose session samples may differ (None: all). Collectors that render views
+        alone have nothing else."""
+        return set(), set()
 
 
 def gauge(name: str, documentation: str, labels: Sequence[str]) -> GaugeMetricFamily:

@@ -28,18 +28,21 @@ class HealthCollector(SnapshotCollector):
     def create(cls, context: Context) -> HealthCollector:
         return cls(context.current, context.health)
 
-    def dirty(self, snapshot: HostSnapshot) -> tuple[set[str] | None, bool]:
+    def dirty(self, snapshot: HostSnapshot) -> tuple[set[str] | None, set[str] | None]:
         report, before = self.checker.report, self._rendered
         self._rendered = report
         if before is None:
-            return None, True
+            return None, None
         if report is before:
-            return set(), False
+            return set(), set()
         labels = set(report.stalled ^ before.stalled) | set(
             report.write_mostly_wrong ^ before.write_mostly_wrong
         )
-        sessions = report.flapping != before.flapping or report.session_changes != before.session_changes
-        return labels, sessions
+        keys = set(report.flapping ^ before.flapping)
+        for key in report.session_changes.keys() | before.session_changes.keys():
+            if report.session_changes.get(key) != before.session_changes.get(key):
+                keys.add(key)
+        return labels, {target for target, _ in keys}
 
     def families(self, snapshot: HostSnapshot, part: Part) -> Iterable[Metric]:
         report = self.checker.report
