@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import struct
 import threading
 import time
 import zlib
@@ -56,6 +57,7 @@ class Rendered:
     text_pieces: list[bytes]
     openmetrics_pieces: list[bytes]
     agent_families: Sequence[Metric] = ()
+    segments: GzipSegments = field(default_factory=lambda: GzipSegments(), repr=False)
     _joined: dict[str, bytes] = field(default_factory=dict, repr=False)
     _gzipped: dict[str, bytes] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -90,15 +92,56 @@ class Rendered:
         return joined, content_type
 
     def gzipped(self, accept: str) -> tuple[bytes, str]:
-        """The same body gzip-compressed, compressed once per snapshot and format."""
+        """The same body gzip-compressed, once per snapshot and format.
+
+        One gzip member whose deflate stream is made of segments compressed apart (each ends
+        with a full flush, so it needs nothing before it): a segment whose pieces did not
+        change since the last body is reused, and only the CRC runs over the whole body."""
         pieces, content_type = self._pieces(accept)
         with self._lock:
             packed = self._gzipped.get(content_type)
             if packed is None:
-                packer = zlib.compressobj(1, zlib.DEFLATED, 31)  # 31: gzip framing
-                packed = b"".join([*map(packer.compress, pieces), packer.flush()])
-                self._gzipped[content_type] = packed
+                packed = self._gzipped[content_type] = self.segments.gzip(content_type, pieces)
         return packed, content_type
+
+
+class GzipSegments:
+    """Compressed segments of the last body of each format, shared by successive Rendered."""
+
+    SIZE = 64  # pieces per segment
+
+    def __init__(self):
+        self._last: dict[str, dict[tuple[bytes, ...], bytes]] = {}
+        self._lock = threading.Lock()
+
+    def gzip(self, content_type: str, pieces: list[bytes]) -> bytes:
+        with self._lock:
+            last = self._last.get(content_type, {})
+            now: dict[tuple[bytes, ...], bytes] = {}
+            out = [_GZIP_HEADER]
+            crc = 0
+            size = 0
+            for start in range(0, len(pieces), self.SIZE):
+                segment = tuple(pieces[start : start + self.SIZE])
+                packed = last.get(segment) or now.get(segment)
+                if packed is None:
+                    packer = zlib.compressobj(1, zlib.DEFLATED, -15)
+                    packed = b"".join([*map(packer.compress, segment), packer.flush(zlib.Z_FULL_FLUSH)])
+                now[segment] = packed
+                out.append(packed)
+                for piece in segment:
+                    crc = zlib.crc32(piece, crc)
+                    size += len(piece)
+            out.append(_DEFLATE_END)
+            out.append(struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF))
+            self._last[content_type] = now
+            return b"".join(out)
+
+
+# A gzip member header (RFC 1952: deflate, no name, no time, OS unknown) and the empty final
+# deflate block that ends a stream of full-flushed segments.
+_GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+_DEFLATE_END = zlib.compressobj(1, zlib.DEFLATED, -15).flush()
 
 
 CHUNK = 16  # arrays (or sessions) per cached piece: small enough that one change re-encodes little
@@ -118,6 +161,7 @@ class Renderer:
     def __init__(self, collectors: Sequence[SnapshotCollector]):
         self.collectors = list(collectors)
         self._pieces: dict[tuple[str, bool], _Pieces] = {}
+        self._segments = GzipSegments()
         self._headers: dict[tuple[str, str, str], tuple[bytes, bytes]] = {}
 
     def render(self, snapshot: HostSnapshot) -> Rendered:
@@ -145,7 +189,7 @@ class Renderer:
         agent_text, agent_om = encode_both(agent)
         text.append(agent_text)
         om.append(agent_om)  # ends with "# EOF"
-        return Rendered(snapshot, self.collectors, success, text, om, agent)
+        return Rendered(snapshot, self.collectors, success, text, om, agent, self._segments)
 
     def _collector(self, collector: SnapshotCollector, snapshot: HostSnapshot, text: list, om: list) -> None:
         labels, targets = collector.dirty(snapshot)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import os
@@ -182,7 +183,7 @@ class BasicAuth:
             hashed = self._hash_of(user)
             try:
                 # An unknown user costs the same bcrypt, so user names cannot be probed.
-                ok = bcrypt.checkpw(password, hashed or _DUMMY_HASH) and hashed is not None
+                ok = bcrypt.checkpw(password, hashed or _dummy_hash()) and hashed is not None
             except ValueError:  # a malformed hash, or a password bcrypt refuses (over 72 bytes)
                 ok = False
         with self._lock:
@@ -229,7 +230,10 @@ class WebConfig:
         return self.auth.check_header(authorization)
 
 
-_DUMMY_HASH = bcrypt.hashpw(b"iscsimple-dummy", bcrypt.gensalt(rounds=10))
+@functools.cache
+def _dummy_hash() -> bytes:
+    # Made on first use, not at import: hashing costs the agent's start-up ~0.1 s of CPU.
+    return bcrypt.hashpw(b"iscsimple-dummy", bcrypt.gensalt(rounds=10))
 
 
 def load_web_config(path: Path) -> WebConfig:

@@ -151,3 +151,26 @@ def test_full_sweep_keeps_unchanged_views(tmp_path):
     assert swept.changed == {host.registry.by_label("b").id}
     assert swept.arrays[0] is after.arrays[0] and swept.arrays[1] is not after.arrays[1]
     same(swept, HostSnapshot.read(host.paths))
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(st.binary(max_size=40), max_size=300),
+    st.lists(st.tuples(st.integers(0, 400), st.binary(max_size=40)), max_size=5),
+)
+def test_gzip_from_cached_segments_is_one_valid_member(pieces, edits):
+    """The body is one gzip member (any client reads it) made of segments reused while their
+    pieces are the same."""
+    import gzip
+    import zlib
+
+    from iscsimple.exporter.exposition import GzipSegments
+
+    segments = GzipSegments()
+    for index, piece in [(None, None), *edits]:
+        if index is not None:
+            pieces.insert(min(index, len(pieces)), piece)
+        packed = segments.gzip("text", pieces)
+        assert gzip.decompress(packed) == b"".join(pieces)
+        single = zlib.decompressobj(wbits=31)
+        assert single.decompress(packed) == b"".join(pieces) and single.eof and not single.unused_data
