@@ -130,7 +130,7 @@ def test_everything_the_heal_writes_is_inside_the_unit_read_write_paths(tmp_path
     def refresh() -> None:
         snapshot = bed.snapshot()  # the simulated kernel's tree is written here, not recorded
         with recorder as written:
-            safety(snapshot)
+            safety.observe(snapshot)
         writes.extend(written)
 
     bed.fail_iscsi()
