@@ -406,7 +406,9 @@ def _timed(sources: dict[str, SourceResult], name: str, read: Callable[[], T], e
 
 
 def _read_registry(sources: dict[str, SourceResult], registry: Registry) -> list[Attachment]:
-    return _timed(sources, "registry", registry.read_all, RegistryRead([], []), lambda r: r.errors).attachments
+    return _timed(
+        sources, "registry", registry.read_all, RegistryRead([], []), lambda r: r.errors
+    ).attachments
 
 
 def _read_stale(sources: dict[str, SourceResult], records: StaleRecords) -> list[StaleRecord]:
