@@ -133,10 +133,10 @@ def test_outage_under_io_local_only_then_heal_with_zero_bytes_lost(bed):
     assert bed.sessions() == {}
 
 
-def wait_metric(g, line_regex: str, timeout: float) -> dict:
-    answer = g.call("wait_metric", wait=timeout + 30, url=METRICS, line_regex=line_regex, timeout=timeout)
+def wait_metric(g, line_regex: str, timeout: float, url: str = METRICS, log: str = "/tmp/agent.log") -> dict:
+    answer = g.call("wait_metric", wait=timeout + 30, url=url, line_regex=line_regex, timeout=timeout)
     if not answer["met"]:
-        agent_log = g.read("/tmp/agent.log") or ""
+        agent_log = g.read(log) or ""
         pytest.fail(
             f"no metric line matching {line_regex} within {timeout} s; last scrape:\n{answer['text']}\n"
             f"agent log (tail):\n{agent_log[-3000:]}"
