@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .atomic import remove_durably, write_atomic
 from .errors import InputError
-from .mdstat import read_mdstat
+from .mdstat import read_mdstat_arrays
 from .paths import HostPaths
 from .safety import HealPlan
 from .spec import check_label
@@ -490,7 +490,7 @@ def prove_partial(paths: HostPaths, md_name: str, label: str, add_device: str) -
 
 def _mdstat_bitmap(paths: HostPaths, md_name: str) -> str | None:
     try:
-        array = read_mdstat(paths.procfs).arrays.get(md_name)
+        array = read_mdstat_arrays(paths.procfs, {md_name}).get(md_name)
     except (OSError, InputError):
         return None
     return array.bitmap if array else None
@@ -530,9 +530,10 @@ class ArrayBitmap:
 
 def array_bitmaps(paths: HostPaths, views) -> list[ArrayBitmap]:
     """For each running ArrayView: is its bitmap active, how much is out of sync, the heal's ETA.
-    Reads /proc/mdstat once, and a bitmap file only for a degraded array."""
+    Reads /proc/mdstat once (parsing only these arrays' lines), and a bitmap file only for a
+    degraded array."""
     try:
-        mdstat = read_mdstat(paths.procfs).arrays
+        mdstat = read_mdstat_arrays(paths.procfs, {v.md.name for v in views if v.md is not None})
     except (OSError, InputError):
         mdstat = {}
     out = []

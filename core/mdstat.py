@@ -34,6 +34,7 @@ __all__ = [
     "mdstat_blocks",
     "parse_mdstat",
     "read_mdstat",
+    "read_mdstat_arrays",
 ]
 
 
@@ -119,6 +120,23 @@ def read_mdstat(procfs: Path) -> Mdstat:
     except FileNotFoundError:
         return Mdstat()
     return parse_mdstat(text)
+
+
+def read_mdstat_arrays(procfs: Path, names: set[str]) -> dict[str, MdstatArray]:
+    """Only the named arrays of procfs/mdstat, each parsed on its own: what a few arrays need
+    from a file of thousands. An array whose lines cannot be parsed is left out."""
+    try:
+        text = (procfs / "mdstat").read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return {}
+    blocks = mdstat_blocks(text)
+    arrays = {}
+    for name in names & blocks.keys():
+        try:
+            arrays.update(parse_mdstat(blocks[name] + "\n").arrays)
+        except MdstatError:
+            continue
+    return arrays
 
 
 def parse_mdstat(text: str) -> Mdstat:
