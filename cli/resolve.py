@@ -18,6 +18,7 @@ from iscsimple.core.cluster import check_before_writing_lun
 from iscsimple.core.config import Config, load_config
 from iscsimple.core.errors import InputError, OperationError
 from iscsimple.core.heal import CHANGED, execute_heal
+from iscsimple.core.md import md_path
 from iscsimple.core.paths import HostPaths
 from iscsimple.core.registry import LEG_LOCAL, Registry
 from iscsimple.core.run import Deadline, run
@@ -29,7 +30,7 @@ from iscsimple.core.tab import read_tab
 from iscsimple.hotplug import mdadm
 from iscsimple.hotplug.attach import attach
 from iscsimple.hotplug.detach import detach
-from iscsimple.hotplug.devices import active_md_array, md_path
+from iscsimple.hotplug.devices import active_md_array
 
 from .options import host_paths
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from iscsimple.core.config import Config
 from iscsimple.core.iscsi import IscsiSession
-from iscsimple.core.registry import Attachment
-from iscsimple.core.snapshot import ArrayView, HostSnapshot, LegView
+from iscsimple.core.registry import Attachment, vm_name
+from iscsimple.core.snapshot import ArrayView, HostSnapshot, LegView, PlainView
 from iscsimple.hotplug.session import replacement_timeout
 
 # The package ships the runbooks here; from a checkout they are under docs/.
@@ -63,6 +63,7 @@ class DiskRow:
     sync_ratio: float | None
     sync_remaining_seconds: float | None
     session: SessionRow
+    syncing: bool = False  # a resync or recovery runs (the snapshot's ArrayView.syncing)
     local_only: bool = False
     unprotected: bool = False
     no_good_leg: bool = False
@@ -113,7 +114,7 @@ class Status:
 
 def build_status(snapshot: HostSnapshot, config: Config) -> Status:
     arrays = {a.attachment.id: a for a in snapshot.arrays}
-    sessions = {sv.target: sv for sv in snapshot.sessions}
+    plain = {p.attachment.id: p for p in snapshot.plain}
     users: dict[str, list[Attachment]] = {}
     for a in snapshot.attachments:
         if a.target:
@@ -121,13 +122,11 @@ def build_status(snapshot: HostSnapshot, config: Config) -> Status:
     wanted_by_target = {t: replacement_timeout(config, t, us)[0] for t, us in users.items()}
     rows = []
     for a in sorted(snapshot.attachments, key=lambda a: (_vm(a), a.vbd or "", a.label or "", a.id)):
-        view = arrays.get(a.id)
         wanted = wanted_by_target.get(a.target) if a.target else None
-        if view is not None:
-            rows.append(_array_row(view, wanted))
-        else:
-            sv = sessions.get(a.target or "")
-            rows.append(_plain_row(a, sv.session if sv else None, wanted))
+        if a.id in arrays:
+            rows.append(_array_row(arrays[a.id], wanted))
+        elif a.id in plain:
+            rows.append(_plain_row(plain[a.id], wanted))
     errors = tuple(e for source in snapshot.sources.values() for e in source.errors)
     attached = {a.label for a in snapshot.attachments if a.label}
     stale = tuple(
@@ -139,11 +138,7 @@ def build_status(snapshot: HostSnapshot, config: Config) -> Status:
 
 
 def _vm(a: Attachment) -> str:
-    if a.domain_name:
-        return a.domain_name
-    if a.domain_id is not None:
-        return f"domain {a.domain_id}"
-    return "-"
+    return vm_name(a.domain_name, a.domain_id, unknown="-")
 
 
 def _leg(leg: LegView) -> LegRow:
@@ -179,6 +174,7 @@ def _array_row(view: ArrayView, wanted: int | None) -> DiskRow:
         iscsi=_leg(view.iscsi),
         local=_leg(view.local),
         sync_action=view.sync_action,
+        syncing=view.syncing,
         sync_ratio=view.sync_completed_ratio if view.md else None,
         sync_remaining_seconds=view.sync_remaining_seconds if view.md else None,
         session=_session(a.target, view.session, a.lun, wanted),
@@ -191,9 +187,8 @@ def _array_row(view: ArrayView, wanted: int | None) -> DiskRow:
     )
 
 
-def _plain_row(a: Attachment, session: IscsiSession | None, wanted: int | None) -> DiskRow:
-    scsi = session.lun(a.lun) if session else None
-    state = "in_sync" if session and session.state == "LOGGED_IN" and scsi and scsi.block else "missing"
+def _plain_row(view: PlainView, wanted: int | None) -> DiskRow:
+    a = view.attachment
     return DiskRow(
         id=a.id,
         vm=_vm(a),
@@ -204,13 +199,13 @@ def _plain_row(a: Attachment, session: IscsiSession | None, wanted: int | None) 
         state=a.state,
         device=a.device_path,
         md_device=None,
-        running=scsi is not None and scsi.block is not None,
-        iscsi=LegRow(scsi.block if scsi and scsi.block else a.iscsi_device, state, False, True, None),
+        running=view.present,
+        iscsi=LegRow(view.device, view.state, False, True, None),
         local=None,
         sync_action=None,
         sync_ratio=None,
         sync_remaining_seconds=None,
-        session=_session(a.target, session, a.lun, wanted),
+        session=_session(a.target, view.session, a.lun, wanted),
     )
 
 
@@ -231,11 +226,10 @@ def _leg_cell(leg: LegRow | None) -> str:
 def _sync_cell(row: DiskRow) -> str:
     if row.sync_ratio is None:
         return "-"
-    syncing = row.sync_action not in (None, "idle", "frozen")
-    if not syncing and row.sync_ratio < 1:
+    if not row.syncing and row.sync_ratio < 1:
         return "degraded"  # idle with a slot empty or failed: nothing is copying
     text = f"{row.sync_ratio * 100:.1f}%" if row.sync_ratio < 1 else "100%"
-    if syncing:
+    if row.syncing:
         text += f" {row.sync_action}"
         if row.sync_remaining_seconds:
             text += f" ~{_duration(row.sync_remaining_seconds)}"

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from iscsimple.core.paths import HostPaths
 from iscsimple.core.sysfs import AttrReader, SysfsError, open_dir, parse_dev, parse_int
 
 __all__ = [
@@ -20,6 +21,9 @@ __all__ = [
     "MdReadResult",
     "SysfsError",
     "md_array_names",
+    "md_kernel_names",
+    "md_names_for",
+    "md_path",
     "read_md_array",
     "read_md_array_errors",
     "read_md_arrays",
@@ -243,3 +247,27 @@ def _parse_sync_completed(text: str | None, md_dir: str, errors: list[str]) -> t
     except ValueError:
         errors.append(f"{os.path.join(md_dir, 'sync_completed')}: cannot parse {text[:80]!r}")
         return None
+
+
+# -- which array is LABEL's ----------------------------------------------------------
+
+
+def md_path(paths: HostPaths, label: str) -> Path:
+    """/dev/md/LABEL: what mdadm --build is given and what udev (or mdadm) links to the array."""
+    return paths.devfs / "md" / label
+
+
+def md_names_for(paths: HostPaths, label: str) -> list[str]:
+    """Kernel names LABEL's array may have, best first: the one /dev/md/LABEL points to (found even
+    when the registry lacks it, e.g. a half-done add), then md_LABEL (mdadm with names=yes)."""
+    names = []
+    link = md_path(paths, label)
+    if os.path.lexists(link):
+        names.append(os.path.basename(os.path.realpath(link)))
+    names.append(f"md_{label}")
+    return list(dict.fromkeys(names))
+
+
+def md_kernel_names(paths: HostPaths, label: str) -> list[str]:
+    """The arrays that exist (in sysfs) under one of LABEL's names (`md_names_for`)."""
+    return [n for n in md_names_for(paths, label) if (paths.sysfs / "block" / n / "md").is_dir()]

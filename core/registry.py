@@ -47,6 +47,16 @@ class OperationResult:
     error: str | None = None
 
 
+def vm_name(
+    domain_name: str | None, domain_id: int | None, *, unknown: str = "", numbered: str = "domain {}"
+) -> str:
+    """Who a disk belongs to: the VM's name, else its domid as `numbered` ("domain 7"; "{}" for a
+    metric label), else `unknown` (attached from the CLI, or the name was never known)."""
+    if domain_name:
+        return domain_name
+    return numbered.format(domain_id) if domain_id is not None else unknown
+
+
 @dataclass(frozen=True)
 class Attachment:
     id: str  # "vbd-<domid>-<devid>" under Xen, "cli-<label or target-lun>" from the CLI

@@ -19,11 +19,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .iscsi import IscsiSession, ScsiLun, find_lun_block, read_iscsi_sessions
-from .md import MdReadResult, SysfsError, read_md_array
+from .md import MdReadResult, SysfsError, md_kernel_names, read_md_array
 from .paths import HostPaths
 from .registry import Attachment
 from .snapshot import ArrayView, HostSnapshot
 from .stale import StaleRecord, StaleRecords
+from .sysfs import block_holders, block_size_bytes
 
 # iSCSI leg states in which the iSCSI copy lacks writes the local leg has:
 # failed by md, gone from the array, or being (re)written from the local leg.
@@ -87,7 +88,7 @@ def read_view(paths: HostPaths, attachment: Attachment, md_name: str | None = No
     None when the attachment has no LABEL; `view.md` is None when the array does not run."""
     if attachment.label is None:
         return None
-    name = md_name or attachment.md_device or _md_link_target(paths, attachment.label)
+    name = md_name or attachment.md_device or next(iter(md_kernel_names(paths, attachment.label)), None)
     arrays = {}
     if name is not None:
         with contextlib.suppress(SysfsError):  # not running
@@ -97,13 +98,6 @@ def read_view(paths: HostPaths, attachment: Attachment, md_name: str | None = No
         [one], MdReadResult(arrays), read_iscsi_sessions(paths.sysfs), [], paths=paths
     )
     return snapshot.array(attachment.label)
-
-
-def _md_link_target(paths: HostPaths, label: str) -> str | None:
-    try:
-        return os.path.basename(os.readlink(paths.devfs / "md" / label))
-    except OSError:
-        return None
 
 
 def record_if_stale(paths: HostPaths, attachment: Attachment, md_name: str | None) -> StaleRecord | None:
@@ -296,14 +290,11 @@ def _choose(
 def _device_problem(sysfs: Path, devfs: Path, lun: ScsiLun, allowed_holder: str | None) -> str | None:
     """The device must not be held by anything else (another array, LVM), and its /dev node must be
     the device sysfs names, so mdadm opens the LUN we checked."""
-    name = lun.block
-    holders_dir = sysfs / "block" / str(name) / "holders"
+    name = str(lun.block)
     try:
-        holders = set(os.listdir(holders_dir)) - ({allowed_holder} if allowed_holder else set())
-    except FileNotFoundError:
-        holders = set()
+        holders = set(block_holders(sysfs, name)) - ({allowed_holder} if allowed_holder else set())
     except OSError as e:
-        return f"cannot read {holders_dir}: {e.strerror or e}"
+        return f"cannot tell whether {name} is in use: {e.strerror or e}"
     if holders:
         return f"{name} is in use by {', '.join(sorted(holders))}: refusing to add it"
     node = devfs / str(name)
@@ -323,12 +314,9 @@ def _device_problem(sysfs: Path, devfs: Path, lun: ScsiLun, allowed_holder: str 
 def _size_problem(sysfs: Path, name: str, view: ArrayView) -> str | None:
     """md would refuse a too small device; say why in our words first."""
     need_kib = view.md.component_size_kib if view.md else None
-    try:
-        sectors = int((sysfs / "block" / name / "size").read_text().strip())
-    except (OSError, ValueError):
-        return None  # unknown: let mdadm decide
-    if need_kib is not None and sectors * 512 < need_kib * 1024:
-        return f"{name} has {sectors * 512} bytes, the array needs {need_kib * 1024}: not the LUN it was?"
+    size = block_size_bytes(sysfs, name)  # None: unknown, let mdadm decide
+    if need_kib is not None and size is not None and size < need_kib * 1024:
+        return f"{name} has {size} bytes, the array needs {need_kib * 1024}: not the LUN it was?"
     return None
 
 

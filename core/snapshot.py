@@ -23,15 +23,15 @@ from .iscsi import (
     read_iscsi_session,
     session_sid,
 )
-from .md import MdArray, MdMember, MdReadResult, md_array_names, read_md_array_errors
+from .md import MdArray, MdMember, MdReadResult, md_array_names, md_names_for, read_md_array_errors
 from .paths import HostPaths
-from .registry import LEG_ISCSI, LEG_LOCAL, Attachment, HotplugStats, Registry, RegistryRead
+from .registry import LEG_ISCSI, LEG_LOCAL, Attachment, HotplugStats, Registry, RegistryRead, vm_name
 from .stale import StaleRecord, StaleRecords
+from .sysfs import SECTOR
 
 LEG_STATES = ("in_sync", "recovering", "faulty", "missing", "spare", "blocked")
 SYNC_ACTIONS = ("idle", "resync", "recover", "check", "repair", "frozen", "reshape")
 SESSION_STATES = ("LOGGED_IN", "FAILED", "FREE")
-SECTOR = 512
 
 T = TypeVar("T")
 
@@ -65,10 +65,7 @@ class ArrayView:
 
     @property
     def domain(self) -> str:
-        a = self.attachment
-        if a.domain_name:
-            return a.domain_name
-        return str(a.domain_id) if a.domain_id is not None else ""
+        return vm_name(self.attachment.domain_name, self.attachment.domain_id, numbered="{}")
 
     @property
     def session_up(self) -> bool:
@@ -153,6 +150,31 @@ class ArrayView:
     @property
     def size_bytes(self) -> int | None:
         return self.md.size_bytes if self.md else None
+
+
+@dataclass(frozen=True)
+class PlainView:
+    """An attachment without a LABEL: a LUN handed to Xen unmirrored, healthy only while its
+    session is logged in and the LUN has a block device."""
+
+    attachment: Attachment
+    session: IscsiSession | None
+    lun: ScsiLun | None
+
+    @property
+    def present(self) -> bool:
+        """The LUN's block device exists (the session may still be down)."""
+        return self.lun is not None and self.lun.block is not None
+
+    @property
+    def device(self) -> str | None:
+        return self.lun.block if self.lun is not None and self.lun.block else self.attachment.iscsi_device
+
+    @property
+    def state(self) -> str:
+        """As a leg's state: in_sync when it can serve I/O, else missing."""
+        up = self.session is not None and self.session.state == "LOGGED_IN"
+        return "in_sync" if up and self.present else "missing"
 
 
 @dataclass(frozen=True)
@@ -267,6 +289,18 @@ class HostSnapshot:
     @property
     def ok(self) -> bool:
         return all(s.ok for s in self.sources.values())
+
+    @cached_property
+    def plain(self) -> tuple[PlainView, ...]:
+        """One PlainView per attachment without a LABEL, derived here like the arrays' states."""
+        by_target: dict[str, list[IscsiSession]] = {}
+        for s in self.iscsi.sessions:
+            by_target.setdefault(s.target, []).append(s)
+        return tuple(
+            PlainView(a, *_session_for(a, by_target.get(a.target or "", [])))
+            for a in sorted(self.attachments, key=lambda a: a.id)
+            if a.label is None
+        )
 
     def array(self, label: str) -> ArrayView | None:
         ids = self._index.by_label.get(label)
@@ -860,12 +894,7 @@ def _md_for(a: Attachment, arrays: dict[str, MdArray], paths: HostPaths | None) 
     if a.md_device and a.md_device in arrays:
         return arrays[a.md_device]
     if paths is not None and a.label:
-        # /dev/md/LABEL → ../md127: found even if the registry lacks the kernel name (half-done add).
-        try:
-            name = os.path.basename(os.readlink(paths.devfs / "md" / a.label))
-        except OSError:
-            return None
-        return arrays.get(name)
+        return next((arrays[n] for n in md_names_for(paths, a.label) if n in arrays), None)
     return None
 
 

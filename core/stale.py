@@ -20,6 +20,7 @@ from .atomic import remove_durably, write_atomic
 from .errors import StateFileError
 from .files import ensure_dir, load_state_json
 from .paths import HostPaths
+from .registry import vm_name
 from .spec import check_label
 
 
@@ -41,9 +42,7 @@ class StaleRecord:
 
     def describe(self) -> str:
         when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(self.since))
-        vm = self.domain_name or (
-            f"domain {self.domain_id}" if self.domain_id is not None else "an unknown VM"
-        )
+        vm = vm_name(self.domain_name, self.domain_id, unknown="an unknown VM")
         return f"since {when} the local leg of {self.label} ({vm}) holds writes its iSCSI copy lacks ({self.reason})"
 
 

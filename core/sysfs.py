@@ -11,16 +11,27 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 from iscsimple.core.errors import OperationError
 
-__all__ = ["AttrReader", "SysfsError", "open_dir", "parse_dev", "parse_int", "read_bytes"]
+__all__ = [
+    "AttrReader",
+    "SysfsError",
+    "block_holders",
+    "block_size_bytes",
+    "open_dir",
+    "parse_dev",
+    "parse_int",
+    "read_bytes",
+]
 
 T = TypeVar("T")
 
 _INT = re.compile(r"-?[0-9]{1,20}")
 _MAX_ATTR_BYTES = 4096  # sysfs attributes are at most one page
+SECTOR = 512  # the unit of a block device's `size`
 
 
 class SysfsError(OperationError):
@@ -115,3 +126,25 @@ def parse_dev(text: str) -> str:
     if not sep:
         raise ValueError(text)
     return f"{parse_int(major)}:{parse_int(minor)}"
+
+
+# -- block devices -------------------------------------------------------------------
+# /sys/class/block/NAME rather than /sys/block/NAME: the former also lists partitions.
+
+
+def block_holders(sysfs: Path, name: str) -> list[str]:
+    """What holds block device NAME (md arrays, dm devices), sorted. A device without the
+    directory (gone) has none; any other error is raised (OSError): whoever decides whether a
+    device is free must not take "cannot tell" for "free"."""
+    try:
+        return sorted(os.listdir(sysfs / "class" / "block" / name / "holders"))
+    except FileNotFoundError:
+        return []
+
+
+def block_size_bytes(sysfs: Path, name: str) -> int | None:
+    """The size of block device NAME (sysfs counts 512-byte sectors); None when unknown."""
+    try:
+        return parse_int(read_bytes(str(sysfs / "class" / "block" / name / "size")).decode().strip()) * SECTOR
+    except (OSError, ValueError):
+        return None

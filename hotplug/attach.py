@@ -32,6 +32,7 @@ from iscsimple.core.cluster import check_before_attach
 from iscsimple.core.config import Config
 from iscsimple.core.errors import InputError, IscsimpleError, OperationError
 from iscsimple.core.locking import hotplug_lock, label_lock_name, target_lock_name
+from iscsimple.core.md import md_kernel_names, md_path
 from iscsimple.core.paths import HostPaths
 from iscsimple.core.registry import (
     LEG_ISCSI,
@@ -40,6 +41,7 @@ from iscsimple.core.registry import (
     Attachment,
     OperationResult,
     Registry,
+    vm_name,
 )
 from iscsimple.core.run import Deadline
 from iscsimple.core.spec import DiskSpec
@@ -53,8 +55,6 @@ from .devices import (
     active_md_array,
     check_local_device,
     holders,
-    md_kernel_names,
-    md_path,
     wait_for_lun,
     wait_for_md,
 )
@@ -381,7 +381,7 @@ def _refuse_stale_elsewhere(spec: DiskSpec, paths: HostPaths, config: Config, re
 def _refuse_busy_label(label: str, attachment_id: str, paths: HostPaths, registry: Registry) -> None:
     other = registry.by_label(label)
     if other is not None and other.id != attachment_id:
-        who = other.domain_name or (f"domain {other.domain_id}" if other.domain_id is not None else other.id)
+        who = vm_name(other.domain_name, other.domain_id, unknown=other.id)
         raise OperationError(
             f"{label} is already attached ({who}, {other.id}, {other.state}); a mirror can serve one disk at a time: "
             "detach it there first"
@@ -399,9 +399,7 @@ def _refuse_busy_lun(spec: DiskSpec, attachment_id: str, registry: Registry) -> 
     assert spec.target is not None
     for other in registry.using_target(spec.target, exclude=attachment_id):
         if other.lun == spec.lun:
-            who = other.domain_name or (
-                f"domain {other.domain_id}" if other.domain_id is not None else other.id
-            )
+            who = vm_name(other.domain_name, other.domain_id, unknown=other.id)
             raise OperationError(
                 f"LUN {spec.lun} of {spec.target} is already attached ({who}, {other.id}, {other.spec}); "
                 "two disks on one LUN would corrupt it: detach it there first"

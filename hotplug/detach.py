@@ -17,13 +17,14 @@ from pathlib import Path
 from iscsimple.core.config import Config
 from iscsimple.core.errors import OperationError
 from iscsimple.core.locking import hotplug_lock, label_lock_name, target_lock_name
+from iscsimple.core.md import md_kernel_names, md_path
 from iscsimple.core.paths import HostPaths
 from iscsimple.core.registry import STATE_DETACHING, Attachment, Registry
 from iscsimple.core.run import Deadline
 from iscsimple.core.safety import record_if_stale
 
 from . import bitmaps, mdadm, session
-from .devices import md_array_state, md_kernel_names, md_path
+from .devices import md_array_state
 from .xen import XenContext
 
 log = logging.getLogger(__name__)

@@ -15,13 +15,13 @@ from pathlib import Path
 
 from iscsimple.core.errors import OperationError
 from iscsimple.core.iscsi import IscsiSession, ScsiLun, read_iscsi_sessions
-from iscsimple.core.md import SysfsError, read_md_array
+from iscsimple.core.md import SysfsError, md_kernel_names, md_path, read_md_array
 from iscsimple.core.paths import HostPaths
 from iscsimple.core.run import Deadline
+from iscsimple.core.sysfs import block_holders, block_size_bytes
 
 log = logging.getLogger(__name__)
 
-SECTOR = 512
 POLL = 0.05
 # md array states in which the array is not running (md.rst: array_state).
 STOPPED_STATES = frozenset({"clear", "inactive"})
@@ -61,7 +61,7 @@ def describe(path: str | Path, paths: HostPaths) -> BlockDevice:
         raise DeviceError(f"{path} is not a block device")
     major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
     name = kernel_name(paths, major, minor) or os.path.basename(os.path.realpath(path))
-    return BlockDevice(str(path), name, major, minor, size_bytes(paths, name))
+    return BlockDevice(str(path), name, major, minor, block_size_bytes(paths.sysfs, name))
 
 
 def kernel_name(paths: HostPaths, major: int, minor: int) -> str | None:
@@ -71,18 +71,11 @@ def kernel_name(paths: HostPaths, major: int, minor: int) -> str | None:
     return os.path.basename(os.path.realpath(link))
 
 
-def size_bytes(paths: HostPaths, name: str) -> int | None:
-    try:
-        return int((paths.sysfs / "class" / "block" / name / "size").read_text()) * SECTOR
-    except (OSError, ValueError):
-        return None
-
-
 def holders(paths: HostPaths, name: str) -> list[str]:
     try:
-        return sorted(os.listdir(paths.sysfs / "class" / "block" / name / "holders"))
-    except OSError:
-        return []
+        return block_holders(paths.sysfs, name)
+    except OSError as e:
+        raise DeviceError(f"cannot tell whether {name} is in use: {e.strerror or e}") from None
 
 
 def mount_points(paths: HostPaths, device: BlockDevice) -> list[str]:
@@ -227,20 +220,6 @@ def _by_path_mismatch(paths: HostPaths, target: str, lun: int, device: BlockDevi
 
 
 # -- md arrays ----------------------------------------------------------------------
-
-
-def md_path(paths: HostPaths, label: str) -> Path:
-    return paths.devfs / "md" / label
-
-
-def md_kernel_names(paths: HostPaths, label: str) -> list[str]:
-    """Arrays that are LABEL's: the one /dev/md/LABEL points to, and md_LABEL (names=yes)."""
-    names = []
-    link = md_path(paths, label)
-    if os.path.lexists(link):
-        names.append(os.path.basename(os.path.realpath(link)))
-    names.append(f"md_{label}")
-    return [n for n in dict.fromkeys(names) if (paths.sysfs / "block" / n / "md").is_dir()]
 
 
 def md_array_state(paths: HostPaths, name: str) -> str | None:

@@ -180,6 +180,10 @@ class SafetyBed:
         block = self.paths.sysfs / "block" / name
         real = Path(os.path.realpath(block))
         real.mkdir(parents=True, exist_ok=True)
+        class_link = self.paths.sysfs / "class" / "block" / name
+        if not os.path.lexists(class_link):  # the kernel lists every block device here too
+            class_link.parent.mkdir(parents=True, exist_ok=True)
+            class_link.symlink_to(real)
         (real / "size").write_text(f"{self.sizes.get(name, SIZE_KIB * 2)}\n")
         holders = real / "holders"
         holders.mkdir(exist_ok=True)

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 
 from prometheus_client.core import CounterMetricFamily, Metric
 
+from iscsimple.core.registry import vm_name
 from iscsimple.core.safety import migrate_blockers
 from iscsimple.core.snapshot import HostSnapshot
 from iscsimple.core.stale import StaleRecord
@@ -58,7 +59,7 @@ class SafetyCollector(SnapshotCollector):
                 stale.add_metric([view.label, view.domain], 1.0 if view.label in standing else 0.0)
         for label, record in sorted(standing.items()) if part.rest else ():
             if snapshot.array(label) is None:  # VM stopped or host rebooted: the record still matters
-                domain = record.domain_name or ("" if record.domain_id is None else str(record.domain_id))
+                domain = vm_name(record.domain_name, record.domain_id, numbered="{}")
                 stale.add_metric([label, domain], 1.0)
         yield stale
         yield from self._cluster_families(snapshot, part, standing)
@@ -142,7 +143,7 @@ class SafetyCollector(SnapshotCollector):
             records += [(label, r) for label, r in sorted(standing.items()) if snapshot.array(label) is None]
         for label, record in records:
             if record is not None and record.target is not None:
-                domain = record.domain_name or ("" if record.domain_id is None else str(record.domain_id))
+                domain = vm_name(record.domain_name, record.domain_id, numbered="{}")
                 since.add_metric([host, record.target, str(record.lun or 0), label, domain], record.since)
         yield since
         attached = gauge(
