@@ -42,7 +42,7 @@ from pathlib import Path
 
 from iscsimple.core.snapshot import EVERYTHING, Changes
 from iscsimple.exporter.agent import DEFAULT_SWEEP, Agent, AgentOptions
-from iscsimple.exporter.demo import SimulatedHost
+from iscsimple.exporter.simhost import SimulatedHost
 
 PROMETHEUS_ACCEPT = (
     "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"

@@ -29,7 +29,9 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from iscsimple import __version__ as VERSION
 from iscsimple.core.atomic import write_atomic
 from iscsimple.core.errors import InputError
+from iscsimple.core.heal import Runner
 from iscsimple.core.paths import DEFAULT_CONFIG, DEFAULT_RECORDS, DEFAULT_STATE, HostPaths, require_given_dirs
+from iscsimple.core.run import run
 from iscsimple.core.snapshot import EVERYTHING, Changes, HostSnapshot
 
 from .collectors import Context, default_collectors
@@ -62,9 +64,10 @@ class AgentOptions:
     textfile: Path | None = None
     textfile_interval: float = 15.0
     watchers: list[Watcher] = field(default_factory=list)  # extra actions after each refresh
-    heal: bool = (
-        True  # may run mdadm to heal stale iSCSI copies (only on the real host; policy in the config)
-    )
+    # May run mdadm to heal stale iSCSI copies (policy in the config). mdadm acts on this host's
+    # devices, so with another tree than /sys heal is on only with a runner acting on that tree.
+    heal: bool = True
+    heal_runner: Runner | None = None  # default: core.run.run (the real mdadm)
 
 
 class Agent:
@@ -84,7 +87,9 @@ class Agent:
 
         self.refresher = Refresher(read, poll=ChangePoll(paths.sysfs, self.mdstat))
         # Data safety (exporter/safety.py, docs/data-safety.md): stale-copy records, heal, their metrics.
-        self.safety = Safety.for_host(paths, heal=options.heal)
+        real_host = paths.sysfs == Path("/sys")
+        heal = options.heal and (real_host or options.heal_runner is not None)
+        self.safety = Safety.for_host(paths, heal=heal, runner=options.heal_runner or run)
         self.refresher.collectors = default_collectors(
             Context(self.refresher.snapshot, self.health, self.safety)
         )
@@ -390,7 +395,6 @@ def main(argv: list[str] | None = None) -> int:
         udev=args.udev and args.sysfs == Path("/sys"),
         textfile=args.textfile,
         textfile_interval=args.textfile_interval,
-        heal=args.sysfs == Path("/sys"),  # mdadm acts on this host, not on another tree
     )
     agent = Agent(options)
     if args.once:
@@ -442,7 +446,8 @@ def _serve(
 
 
 def _run_demo(args, web_config: WebConfig) -> int:
-    from .demo import DemoScenario, SimulatedHost
+    from .demo import DemoScenario, demo_options
+    from .simhost import SimulatedHost
 
     with tempfile.TemporaryDirectory(prefix="iscsimple-demo-", ignore_cleanup_errors=True) as tmp:
         holder: dict[str, Agent] = {}
@@ -455,14 +460,11 @@ def _run_demo(args, web_config: WebConfig) -> int:
         host = SimulatedHost(Path(tmp), on_change=on_change)
         agent = Agent(
             AgentOptions(
-                paths=host.paths,
-                refresh_interval=min(args.refresh_interval, 5.0),
+                refresh_interval=min(args.refresh_interval, 5.0 / args.demo_speed),
                 stall_after=min(args.stall_after, 120.0),
-                udev=False,
-                mdstat_events=False,
                 textfile=args.textfile,
                 textfile_interval=args.textfile_interval,
-                heal=False,  # the scenario plays the heal itself
+                **demo_options(host, args.demo_speed),
             )
         )
         holder["agent"] = agent

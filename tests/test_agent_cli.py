@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from iscsimple.exporter.agent import _listen_address, _seconds, main
-from iscsimple.exporter.demo import SimulatedHost
+from iscsimple.exporter.simhost import SimulatedHost
 
 TARGET = "iqn.2003-01.org.example:filer"
 AGENT = [sys.executable, "-c", "from iscsimple.exporter.agent import main; raise SystemExit(main())"]

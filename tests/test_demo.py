@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 
@@ -16,7 +17,8 @@ from iscsimple.core.md import read_md_arrays
 from iscsimple.core.mdstat import parse_mdstat, read_mdstat
 from iscsimple.core.snapshot import HostSnapshot
 from iscsimple.exporter.agent import Agent, AgentOptions
-from iscsimple.exporter.demo import DEMO_TARGET_A, DEMO_VMS, DemoScenario, SimulatedHost
+from iscsimple.exporter.demo import DEMO_TARGET_A, DEMO_VMS, DemoScenario, demo_options
+from iscsimple.exporter.simhost import SimulatedHost
 
 TARGET = "iqn.2026-11.test.local:disk1"
 MB64 = 64 << 20
@@ -170,6 +172,48 @@ def test_scenario_plays_outage_and_recovery_with_the_real_agent(host):
     mail1 = [lo for label, lo, _ in seen if label == "mail1-disk"]
     assert not any(mail1)  # the other filer never failed
     assert host.labels() == []  # the round ends with every VM detached
+
+
+def test_the_demo_heals_with_the_agents_own_healer(host, caplog):
+    """As `iscsimple-agent --demo` wires it: heal on, the Healer's mdadm acting on the simulated
+    kernel; the scenario only waits, and the agent re-adds both stale legs of filer1."""
+    caplog.set_level(logging.INFO)
+    speed = 40.0
+    agent = Agent(AgentOptions(refresh_interval=0.05, **demo_options(host, speed)))
+    host.on_change = lambda _what: agent.refresher.request("demo host changed")
+    agent.start()
+    try:
+        DemoScenario(host, speed=speed).play_once()
+    finally:
+        agent.stop()
+    healer = agent.safety.healer
+    assert healer.enabled
+    assert healer.results["success"] == 2 and healer.results["failure"] == 0  # web1-disk, db1-disk
+    assert "did not heal" not in caplog.text
+    assert "the agent re-added the iSCSI legs" in caplog.text
+    healed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("heal of ")]
+    assert sorted(m.split()[2] for m in healed) == ["db1-disk", "web1-disk"]
+    assert host.labels() == []
+
+
+def test_simulated_mdadm_acts_like_md_and_refuses_the_rest(host):
+    from iscsimple.core.run import CommandError
+
+    host.attach("a", "vm1", TARGET, 1)
+    host.finish_resync("a")
+    sd = host.iscsi_device("a")
+    with pytest.raises(ValueError, match="unbounded"):
+        host.mdadm(["mdadm", "/dev/md/a", "--fail", sd])
+    with pytest.raises(CommandError, match="busy"):
+        host.mdadm(["mdadm", "/dev/md/a", "--remove", sd], timeout=5)  # still in sync: md refuses
+    host.mdadm(["mdadm", "/dev/md/a", "--fail", sd], timeout=5)
+    assert member_attrs(host.paths.sysfs, host.md_device("a"), sd)[:2] == ("faulty,write_mostly", "none")
+    host.mdadm(["mdadm", "/dev/md/a", "--remove", sd], timeout=5)
+    with pytest.raises(CommandError):
+        host.mdadm(["mdadm", "/dev/md/a", "--add", "--write-mostly", "/dev/sdz"], timeout=5)  # not its LUN
+    host.mdadm(["mdadm", "/dev/md/a", "--add", "--write-mostly", str(host.paths.devfs / sd)], timeout=5)
+    assert host.iscsi_leg_recovering("a")
+    assert member_attrs(host.paths.sysfs, host.md_device("a"), sd) == ("write_mostly,spare", "1", "0")
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

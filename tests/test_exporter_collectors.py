@@ -12,8 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from iscsimple.core.paths import HostPaths
 from iscsimple.core.snapshot import LEG_STATES
 from iscsimple.exporter.agent import Agent, AgentOptions
-from iscsimple.exporter.demo import SimulatedHost
 from iscsimple.exporter.health import HealthChecker
+from iscsimple.exporter.simhost import SimulatedHost
 
 TARGET = "iqn.2026-11.test.local:disk1"
 PORTAL = "127.0.0.1:3260"

@@ -12,8 +12,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from iscsimple.exporter.agent import Agent, AgentOptions
-from iscsimple.exporter.demo import SimulatedHost
 from iscsimple.exporter.events import MdstatWatcher
+from iscsimple.exporter.simhost import SimulatedHost
 
 TARGET = "iqn.2003-01.org.example:filer"
 HOUR = 3600.0

@@ -17,7 +17,7 @@ from dashboard_queries import DASHBOARD, REPO, dashboard, panel_queries
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models.dashboard import Dashboard
 
-from iscsimple.exporter.demo import SimulatedHost
+from iscsimple.exporter.simhost import SimulatedHost
 
 RULES = REPO / "alerts" / "iscsimple.rules.yml"
 # A metric name, not the middle of a recording rule's name (level:metric:operations).

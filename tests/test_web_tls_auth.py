@@ -151,7 +151,7 @@ def _free_port() -> int:
 
 def test_real_agent_serves_tls_with_auth(tmp_path, tls_files):
     """The installed entry point, as systemd would run it, against a simulated host."""
-    from iscsimple.exporter.demo import SimulatedHost
+    from iscsimple.exporter.simhost import SimulatedHost
 
     host = SimulatedHost(tmp_path / "host")
     host.attach("web1-disk", "web1", "iqn.2003-01.org.example:filer", 1)

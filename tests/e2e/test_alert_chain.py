@@ -26,7 +26,7 @@ from alertchain import (
 )
 from dashboard_queries import panel_queries
 
-from iscsimple.exporter.demo import SimulatedHost
+from iscsimple.exporter.simhost import SimulatedHost
 
 pytestmark = pytest.mark.e2e
 
