@@ -228,7 +228,7 @@ SUBCOMMANDS: tuple[Callable, ...] = (
     add_detach,
     add_convert_config,
     add_install_hook,
-    add_resolve,  # issue 6: iscsimple resolve LABEL --keep local|iscsi (cli/resolve.py)
+    add_resolve,  # iscsimple resolve LABEL --keep local|iscsi (cli/resolve.py)
     add_migrate_check,
     add_accept_loss,
 )

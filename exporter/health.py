@@ -32,7 +32,9 @@ class HealthReport:
 
 
 @dataclass
-class _Progress:
+class _SyncProgress:
+    """How far one array's resync/recovery got, and since when (stall detection)."""
+
     ratio: float
     since: float  # monotonic time the ratio last moved (or the sync started)
 
@@ -51,7 +53,7 @@ class HealthChecker:
         self.clock = clock
         self.report = HealthReport()
         self._previous: HostSnapshot | None = None
-        self._progress: dict[str, _Progress] = {}
+        self._progress: dict[str, _SyncProgress] = {}
         self._changes: dict[tuple[str, str], deque[float]] = {}
         self._change_totals: dict[tuple[str, str], int] = {}
         self._syncing: set[str] = set()  # attachment ids of the arrays that sync
@@ -160,7 +162,7 @@ class HealthChecker:
             ratio = view.sync_completed_ratio
             progress = self._progress.get(view.label)
             if progress is None or ratio != progress.ratio:
-                self._progress[view.label] = _Progress(ratio, now)
+                self._progress[view.label] = _SyncProgress(ratio, now)
                 continue
             if now - progress.since >= self.stall_after:
                 self._stalled.add(view.label)

@@ -107,7 +107,7 @@ class StaleDetector:
 
 
 @dataclass
-class _Progress:
+class _HealAttempts:
     """What the healer remembers about one label (lost on restart, which is safe: see module doc)."""
 
     ready_since: float | None = None  # when a heal first looked possible (monotonic)
@@ -147,14 +147,14 @@ class Healer:
         self.lock_wait = lock_wait
         self.clock = clock
         self.counts: dict[tuple[str, str], int] = {(r, m): 0 for r in HEAL_RESULTS for m in HEAL_MODES}
-        self._progress: dict[str, _Progress] = {}
+        self._progress: dict[str, _HealAttempts] = {}
         # Labels plan_heal held back, with the view it judged: the same view gets the same verdict.
         self._blocked: dict[str, ArrayView] = {}
         self._recovering = 0  # iSCSI legs recovering in the snapshot being handled
 
     def wait_for(self, label: str) -> float:
         """Seconds the session and LUN must look healthy before the next heal of `label`."""
-        failures = self._progress.get(label, _Progress()).failures
+        failures = self._progress.get(label, _HealAttempts()).failures
         return min(self.stable_seconds * 2**failures, self.backoff_max_seconds)
 
     def observe(self, snapshot: HostSnapshot, standing: dict[str, StaleRecord]) -> dict[str, StaleRecord]:
@@ -192,7 +192,7 @@ class Healer:
         )
 
     def _consider(self, view: ArrayView, sessions: list[IscsiSession]) -> None:
-        progress = self._progress.setdefault(view.label, _Progress())
+        progress = self._progress.setdefault(view.label, _HealAttempts())
         now = self.clock()
         if progress.healing_since is not None and view.iscsi.state in ("faulty", "missing"):
             progress.healing_since = None
@@ -239,7 +239,7 @@ class Healer:
         if self._heal(view, plan, progress):
             self._recovering += 1
 
-    def _lun_free_elsewhere(self, view: ArrayView, plan: HealPlan, progress: _Progress) -> bool:
+    def _lun_free_elsewhere(self, view: ArrayView, plan: HealPlan, progress: _HealAttempts) -> bool:
         """A heal writes the local leg onto the LUN: never while another host's mirror uses it."""
         verdict = check_before_writing_lun(self.cluster, plan.target, plan.lun, guard=self.cluster_guard)
         if verdict.outcome == "unreachable_proceeded":
@@ -253,7 +253,7 @@ class Healer:
         self._skip(view.label, progress, reason, verdict.reason)
         return False
 
-    def _heal(self, view: ArrayView, plan: HealPlan, progress: _Progress) -> bool:
+    def _heal(self, view: ArrayView, plan: HealPlan, progress: _HealAttempts) -> bool:
         outcome = execute_heal(
             self.paths, view, plan, Deadline(self.lock_wait), runner=self.runner, lock_dir=self.lock_dir
         )
@@ -289,7 +289,7 @@ class Healer:
         )
         return True
 
-    def _skip(self, label: str, progress: _Progress, reason: str, detail: str) -> None:
+    def _skip(self, label: str, progress: _HealAttempts, reason: str, detail: str) -> None:
         """Count and log a held-back heal once per change of reason, not on every refresh."""
         if progress.last_skip == reason:
             return

@@ -133,7 +133,7 @@ def test_options_before_or_after_the_subcommand(tmp_path, capsys):
 
 
 def test_a_new_subcommand_plugs_in(monkeypatch, capsys):
-    """How a subcommand (like issue 6's `resolve`) is added: one more add_* in SUBCOMMANDS."""
+    """How a subcommand (like `resolve`) is added: one more add_* in SUBCOMMANDS."""
 
     def add_example(sub):
         p = sub.add_parser("example-keep", help="an example subcommand")

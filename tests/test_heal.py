@@ -1,6 +1,6 @@
 """The agent's detector and healer on a generated host with a fake mdadm and a fake clock.
 
-Every path of issue 6's heal: record on the faulty transition (logged once),
+Every path of the agent's heal (docs/data-safety.md): record on the faulty transition (logged once),
 heal success and record cleared only when the recovery completes, a renamed
 LUN, never another target's or LUN's device, backoff on failures and aborts,
 a crash between --remove and --add, heal disabled, a hotplug holding the label.

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.vm
 
 IQN = "iqn.2026-11.test.local:failures"
 MIB = 8
-BUDGET = 30  # seconds, the whole add (issue 2); the guest's Python start-up is inside it too
+BUDGET = 30  # seconds, the whole add (libxl kills a hotplug script after 40 s); the guest's Python start-up is inside it too
 
 # A "target" that accepts TCP connections and never answers a PDU: a hung filer.
 SILENT_PORTAL = "127.0.0.1:3298"

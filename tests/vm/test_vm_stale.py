@@ -1,4 +1,4 @@
-"""Data safety on the real stack (issue 6, "refuse at attach"): the VM writes during an outage, only the
+"""Data safety on the real stack (docs/data-safety.md, "refuse at attach"): the VM writes during an outage, only the
 local leg gets those writes, and the VM is then stopped (`remove`) before the mirror healed. The next
 `add` must refuse to build the array from the stale iSCSI copy and leave the local leg untouched;
 `iscsimple resolve LABEL --keep local` makes the local copy the source, after which the LUN holds the
