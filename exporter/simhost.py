@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +29,8 @@ from pathlib import Path
 from iscsimple.core.paths import HostPaths
 from iscsimple.core.registry import LEG_ISCSI, STATE_ATTACHED, Attachment, Registry
 from iscsimple.core.run import CommandError, Result
+
+from .sysfstree import LunFiles, MemberFiles, SysfsTree
 
 log = logging.getLogger("iscsimple.demo")
 
@@ -125,7 +126,7 @@ class SimulatedHost:
             locks=self.root / "run" / "xen-hotplug",
         )
         self.registry = Registry(self.paths)
-        self._sysfs = str(self.paths.sysfs)
+        self.tree = SysfsTree(self.paths.sysfs)
         # Called with a short description after every change, like a kernel uevent
         # or an md event; the demo wires it to the agent's refresh.
         self.on_change = on_change
@@ -140,9 +141,8 @@ class SimulatedHost:
         self._md_minors: set[int] = set()
         self._batch = 0
         self._mdstat_dirty = False
-        # What each attribute file and link holds, so unchanged ones are not rewritten
-        # (thousands of arrays for the benchmark; a file create costs ~0.2 ms on disk).
-        self._written: dict[str, str] = {}
+        self._dev_links: dict[str, str] = {}  # links under /dev, so unchanged ones are not rewritten
+        self._session_disks: dict[int, set[str]] = {}  # sid → its LUNs' disks written last
         for d in (self.paths.procfs, self.paths.sysfs / "block", self.paths.devfs, self.paths.state):
             d.mkdir(parents=True, exist_ok=True)
         for cls in ("iscsi_session", "iscsi_connection", "iscsi_host", "scsi_host", "scsi_device"):
@@ -387,7 +387,8 @@ class SimulatedHost:
         with self._lock:
             self._batch += 1
             try:
-                yield
+                with self.tree.batch():
+                    yield
             finally:
                 self._batch -= 1
                 if self._batch == 0 and self._mdstat_dirty:
@@ -443,125 +444,98 @@ class SimulatedHost:
         self._md_minors.add(minor)
         return minor
 
-    def _put(self, rel: str, text: str) -> None:
-        """Write one attribute file; replace it whole so a reader never sees it half-written
-        (inside batch(), nobody reads yet: written in place, half the system calls)."""
-        if self._written.get(rel) == text:
-            return
-        path = f"{self._sysfs}/{rel}"
-        parent = rel.rpartition("/")[0]
-        if parent not in self._written:
-            os.makedirs(f"{self._sysfs}/{parent}", exist_ok=True)
-            self._written[parent] = ""
-        data = text.encode()
-        if self._batch:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.write(fd, data)
-            os.close(fd)
-        else:
-            tmp = f"{self._sysfs}/{parent}/.{rel.rpartition('/')[2]}.new"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.write(fd, data)
-            os.close(fd)
-            os.replace(tmp, path)
-        self._written[rel] = text
-
-    def _link(self, link: Path, target: str) -> None:
-        key = f"link:{link}"
-        if self._written.get(key) == target and link.is_symlink():
+    def _dev_link(self, rel: str, target: str) -> None:
+        """A link under the simulated /dev (udev's /dev/md/LABEL, LVM's /dev/vg/lv)."""
+        link = self.paths.devfs / rel
+        if self._dev_links.get(rel) == target and link.is_symlink():
             return
         link.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             link.unlink()
         link.symlink_to(target)
-        self._written[key] = target
+        self._dev_links[rel] = target
 
-    def _forget(self, rel: str, link_prefix: Path | None = None) -> None:
-        """Drop cached contents under a removed directory."""
-        prefix = rel.rstrip("/") + "/"
-        for key in [k for k in self._written if k == rel or k.startswith(prefix)]:
-            del self._written[key]
-        if link_prefix is not None:
-            lp = f"link:{link_prefix}/"
-            for key in [k for k in self._written if k.startswith(lp)]:
-                del self._written[key]
+    def _dev_unlink(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.paths.devfs / rel).unlink()
+        self._dev_links.pop(rel, None)
 
     def _write_dm(self, dm: str, local_device: str, size_bytes: int) -> None:
-        base = f"devices/virtual/block/{dm}"
         minor = int(dm.split("-")[1])
-        self._put(f"{base}/dev", f"253:{minor}\n")
-        self._put(f"{base}/size", f"{size_bytes // SECTOR}\n")
         vg_lv = local_device.removeprefix("/dev/").replace("-", "--").replace("/", "-")
-        self._put(f"{base}/dm/name", f"{vg_lv}\n")
-        self._put(f"{base}/uevent", f"MAJOR=253\nMINOR={minor}\nDEVNAME={dm}\nDEVTYPE=disk\n")
-        self._link(self.paths.sysfs / "block" / dm, f"../{base}")
-        self._link(self.paths.devfs / local_device.removeprefix("/dev/"), f"/dev/{dm}")
+        base = f"devices/virtual/block/{dm}"
+        self.tree.block_device(
+            base,
+            dm,
+            {
+                "dev": f"253:{minor}",
+                "size": str(size_bytes // SECTOR),
+                "uevent": f"MAJOR=253\nMINOR={minor}\nDEVNAME={dm}\nDEVTYPE=disk",
+            },
+        )
+        self.tree.put(f"{base}/dm/name", f"{vg_lv}\n")
+        self._dev_link(local_device.removeprefix("/dev/"), f"/dev/{dm}")
 
     def _write_session(self, s: _Session) -> None:
-        sysfs = self.paths.sysfs
-        d = s.dir
-        sess = f"{d}/iscsi_session/session{s.sid}"
         address, _, port = s.portal.rpartition(":")
-        self._put(f"{sess}/targetname", f"{s.target}\n")
-        self._put(f"{sess}/state", f"{s.state}\n")
-        self._put(f"{sess}/target_state", "SCANNED\n")
-        self._put(f"{sess}/initiatorname", f"{INITIATOR}\n")
-        self._put(f"{sess}/tpgt", "1\n")
-        self._put(f"{sess}/recovery_tmo", "20\n")
-        self._put(f"{sess}/ifacename", "default\n")
-        self._put(f"{sess}/creator", "201\n")
-        self._put(f"{sess}/uevent", "")
-        self._link(sysfs / sess / "device", f"../../../session{s.sid}")
-        self._link(sysfs / sess / "subsystem", "../../../../../../class/iscsi_session")
-        self._link(sysfs / "class" / "iscsi_session" / f"session{s.sid}", f"../../{sess}")
-        conn = f"{d}/connection{s.sid}:0/iscsi_connection/connection{s.sid}:0"
         up = s.state == "LOGGED_IN"
-        self._put(f"{conn}/persistent_address", f"{address}\n")
-        self._put(f"{conn}/persistent_port", f"{port}\n")
-        # The kernel empties address/port while the connection is down (see the captures).
-        self._put(f"{conn}/address", f"{address}\n" if up else "\n")
-        self._put(f"{conn}/port", f"{port}\n" if up else "\n")
-        self._put(f"{conn}/state", "up\n" if up else "failed\n")
-        self._link(sysfs / "class" / "iscsi_connection" / f"connection{s.sid}:0", f"../../{conn}")
-        host = f"devices/platform/host{s.host}"
-        self._put(f"{host}/iscsi_host/host{s.host}/initiatorname", "(null)\n")
-        self._put(f"{host}/scsi_host/host{s.host}/proc_name", "iscsi_tcp\n")
-        self._put(f"{host}/scsi_host/host{s.host}/state", "running\n")
-        self._link(sysfs / "class" / "iscsi_host" / f"host{s.host}", f"../../{host}/iscsi_host/host{s.host}")
-        self._link(sysfs / "class" / "scsi_host" / f"host{s.host}", f"../../{host}/scsi_host/host{s.host}")
-        tgt = f"{d}/target{s.host}:0:0"
-        present = set()
-        for lun in s.luns.values():
-            hctl = f"{s.host}:0:0:{lun.lun}"
-            present.add(hctl)
-            dev = f"{tgt}/{hctl}"
-            self._put(f"{dev}/state", f"{lun.state}\n")
-            self._put(f"{dev}/vendor", "IET     \n")
-            self._put(f"{dev}/model", "VIRTUAL-DISK    \n")
-            self._put(f"{dev}/type", "0\n")
-            self._put(f"{dev}/wwid", f"naa.6000000000000000{s.sid:08x}{lun.lun:08x}\n")
-            self._put(f"{dev}/uevent", "DEVTYPE=scsi_device\nDRIVER=sd\nMODALIAS=scsi:t-0x00\n")
-            blk = f"{dev}/block/{lun.device}"
-            self._put(f"{blk}/dev", f"8:{lun.minor}\n")
-            self._put(f"{blk}/size", f"{lun.size_bytes // SECTOR}\n")
-            self._put(f"{blk}/uevent", f"MAJOR=8\nMINOR={lun.minor}\nDEVNAME={lun.device}\nDEVTYPE=disk\n")
-            self._link(sysfs / "block" / lun.device, f"../{blk}")
-            self._device_node(lun.device)
-            self._link(sysfs / "class" / "scsi_device" / hctl, f"../../{dev}/scsi_device/{hctl}")
-        # LUNs that went away (detach of one LUN of a shared target).
-        tdir = sysfs / tgt
-        if tdir.is_dir():
-            for child in tdir.iterdir():
-                if child.name not in present and ":" in child.name:
-                    for blk in (child / "block").glob("*"):
-                        with contextlib.suppress(FileNotFoundError):
-                            (sysfs / "block" / blk.name).unlink()
-                        with contextlib.suppress(FileNotFoundError):
-                            (self.paths.devfs / blk.name).unlink()
-                    with contextlib.suppress(FileNotFoundError):
-                        (sysfs / "class" / "scsi_device" / child.name).unlink()
-                    shutil.rmtree(child, ignore_errors=True)
-                    self._forget(f"{tgt}/{child.name}", sysfs / tgt / child.name)
+        luns = [
+            LunFiles(
+                lun.lun,
+                {
+                    "state": lun.state,
+                    "vendor": "IET     ",
+                    "model": "VIRTUAL-DISK    ",
+                    "type": "0",
+                    "wwid": f"naa.6000000000000000{s.sid:08x}{lun.lun:08x}",
+                    "uevent": "DEVTYPE=scsi_device\nDRIVER=sd\nMODALIAS=scsi:t-0x00",
+                },
+                lun.device,
+                {
+                    "dev": f"8:{lun.minor}",
+                    "size": str(lun.size_bytes // SECTOR),
+                    "uevent": f"MAJOR=8\nMINOR={lun.minor}\nDEVNAME={lun.device}\nDEVTYPE=disk",
+                },
+            )
+            for lun in s.luns.values()
+        ]
+        present = {lun.device for lun in s.luns.values()}
+        gone = [name for name in self._session_disks.get(s.sid, set()) if name not in present]
+        session = self.tree.iscsi_session(
+            s.host,
+            s.sid,
+            {
+                "targetname": s.target,
+                "state": s.state,
+                "target_state": "SCANNED",
+                "initiatorname": INITIATOR,
+                "tpgt": "1",
+                "recovery_tmo": "20",
+                "ifacename": "default",
+                "creator": "201",
+            },
+            {
+                "persistent_address": address,
+                "persistent_port": port,
+                # The kernel empties address/port while the connection is down (see the captures).
+                "address": address if up else "",
+                "port": port if up else "",
+                "state": "up" if up else "failed",
+            },
+            luns,
+            host_attrs={
+                "iscsi_host": {"initiatorname": "(null)"},
+                "scsi_host": {"proc_name": "iscsi_tcp", "state": "running"},
+            },
+            lun_links=True,
+        )
+        self.tree.put(f"{session}/iscsi_session/session{s.sid}/uevent", "")
+        self.tree.link(f"{session}/iscsi_session/session{s.sid}/subsystem", "class/iscsi_session")
+        for name in gone:
+            self._dev_unlink(name)
+        for name in present:
+            self._device_node(name)
+        self._session_disks[s.sid] = present
 
     def _device_node(self, name: str) -> None:
         node = self.paths.devfs / name
@@ -569,25 +543,11 @@ class SimulatedHost:
             node.touch()
 
     def _remove_session(self, s: _Session) -> None:
-        sysfs = self.paths.sysfs
         for lun in s.luns.values():
             self._sd_used.discard(lun.minor // 16)
-            with contextlib.suppress(FileNotFoundError):
-                (sysfs / "block" / lun.device).unlink()
-            with contextlib.suppress(FileNotFoundError):
-                (self.paths.devfs / lun.device).unlink()
-        for link in (
-            sysfs / "class" / "iscsi_session" / f"session{s.sid}",
-            sysfs / "class" / "iscsi_connection" / f"connection{s.sid}:0",
-            sysfs / "class" / "iscsi_host" / f"host{s.host}",
-            sysfs / "class" / "scsi_host" / f"host{s.host}",
-        ):
-            with contextlib.suppress(FileNotFoundError):
-                link.unlink()
-        shutil.rmtree(sysfs / f"devices/platform/host{s.host}", ignore_errors=True)
-        self._forget(f"devices/platform/host{s.host}", sysfs / f"devices/platform/host{s.host}")
-        for key in [k for k in self._written if k.startswith("link:") and f"session{s.sid}" in k]:
-            del self._written[key]
+            self._dev_unlink(lun.device)
+        self.tree.remove_iscsi_session(s.host, s.sid, [lun.device for lun in s.luns.values()])
+        self._session_disks.pop(s.sid, None)
 
     def _fail_iscsi_leg(self, array: _Array) -> None:
         member = array.member("iscsi")
@@ -606,71 +566,54 @@ class SimulatedHost:
         self._write_array(array)
 
     def _write_array(self, a: _Array) -> None:
-        sysfs = self.paths.sysfs
-        base = f"devices/virtual/block/{a.md}"
-        md = f"{base}/md"
-        self._put(f"{base}/dev", f"9:{a.minor}\n")
-        self._put(f"{base}/size", f"{a.sectors}\n")
-        self._put(f"{base}/ro", "0\n")
-        self._put(f"{base}/uevent", f"MAJOR=9\nMINOR={a.minor}\nDEVNAME={a.md}\nDEVTYPE=disk\n")
-        self._put(f"{md}/level", "raid1\n")
-        self._put(f"{md}/raid_disks", "2\n")
-        self._put(f"{md}/metadata_version", "none\n")
-        self._put(f"{md}/component_size", f"{a.size_bytes // 1024}\n")
-        self._put(f"{md}/chunk_size", "0\n")
-        self._put(f"{md}/layout", "0\n")
-        self._put(f"{md}/array_state", "clean\n")
-        self._put(f"{md}/array_size", "default\n")
-        self._put(f"{md}/consistency_policy", "resync\n")
-        self._put(f"{md}/resync_start", "none\n")
-        self._put(f"{md}/mismatch_cnt", "0\n")
-        self._put(f"{md}/degraded", f"{a.degraded}\n")
-        self._put(f"{md}/sync_action", f"{a.sync_action}\n")
-        self._put(f"{md}/last_sync_action", f"{a.last_sync_action}\n")
         running = a.sync_action != "idle"
-        self._put(f"{md}/sync_completed", f"{a.done_sectors} / {a.sectors}\n" if running else "none\n")
-        self._put(f"{md}/sync_speed", f"{a.speed_kib}\n" if running else "none\n")
-        self._put(f"{md}/sync_speed_min", "1000 (system)\n")
-        self._put(f"{md}/sync_speed_max", "200000 (system)\n")
-        mddir = sysfs / md
-        wanted = {f"dev-{m.name}" for m in a.members}
-        for m in a.members:
-            dev = f"{md}/dev-{m.name}"
-            self._put(f"{dev}/state", ",".join(m.flags) + "\n")
-            self._put(f"{dev}/slot", f"{m.slot}\n" if m.slot is not None else "none\n")
-            self._put(f"{dev}/errors", f"{m.errors}\n")
-            rs = m.recovery_start
-            self._put(f"{dev}/recovery_start", f"{rs}\n" if rs is not None else "none\n")
-            self._put(f"{dev}/size", f"{a.size_bytes // 1024}\n")
-            self._put(f"{dev}/offset", "0\n")
-            self._link(sysfs / dev / "block", f"../../../../../../block/{m.name}")
-            self._link(sysfs / base / "slaves" / m.name, f"../../../../../block/{m.name}")
-        for child in list(mddir.iterdir()):
-            if child.name.startswith("dev-") and child.name not in wanted:
-                shutil.rmtree(child, ignore_errors=True)
-                self._forget(f"{md}/{child.name}", child)
-                with contextlib.suppress(FileNotFoundError):
-                    (sysfs / base / "slaves" / child.name[4:]).unlink()
-            elif child.name.startswith("rd") and child.is_symlink():
-                child.unlink()
-                self._written.pop(f"link:{child}", None)
-        for m in a.members:
-            if m.slot is not None:
-                self._link(mddir / f"rd{m.slot}", f"dev-{m.name}")
-        self._link(sysfs / "block" / a.md, f"../{base}")
-        self._link(self.paths.devfs / "md" / a.label, f"../{a.md}")
+        self.tree.md_array(
+            a.md,
+            {
+                "dev": f"9:{a.minor}",
+                "size": str(a.sectors),
+                "ro": "0",
+                "uevent": f"MAJOR=9\nMINOR={a.minor}\nDEVNAME={a.md}\nDEVTYPE=disk",
+            },
+            {
+                "level": "raid1",
+                "raid_disks": "2",
+                "metadata_version": "none",
+                "component_size": str(a.size_bytes // 1024),
+                "chunk_size": "0",
+                "layout": "0",
+                "array_state": "clean",
+                "array_size": "default",
+                "consistency_policy": "resync",
+                "resync_start": "none",
+                "mismatch_cnt": "0",
+                "degraded": str(a.degraded),
+                "sync_action": a.sync_action,
+                "last_sync_action": a.last_sync_action,
+                "sync_completed": f"{a.done_sectors} / {a.sectors}" if running else "none",
+                "sync_speed": str(a.speed_kib) if running else "none",
+                "sync_speed_min": "1000 (system)",
+                "sync_speed_max": "200000 (system)",
+            },
+            [
+                MemberFiles(
+                    m.name,
+                    ",".join(m.flags),
+                    m.slot,
+                    m.errors,
+                    m.recovery_start,
+                    device=self.tree.real(f"block/{m.name}"),
+                    extra={"size": str(a.size_bytes // 1024), "offset": "0"},
+                )
+                for m in a.members
+            ],
+        )
+        self._dev_link(f"md/{a.label}", f"../{a.md}")
         self._mdstat_changed()
 
     def _remove_array(self, a: _Array) -> None:
-        sysfs = self.paths.sysfs
-        with contextlib.suppress(FileNotFoundError):
-            (sysfs / "block" / a.md).unlink()
-        with contextlib.suppress(FileNotFoundError):
-            (self.paths.devfs / "md" / a.label).unlink()
-        shutil.rmtree(sysfs / f"devices/virtual/block/{a.md}", ignore_errors=True)
-        self._forget(f"devices/virtual/block/{a.md}", sysfs / f"devices/virtual/block/{a.md}")
-        self._written.pop(f"link:{sysfs / 'block' / a.md}", None)
-        self._written.pop(f"link:{self.paths.devfs / 'md' / a.label}", None)
+        self.tree.remove_md_array(a.md)
+        self._dev_unlink(f"md/{a.label}")
         self._md_minors.discard(a.minor)
         self._mdstat_changed()
 

@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from iscsimple.exporter.sysfstree import LunFiles, MemberFiles, SysfsTree
+
 SHARED_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 KERNEL_CAPTURES = SHARED_FIXTURES / "kernel-6.1-raid1-iscsi"
 # Empty when the captures are not next to the repo: test_fixturetree then fails and says where it looked
@@ -221,10 +223,9 @@ def write_md_array(
     component_size: int = 65536,
 ) -> Path:
     """An md array at sysfs/devices/virtual/block/<name>, linked from sysfs/block; returns its md/ dir."""
-    disk = sysfs / "devices" / "virtual" / "block" / name
-    md = disk / "md"
-    md.mkdir(parents=True)
-    _write(disk, dev=f"9:{minor}", size=str(component_size * 2))
+    tree = SysfsTree(sysfs)
+    if (sysfs / "devices" / "virtual" / "block" / name / "md").exists():
+        raise FileExistsError(f"{name} is written already")
     attrs = {
         "level": level,
         "array_state": array_state,
@@ -241,27 +242,21 @@ def write_md_array(
         }
         if degraded is not None:
             attrs["degraded"] = str(degraded)
-    _write(md, **attrs)
+    files = []
     for member in members:
-        member_dir = md / f"dev-{member.name}"
-        member_dir.mkdir()
-        _write(
-            member_dir,
-            state=member.state,
-            slot="none" if member.slot is None else str(member.slot),
-            errors=str(member.errors),
-            recovery_start="none" if member.recovery_start is None else str(member.recovery_start),
-        )
+        device = None
         if member.dev is not None:
-            device = sysfs / "devices" / "virtual" / "block" / member.name
-            device.mkdir(parents=True, exist_ok=True)
-            _write(device, dev=member.dev)
-            (member_dir / "block").symlink_to(os.path.relpath(device, member_dir))
-        role_link = md / f"rd{member.slot}"
-        if member.slot is not None and "faulty" not in member.state and not role_link.is_symlink():
-            role_link.symlink_to(member_dir.name)
-    _link(sysfs / "block" / name, disk)
-    return md
+            device = f"devices/virtual/block/{member.name}"
+            tree.attrs(device, {"dev": member.dev})
+        files.append(
+            MemberFiles(
+                member.name, member.state, member.slot, member.errors, member.recovery_start, device=device
+            )
+        )
+    md = tree.md_array(
+        name, {"dev": f"9:{minor}", "size": str(component_size * 2)}, attrs, files, slaves=False
+    )
+    return sysfs / md
 
 
 @dataclass(frozen=True)
@@ -288,45 +283,27 @@ def write_iscsi_session(
 ) -> Path:
     """An iscsi_tcp session as the kernel shows it; returns the session device dir."""
     host = sid - 1 if host is None else host
-    session = sysfs / "devices" / "platform" / f"host{host}" / f"session{sid}"
-    attrs = session / "iscsi_session" / f"session{sid}"
-    attrs.mkdir(parents=True)
-    _write(
-        attrs,
-        targetname=target,
-        tpgt=str(tpgt),
-        state=state,
-        recovery_tmo=str(recovery_tmo),
-        target_state="SCANNED",
+    if (sysfs / "devices" / "platform" / f"host{host}" / f"session{sid}").exists():
+        raise FileExistsError(f"session{sid} is written already")
+    session = SysfsTree(sysfs).iscsi_session(
+        host,
+        sid,
+        {
+            "targetname": target,
+            "tpgt": str(tpgt),
+            "state": state,
+            "recovery_tmo": str(recovery_tmo),
+            "target_state": "SCANNED",
+        },
+        {"persistent_address": address, "persistent_port": str(port), "state": connection_state},
+        [
+            LunFiles(
+                lun.lun, {"state": lun.state}, lun.block, {"dev": lun.dev} if lun.dev is not None else {}
+            )
+            for lun in luns
+        ],
     )
-    (attrs / "device").symlink_to(f"../../../session{sid}")
-    _link(sysfs / "class" / "iscsi_session" / f"session{sid}", attrs)
-    connection = session / f"connection{sid}:0" / "iscsi_connection" / f"connection{sid}:0"
-    connection.mkdir(parents=True)
-    _write(connection, persistent_address=address, persistent_port=str(port), state=connection_state)
-    _link(sysfs / "class" / "iscsi_connection" / f"connection{sid}:0", connection)
-    for lun in luns:
-        lun_dir = session / f"target{host}:0:0" / f"{host}:0:0:{lun.lun}"
-        lun_dir.mkdir(parents=True)
-        _write(lun_dir, state=lun.state)
-        if lun.block is not None:
-            disk = lun_dir / "block" / lun.block
-            disk.mkdir(parents=True)
-            if lun.dev is not None:
-                _write(disk, dev=lun.dev)
-            _link(sysfs / "block" / lun.block, disk)
-            _link(sysfs / "class" / "block" / lun.block, disk)
-    return session
-
-
-def _write(directory: Path, **attrs: str) -> None:
-    for attr, value in attrs.items():
-        (directory / attr).write_text(value + "\n")
-
-
-def _link(link: Path, target: Path) -> None:
-    link.parent.mkdir(parents=True, exist_ok=True)
-    link.symlink_to(os.path.relpath(target, link.parent))
+    return sysfs / session
 
 
 # The mirror in the captures: LUN 1 of this target (sda) mirrored onto /dev/loop1 as md127.
