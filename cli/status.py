@@ -158,17 +158,18 @@ def _session(target: str | None, session: IscsiSession | None, lun: int, wanted:
     )
 
 
+def _attachment_fields(a: Attachment) -> dict:
+    """The columns every disk row takes from its registry entry."""
+    return dict(
+        id=a.id, vm=_vm(a), domain_id=a.domain_id, vbd=a.vbd, spec=a.spec, state=a.state, device=a.device_path
+    )
+
+
 def _array_row(view: ArrayView, wanted: int | None) -> DiskRow:
     a = view.attachment
     return DiskRow(
-        id=a.id,
-        vm=_vm(a),
-        domain_id=a.domain_id,
-        vbd=a.vbd,
-        spec=a.spec,
+        **_attachment_fields(a),
         label=a.label,
-        state=a.state,
-        device=a.device_path,
         md_device=view.md.name if view.md else a.md_device,
         running=view.md is not None,
         iscsi=_leg(view.iscsi),
@@ -190,14 +191,8 @@ def _array_row(view: ArrayView, wanted: int | None) -> DiskRow:
 def _plain_row(view: PlainView, wanted: int | None) -> DiskRow:
     a = view.attachment
     return DiskRow(
-        id=a.id,
-        vm=_vm(a),
-        domain_id=a.domain_id,
-        vbd=a.vbd,
-        spec=a.spec,
+        **_attachment_fields(a),
         label=None,
-        state=a.state,
-        device=a.device_path,
         md_device=None,
         running=view.present,
         iscsi=LegRow(view.device, view.state, False, True, None),

@@ -127,6 +127,7 @@ class SimulatedHost:
         )
         self.registry = Registry(self.paths)
         self.tree = SysfsTree(self.paths.sysfs)
+        self.devtree = SysfsTree(self.paths.devfs)  # udev's and LVM's links: /dev/md/LABEL, /dev/vg/lv
         # Called with a short description after every change, like a kernel uevent
         # or an md event; the demo wires it to the agent's refresh.
         self.on_change = on_change
@@ -141,7 +142,6 @@ class SimulatedHost:
         self._md_minors: set[int] = set()
         self._batch = 0
         self._mdstat_dirty = False
-        self._dev_links: dict[str, str] = {}  # links under /dev, so unchanged ones are not rewritten
         self._session_disks: dict[int, set[str]] = {}  # sid → its LUNs' disks written last
         for d in (self.paths.procfs, self.paths.sysfs / "block", self.paths.devfs, self.paths.state):
             d.mkdir(parents=True, exist_ok=True)
@@ -444,22 +444,6 @@ class SimulatedHost:
         self._md_minors.add(minor)
         return minor
 
-    def _dev_link(self, rel: str, target: str) -> None:
-        """A link under the simulated /dev (udev's /dev/md/LABEL, LVM's /dev/vg/lv)."""
-        link = self.paths.devfs / rel
-        if self._dev_links.get(rel) == target and link.is_symlink():
-            return
-        link.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            link.unlink()
-        link.symlink_to(target)
-        self._dev_links[rel] = target
-
-    def _dev_unlink(self, rel: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            (self.paths.devfs / rel).unlink()
-        self._dev_links.pop(rel, None)
-
     def _write_dm(self, dm: str, local_device: str, size_bytes: int) -> None:
         minor = int(dm.split("-")[1])
         vg_lv = local_device.removeprefix("/dev/").replace("-", "--").replace("/", "-")
@@ -474,7 +458,7 @@ class SimulatedHost:
             },
         )
         self.tree.put(f"{base}/dm/name", f"{vg_lv}\n")
-        self._dev_link(local_device.removeprefix("/dev/"), f"/dev/{dm}")
+        self.devtree.link(local_device.removeprefix("/dev/"), dm)
 
     def _write_session(self, s: _Session) -> None:
         address, _, port = s.portal.rpartition(":")
@@ -532,7 +516,7 @@ class SimulatedHost:
         self.tree.put(f"{session}/iscsi_session/session{s.sid}/uevent", "")
         self.tree.link(f"{session}/iscsi_session/session{s.sid}/subsystem", "class/iscsi_session")
         for name in gone:
-            self._dev_unlink(name)
+            self.devtree.unlink(name)
         for name in present:
             self._device_node(name)
         self._session_disks[s.sid] = present
@@ -545,7 +529,7 @@ class SimulatedHost:
     def _remove_session(self, s: _Session) -> None:
         for lun in s.luns.values():
             self._sd_used.discard(lun.minor // 16)
-            self._dev_unlink(lun.device)
+            self.devtree.unlink(lun.device)
         self.tree.remove_iscsi_session(s.host, s.sid, [lun.device for lun in s.luns.values()])
         self._session_disks.pop(s.sid, None)
 
@@ -608,12 +592,12 @@ class SimulatedHost:
                 for m in a.members
             ],
         )
-        self._dev_link(f"md/{a.label}", f"../{a.md}")
+        self.devtree.link(f"md/{a.label}", a.md)
         self._mdstat_changed()
 
     def _remove_array(self, a: _Array) -> None:
         self.tree.remove_md_array(a.md)
-        self._dev_unlink(f"md/{a.label}")
+        self.devtree.unlink(f"md/{a.label}")
         self._md_minors.discard(a.minor)
         self._mdstat_changed()
 
