@@ -43,7 +43,7 @@ import requests
 import urllib3
 from scrape import build_host  # bench/scrape.py: the same simulated host
 
-from iscsimple.exporter.demo import SimulatedHost
+from iscsimple.exporter.simhost import SimulatedHost
 
 REPO = Path(__file__).resolve().parent.parent
 PROMETHEUS_ACCEPT = (
