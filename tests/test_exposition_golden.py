@@ -16,7 +16,7 @@ from pathlib import Path
 from iscsimple import __version__ as VERSION
 from iscsimple.core.snapshot import Changes
 from iscsimple.exporter.agent import Agent, AgentOptions
-from iscsimple.exporter.demo import SimulatedHost
+from iscsimple.exporter.simhost import SimulatedHost
 
 GOLDEN = Path(__file__).parent / "fixtures" / "exposition" / "e2e-output.txt"
 OPENMETRICS = "application/openmetrics-text;version=1.0.0"

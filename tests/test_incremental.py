@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from iscsimple.core.snapshot import Changes, HostSnapshot
 from iscsimple.core.stale import StaleRecord, StaleRecords
 from iscsimple.exporter.collectors import default_collectors
-from iscsimple.exporter.demo import SimulatedHost
 from iscsimple.exporter.events import ChangePoll, MdstatDiff
 from iscsimple.exporter.exposition import Renderer, render
+from iscsimple.exporter.simhost import SimulatedHost
 
 TARGETS = [f"iqn.2026-11.test.example:t{i}" for i in range(3)]
 LABELS = [f"vm{i}-disk" for i in range(6)]
