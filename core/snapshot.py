@@ -764,19 +764,25 @@ class _Update:
                 stale = old.stale if new_stale == old.stale else new_stale
         return attachments, hotplug, stale
 
+    def _to_read(self, names: set[str], old_errors, known, list_names) -> tuple[set[str], dict]:
+        """The names to re-read (on a sweep: every listed and every known one) and the errors
+        dict to update (per name; "" = the listing's)."""
+        errors = dict(old_errors or {})
+        if self.changes.everything:
+            listed, listing = list_names(self.paths.sysfs)
+            names = names | set(listed) | set(known)
+            errors.pop("", None)
+            if listing:
+                errors[""] = tuple(listing)
+        return names, errors
+
     def _md(self, names: set[str]):
         old = self.old
         sysfs = self.paths.sysfs
         if not names and not self.changes.everything:
             return old.md, old.md_errors, set(), False
         started = time.perf_counter()
-        errors = dict(old.md_errors or {})
-        if self.changes.everything:
-            listed, listing = md_array_names(sysfs)
-            names = names | set(listed) | set(old.md.arrays)
-            errors.pop("", None)
-            if listing:
-                errors[""] = tuple(listing)
+        names, errors = self._to_read(names, old.md_errors, old.md.arrays, md_array_names)
         arrays = dict(old.md.arrays)
         changed: set[str] = set()
         appeared = False
@@ -810,13 +816,9 @@ class _Update:
         if not names and not self.changes.everything:
             return old.iscsi, old.iscsi_errors, set()
         started = time.perf_counter()
-        errors = dict(old.iscsi_errors or {})
-        if self.changes.everything:
-            listed, listing = iscsi_session_names(sysfs)
-            names = names | set(listed) | set(self.index.session_by_name)
-            errors.pop("", None)
-            if listing:
-                errors[""] = tuple(listing)
+        names, errors = self._to_read(
+            names, old.iscsi_errors, self.index.session_by_name, iscsi_session_names
+        )
         by_name = dict(self.index.session_by_name)
         changed_targets: set[str] = set()
         for name in names:
