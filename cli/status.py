@@ -66,6 +66,7 @@ class DiskRow:
     syncing: bool = False  # a resync or recovery runs (the snapshot's ArrayView.syncing)
     local_only: bool = False
     unprotected: bool = False
+    recovery_stopped: bool = False
     no_good_leg: bool = False
     write_mostly_wrong: bool = False
     stale_since: float | None = None
@@ -81,6 +82,7 @@ class DiskRow:
             (self.local_only, "LOCAL-ONLY"),
             (self.stale_since is not None, "ISCSI-STALE"),
             (self.unprotected and not self.no_good_leg, "UNPROTECTED"),
+            (self.recovery_stopped, "RECOVERY-STOPPED"),
             (self.write_mostly_wrong, "WRITE-MOSTLY-WRONG"),
         ):
             if on:
@@ -181,6 +183,7 @@ def _array_row(view: ArrayView, wanted: int | None) -> DiskRow:
         session=_session(a.target, view.session, a.lun, wanted),
         local_only=view.local_only,
         unprotected=view.unprotected,
+        recovery_stopped=view.recovery_stopped,
         no_good_leg=view.no_good_leg,
         write_mostly_wrong=view.write_mostly_wrong,
         stale_since=view.stale.since if view.stale else None,
@@ -312,7 +315,13 @@ def _notes(row: DiskRow) -> list[str]:
             f"{name}: {row.stale}; do not start this VM on another host — see {RUNBOOKS}/IscsimpleArrayIscsiStale.md"
         )
         notes.append(f"{name}: heal: {_heal_progress(row)}")
-    if row.unprotected and not row.no_good_leg and row.running:
+    if row.recovery_stopped and row.running:
+        notes.append(
+            f"{name}: the local leg is an idle spare: its recovery from iSCSI stopped (an iSCSI outage cut it) "
+            "and md does not restart it; the VM depends on iSCSI alone until the agent resumes it (once the "
+            f"session is back and stable) or it is re-added by hand — see {RUNBOOKS}/IscsimpleArrayUnprotected.md"
+        )
+    elif row.unprotected and not row.no_good_leg and row.running:
         why = "is still recovering" if row.local and row.local.state == "recovering" else "is not in sync"
         if row.local and not row.local.configured:
             why = "was left out (MISSING)"

@@ -22,7 +22,7 @@ from .locking import LockTimeout, hotplug_lock, label_lock_name
 from .paths import HostPaths
 from .registry import Registry
 from .run import Deadline, run
-from .safety import HealBlocked, HealPlan, plan_heal, read_view
+from .safety import HealBlocked, HealPlan, ResumePlan, read_view
 from .snapshot import ArrayView
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ MDADM_TIMEOUT = 30.0  # one mdadm call; --add on a LUN that just came back may b
 
 Runner = Callable[..., object]
 
-STARTED = "started"  # the mdadm calls ran: the iSCSI leg recovers from the local leg
+STARTED = "started"  # the mdadm calls ran: the leg recovers (HealPlan: iSCSI from local; ResumePlan: local from iSCSI)
 CHANGED = "changed"  # the array or the LUN changed since the caller planned: nothing done
 BUSY = "busy"  # a hotplug operation holds the label: nothing done
 FAILED = "failed"  # a step failed (mdadm, the lock file, the registry); `detail` says which
@@ -41,7 +41,7 @@ FAILED = "failed"  # a step failed (mdadm, the lock file, the registry); `detail
 class HealOutcome:
     result: str  # STARTED, CHANGED, BUSY or FAILED
     detail: str
-    plan: HealPlan
+    plan: HealPlan | ResumePlan
 
     @property
     def started(self) -> bool:
@@ -51,7 +51,7 @@ class HealOutcome:
 def execute_heal(
     paths: HostPaths,
     view: ArrayView,
-    plan: HealPlan,
+    plan: HealPlan | ResumePlan,
     deadline: Deadline,
     *,
     runner: Runner = run,
@@ -67,19 +67,25 @@ def execute_heal(
         return HealOutcome(FAILED, f"cannot take the lock of {plan.label}: {e.strerror or e}", plan)
 
 
-def execute_locked(paths: HostPaths, view: ArrayView, plan: HealPlan, *, runner: Runner = run) -> HealOutcome:
+def execute_locked(
+    paths: HostPaths, view: ArrayView, plan: HealPlan | ResumePlan, *, runner: Runner = run
+) -> HealOutcome:
     """`execute_heal` for a caller that already holds LABEL's hotplug lock."""
     try:
         current = Registry(paths).get(view.attachment.id)
         fresh = read_view(paths, current) if current else None
     except (OSError, ValueError, OperationError) as e:
         return HealOutcome(FAILED, f"cannot read {plan.label} again before healing it: {e}", plan)
-    again: HealPlan | HealBlocked | None = plan_heal(fresh, paths.sysfs, paths.devfs) if fresh else None
-    if again != full_route(plan):
+    again: HealPlan | ResumePlan | HealBlocked | None = (
+        plan.replan(fresh, paths.sysfs, paths.devfs) if fresh else None
+    )
+    decided = full_route(plan) if isinstance(plan, HealPlan) else plan
+    if again != decided:
         why = again.detail if isinstance(again, HealBlocked) else "the array or its LUN changed"
         return HealOutcome(CHANGED, why, plan)
-    # Partial (re-add, only the bitmap's dirty chunks) only when proven now, under the lock.
-    plan = choose_route(paths, full_route(plan))
+    if isinstance(plan, HealPlan):
+        # Partial (re-add, only the bitmap's dirty chunks) only when proven now, under the lock.
+        plan = choose_route(paths, decided)
     log.warning("healing %s", plan.describe())
     for argv in plan.commands():
         try:
@@ -96,6 +102,8 @@ def execute_locked(paths: HostPaths, view: ArrayView, plan: HealPlan, *, runner:
                 f"cannot update it: {e}",
                 plan,
             )
+    if isinstance(plan, ResumePlan):
+        return HealOutcome(STARTED, f"{plan.add_path} recovers from the iSCSI leg (the whole disk)", plan)
     copies = "the chunks written during the outage" if plan.mode == "partial" else "the whole disk"
     return HealOutcome(STARTED, f"{plan.add_path} recovers from the local leg ({copies})", plan)
 

@@ -154,6 +154,10 @@ class HealPlan:
     mode: str = "full"
     route_reason: str = ""  # why this mode (the proof, or the obligation that failed)
 
+    def replan(self, view: ArrayView, sysfs: Path, devfs: Path) -> HealPlan | HealBlocked:
+        """The same decision taken again on a fresh view (the executor, under the label's lock)."""
+        return plan_heal(view, sysfs, devfs)
+
     def commands(self) -> list[list[str]]:
         """mdadm calls in order. A kernel member name (not a /dev path) lets mdadm fail and remove
         a member whose device node is gone (it looks it up as md/dev-NAME)."""
@@ -189,6 +193,44 @@ class HealPlan:
                 f"so it recovers from the local leg: a full copy{why}"
             )
         return f"{self.label} ({self.md_path}): " + ", then ".join(steps)
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """Restart the copy iSCSI → local of an array whose local leg md left as an idle spare.
+
+    An iSCSI outage during the local leg's recovery (the initial copy after attach) makes
+    raid1 stop it and keep recovery disabled until a device is added to the array, so md
+    never retries by itself. Removing the spare and adding it again does: a full recovery
+    from the iSCSI leg, the only complete copy. Never the other way: the local leg is
+    incomplete.
+    """
+
+    label: str
+    md_path: str
+    md_device: str
+    member: str  # kernel name of the local leg, e.g. loop1, dm-3
+    dev: str | None  # its major:minor per sysfs
+    add_path: str  # its node under devfs, what mdadm opens
+    target: str
+    lun: int
+    removed: bool = False  # an earlier resume removed the spare and its --add failed: add only
+    renamed: bool = False  # the local device keeps its name (the executor asks every plan)
+
+    def commands(self) -> list[list[str]]:
+        argv = [] if self.removed else [["mdadm", self.md_path, "--remove", self.member]]
+        return [*argv, ["mdadm", self.md_path, "--add", self.add_path]]
+
+    def describe(self) -> str:
+        remove = "" if self.removed else f"remove the idle spare local leg {self.member} and "
+        return (
+            f"{self.label} ({self.md_path}): {remove}add {self.add_path} again, so it recovers from the "
+            f"iSCSI leg (LUN {self.lun} of {self.target})"
+        )
+
+    def replan(self, view: ArrayView, sysfs: Path, devfs: Path) -> ResumePlan | HealBlocked:
+        """The same decision taken again on a fresh view (the executor, under the label's lock)."""
+        return plan_resume(view, sysfs, devfs, removed=(self.member, self.dev) if self.removed else None)
 
 
 @dataclass(frozen=True)
@@ -255,7 +297,14 @@ def plan_heal(
         return HealBlocked(
             "wrong_device", f"{lun.block} is already a member of {view.md.name} as another leg: refusing"
         )
-    problem = _device_problem(sysfs, devfs, lun, allowed_holder=view.md.name if lun.block == old else None)
+    problem = _device_problem(
+        sysfs,
+        devfs,
+        lun.block,
+        lun.dev,
+        allowed_holder=view.md.name if lun.block == old else None,
+        what=f"LUN {lun.lun}",
+    )
     if problem is None:
         problem = _size_problem(sysfs, lun.block, view)
     if problem is not None:
@@ -275,6 +324,72 @@ def plan_heal(
     )
 
 
+def plan_resume(
+    view: ArrayView,
+    sysfs: Path,
+    devfs: Path,
+    *,
+    enabled: bool = True,
+    sessions: list[IscsiSession] | None = None,
+    removed: tuple[str, str | None] | None = None,
+) -> ResumePlan | HealBlocked:
+    """Whether the stopped recovery of this array's local leg may be restarted now (ResumePlan).
+
+    Only when the iSCSI leg is in sync in md, its session LOGGED_IN and its LUN `running`
+    under the very device md uses, and the local leg is an idle spare — or, `removed`
+    (kernel name, major:minor), gone because a resume removed it and its --add failed.
+    Time-based policy (stable for N seconds, backoff) is the caller's, as for plan_heal.
+    """
+    a = view.attachment
+    if not enabled:
+        return HealBlocked("disabled", "heal is disabled in the configuration ([heal] enabled = false)")
+    if view.md is None:
+        return HealBlocked("not_running", f"the array of {view.label} is not running")
+    if removed is not None and view.local.state == "missing" and view.local.configured and not view.syncing:
+        member, dev, holder = removed[0], removed[1], None
+    elif view.recovery_stopped and view.local.member is not None:
+        member, dev, holder = view.local.member.name, view.local.member.dev, view.md.name
+    else:
+        return HealBlocked("not_stopped", f"the local leg of {view.label} is {view.local.state}")
+    if a.target is None or not view.iscsi.configured:
+        return HealBlocked("no_iscsi_leg", f"{view.label} has no iSCSI leg to recover from")
+    if view.iscsi.state != "in_sync" or view.iscsi.device is None:
+        return HealBlocked(
+            "source_not_in_sync",
+            f"the iSCSI leg of {view.label} is {view.iscsi.state}: the local leg has nothing to recover from",
+        )
+    candidates = find_lun_block(sysfs, a.target, a.lun, sessions)
+    live = [(s, lun) for s, lun in candidates if s.state == "LOGGED_IN"]
+    if not live:
+        states = ", ".join(f"{s.name} {s.state}" for s, _ in candidates) or "no session with the LUN"
+        return HealBlocked("session_down", f"no logged-in session to {a.target} has LUN {a.lun} ({states})")
+    running = [lun for _, lun in live if lun.state == "running"]
+    if not running:
+        states = ", ".join(f"{lun.block} {lun.state}" for _, lun in live)
+        return HealBlocked("device_not_ready", f"LUN {a.lun} of {a.target} does not answer yet ({states})")
+    if view.iscsi.device not in {lun.block for lun in running}:
+        names = ", ".join(str(lun.block) for lun in running)
+        return HealBlocked(
+            "iscsi_member_gone",
+            f"LUN {a.lun} of {a.target} is back as {names}, but md's iSCSI leg is {view.iscsi.device}: "
+            "the array has no working copy to recover from; stop the VM and attach it again",
+        )
+    problem = _device_problem(sysfs, devfs, member, dev, allowed_holder=holder)
+    if problem is not None:
+        return HealBlocked("device_unusable", problem)
+    return ResumePlan(
+        label=view.label,
+        md_path=a.md_path or f"/dev/{view.md.name}",
+        md_device=view.md.name,
+        member=member,
+        dev=dev,
+        add_path=str(devfs / member),
+        target=a.target,
+        lun=a.lun,
+        removed=holder is None,
+    )
+
+
 def _choose(
     running: list[tuple[IscsiSession, ScsiLun]], view: ArrayView
 ) -> tuple[IscsiSession, ScsiLun] | None:
@@ -287,27 +402,33 @@ def _choose(
     return same[0] if len(same) == 1 else None
 
 
-def _device_problem(sysfs: Path, devfs: Path, lun: ScsiLun, allowed_holder: str | None) -> str | None:
+def _device_problem(
+    sysfs: Path, devfs: Path, name: str, dev: str | None, allowed_holder: str | None, what: str | None = None
+) -> str | None:
     """The device must not be held by anything else (another array, LVM), and its /dev node must be
     the device sysfs names, so mdadm opens the LUN we checked."""
-    name = str(lun.block)
     try:
         holders = set(block_holders(sysfs, name)) - ({allowed_holder} if allowed_holder else set())
     except OSError as e:
         return f"cannot tell whether {name} is in use: {e.strerror or e}"
     if holders:
         return f"{name} is in use by {', '.join(sorted(holders))}: refusing to add it"
-    node = devfs / str(name)
+    return _node_problem(devfs, name, dev, what)
+
+
+def _node_problem(devfs: Path, name: str, dev: str | None, what: str | None = None) -> str | None:
+    """mdadm must open the device sysfs names: its node must exist and be that device."""
+    node = devfs / name
     try:
         st = os.stat(node)
     except FileNotFoundError:
         return f"{node} does not exist (yet)"
     except OSError as e:
         return f"cannot stat {node}: {e.strerror or e}"
-    if stat.S_ISBLK(st.st_mode) and lun.dev is not None:
-        dev = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-        if dev != lun.dev:
-            return f"{node} is device {dev}, but sysfs says LUN {lun.lun} is {lun.dev}: refusing"
+    if stat.S_ISBLK(st.st_mode) and dev is not None:
+        found = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+        if found != dev:
+            return f"{node} is device {found}, but sysfs says {what or name} is {dev}: refusing"
     return None
 
 

@@ -97,6 +97,15 @@ class ArrayView:
         return self.md is not None and self.local.state != "in_sync"
 
     @property
+    def recovery_stopped(self) -> bool:
+        """The local leg waits as an idle spare and no recovery runs: its copy from iSCSI was cut
+        (an iSCSI outage during it) and md does not restart it by itself. Unprotected until the
+        agent resumes it (core.safety.plan_resume) or the VM is attached again."""
+        return (
+            self.md is not None and self.local.configured and self.local.state == "spare" and not self.syncing
+        )
+
+    @property
     def no_good_leg(self) -> bool:
         """Neither leg can serve I/O: the VM's disk is failing or stalled."""
         return self.md is not None and self.local.state != "in_sync" and not self.iscsi_usable

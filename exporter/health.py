@@ -232,3 +232,9 @@ def _log_array_changes(old: ArrayView | None, new: ArrayView, first: bool) -> No
         log.warning("%s is unprotected: local leg %s, the VM depends on iSCSI alone", vm, new.local.state)
     elif old_unprotected and not new.unprotected:
         log.info("%s is protected again: local leg in sync", vm)
+    if new.recovery_stopped and not (old is not None and old.recovery_stopped):
+        log.warning(
+            "%s: the local leg's recovery from iSCSI stopped (an iSCSI outage cut it) and md does not "
+            "restart it; the VM depends on iSCSI alone until it is resumed",
+            vm,
+        )

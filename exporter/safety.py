@@ -40,6 +40,7 @@ from iscsimple.core.safety import (
     HealBlocked,
     HealPlan,
     plan_heal,
+    plan_resume,
     recovery_complete,
     stale_record,
 )
@@ -52,6 +53,7 @@ BITMAP_RESCAN = 10.0  # seconds between two reads of the bitmaps of degraded arr
 LOCK_WAIT = 2.0  # a hotplug holds the label: try again on the next refresh
 HEAL_RESULTS = ("success", "failure", "aborted")  # always exported; skipped_<reason> when seen
 HEAL_MODES = ("full", "partial")  # skips are counted with mode "none": no heal ran
+RESUME_RESULTS = HEAL_RESULTS
 
 
 class StaleDetector:
@@ -115,6 +117,9 @@ class _HealAttempts:
     healing_since: float | None = None  # we re-added the leg; its recovery runs
     mode: str = "full"  # of the heal that runs (full copy, or partial from the bitmap)
     last_skip: str | None = None
+    # A resume's local member (kernel name, major:minor): if its --remove ran and its --add did not,
+    # the next resume only adds it back.
+    resumed_member: tuple[str, str | None] | None = None
 
 
 class Healer:
@@ -150,12 +155,18 @@ class Healer:
         self._progress: dict[str, _HealAttempts] = {}
         # Labels plan_heal held back, with the view it judged: the same view gets the same verdict.
         self._blocked: dict[str, ArrayView] = {}
+        # Stopped recoveries of local legs (iSCSI -> local) the healer restarts: counted apart.
+        self.resumes: dict[str, int] = dict.fromkeys(RESUME_RESULTS, 0)
+        self._resume_progress: dict[str, _HealAttempts] = {}
         self._recovering = 0  # iSCSI legs recovering in the snapshot being handled
+        self._local_recovering = 0  # local legs recovering (resumes count against max_parallel)
 
     def wait_for(self, label: str) -> float:
         """Seconds the session and LUN must look healthy before the next heal of `label`."""
-        failures = self._progress.get(label, _HealAttempts()).failures
-        return min(self.stable_seconds * 2**failures, self.backoff_max_seconds)
+        return self._backoff(self._progress.get(label, _HealAttempts()))
+
+    def _backoff(self, progress: _HealAttempts) -> float:
+        return min(self.stable_seconds * 2**progress.failures, self.backoff_max_seconds)
 
     def observe(self, snapshot: HostSnapshot, standing: dict[str, StaleRecord]) -> dict[str, StaleRecord]:
         """Clear records of healed arrays, heal what may be healed; returns the records still standing."""
@@ -166,6 +177,11 @@ class Healer:
         for label in set(self._progress) - standing.keys():
             del self._progress[label]
             self._blocked.pop(label, None)
+        # An initial recovery (iSCSI -> local) an outage stopped: no record, the other direction.
+        self._local_recovering = sum(1 for v in snapshot.arrays if v.local.state == "recovering")
+        for view in snapshot.arrays:
+            if view.label not in standing and (view.recovery_stopped or view.label in self._resume_progress):
+                self._consider_resume(view, snapshot.iscsi.sessions)
         for view in views:
             if recovery_complete(view):
                 self._cleared(view, standing)
@@ -289,13 +305,94 @@ class Healer:
         )
         return True
 
-    def _skip(self, label: str, progress: _HealAttempts, reason: str, detail: str) -> None:
-        """Count and log a held-back heal once per change of reason, not on every refresh."""
+    def _skip(
+        self,
+        label: str,
+        progress: _HealAttempts,
+        reason: str,
+        detail: str,
+        counts: dict[str, int] | None = None,
+    ) -> None:
+        """Count and log a held-back heal (or resume) once per change of reason, not on every refresh."""
         if progress.last_skip == reason:
             return
         progress.last_skip = reason
-        self._count(f"skipped_{reason}")
-        log.info("not healing %s yet: %s", label, detail)
+        if counts is None:
+            self._count(f"skipped_{reason}")
+            log.info("not healing %s yet: %s", label, detail)
+        else:
+            counts[f"skipped_{reason}"] = counts.get(f"skipped_{reason}", 0) + 1
+            log.info("not resuming the recovery of %s's local leg yet: %s", label, detail)
+
+    # -- a local leg whose recovery from iSCSI an outage stopped ------------------------------
+
+    def _consider_resume(self, view: ArrayView, sessions: list[IscsiSession]) -> None:
+        """The local leg's copy from iSCSI was cut by an outage and md will not restart it: once the
+        session is back and has looked healthy for the heal's stable time, start it again (iSCSI ->
+        local only; the local leg is incomplete). Same policy as a heal: backoff, parallel limit,
+        the label's lock, a re-check under it."""
+        if view.md is None or view.local.state == "in_sync":
+            self._resume_progress.pop(view.label, None)
+            return
+        progress = self._resume_progress.setdefault(view.label, _HealAttempts())
+        removed = progress.resumed_member if view.local.state == "missing" else None
+        if not view.recovery_stopped and removed is None:
+            return  # recovering (ours, or md's own): keep the failure count in case it is cut again
+        if progress.healing_since is not None:
+            progress.healing_since = None
+            progress.failures += 1
+            self.resumes["aborted"] += 1
+            log.warning(
+                "the resumed recovery of %s's local leg stopped again before it completed; next attempt "
+                "after %.0f s of a healthy session",
+                view.label,
+                self._backoff(progress),
+            )
+        plan = plan_resume(
+            view, self.paths.sysfs, self.paths.devfs, enabled=self.enabled, sessions=sessions, removed=removed
+        )
+        if isinstance(plan, HealBlocked):
+            progress.ready_since = None
+            self._skip(view.label, progress, plan.reason, plan.detail, self.resumes)
+            return
+        now = self.clock()
+        if progress.ready_since is None:
+            progress.ready_since = now
+        if now - progress.ready_since < self._backoff(progress):
+            return
+        if self._local_recovering >= self.max_parallel:
+            detail = f"{self._local_recovering} local legs already recover ([heal] max_parallel = {self.max_parallel})"
+            self._skip(view.label, progress, "queued", detail, self.resumes)
+            return
+        progress.resumed_member = (plan.member, plan.dev)
+        outcome = execute_heal(
+            self.paths, view, plan, Deadline(self.lock_wait), runner=self.runner, lock_dir=self.lock_dir
+        )
+        if outcome.result in (BUSY, CHANGED):
+            progress.ready_since = None
+            self._skip(view.label, progress, outcome.result, outcome.detail, self.resumes)
+            return
+        progress.ready_since = None
+        if not outcome.started:
+            progress.failures += 1
+            self.resumes["failure"] += 1
+            log.error(
+                "resuming the recovery of %s's local leg failed: %s; next attempt after %.0f s of a healthy "
+                "session",
+                view.label,
+                outcome.detail,
+                self._backoff(progress),
+            )
+            return
+        progress.healing_since, progress.last_skip = now, None
+        self._local_recovering += 1
+        self.resumes["success"] += 1
+        log.warning(
+            "resumed the recovery of %s (%s): an iSCSI outage had stopped it; %s",
+            view.label,
+            view.domain or "no VM",
+            outcome.detail,
+        )
 
     def _count(self, result: str, mode: str = "none") -> None:
         self.counts[(result, mode)] = self.counts.get((result, mode), 0) + 1

@@ -130,6 +130,12 @@ class SafetyBed:
         ]
         self.sync_action = "idle"
 
+    def cut_local_recovery(self) -> None:
+        """What md does when the local leg's recovery from iSCSI cannot read its source: the recovery
+        stops and the local leg stays behind as an idle spare (no slot)."""
+        self.set_member("dm-3", state="spare", slot=None)
+        self.sync_action = "idle"
+
     def stop(self) -> None:
         self.running = False
 
@@ -215,7 +221,7 @@ def make_node(path: Path, dev: str | None) -> None:
 
 
 class FakeMdadm:
-    """Runner double for `mdadm MD --fail|--remove NAME` and `mdadm MD --add --write-mostly /dev/X`."""
+    """Runner double for `mdadm MD --fail|--remove NAME` and `mdadm MD --add [--write-mostly] /dev/X`."""
 
     def __init__(self, bed: SafetyBed, fail_on: str | None = None):
         self.bed = bed
@@ -272,19 +278,27 @@ class FakeMdadm:
         elif op == "--remove":
             (name,) = rest
             m = bed.member(name)
-            if m is None or "faulty" not in m.state:
+            if m is None or ("faulty" not in m.state and m.slot is not None):  # active members stay
                 raise CommandError(argv, 1, f"mdadm: hot remove failed for {name}: Device or resource busy\n")
             bed.members = [x for x in bed.members if x.name != name]
         elif op == "--add":
-            assert rest[0] == "--write-mostly", argv
-            name = os.path.basename(rest[1])
+            write_mostly = rest[0] == "--write-mostly"
+            path = rest[-1]
+            name = os.path.basename(path)
             if bed.member(name) is not None:
-                raise CommandError(argv, 1, f"mdadm: Cannot open {rest[1]}: Device or resource busy\n")
-            dev = next(
-                (lun.dev for s in bed.sessions for lun in s.luns if lun.block == name),
-                None,
+                raise CommandError(argv, 1, f"mdadm: Cannot open {path}: Device or resource busy\n")
+            dev = (
+                "253:3"
+                if name == "dm-3"
+                else next(
+                    (lun.dev for s in bed.sessions for lun in s.luns if lun.block == name),
+                    None,
+                )
             )
-            bed.members.append(FakeMember(name, slot=1, state="write_mostly,spare", dev=dev))
+            slot = 1 if write_mostly else 0  # the iSCSI leg's slot, or the local leg's
+            bed.members.append(
+                FakeMember(name, slot=slot, state="write_mostly,spare" if write_mostly else "spare", dev=dev)
+            )
             bed.sync_action = "recover"
         else:
             raise AssertionError(f"unexpected mdadm call {argv}")

@@ -469,3 +469,93 @@ def test_a_record_found_at_start_up_is_logged_once(tmp_path, caplog):
         host.refresh(after=10)
     warnings = [r.getMessage() for r in caplog.records if "STALE iSCSI COPY" in r.getMessage()]
     assert len(warnings) == 1 and "vm1-disk (vm1)" in warnings[0]
+
+
+# -- a local leg's recovery from iSCSI that an outage stopped -----------------------------------
+
+
+def resume_commands(bed: SafetyBed) -> list[list[str]]:
+    return [["mdadm", MD, "--remove", "dm-3"], ["mdadm", MD, "--add", str(bed.paths.devfs / "dm-3")]]
+
+
+def test_recovery_cut_by_an_outage_is_resumed_from_iscsi_once_the_session_is_stable(host):
+    bed = host.bed
+    bed.session_down()
+    bed.cut_local_recovery()
+    snapshot = host.refresh()
+    view = snapshot.array(LABEL)
+    assert view.recovery_stopped and view.unprotected and not view.local_only
+    assert host.mdadm.calls == [] and host.records.get(LABEL) is None  # the iSCSI copy is the good one
+    assert host.safety.healer.resumes.get("skipped_session_down") == 1
+    bed.session_back()
+    host.refresh()
+    host.refresh(after=29)
+    assert host.mdadm.calls == []  # the session must look healthy for stable_seconds first
+    host.refresh(after=2)
+    assert host.mdadm.calls == resume_commands(bed)
+    assert host.safety.healer.resumes["success"] == 1 and host.results["success"] == 0
+    view = host.refresh().array(LABEL)
+    assert (view.local.state, view.recovery_stopped) == ("recovering", False)
+    assert 'iscsimple_recovery_resumes_total{result="success"} 1.0' in host.exposition()
+    bed.finish_recovery()
+    assert not host.refresh(after=60).array(LABEL).unprotected
+    assert len(host.mdadm.calls) == 2 and host.records.get(LABEL) is None
+
+
+def test_resume_never_copies_from_an_incomplete_local_leg_or_a_replaced_lun(host):
+    bed = host.bed
+    bed.cut_local_recovery()
+    bed.set_member("sda", state="faulty,write_mostly", slot=None)  # md failed the only complete copy
+    host.refresh()
+    host.refresh(after=100)
+    assert host.mdadm.calls == [] and host.records.get(LABEL) is None
+    assert host.safety.healer.resumes.get("skipped_source_not_in_sync") == 1
+    bed.set_member("sda", state="in_sync,write_mostly", slot=1)
+    bed.session_back(block="sdb", dev="8:16")  # the LUN came back under another name: md's leg is dead
+    host.refresh()
+    host.refresh(after=100)
+    assert host.mdadm.calls == []
+    assert host.safety.healer.resumes.get("skipped_iscsi_member_gone") == 1
+
+
+def test_resume_follows_the_heal_policy_disabled_and_backoff(tmp_path):
+    off = Host(tmp_path / "off", enabled=False)
+    off.bed.cut_local_recovery()
+    off.refresh()
+    off.refresh(after=100)
+    assert off.mdadm.calls == [] and off.safety.healer.resumes.get("skipped_disabled") == 1
+
+    host = Host(tmp_path / "on", fail_on="--add")
+    host.bed.cut_local_recovery()
+    host.refresh()
+    host.refresh(after=31)
+    assert host.safety.healer.resumes["failure"] == 1
+    assert host.refresh().array(LABEL).local.state == "missing"  # --remove ran, --add failed
+    host.refresh(after=59)  # the wait doubled after the failure
+    assert host.safety.healer.resumes["failure"] == 1
+    host.mdadm.fail_on = None
+    host.refresh(after=2)
+    assert host.safety.healer.resumes["success"] == 1
+    # The resume knows it removed the leg: it only adds it back.
+    assert host.mdadm.calls[-2:] == [resume_commands(host.bed)[1], resume_commands(host.bed)[1]]
+    assert host.refresh().array(LABEL).local.state == "recovering"
+
+
+def test_status_and_metrics_say_a_stopped_recovery_is_not_catching_up(host):
+    from iscsimple.cli.status import build_status, render_table
+    from iscsimple.core.config import Config
+    from iscsimple.exporter.collectors.arrays import ArraysCollector
+
+    host.bed.session_back()
+    host.bed.set_member("dm-3", state="spare", slot=0)  # recovering: catching up
+    host.bed.sync_action = "recover"
+    text = render_table(build_status(host.bed.snapshot(), Config()))
+    assert "still recovering" in text and "RECOVERY-STOPPED" not in text
+    host.bed.cut_local_recovery()
+    snapshot = host.bed.snapshot()
+    [row] = build_status(snapshot, Config()).disks
+    assert {"UNPROTECTED", "RECOVERY-STOPPED"} <= set(row.flags)
+    text = render_table(build_status(snapshot, Config()))
+    assert "recovery from iSCSI stopped" in text and "still recovering" not in text
+    exposition = generate_latest(_Once(ArraysCollector(lambda: snapshot))).decode()
+    assert f'iscsimple_array_recovery_stopped{{domain="vm1",label="{LABEL}"}} 1.0' in exposition

@@ -90,6 +90,14 @@ class ArraysCollector(SnapshotCollector):
             "and an iSCSI outage would stop its disk. Normal for a while after attach (recovery).",
             ["label", "domain"],
         )
+        stopped = gauge(
+            "iscsimple_array_recovery_stopped",
+            "1 when the local leg waits as an idle spare and no recovery runs: its copy from iSCSI was cut "
+            "(an iSCSI outage during it) and md does not restart it by itself. The VM depends on iSCSI "
+            "alone; the agent resumes the copy once the session is back and stable "
+            "(iscsimple_recovery_resumes_total).",
+            ["label", "domain"],
+        )
         for view in part.arrays:
             _render(view, info, degraded, action, ratio, speed, remaining, size, leg_state)
             label = view.label
@@ -99,6 +107,7 @@ class ArraysCollector(SnapshotCollector):
                     errors.add_metric([label, leg.role], float(leg.errors or 0))
             local_only.add_metric([label, view.domain], 1.0 if view.local_only else 0.0)
             unprotected.add_metric([label, view.domain], 1.0 if view.unprotected else 0.0)
+            stopped.add_metric([label, view.domain], 1.0 if view.recovery_stopped else 0.0)
         return (
             info,
             degraded,
@@ -112,6 +121,7 @@ class ArraysCollector(SnapshotCollector):
             errors,
             local_only,
             unprotected,
+            stopped,
         )
 
 

@@ -77,6 +77,17 @@ class SafetyCollector(SnapshotCollector):
         for (result, mode), count in sorted(healer.counts.items()) if part.rest else ():
             operations.add_metric([result, mode], float(count))
         yield operations
+        resumes = CounterMetricFamily(
+            "iscsimple_recovery_resumes_total",
+            "Restarts of a local leg's recovery from iSCSI that an iSCSI outage had stopped (the leg left "
+            "as an idle spare, iscsimple_array_recovery_stopped): success (spare removed and added again, "
+            "it recovers from the iSCSI leg), failure (an mdadm call failed), aborted (stopped again before "
+            "it completed), skipped_<reason> (held back: session down, device not ready, backoff, ...).",
+            labels=["result"],
+        )
+        for result, count in sorted(healer.resumes.items()) if part.rest else ():
+            resumes.add_metric([result], float(count))
+        yield resumes
         enabled = gauge(
             "iscsimple_heal_enabled",
             "1 when the agent re-adds a returned iSCSI leg by itself ([heal] enabled in the config); 0: "
