@@ -385,6 +385,7 @@ class KernelLog:
     first_seq: int | None
     last_seq: int | None
     messages: tuple[tuple[int, str], ...]  # (seq, text)
+    usecs: tuple[int, ...] = ()  # each message's time: microseconds since boot (CLOCK_MONOTONIC)
 
 
 def read_kernel_log(paths: HostPaths) -> KernelLog | None:
@@ -394,6 +395,7 @@ def read_kernel_log(paths: HostPaths) -> KernelLog | None:
     except OSError:
         return None
     records: list[tuple[int, str]] = []
+    usecs: list[int] = []
     try:
         while True:
             try:
@@ -407,14 +409,15 @@ def read_kernel_log(paths: HostPaths) -> KernelLog | None:
             for line in chunk.decode(errors="replace").splitlines():
                 head, sep, text = line.partition(";")
                 parts = head.split(",")
-                if sep and len(parts) >= 3 and parts[1].isdigit():
+                if sep and len(parts) >= 3 and parts[1].isdigit() and parts[2].isdigit():
                     records.append((int(parts[1]), text))
+                    usecs.append(int(parts[2]))
     except OSError:
         return None
     finally:
         os.close(fd)
     seqs = [s for s, _ in records]
-    return KernelLog(min(seqs, default=None), max(seqs, default=None), tuple(records))
+    return KernelLog(min(seqs, default=None), max(seqs, default=None), tuple(records), tuple(usecs))
 
 
 # -- the decision ---------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
 import time
 from dataclasses import dataclass, replace
@@ -62,15 +63,27 @@ def stale_reason(view: ArrayView) -> str | None:
     }[view.iscsi.state]
 
 
-def stale_record(view: ArrayView, now: float | None = None) -> StaleRecord | None:
-    """The record to write for this array, or None when its iSCSI copy is not stale."""
+def stale_record(
+    view: ArrayView, now: float | None = None, *, paths: HostPaths | None = None, seen_by: str = "the agent"
+) -> StaleRecord | None:
+    """The record to write for this array, or None when its iSCSI copy is not stale.
+
+    `since` is the earliest evidence: with `paths`, the kernel log's line of md failing the
+    iSCSI leg (or, if the ring buffer lost it, of the leg's session failing), else `now`, when
+    `seen_by` saw it. `since_source` says which.
+    """
     reason = stale_reason(view)
     if reason is None:
         return None
     a = view.attachment
+    since, source = (time.time() if now is None else now), f"first seen by {seen_by}"
+    evidence = fault_evidence(paths, view) if paths is not None else None
+    if evidence is not None and evidence[0] < since:
+        since, source = evidence
     return StaleRecord(
         label=view.label,
-        since=time.time() if now is None else now,
+        since=since,
+        since_source=source,
         md_device=view.md.name if view.md else a.md_device,
         domain_name=a.domain_name,
         domain_id=a.domain_id,
@@ -80,6 +93,38 @@ def stale_record(view: ArrayView, now: float | None = None) -> StaleRecord | Non
         local_device=a.local_device,
         reason=reason,
     )
+
+
+def fault_evidence(paths: HostPaths, view: ArrayView) -> tuple[float, str] | None:
+    """When the kernel log says the iSCSI leg failed: md's own line (`md/raid1:MD: Disk failure
+    on DEV`, the moment writes began to reach the local leg alone), else the last failure of the
+    leg's session (`connectionSID:0: detected conn error`, earlier: writes queued from then on
+    ended on the local leg). md keeps no time of a member's state change; the kernel log does,
+    while its ring buffer still holds the line. Wall time and the source in words, or None."""
+    from .bitmap import read_kernel_log  # the one /dev/kmsg reader
+
+    klog = read_kernel_log(paths)
+    if klog is None or len(klog.usecs) != len(klog.messages) or view.md is None:
+        return None
+    device = view.iscsi.device or view.attachment.iscsi_device
+    md_line = re.compile(rf"md/raid1:{re.escape(view.md.name)}: Disk failure on {re.escape(device or '')}\b")
+    session_line = (
+        re.compile(rf"connection{view.session.sid}:0: detected conn error")
+        if view.session is not None
+        else None
+    )
+    found: dict[str, tuple[int, str]] = {}
+    for (_, text), usec in zip(klog.messages, klog.usecs, strict=True):
+        if device and md_line.search(text):
+            found["md"] = (usec, text)  # the last one: an earlier failure was healed since
+        elif session_line is not None and session_line.search(text):
+            found["session"] = (usec, text)
+    chosen = found.get("md") or found.get("session")
+    if chosen is None:
+        return None
+    usec, text = chosen
+    wall = time.time() - (time.clock_gettime(time.CLOCK_MONOTONIC) - usec / 1e6)
+    return wall, f"kernel log: {text.strip()}"
 
 
 def read_view(paths: HostPaths, attachment: Attachment, md_name: str | None = None) -> ArrayView | None:
@@ -112,7 +157,7 @@ def record_if_stale(paths: HostPaths, attachment: Attachment, md_name: str | Non
         return None
     records = StaleRecords(paths)
     view = read_view(paths, attachment, md_name)
-    record = stale_record(view) if view is not None else None
+    record = stale_record(view, paths=paths, seen_by="the hotplug remove") if view is not None else None
     if record is not None:
         records.put(record)
     return records.get(attachment.label)

@@ -39,6 +39,9 @@ class StaleRecord:
     recorded: float = field(default_factory=time.time)
     # The file is there but could not be read: stale all the same, with unknown details.
     unreadable: bool = False
+    # Where `since` comes from: the earliest evidence the host had when the record was written
+    # (the kernel log's md or session line, else when the agent or the hotplug remove saw it).
+    since_source: str = "unknown (written before iscsimple said)"
 
     def describe(self) -> str:
         when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(self.since))
@@ -133,6 +136,11 @@ def _record_from(data, label: str) -> StaleRecord:
         value = values.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise ValueError(f"{name} is not a whole number")
+    source = values.pop("since_source", None)
+    if source is not None:
+        if not isinstance(source, str) or not source.isprintable() or len(source) > 4096:
+            raise ValueError("since_source is not a line of text")
+        values["since_source"] = source
     if "since" not in values or "reason" not in values:
         raise ValueError("since or reason is missing")
     values.setdefault("md_device", None)
@@ -163,4 +171,5 @@ def _unreadable(label: str, path: Path, error: Exception) -> StaleRecord:
         reason=f"record unreadable, {UNKNOWN}: {detail}",
         recorded=since,
         unreadable=True,
+        since_source="the record file's time (the record is unreadable)",
     )

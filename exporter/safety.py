@@ -59,9 +59,12 @@ RESUME_RESULTS = HEAL_RESULTS
 class StaleDetector:
     """Writes a record the first time an array's iSCSI copy is seen stale; logs it once."""
 
-    def __init__(self, records: StaleRecords, clock: Callable[[], float] = time.time):
+    def __init__(
+        self, records: StaleRecords, clock: Callable[[], float] = time.time, paths: HostPaths | None = None
+    ):
         self.records = records
         self.clock = clock
+        self.paths = paths  # for the kernel log's time of the fault (core.safety.fault_evidence)
         self.write_failures = 0
         self._announced: set[str] = set()
         self._previous: HostSnapshot | None = None
@@ -82,7 +85,7 @@ class StaleDetector:
         for view in views:
             if view.label in standing:
                 continue
-            record = stale_record(view, now=self.clock())
+            record = stale_record(view, now=self.clock(), paths=self.paths)
             if record is None:
                 continue
             try:
@@ -480,7 +483,7 @@ class Safety:
         }
         records = StaleRecords(paths)
         return cls(
-            StaleDetector(records),
+            StaleDetector(records, paths=paths),
             Healer(paths, records, enabled=heal and config.heal_enabled, **options),
             ClusterProbe(options["cluster"]),
         )

@@ -559,3 +559,66 @@ def test_status_and_metrics_say_a_stopped_recovery_is_not_catching_up(host):
     assert "recovery from iSCSI stopped" in text and "still recovering" not in text
     exposition = generate_latest(_Once(ArraysCollector(lambda: snapshot))).decode()
     assert f'iscsimple_array_recovery_stopped{{domain="vm1",label="{LABEL}"}} 1.0' in exposition
+
+
+# -- when a stale copy began ----------------------------------------------------------------------
+
+
+def _kmsg(bed: SafetyBed, *lines: tuple[float, str]) -> None:
+    """A /dev/kmsg stand-in: `seconds ago` and text per record, in the kernel's record format."""
+    import time
+
+    now = time.clock_gettime(time.CLOCK_MONOTONIC)
+    text = "".join(
+        f"3,{seq},{int((now - ago) * 1e6)},-;{line}\n" for seq, (ago, line) in enumerate(lines, start=100)
+    )
+    (bed.paths.devfs / "kmsg").write_text(text)
+
+
+def test_a_stale_records_since_is_the_kernel_logs_time_of_the_fault_and_says_so(host):
+    import time
+
+    from iscsimple.core.safety import record_if_stale, stale_record
+
+    bed = host.bed
+    bed.fail_iscsi()
+    bed.write()
+    _kmsg(
+        bed,
+        (7200, "md/raid1:md127: Disk failure on sda, disabling device."),  # an earlier outage, healed
+        (3700, " connection1:0: detected conn error (1020)"),
+        (3600, "md/raid1:md127: Disk failure on sda, disabling device."),
+        (10, "loop1: detected capacity change"),
+    )
+    view = bed.snapshot().array(LABEL)
+    record = stale_record(view, paths=bed.paths)
+    assert abs(record.since - (time.time() - 3600)) < 5
+    assert record.since_source == "kernel log: md/raid1:md127: Disk failure on sda, disabling device."
+    # The ring buffer lost md's line: the session's failure is the earliest evidence left.
+    _kmsg(bed, (3700, "connection1:0: detected conn error (1020)"), (5, "other"))
+    record = stale_record(view, paths=bed.paths, seen_by="the hotplug remove")
+    assert abs(record.since - (time.time() - 3700)) < 5
+    assert record.since_source == "kernel log: connection1:0: detected conn error (1020)"
+    # Nothing in the kernel log: when it was seen, and by whom.
+    (bed.paths.devfs / "kmsg").unlink()
+    record = stale_record(view, now=123.0, paths=bed.paths, seen_by="the hotplug remove")
+    assert (record.since, record.since_source) == (123.0, "first seen by the hotplug remove")
+    # The hotplug remove and the agent both write it so.
+    _kmsg(bed, (600, "md/raid1:md127: Disk failure on sda, disabling device."))
+    written = record_if_stale(bed.paths, bed.attachment, "md127")
+    assert written.since_source.startswith("kernel log: md/raid1:md127") and written.since < time.time() - 590
+    assert "md/raid1:md127" in StaleRecords(bed.paths).get(LABEL).since_source
+
+
+def test_the_agent_started_late_dates_the_record_by_the_kernel_log(tmp_path):
+    import time
+
+    host = Host(tmp_path)
+    host.safety = Safety.for_host(host.bed.paths, runner=host.mdadm, lock_dir=host.lock_dir)
+    host.bed.fail_iscsi()
+    host.bed.write()
+    _kmsg(host.bed, (900, "md/raid1:md127: Disk failure on sda, disabling device."))
+    host.refresh()
+    record = host.records.get(LABEL)
+    assert record is not None and abs(record.since - (time.time() - 900)) < 5
+    assert record.since_source.startswith("kernel log:")
