@@ -6,6 +6,8 @@ outage-time writes and a normal attach serves them."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from captures import save_capture
 from xldriver import CLI, Vbd, Xl
@@ -43,7 +45,10 @@ def test_stale_iscsi_copy_is_refused_then_resolved_keeping_local_writes(bed, tmp
     res = xl.remove(vbd)
     assert res.rc == 0, str(res)
     assert g.glob(f"/sys/block/{md}") == []
-    assert g.read(f"/var/lib/iscsimple/stale/{LABEL}.json") is not None
+    record = json.loads(g.read(f"/var/lib/iscsimple/stale/{LABEL}.json"))
+    # Dated by the kernel's own line of md failing the leg, not by when remove looked.
+    assert record["since_source"].startswith(f"kernel log: md/raid1:{md}: Disk failure on {sd}"), record
+    assert record["since"] < record["recorded"] - 1, record
     local_sum = g.call("sha256", path=local)["sha256"]
 
     # The filer is back; the VM is started again. Building from iSCSI would lose the writes: refused.
