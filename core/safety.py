@@ -319,15 +319,9 @@ def plan_heal(
     if view.iscsi.state not in HEALABLE_ISCSI_STATES:
         return HealBlocked("not_stale", f"the iSCSI leg of {view.label} is {view.iscsi.state}")
 
-    candidates = find_lun_block(sysfs, a.target, a.lun, sessions)
-    live = [(s, lun) for s, lun in candidates if s.state == "LOGGED_IN"]
-    if not live:
-        states = ", ".join(f"{s.name} {s.state}" for s, _ in candidates) or "no session with the LUN"
-        return HealBlocked("session_down", f"no logged-in session to {a.target} has LUN {a.lun} ({states})")
-    running = [(s, lun) for s, lun in live if lun.state == "running"]
-    if not running:
-        states = ", ".join(f"{lun.block} {lun.state}" for _, lun in live)
-        return HealBlocked("device_not_ready", f"LUN {a.lun} of {a.target} does not answer yet ({states})")
+    running = _answering_lun(sysfs, a.target, a.lun, sessions)
+    if isinstance(running, HealBlocked):
+        return running
     chosen = _choose(running, view)
     if chosen is None:
         names = ", ".join(str(lun.block) for _, lun in running)
@@ -403,17 +397,11 @@ def plan_resume(
             "source_not_in_sync",
             f"the iSCSI leg of {view.label} is {view.iscsi.state}: the local leg has nothing to recover from",
         )
-    candidates = find_lun_block(sysfs, a.target, a.lun, sessions)
-    live = [(s, lun) for s, lun in candidates if s.state == "LOGGED_IN"]
-    if not live:
-        states = ", ".join(f"{s.name} {s.state}" for s, _ in candidates) or "no session with the LUN"
-        return HealBlocked("session_down", f"no logged-in session to {a.target} has LUN {a.lun} ({states})")
-    running = [lun for _, lun in live if lun.state == "running"]
-    if not running:
-        states = ", ".join(f"{lun.block} {lun.state}" for _, lun in live)
-        return HealBlocked("device_not_ready", f"LUN {a.lun} of {a.target} does not answer yet ({states})")
-    if view.iscsi.device not in {lun.block for lun in running}:
-        names = ", ".join(str(lun.block) for lun in running)
+    answering = _answering_lun(sysfs, a.target, a.lun, sessions)
+    if isinstance(answering, HealBlocked):
+        return answering
+    if view.iscsi.device not in {lun.block for _, lun in answering}:
+        names = ", ".join(str(lun.block) for _, lun in answering)
         return HealBlocked(
             "iscsi_member_gone",
             f"LUN {a.lun} of {a.target} is back as {names}, but md's iSCSI leg is {view.iscsi.device}: "
@@ -433,6 +421,23 @@ def plan_resume(
         lun=a.lun,
         removed=holder is None,
     )
+
+
+def _answering_lun(
+    sysfs: Path, target: str, lun: int, sessions: list[IscsiSession] | None
+) -> list[tuple[IscsiSession, ScsiLun]] | HealBlocked:
+    """LUN `lun` of `target` (by target AND LUN) on a LOGGED_IN session with its SCSI device
+    `running`, or why not yet."""
+    candidates = find_lun_block(sysfs, target, lun, sessions)
+    live = [(s, found) for s, found in candidates if s.state == "LOGGED_IN"]
+    if not live:
+        states = ", ".join(f"{s.name} {s.state}" for s, _ in candidates) or "no session with the LUN"
+        return HealBlocked("session_down", f"no logged-in session to {target} has LUN {lun} ({states})")
+    running = [(s, found) for s, found in live if found.state == "running"]
+    if not running:
+        states = ", ".join(f"{found.block} {found.state}" for _, found in live)
+        return HealBlocked("device_not_ready", f"LUN {lun} of {target} does not answer yet ({states})")
+    return running
 
 
 def _choose(
