@@ -15,7 +15,6 @@ import argparse
 import gzip
 import logging
 import math
-import os
 import signal
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from iscsimple import __version__ as VERSION
 from iscsimple.core.atomic import write_atomic
 from iscsimple.core.errors import InputError
 from iscsimple.core.heal import Runner
-from iscsimple.core.paths import DEFAULT_CONFIG, DEFAULT_RECORDS, DEFAULT_STATE, HostPaths, require_given_dirs
+from iscsimple.core.paths import DEFAULT_RECORDS, DEFAULT_STATE, HostPaths, require_given_dirs
 from iscsimple.core.run import run
 from iscsimple.core.snapshot import EVERYTHING, Changes, HostSnapshot
 
@@ -284,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config.file",
         dest="config",
         type=Path,
-        default=Path(os.environ.get("ISCSIMPLE_CONFIG", DEFAULT_CONFIG)),
+        default=HostPaths.from_env().config,
         help="iscsimple.toml: heal policy and the cross-host guard (default $ISCSIMPLE_CONFIG or %(default)s)",
     )
     p.add_argument("--path.devfs", dest="devfs", type=Path, default=Path("/dev"), help=argparse.SUPPRESS)
