@@ -219,3 +219,29 @@ def test_remove_works_with_a_broken_config_and_add_refuses_it(hotplug):
     added = hotplug.run("add", vbd)
     assert added.returncode == 1
     assert "login_timout" in hotplug.xs(vbd, "hotplug-error")
+
+
+def test_remove_waits_for_the_kernel_to_delete_the_stopped_md_node(tmp_path, caplog):
+    """md deletes /sys/block/mdN from a workqueue after STOP_ARRAY: remove returns once it is gone,
+    and a node that lingers past the bound is logged, not an error (the array is stopped)."""
+    import threading
+
+    from iscsimple.core.paths import HostPaths
+    from iscsimple.core.run import Deadline
+    from iscsimple.hotplug import detach
+
+    paths = HostPaths(sysfs=tmp_path / "sys")
+    node = paths.sysfs / "block" / "md127"
+    node.mkdir(parents=True)
+    threading.Timer(0.3, node.rmdir).start()
+    started = time.monotonic()
+    detach._wait_until_gone(paths, "md127", Deadline(30), wait=10)
+    assert not node.exists()
+    assert 0.25 <= time.monotonic() - started < 5
+
+    node.mkdir()
+    started = time.monotonic()
+    with caplog.at_level("INFO"):
+        detach._wait_until_gone(paths, "md127", Deadline(30), wait=0.2)
+    assert time.monotonic() - started < 5
+    assert "md127 is stopped but its node is still listed" in caplog.text

@@ -82,6 +82,7 @@ def test_mirror_recovers_from_iscsi_and_survives_an_outage(bed, tmp_path):
     assert "faulty" in bed.md_legs(md)[sd[5:]]
 
     g.run(["mdadm", "--stop", "/dev/md/stack"])
-    assert g.glob(f"/sys/block/{md}") == []
+    # md deletes the node from a workqueue after STOP_ARRAY returns.
+    g.wait_for(f"/sys/block/{md}", "absent", timeout=10)
     g.run(["iscsiadm", "-m", "node", "-T", IQN, "--logout"])
     assert bed.session(IQN) is None
