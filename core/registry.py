@@ -200,7 +200,8 @@ def _label(value) -> str | None:
     return None
 
 
-def _portal(value) -> str | None:
+def portal_problem(value) -> str | None:
+    """Why `value` is not a portal iscsiadm may be given (None: it is one, or None)."""
     problem = _text(value)
     if problem or value is None:
         return problem
@@ -219,7 +220,7 @@ _FIELD_CHECKS = {
     "target": _target,
     "label": _label,
     "state": lambda v: None if isinstance(v, str) and _STATE_RE.fullmatch(v) else "is not a state name",
-    "portal": _portal,
+    "portal": portal_problem,
     "iscsi_device": _kernel_name,
     "local_device": _absolute_path,
     "local_kernel_name": _kernel_name,
@@ -251,6 +252,20 @@ def _operation_result(data: dict) -> OperationResult:
     if _text(values.get("error")):
         raise ValueError("last.error must be a string")
     return OperationResult(**values)
+
+
+@dataclass(frozen=True)
+class TargetUsers:
+    attachments: list[Attachment]
+    unreadable: list[str]  # error lines of registry entries that cannot be read
+
+
+def _cannot_tell(what: str, errors: list[str]) -> str:
+    more = f" (and {len(errors) - 1} more unreadable entries)" if len(errors) > 1 else ""
+    return (
+        f"cannot tell {what}: {errors[0]}{more}; if the disk it described is detached "
+        "('iscsimple status' lists what is attached), remove that file and retry"
+    )
 
 
 class BadAttachmentId(InputError, ValueError):
@@ -349,10 +364,28 @@ class Registry:
                 yield path
 
     def by_label(self, label: str) -> Attachment | None:
-        return next((a for a in self.list() if a.label == label), None)
+        """The attachment of LABEL. Raises StateFileError when an entry is unreadable: it may be
+        LABEL's, and a mirror attached twice would have two writers (never read as "free")."""
+        read = self.read_all()
+        found = next((a for a in read.attachments if a.label == label), None)
+        if read.errors:
+            raise StateFileError(_cannot_tell(f"whether {label} is attached", read.errors))
+        return found
 
     def using_target(self, target: str, exclude: str | None = None) -> list[Attachment]:
-        return [a for a in self.list() if a.target == target and a.id != exclude]
+        """The attachments on `target`. Raises StateFileError when an entry is unreadable (it may
+        use the target: an attach must not take its LUN); `users_of` for callers that must go on."""
+        users = self.users_of(target, exclude)
+        if users.unreadable:
+            raise StateFileError(_cannot_tell(f"which disks use {target}", users.unreadable))
+        return users.attachments
+
+    def users_of(self, target: str, exclude: str | None = None) -> TargetUsers:
+        """The readable attachments on `target`, and the entries that cannot be read (any may use it)."""
+        read = self.read_all()
+        return TargetUsers(
+            [a for a in read.attachments if a.target == target and a.id != exclude], read.errors
+        )
 
     # -- hotplug statistics -------------------------------------------------
 

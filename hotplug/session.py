@@ -31,10 +31,11 @@ from pathlib import Path
 
 from iscsimple.core.atomic import remove_durably, write_atomic
 from iscsimple.core.config import Config
-from iscsimple.core.errors import OperationError
+from iscsimple.core.errors import OperationError, StateFileError
+from iscsimple.core.files import load_state_json
 from iscsimple.core.iscsi import IscsiSession
 from iscsimple.core.paths import HostPaths
-from iscsimple.core.registry import Attachment, Registry
+from iscsimple.core.registry import Attachment, Registry, portal_problem
 from iscsimple.core.run import Deadline
 
 from . import iscsiadm
@@ -221,9 +222,21 @@ def release(
     target = attachment.target
     assert target is not None
     registry.remove(attachment.id)
-    users = registry.using_target(target)
-    if users:
-        _retune(paths, config, target, users)
+    users = registry.users_of(target)
+    if users.unreadable:
+        # An entry we cannot read may be a disk on this target: its session stays, as it is.
+        log.warning(
+            "the session to %s stays logged in: %s unreadable registry entr%s may use it (%s); once that is "
+            "sorted out, log out by hand if nothing uses it: iscsiadm -m node -T %s --logout",
+            target,
+            len(users.unreadable),
+            "y" if len(users.unreadable) == 1 else "ies",
+            "; ".join(users.unreadable),
+            target,
+        )
+        return
+    if users.attachments:
+        _retune(paths, config, target, users.attachments)
         return
     if logout == LOGOUT_NEVER:
         return
@@ -289,11 +302,11 @@ def read_marker(paths: HostPaths, target: str) -> SessionMarker | None:
     still means ours (logging out a session nobody else uses beats leaking it)."""
     path = _marker(paths, target)
     try:
-        data = json.loads(path.read_text())
+        data = load_state_json(path)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as e:
-        log.warning("unreadable session marker %s (%s): taken as a session iscsimple opened", path, e)
+    except StateFileError as e:
+        log.warning("%s: taken as a session iscsimple opened", e)
         return SessionMarker(target, None)
     if not isinstance(data, dict):
         log.warning("unreadable session marker %s: taken as a session iscsimple opened", path)
@@ -301,10 +314,14 @@ def read_marker(paths: HostPaths, target: str) -> SessionMarker | None:
     portal, logged_in_at, until = data.get("portal"), data.get("logged_in_at"), data.get("login_until")
     return SessionMarker(
         target,
-        portal if isinstance(portal, str) else None,
-        float(logged_in_at) if isinstance(logged_in_at, int | float) else None,
-        float(until) if isinstance(until, int | float) and math.isfinite(until) else None,
+        portal if portal_problem(portal) is None else None,  # it reaches iscsiadm's argv
+        float(logged_in_at) if _seconds(logged_in_at) else None,
+        float(until) if _seconds(until) else None,
     )
+
+
+def _seconds(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def is_ours(paths: HostPaths, target: str) -> bool:
