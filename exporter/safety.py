@@ -15,10 +15,12 @@ snapshot just read:
 3. `collectors.safety.SafetyCollector` exports `iscsimple_array_iscsi_stale{label,domain}`,
    `iscsimple_heal_operations_total{result}` and `iscsimple_heal_enabled`.
 
-Crash safety: all state that matters is on disk (the record) or in the kernel
-(the md members). If the agent dies between `--remove` and `--add`, the next run
-sees the leg missing with the record standing and adds it; if it dies during the
-recovery, the next run waits for it and clears the record when it completes.
+Crash safety: all state that matters is on disk (the record, the note of a resume
+in progress) or in the kernel (the md members). If the agent dies between a heal's
+`--remove` and `--add`, the next run sees the leg missing with the record standing
+and adds it; between a resume's (core.heal.PendingResumes), the note says which
+local leg to add back; if it dies during a recovery, the next run waits for it and
+clears the record when it completes.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pathlib import Path
 from iscsimple.core.bitmap import ArrayBitmap, array_bitmaps
 from iscsimple.core.cluster import ClusterGuard, ClusterSettings, ClusterUnreachable, check_before_writing_lun
 from iscsimple.core.config import Config, ConfigError, load_config
-from iscsimple.core.heal import BUSY, CHANGED, Runner, execute_heal
+from iscsimple.core.heal import BUSY, CHANGED, PendingResumes, Runner, execute_heal
 from iscsimple.core.iscsi import IscsiSession
 from iscsimple.core.paths import HostPaths
 from iscsimple.core.run import Deadline, run
@@ -161,6 +163,15 @@ class Healer:
         # Stopped recoveries of local legs (iSCSI -> local) the healer restarts: counted apart.
         self.resumes: dict[str, int] = dict.fromkeys(RESUME_RESULTS, 0)
         self._resume_progress: dict[str, _HealAttempts] = {}
+        # Resumes an earlier run of the agent left between --remove and --add (and unreadable notes).
+        self._resume_notes = PendingResumes(paths)
+        self._pending, self._pending_errors = self._resume_notes.read_all()
+        for problem in self._pending_errors.values():
+            log.error(
+                "%s; a resume may have taken that local leg out of its array: it is added back from the "
+                "registry's local device if it is still missing",
+                problem,
+            )
         self._recovering = 0  # iSCSI legs recovering in the snapshot being handled
         self._local_recovering = 0  # local legs recovering (resumes count against max_parallel)
 
@@ -182,8 +193,14 @@ class Healer:
             self._blocked.pop(label, None)
         # An initial recovery (iSCSI -> local) an outage stopped: no record, the other direction.
         self._local_recovering = sum(1 for v in snapshot.arrays if v.local.state == "recovering")
+        self._forget_detached_resumes(snapshot)
         for view in snapshot.arrays:
-            if view.label not in standing and (view.recovery_stopped or view.label in self._resume_progress):
+            if view.label not in standing and (
+                view.recovery_stopped
+                or view.label in self._resume_progress
+                or view.label in self._pending
+                or view.label in self._pending_errors
+            ):
                 self._consider_resume(view, snapshot.iscsi.sessions)
         for view in views:
             if recovery_complete(view):
@@ -336,8 +353,10 @@ class Healer:
         the label's lock, a re-check under it."""
         if view.md is None or view.local.state == "in_sync":
             self._resume_progress.pop(view.label, None)
+            self._drop_resume_note(view.label)
             return
         progress = self._resume_progress.setdefault(view.label, _HealAttempts())
+        self._recall_resume(view, progress)
         removed = progress.resumed_member if view.local.state == "missing" else None
         if not view.recovery_stopped and removed is None:
             return  # recovering (ours, or md's own): keep the failure count in case it is cut again
@@ -396,6 +415,56 @@ class Healer:
             view.domain or "no VM",
             outcome.detail,
         )
+
+    def _recall_resume(self, view: ArrayView, progress: _HealAttempts) -> None:
+        """What an earlier run of the agent noted about a resume of this label (once)."""
+        label = view.label
+        note = self._pending.pop(label, None)
+        if note is not None:
+            if view.md is not None and note.applies_to(view.attachment, view.md.name):
+                progress.resumed_member = progress.resumed_member or (note.member, note.dev)
+                log.warning(
+                    "a resume of %s's local leg was interrupted after removing %s: adding it back once the "
+                    "iSCSI leg allows",
+                    label,
+                    note.member,
+                )
+            else:  # the disk was detached and attached again since: another array
+                self._drop_resume_note(label)
+        problem = self._pending_errors.pop(label, None)
+        if problem is None or progress.resumed_member is not None:
+            return
+        member = view.attachment.local_kernel_name
+        if member is None:
+            self._skip(
+                label,
+                progress,
+                "note_unreadable",
+                f"{problem}; the registry does not name the local leg either: add it back by hand "
+                f"(mdadm {view.attachment.md_path} --add LOCAL-DEVICE) if it is missing, then delete that file",
+                self.resumes,
+            )
+            return
+        progress.resumed_member = (member, None)
+
+    def _drop_resume_note(self, label: str) -> None:
+        self._pending.pop(label, None)
+        self._pending_errors.pop(label, None)
+        try:
+            self._resume_notes.clear(label)
+        except (OSError, ValueError) as e:
+            log.warning("cannot remove the note of %s's resume: %s", label, e)
+
+    def _forget_detached_resumes(self, snapshot: HostSnapshot) -> None:
+        """Notes of labels no longer attached: their array is gone (only when the registry was read whole)."""
+        if not (self._pending or self._pending_errors):
+            return
+        source = snapshot.sources.get("registry")
+        if source is None or not source.ok:
+            return
+        for label in [*self._pending, *self._pending_errors]:
+            if label and snapshot.array(label) is None:
+                self._drop_resume_note(label)
 
     def _count(self, result: str, mode: str = "none") -> None:
         self.counts[(result, mode)] = self.counts.get((result, mode), 0) + 1

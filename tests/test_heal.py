@@ -622,3 +622,65 @@ def test_the_agent_started_late_dates_the_record_by_the_kernel_log(tmp_path):
     record = host.records.get(LABEL)
     assert record is not None and abs(record.since - (time.time() - 900)) < 5
     assert record.since_source.startswith("kernel log:")
+
+
+def _resume_cut_after_remove(tmp_path) -> Host:
+    """A resume whose --remove ran and whose --add did not (the agent died, or mdadm failed)."""
+    host = Host(tmp_path, fail_on="--add")
+    host.bed.cut_local_recovery()
+    host.refresh()
+    host.refresh(after=31)
+    assert host.mdadm.calls == resume_commands(host.bed)
+    assert host.refresh().array(LABEL).local.state == "missing"
+    host.mdadm.fail_on = None
+    return host
+
+
+def test_resume_interrupted_between_remove_and_add_is_finished_by_a_restarted_agent(tmp_path):
+    host = _resume_cut_after_remove(tmp_path)
+    note = host.bed.paths.state / "resumes" / f"{LABEL}.json"
+    assert note.exists()
+    host.new_agent()  # the agent restarted: nothing in memory
+    host.refresh()
+    host.refresh(after=31)
+    assert host.mdadm.calls[2:] == [resume_commands(host.bed)[1]]  # only the --add
+    assert host.safety.healer.resumes["success"] == 1
+    assert host.refresh().array(LABEL).local.state == "recovering"
+    assert not note.exists()
+
+
+@pytest.mark.parametrize("content", ["{", "null", '{"label": "vm1-disk"}', '{"member": "-rf"}'])
+def test_resume_note_unreadable_is_reported_and_the_leg_still_added_back(tmp_path, caplog, content):
+    host = _resume_cut_after_remove(tmp_path)
+    note = host.bed.paths.state / "resumes" / f"{LABEL}.json"
+    note.write_text(content)
+    caplog.set_level(logging.ERROR, logger="iscsimple.agent.safety")
+    host.new_agent()
+    assert any(str(note) in r.getMessage() and "added back" in r.getMessage() for r in caplog.records)
+    host.refresh()
+    host.refresh(after=31)
+    assert host.mdadm.calls[2:] == [resume_commands(host.bed)[1]]  # the registry's local leg
+    assert host.refresh().array(LABEL).local.state == "recovering" and not note.exists()
+
+
+def test_resume_note_of_an_earlier_attachment_is_dropped(tmp_path):
+    host = _resume_cut_after_remove(tmp_path)
+    note = host.bed.paths.state / "resumes" / f"{LABEL}.json"
+    import json
+
+    data = json.loads(note.read_text())
+    note.write_text(json.dumps({**data, "attachment_created": data["attachment_created"] - 100}))
+    host.new_agent()
+    host.refresh()
+    host.refresh(after=100)
+    assert len(host.mdadm.calls) == 2  # a leg missing for another reason is not added by the agent
+    assert not note.exists()
+
+
+def test_resume_not_started_when_it_cannot_be_noted(tmp_path):
+    host = Host(tmp_path)
+    host.bed.cut_local_recovery()
+    (host.bed.paths.state / "resumes").write_text("")  # a file where the directory goes
+    host.refresh()
+    host.refresh(after=31)
+    assert host.mdadm.calls == [] and host.safety.healer.resumes["failure"] == 1
