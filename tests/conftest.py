@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import vmtimings
 from fixturetree import materialize
 
 
@@ -53,3 +54,31 @@ def deb() -> Path:
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "lintian: no errors or warnings" in r.stdout
     return repo / "dist" / f"iscsimple_{__version__}_all.deb"
+
+
+# With pytest-xdist (scripts/test runs `-n auto --dist loadgroup`), tests that share one
+# expensive or exclusive resource stay on one worker, in order: the real-kernel guests
+# (booted once per session), the real Prometheus/Alertmanager runs, and the .deb build
+# (which writes dist/). Everything else spreads over the workers.
+SERIAL_GROUPS = ("vm", "e2e", "deb")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for group in SERIAL_GROUPS:
+            if item.get_closest_marker(group) is not None:
+                item.add_marker(pytest.mark.xdist_group(group))
+                break
+
+
+WORKER_TIMINGS: dict[str, float] = {}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """xdist: gather the real-kernel figures each worker measured (tests/vm/conftest.py)."""
+    WORKER_TIMINGS.update(getattr(node, "workeroutput", {}).get(vmtimings.WORKER_OUTPUT_KEY, {}))
+
+
+def pytest_terminal_summary(terminalreporter):
+    vmtimings.report(terminalreporter, WORKER_TIMINGS)

@@ -7,11 +7,10 @@ the suite is part of the default run and must not vanish silently.
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import pytest
+import vmtimings
 from storagebed import StorageBed
 from vmharness import Guest, GuestError, VmUnavailable, preflight, prepare_kernel, prepare_xen
 
@@ -116,11 +115,11 @@ def pytest_runtest_makereport(item, call):
                 report.sections.append((f"{host.name} console (tail)", host.guest.console_tail(60)))
 
 
+def pytest_sessionfinish(session):
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: the controller prints (tests/conftest.py)
+        workeroutput[vmtimings.WORKER_OUTPUT_KEY] = dict(TIMINGS)
+
+
 def pytest_terminal_summary(terminalreporter):
-    if TIMINGS:
-        terminalreporter.section("real-kernel test bed: measured figures (seconds)")
-        for name, seconds in TIMINGS.items():
-            terminalreporter.write_line(f"{seconds:8.2f}  {name}")
-        out = Path(__file__).resolve().parent / ".cache" / "timings.json"
-        out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps(TIMINGS, indent=1) + "\n")
+    vmtimings.report(terminalreporter, TIMINGS)
