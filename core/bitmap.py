@@ -26,13 +26,16 @@ import stat
 import struct
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .atomic import remove_durably, write_atomic
 from .errors import InputError
 from .mdstat import read_mdstat_arrays
 from .paths import HostPaths
-from .safety import HealPlan
 from .spec import check_label
+
+if TYPE_CHECKING:  # a run-time import would load safety and the snapshot into every hotplug start
+    from .safety import HealPlan
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,6 @@ host, and only that report is ignored — a later outage on that host is guarded
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -32,9 +31,6 @@ import os
 import re
 import socket
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -110,19 +106,26 @@ class QueryResult:
 class ClusterGuard:
     """Asks Prometheus about the other hosts. `urlopen` is injectable for tests."""
 
-    def __init__(self, settings: ClusterSettings, urlopen=urllib.request.urlopen):
+    def __init__(self, settings: ClusterSettings, urlopen=None):
         self.settings = settings
         self.urlopen = urlopen
 
     def query(self, promql: str, timeout: float | None = None) -> list[dict]:
         """An instant query; returns the result vector. Raises ClusterUnreachable."""
+        # Imported here: urllib.request pulls in http, ssl and email, a large part of the
+        # hotplug's start-up, and most adds never ask Prometheus anything.
+        import urllib.error
+        import urllib.parse
+        import urllib.request
+
         assert self.settings.prometheus_url is not None
         timeout = self.settings.timeout if timeout is None else timeout
         url = self.settings.prometheus_url.rstrip("/") + "/api/v1/query"
         data = urllib.parse.urlencode({"query": promql, "timeout": f"{timeout:g}s"}).encode()
         request = urllib.request.Request(url, data=data, method="POST")
+        urlopen = self.urlopen or urllib.request.urlopen
         try:
-            with self.urlopen(request, timeout=timeout) as response:
+            with urlopen(request, timeout=timeout) as response:
                 body = response.read(10 << 20)
         except (OSError, urllib.error.URLError, ValueError) as e:
             raise ClusterUnreachable(
@@ -216,6 +219,8 @@ class Acceptances:
 
     def _path(self, a: Acceptance) -> Path:
         key = f"{a.host}\0{a.target}\0{a.lun}\0{a.since:.3f}".encode()
+        import hashlib  # lazily, like urllib above: OpenSSL's start-up is not free
+
         return self.directory / f"{hashlib.sha256(key).hexdigest()[:24]}.json"
 
     def put(self, acceptance: Acceptance) -> Path:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import logging.handlers
 import os
 import sys
 import time
@@ -140,7 +139,9 @@ def _setup_logging(attachment_id: str) -> None:
         return
     with contextlib.suppress(OSError):
         if os.path.exists("/dev/log"):
-            syslog = logging.handlers.SysLogHandler(address="/dev/log")
+            from logging.handlers import SysLogHandler  # only when syslog is wanted
+
+            syslog = SysLogHandler(address="/dev/log")
             syslog.ident = "block-iscsimple: "
             syslog.setFormatter(logging.Formatter(f"{attachment_id}: %(message)s"))
             root.addHandler(syslog)
