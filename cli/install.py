@@ -8,6 +8,10 @@ again after moving or upgrading that environment refreshes it.
 
 Also writes an example tab file and config if there are none. It never overwrites
 either: the tab file decides which local device a mirror writes to.
+
+On a host where the Debian package is installed, the hook is the package's conffile
+(the launcher of /usr/sbin/block-iscsimple): install-hook checks it and never rewrites
+it, so dpkg stays the one owner of its files.
 """
 
 from __future__ import annotations
@@ -21,12 +25,20 @@ from pathlib import Path
 
 from iscsimple.core.atomic import write_atomic
 from iscsimple.core.errors import InputError, OperationError
-from iscsimple.core.files import read_text
+from iscsimple.core.files import read_file, read_problem, read_text
 from iscsimple.core.paths import DEFAULT_CONFIG, DEFAULT_TAB
 from iscsimple.hotplug.mdadm import NAMES_DROPIN, NAMES_DROPIN_TEXT
 
 HOOK = Path("/etc/xen/scripts/block-iscsimple")
 MARKER = "# iscsimple launcher"
+# What the Debian package installs: the hook is its launcher of this (debian/rules).
+PACKAGED_ENTRY = Path("/usr/sbin/block-iscsimple")
+# dpkg's list of the package's files, one absolute path a line.
+DPKG_LIST = Path("/var/lib/dpkg/info/iscsimple.list")
+REINSTALL = (
+    "apt-get install --reinstall -o Dpkg::Options::=--force-confmiss "
+    "-o Dpkg::Options::=--force-confnew iscsimple"
+)
 
 EXAMPLE_TAB = """\
 # block-iscsimple-tab.conf: which local device mirrors which LABEL.
@@ -77,9 +89,16 @@ class InstallResult:
     entry_point: str
     hook_action: str  # installed | updated | unchanged
     examples: list[tuple[Path, str]] = field(default_factory=list)  # (path, "written" | "kept")
+    packaged: bool = False  # the Debian package's hook, checked and left to dpkg
 
     def report(self) -> list[str]:
-        lines = [f"{self.hook}: {self.hook_action} (runs {self.entry_point})"]
+        if self.packaged:
+            lines = [
+                f"{self.hook}: installed by the Debian package iscsimple, left as it is "
+                f"(runs {self.entry_point})"
+            ]
+        else:
+            lines = [f"{self.hook}: {self.hook_action} (runs {self.entry_point})"]
         for path, action in self.examples:
             lines.append(f"{path}: {'example written' if action == 'written' else 'exists, left as it is'}")
         return lines
@@ -108,6 +127,56 @@ def _under(prefix: Path, path: Path) -> Path:
     return prefix / path.relative_to("/")
 
 
+@dataclass(frozen=True)
+class PackageState:
+    """What the host says about the Debian package's hook (under a prefix)."""
+
+    entry_installed: bool  # /usr/sbin/block-iscsimple is there: the package is installed
+    hook_listed: bool  # dpkg's file list names the hook: the package (installed or removed) owns it
+
+    @property
+    def owns_hook(self) -> bool:
+        return self.entry_installed or self.hook_listed
+
+
+def package_state(prefix: Path = Path("/")) -> PackageState:
+    """Read from the files dpkg leaves (no dpkg call): its list of the package's files, which
+    names the hook while the package is installed or removed but not purged, and the entry point."""
+    listing = _under(prefix, DPKG_LIST)
+    try:
+        # Untrusted like every file read: regular and bounded; paths are bytes, not always UTF-8.
+        lines = read_file(listing).splitlines()
+    except (FileNotFoundError, NotADirectoryError):
+        lines = []
+    except OSError as e:
+        raise OperationError(
+            f"{listing}: cannot read it ({read_problem(e)}), so cannot tell whether the Debian package "
+            f"iscsimple owns {HOOK}; repair dpkg's database (apt-get install --reinstall iscsimple)"
+        ) from None
+    entry = _under(prefix, PACKAGED_ENTRY)
+    return PackageState(
+        entry_installed=entry.exists() or entry.is_symlink(),
+        hook_listed=os.fsencode(HOOK) in lines,
+    )
+
+
+def check_packaged_hook(hook: Path, existing: str | None, state: PackageState) -> None:
+    """The package's hook must be the package's launcher; anything else is for the operator to settle
+    with dpkg, never for install-hook to overwrite (a conffile dpkg would then call modified)."""
+    if not state.entry_installed:
+        raise InputError(
+            f"{hook}: a conffile of the removed Debian package iscsimple ({PACKAGED_ENTRY} is gone); "
+            "install the package again (apt install iscsimple) or purge it (apt purge iscsimple) "
+            "before install-hook writes another launcher"
+        )
+    if existing != launcher([str(PACKAGED_ENTRY)]):
+        what = "missing" if existing is None else f"not the package's launcher of {PACKAGED_ENTRY}"
+        raise InputError(
+            f"{hook}: the Debian package iscsimple installs this hook and it is {what}; "
+            f"install-hook leaves the package's files to dpkg: restore it with '{REINSTALL}'"
+        )
+
+
 def install_hook(
     *,
     prefix: Path = Path("/"),
@@ -121,12 +190,15 @@ def install_hook(
 ) -> InstallResult:
     """Write the launcher atomically (mode 0755); write example tab/config files only where none exist.
 
+    Where the Debian package owns the hook (PREFIX/usr/sbin/block-iscsimple, or dpkg's list naming
+    it), only check it: left as it is when it is the package's launcher, an error saying what to
+    do otherwise; the tab and config are the package's conffiles then. An explicit `argv` is the
+    package build writing that launcher itself.
+
     With `mdadm_names`, also mdadm's `CREATE names=yes` drop-in, needed beyond 512 arrays.
     Opt-in because it is host-wide: every array mdadm then creates by name is md_NAME.
     """
     hook = dest if dest is not None else _under(prefix, HOOK)
-    argv = argv or entry_point()
-    content = launcher(argv)
     try:
         existing = read_text(hook)
     except (FileNotFoundError, NotADirectoryError):
@@ -135,6 +207,37 @@ def install_hook(
         raise OperationError(
             f"{hook}: cannot read the existing file ({e}); move it away and run install-hook again"
         ) from None
+    state = package_state(prefix) if argv is None and _is_hook(hook, prefix) else None
+    examples: list[tuple[Path, str]] = []
+    if state is not None and state.owns_hook:
+        check_packaged_hook(hook, existing, state)
+        result = InstallResult(hook, str(PACKAGED_ENTRY), "unchanged", packaged=True)
+    else:
+        result = _write_launcher(hook, existing, argv or entry_point(), force)
+        # With a prefix the standard places under it; without, where this host looks (ISCSIMPLE_TAB).
+        tab_path = tab or (default_tab if prefix == Path("/") else _under(prefix, DEFAULT_TAB))
+        config_path = config if config is not None else _under(prefix, DEFAULT_CONFIG)
+        examples += [(tab_path, EXAMPLE_TAB), (config_path, EXAMPLE_CONFIG)]
+    if mdadm_names:
+        examples.append((_under(prefix, NAMES_DROPIN), NAMES_DROPIN_TEXT))
+    for path, example in examples:
+        result.examples.append((path, _write_if_absent(path, example, 0o644)))
+    return result
+
+
+def _is_hook(path: Path, prefix: Path) -> bool:
+    """Whether `path` is (or names the same file as) the hook xl runs under `prefix`."""
+    hook = _under(prefix, HOOK)
+    if path == hook:
+        return True
+    try:
+        return os.path.samefile(path, hook)
+    except (OSError, ValueError):
+        return False
+
+
+def _write_launcher(hook: Path, existing: str | None, argv: list[str], force: bool) -> InstallResult:
+    content = launcher(argv)
     if existing is not None and MARKER not in existing and not force:
         raise InputError(
             f"{hook} exists and is not an iscsimple launcher; move it away or run install-hook --force to replace it"
@@ -149,17 +252,7 @@ def install_hook(
                 f"{hook}: cannot write it ({e.strerror}); run install-hook as root"
             ) from None
         action = "installed" if existing is None else "updated"
-
-    result = InstallResult(hook, shlex.join(argv), action)
-    # With a prefix the standard places under it; without, where this host looks (ISCSIMPLE_TAB).
-    tab_path = tab or (default_tab if prefix == Path("/") else _under(prefix, DEFAULT_TAB))
-    config_path = config if config is not None else _under(prefix, DEFAULT_CONFIG)
-    files = [(tab_path, EXAMPLE_TAB, 0o644), (config_path, EXAMPLE_CONFIG, 0o644)]
-    if mdadm_names:
-        files.append((_under(prefix, NAMES_DROPIN), NAMES_DROPIN_TEXT, 0o644))
-    for path, example, mode in files:
-        result.examples.append((path, _write_if_absent(path, example, mode)))
-    return result
+    return InstallResult(hook, shlex.join(argv), action)
 
 
 def _write_if_absent(path: Path, text: str, mode: int) -> str:

@@ -187,6 +187,10 @@ def add_install_hook(sub) -> None:
     p = sub.add_parser(
         "install-hook",
         help="install /etc/xen/scripts/block-iscsimple (a launcher of this installation) and an example tab",
+        description="Write /etc/xen/scripts/block-iscsimple, the launcher xl runs, naming this installation's "
+        "block-iscsimple by absolute path, and example tab and config files where there are none. Where the "
+        "Debian package is installed the hook is its conffile: install-hook only checks it (exit 0 when it is "
+        "the package's launcher, an error saying how to restore it otherwise) and never rewrites it.",
     )
     p.add_argument("--prefix", type=Path, default=Path("/"), help="install under this root (default /)")
     p.add_argument(

@@ -1,11 +1,12 @@
 """`iscsimple install-hook`: the launcher xl runs, and example files that never replace real ones."""
 
+import os
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
-from iscsimple.cli.install import EXAMPLE_CONFIG, EXAMPLE_TAB, MARKER, entry_point, install_hook
+from iscsimple.cli.install import EXAMPLE_CONFIG, EXAMPLE_TAB, MARKER, entry_point, install_hook, launcher
 from iscsimple.cli.main import main
 from iscsimple.core.config import Config, load_config
 from iscsimple.core.tab import parse_tab
@@ -141,3 +142,116 @@ def test_mdadm_names_dropin_is_opt_in_and_never_replaced(capsys, tmp_path):
     code, out, _ = _install(capsys, "--prefix", tmp_path, "--mdadm-names")
     assert code == 0 and f"{dropin}: exists, left as it is" in out.splitlines()
     assert dropin.read_text().endswith("# edited by the operator\n")
+
+
+# -- a host where the Debian package is installed -----------------------------------------------------
+ENTRY = Path("usr/sbin/block-iscsimple")
+DPKG_LIST = Path("var/lib/dpkg/info/iscsimple.list")
+PACKAGED_LAUNCHER = launcher(["/usr/sbin/block-iscsimple"])
+
+
+def _packaged_root(root: Path, *, hook: str | None = PACKAGED_LAUNCHER, entry: bool = True, listed=True):
+    """A root as dpkg leaves it: the entry point, its list of the package's files, the conffiles."""
+    if entry:
+        (root / ENTRY).parent.mkdir(parents=True)
+        (root / ENTRY).write_text("#!/usr/bin/python3\n")
+    if listed:
+        (root / DPKG_LIST).parent.mkdir(parents=True)
+        names = ["/.", "/etc", "/etc/xen/scripts", "/etc/xen/scripts/block-iscsimple"]
+        names += ["/etc/xen/scripts/block-iscsimple-tab.conf", "/usr/sbin/block-iscsimple"]
+        (root / DPKG_LIST).write_text("\n".join(names) + "\n")
+    if hook is not None:
+        (root / HOOK).parent.mkdir(parents=True, exist_ok=True)
+        (root / HOOK).write_text(hook)
+        (root / HOOK).chmod(0o755)
+
+
+def test_packaged_hook_is_checked_and_left_to_dpkg(capsys, tmp_path):
+    _packaged_root(tmp_path)
+    before = (tmp_path / HOOK).stat()
+    code, out, err = _install(capsys, "--prefix", tmp_path)
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        f"{tmp_path / HOOK}: installed by the Debian package iscsimple, left as it is "
+        "(runs /usr/sbin/block-iscsimple)"
+    ]
+    after = (tmp_path / HOOK).stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    # The tab and config are the package's conffiles: no example appears where the operator removed one.
+    assert not (tmp_path / TAB).exists() and not (tmp_path / CONFIG).exists()
+    # The same file named another way is the same hook.
+    other_name = tmp_path / "etc/xen/scripts/../scripts/block-iscsimple"
+    code, out, _ = _install(capsys, "--prefix", tmp_path, "--dest", other_name)
+    assert code == 0 and "installed by the Debian package iscsimple" in out
+
+
+def test_packaged_hook_detected_by_the_entry_point_alone(capsys, tmp_path):
+    _packaged_root(tmp_path, listed=False)
+    code, out, _ = _install(capsys, "--prefix", tmp_path, "--force")
+    assert code == 0 and "installed by the Debian package iscsimple" in out
+
+
+def test_packaged_hook_replaced_by_another_launcher_is_an_error_never_rewritten(capsys, tmp_path):
+    venv_launcher = f'#!/bin/sh\n{MARKER}\nexec /opt/iscsimple/bin/block-iscsimple "$@"\n'
+    _packaged_root(tmp_path, hook=venv_launcher)
+    for extra in ((), ("--force",)):
+        code, out, err = _install(capsys, "--prefix", tmp_path, *extra)
+        assert (code, out) == (2, "")
+        assert err.startswith(
+            f"iscsimple install-hook: {tmp_path / HOOK}: the Debian package iscsimple installs this hook "
+            "and it is not the package's launcher of /usr/sbin/block-iscsimple; install-hook leaves the "
+            "package's files to dpkg: restore it with 'apt-get install --reinstall"
+        )
+        assert err.count("\n") == 1
+        assert (tmp_path / HOOK).read_text() == venv_launcher
+
+
+def test_packaged_hook_missing_is_an_error_never_written(capsys, tmp_path):
+    _packaged_root(tmp_path, hook=None)
+    code, _, err = _install(capsys, "--prefix", tmp_path)
+    assert code == 2 and "installs this hook and it is missing" in err and "--force-confmiss" in err
+    assert not (tmp_path / HOOK).exists()
+
+
+def test_removed_package_conffile_is_an_error(capsys, tmp_path):
+    # dpkg -r: the entry point is gone, the list still names the conffiles it left.
+    _packaged_root(tmp_path, entry=False)
+    code, _, err = _install(capsys, "--prefix", tmp_path)
+    assert code == 2
+    assert "a conffile of the removed Debian package iscsimple" in err and "apt purge iscsimple" in err
+    assert (tmp_path / HOOK).read_text() == PACKAGED_LAUNCHER
+
+
+def test_packaged_host_still_writes_the_mdadm_dropin_on_request(capsys, tmp_path):
+    _packaged_root(tmp_path)
+    code, out, _ = _install(capsys, "--prefix", tmp_path, "--mdadm-names")
+    dropin = tmp_path / "etc/mdadm/mdadm.conf.d/iscsimple.conf"
+    assert code == 0 and f"{dropin}: example written" in out.splitlines()
+    assert (tmp_path / HOOK).read_text() == PACKAGED_LAUNCHER
+
+
+def test_dpkg_list_is_untrusted_input(capsys, tmp_path):
+    # Another package's paths that merely start like ours, and bytes that are not UTF-8: not the hook.
+    (tmp_path / DPKG_LIST).parent.mkdir(parents=True)
+    (tmp_path / DPKG_LIST).write_bytes(
+        b"/etc/xen/scripts/block-iscsimple-tab.conf\n\xff\xfe\x00garbage\n/etc/xen/scripts/block-iscsimple.old\n"
+    )
+    code, out, _ = _install(capsys, "--prefix", tmp_path)
+    assert code == 0 and out.startswith(f"{tmp_path / HOOK}: installed (runs ")
+
+    # A list that cannot be read: one line saying so, nothing written.
+    (tmp_path / HOOK).unlink()
+    (tmp_path / DPKG_LIST).unlink()
+    os.mkfifo(tmp_path / DPKG_LIST)
+    code, out, err = _install(capsys, "--prefix", tmp_path)
+    assert (code, out) == (1, "")
+    assert err.startswith(f"iscsimple install-hook: {tmp_path / DPKG_LIST}: cannot read it (")
+    assert "cannot tell whether the Debian package iscsimple owns" in err and err.count("\n") == 1
+    assert not (tmp_path / HOOK).exists()
+
+
+def test_package_build_writes_its_launcher_with_an_explicit_entry(tmp_path):
+    # debian/rules: the entry point is already in the build tree; the explicit argv writes the hook.
+    _packaged_root(tmp_path, hook=None, listed=False)
+    result = install_hook(prefix=tmp_path, argv=["/usr/sbin/block-iscsimple"])
+    assert result.hook_action == "installed" and (tmp_path / HOOK).read_text() == PACKAGED_LAUNCHER

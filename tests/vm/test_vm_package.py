@@ -71,6 +71,13 @@ def run_scenario(bed, g, xl) -> None:
     assert "exec /usr/sbin/block-iscsimple" in g.read(HOOK)
     version = g.run(["/usr/bin/iscsimple", "--version"], env={"PATH": "/usr/bin:/bin"})
     assert version.stdout.startswith("iscsimple ")
+    # install-hook finds the package's hook through dpkg's file list and leaves the conffile alone.
+    before = g.run(["stat", "-c", "%i %Y", HOOK]).stdout
+    hook = g.run(["/usr/bin/iscsimple", "install-hook"], env={"PATH": "/usr/bin:/bin"}, check=False)
+    assert hook.rc == 0 and "installed by the Debian package iscsimple, left as it is" in hook.stdout, str(
+        hook
+    )
+    assert g.run(["stat", "-c", "%i %Y", HOOK]).stdout == before
     # postinst made the directories the unit binds (tmpfiles.d); the guest's /run started empty.
     assert g.glob("/run/xen-hotplug") == ["/run/xen-hotplug"]
     assert g.glob("/run/iscsimple") == ["/run/iscsimple"]
