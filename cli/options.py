@@ -61,5 +61,5 @@ def host_paths(args: argparse.Namespace) -> HostPaths:
         if getattr(args, name, None) is not None
     }
     paths = paths.with_(**changes)
-    require_given_dirs(paths, {name: f"--{name}" for name in ("state", "records") if name in changes})
+    require_given_dirs(paths, {name: f"--path.{name}" for name in ("state", "records") if name in changes})
     return paths

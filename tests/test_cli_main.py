@@ -167,6 +167,13 @@ def test_the_agents_path_names_work_and_the_short_ones_too(tmp_path):
         assert (host_paths(args).config, host_paths(args).tab) == (cfg, tab)
 
 
+def test_a_missing_state_directory_is_named_by_the_agents_flag(tmp_path, capsys):
+    missing = tmp_path / "no-such-dir"
+    assert cli.main(["status", "--path.state", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"--path.state {missing} does not exist; give the directory iscsimple keeps its registry in" in err
+
+
 def test_version():
     result = _console("--version")
     assert result.returncode == 0
