@@ -120,9 +120,13 @@ def _check_local_devices(tab: Tab, paths: HostPaths, report: Report) -> None:
 
 
 def _check_config(paths: HostPaths, report: Report) -> None:
-    if not os.path.lexists(paths.config):
+    try:
+        os.lstat(paths.config)
+    except FileNotFoundError:
         report.checked.append(f"config {paths.config}: absent, defaults apply")
         return
+    except OSError:
+        pass  # check_config says what is wrong with the path
     config, errors = check_config(paths.config)
     if errors:
         report.errors += [str(e) for e in errors]

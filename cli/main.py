@@ -30,7 +30,7 @@ from pathlib import Path
 
 from iscsimple import __version__
 from iscsimple.core.config import Config, load_config
-from iscsimple.core.errors import InputError, IscsimpleError
+from iscsimple.core.errors import InputError, IscsimpleError, one_line
 
 from .migrate import add_accept_loss, add_migrate_check
 from .options import Parser, common_options, host_paths
@@ -330,7 +330,7 @@ def _setup_logging(debug: bool) -> None:
 def _fail(command: str, message: str, debug: bool) -> None:
     if debug:
         traceback.print_exc()
-    print(f"{command}: {message}", file=sys.stderr)
+    print(f"{command}: {one_line(message)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

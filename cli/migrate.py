@@ -42,9 +42,16 @@ def run_migrate_check(args: argparse.Namespace) -> int:
     config = load_config(paths.config)
     snapshot = HostSnapshot.read(paths)
     views = [v for v in snapshot.arrays if args.name in (v.label, v.domain)]
-    if not views:
+    # An entry that cannot be read may be (another disk of) this VM: never "safe" then.
+    unreadable = snapshot.sources["registry"].errors
+    if not views and not unreadable:
         raise InputError(f"no iscsimple mirror with LABEL or VM name {args.name!r} is attached on this host")
     unsafe = 0
+    for error in unreadable:
+        unsafe += 1
+        print(
+            f"{args.name}: NOT known to be safe to migrate: an unreadable registry entry may be one of its disks: {error}"
+        )
     for view in views:
         reasons = migrate_blockers(view)
         target = view.attachment.target

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from iscsimple.core.errors import InputError
@@ -11,6 +12,18 @@ from iscsimple.core.paths import HostPaths, require_given_dirs
 
 class UsageError(InputError):
     pass
+
+
+MAX_SECONDS = 7 * 24 * 3600.0  # a week: anything longer is a typo
+_SECONDS = re.compile(r"[0-9]{1,12}(\.[0-9]{0,9})?|\.[0-9]{1,9}")
+
+
+def seconds_option(text: str) -> float:
+    """A duration flag in seconds: plain decimal, 0 to a week (float() would take nan, inf, 1e400,
+    "1_0" and non-ASCII digits; nan and inf would make a wait loop forever)."""
+    if not _SECONDS.fullmatch(text) or float(text) > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0 to {MAX_SECONDS:g}")
+    return float(text)
 
 
 class Parser(argparse.ArgumentParser):

@@ -32,7 +32,7 @@ from iscsimple.hotplug.attach import attach
 from iscsimple.hotplug.detach import detach
 from iscsimple.hotplug.devices import active_md_array
 
-from .options import host_paths
+from .options import host_paths, seconds_option
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ def add_resolve(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="print what would be done, do nothing")
     p.add_argument(
         "--wait",
-        type=float,
+        type=seconds_option,
         default=0.0,
         metavar="SECONDS",
         help="with --keep local: wait this long for the iSCSI copy to be in sync, then clear the record",
@@ -310,8 +310,6 @@ def add_resolve(sub) -> None:
 
 
 def run_resolve(args: argparse.Namespace) -> int:
-    if args.wait < 0:
-        raise InputError("--wait must not be negative")
     if args.confirmed and args.keep != "iscsi":
         raise InputError("--yes-discard-local-writes goes with --keep iscsi only")
     check_label(args.label, InputError)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 
-from .files import check_path, ensure_dir
+from .files import UnsafeFileError, check_path, ensure_dir, kind_of
 
 
 def write_atomic(
@@ -35,6 +36,7 @@ def write_atomic(
     if isinstance(data, str):
         data = data.encode()
     ensure_dir(path.parent, check=private_dir)
+    _refuse_special(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -52,6 +54,17 @@ def write_atomic(
         raise
     if fsync:
         fsync_dir(path.parent)
+
+
+def _refuse_special(path: Path) -> None:
+    """The rename would replace whatever is there: never a device, FIFO, socket or directory (a
+    typo such as --textfile /dev/null must not turn the device into a file)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        raise UnsafeFileError(path, f"is {kind_of(st.st_mode)}, not a regular file: refusing to replace it")
 
 
 def fsync_dir(directory: Path) -> None:

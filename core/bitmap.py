@@ -29,10 +29,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .atomic import remove_durably, write_atomic
-from .errors import InputError
+from .errors import InputError, StateFileError
+from .files import MAX_INPUT_BYTES, load_state_json, read_file
 from .mdstat import read_mdstat_arrays
 from .paths import HostPaths
 from .spec import check_label
+from .sysfs import parse_int
 
 if TYPE_CHECKING:  # a run-time import would load safety and the snapshot into every hotplug start
     from .safety import HealPlan
@@ -102,7 +104,7 @@ def parse_bitmap(data: bytes, what: str = "bitmap file") -> BitmapFile:
 def read_bitmap_file(path: Path) -> BitmapFile:
     """Read what md last wrote. md writes the file's blocks directly, not through its page cache,
     so read with O_DIRECT (a cached earlier read would be stale); never follow a symlink."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(path, flags | os.O_DIRECT)
     except OSError as e:
@@ -170,7 +172,7 @@ def detect_support(paths: HostPaths, mdadm_version) -> BitmapSupport:
 
 def _kernel_problem(paths: HostPaths) -> str | None:
     try:
-        release = (paths.procfs / "sys" / "kernel" / "osrelease").read_text().strip()
+        release = _small_text(paths.procfs / "sys" / "kernel" / "osrelease").strip()
     except OSError as e:
         return f"cannot read the kernel release: {e.strerror or e}"
     found = re.match(r"(\d+)\.(\d+)", release)
@@ -179,7 +181,7 @@ def _kernel_problem(paths: HostPaths) -> str | None:
     if (int(found[1]), int(found[2])) < (6, 6):
         return None  # bitmap files are always built in before CONFIG_MD_BITMAP_FILE (6.6)
     try:
-        config = (paths.procfs.parent / "boot" / f"config-{release}").read_text()
+        config = _small_text(paths.procfs.parent / "boot" / f"config-{release}", MAX_INPUT_BYTES)
     except OSError:
         return (
             f"kernel {release}: cannot tell whether CONFIG_MD_BITMAP_FILE is set (no /boot/config-{release})"
@@ -192,7 +194,7 @@ def _kernel_problem(paths: HostPaths) -> str | None:
 def filesystem_of(paths: HostPaths, directory: Path) -> str | None:
     """The type of the filesystem `directory` is on, from /proc/mounts (longest mount point)."""
     try:
-        text = (paths.procfs / "mounts").read_text()
+        text = _small_text(paths.procfs / "mounts", MAX_INPUT_BYTES)
     except OSError:
         return None
     target = os.path.realpath(directory)
@@ -211,10 +213,14 @@ def filesystem_of(paths: HostPaths, directory: Path) -> str | None:
 def cached_support(paths: HostPaths, probe) -> BitmapSupport:
     """Detected once per boot (kept in the volatile state directory); `probe()` detects."""
     cache = paths.state / "bitmap-support.json"
-    with contextlib.suppress(OSError, ValueError, TypeError):
-        data = json.loads(cache.read_text())
-        if data.get("boot_id") == boot_id(paths):
-            return BitmapSupport(bool(data["supported"]), str(data["reason"]), int(data["chunk_bytes"]))
+    with contextlib.suppress(
+        StateFileError, FileNotFoundError, ValueError, TypeError, KeyError, AttributeError
+    ):
+        data = load_state_json(cache)
+        chunk = data["chunk_bytes"]
+        chunk_ok = isinstance(chunk, int) and not isinstance(chunk, bool) and 4096 <= chunk <= 1 << 30
+        if data.get("boot_id") == boot_id(paths) and isinstance(data["supported"], bool) and chunk_ok:
+            return BitmapSupport(data["supported"], str(data["reason"])[:200], chunk)
     support = probe()
     remember_support(paths, support)
     return support
@@ -228,7 +234,7 @@ def remember_support(paths: HostPaths, support: BitmapSupport) -> None:
 
 def boot_id(paths: HostPaths) -> str | None:
     try:
-        return (paths.procfs / "sys" / "kernel" / "random" / "boot_id").read_text().strip() or None
+        return _small_text(paths.procfs / "sys" / "kernel" / "random" / "boot_id").strip() or None
     except OSError:
         return None
 
@@ -268,16 +274,40 @@ def write_instance(paths: HostPaths, instance: BitmapInstance) -> None:
 
 def read_instance(paths: HostPaths, label: str) -> BitmapInstance | None:
     """None when there is none; a corrupt record is an error (the caller then heals in full)."""
+    path = instance_path(paths, label)
     try:
-        data = json.loads(instance_path(paths, label).read_text())
+        data = load_state_json(path)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as e:
+    except StateFileError as e:
         raise BitmapFileError(f"bitmap record of {label}: {e}") from None
+    if not isinstance(data, dict):
+        raise BitmapFileError(f"bitmap record of {label}: {path} holds no JSON object")
     names = {f.name for f in fields(BitmapInstance)}
-    if not isinstance(data, dict) or not names <= set(data):
-        raise BitmapFileError(f"bitmap record of {label}: missing fields {sorted(names - set(data or {}))}")
-    return BitmapInstance(**{k: data[k] for k in names})
+    if not names <= set(data):
+        raise BitmapFileError(f"bitmap record of {label}: {path}: missing fields {sorted(names - set(data))}")
+    for f in fields(BitmapInstance):
+        if not _has_type(data[f.name], f.type):
+            raise BitmapFileError(f"bitmap record of {label}: {path}: {f.name} is not {f.type}")
+    instance = BitmapInstance(**{k: data[k] for k in names})
+    if instance.label != label or instance.file != str(bitmap_path(paths, label)):
+        raise BitmapFileError(f"bitmap record of {label}: {path} names another array's bitmap file")
+    return instance
+
+
+_TYPES = {"str": str, "int": int, "bool": bool}
+
+
+def _has_type(value: object, annotation: str) -> bool:
+    """A JSON value against a BitmapInstance annotation such as 'int | None'."""
+    options = [part.strip() for part in annotation.split("|")]
+    if value is None:
+        return "None" in options
+    for name in options:
+        kind = _TYPES.get(name)
+        if kind is not None and isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+            return True
+    return False
 
 
 def forget(paths: HostPaths, label: str) -> None:
@@ -354,7 +384,7 @@ def _ino(path: Path) -> int | None:
 
 def lun_wwid(paths: HostPaths, name: str) -> str | None:
     try:
-        return (paths.sysfs / "block" / name / "device" / "wwid").read_text().strip() or None
+        return _small_text(paths.sysfs / "block" / name / "device" / "wwid").strip() or None
     except OSError:
         return None
 
@@ -375,7 +405,7 @@ def rescan(paths: HostPaths, name: str) -> bool:
 
 def _size_bytes(paths: HostPaths, name: str) -> int | None:
     try:
-        return int((paths.sysfs / "block" / name / "size").read_text().strip()) * 512
+        return parse_int(_small_text(paths.sysfs / "block" / name / "size").strip()) * 512
     except (OSError, ValueError):
         return None
 
@@ -391,6 +421,13 @@ class KernelLog:
     usecs: tuple[int, ...] = ()  # each message's time: microseconds since boot (CLOCK_MONOTONIC)
 
 
+MAX_KMSG_BYTES = 64 * 1024 * 1024  # the kernel's ring buffer is at most 32 MiB (CONFIG_LOG_BUF_SHIFT=25)
+
+
+def _decimal(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= 20
+
+
 def read_kernel_log(paths: HostPaths) -> KernelLog | None:
     """Every record still in the kernel's ring buffer (/dev/kmsg), or None if unreadable."""
     try:
@@ -399,8 +436,9 @@ def read_kernel_log(paths: HostPaths) -> KernelLog | None:
         return None
     records: list[tuple[int, str]] = []
     usecs: list[int] = []
+    total = 0
     try:
-        while True:
+        while total < MAX_KMSG_BYTES:  # /dev/kmsg ends; a device such as /dev/zero given as it never does
             try:
                 chunk = os.read(fd, 16384)
             except BlockingIOError:
@@ -409,10 +447,11 @@ def read_kernel_log(paths: HostPaths) -> KernelLog | None:
                 continue
             if not chunk:
                 break
+            total += len(chunk)
             for line in chunk.decode(errors="replace").splitlines():
                 head, sep, text = line.partition(";")
                 parts = head.split(",")
-                if sep and len(parts) >= 3 and parts[1].isdigit() and parts[2].isdigit():
+                if sep and len(parts) >= 3 and _decimal(parts[1]) and _decimal(parts[2]):
                     records.append((int(parts[1]), text))
                     usecs.append(int(parts[2]))
     except OSError:
@@ -572,3 +611,8 @@ def array_bitmaps(paths: HostPaths, views) -> list[ArrayBitmap]:
             eta = bitmap.dirty_bytes_after(md.sync_completed[0]) / view.sync_speed_bytes
         out.append(ArrayBitmap(view.label, True, bitmap.dirty_bytes, eta))
     return out
+
+
+def _small_text(path: Path, max_bytes: int = 4096) -> str:
+    """A procfs/sysfs value or a small host file: a regular file only (never a FIFO), bounded."""
+    return read_file(path, max_bytes=max_bytes).decode("utf-8", "replace")

@@ -27,6 +27,7 @@ lookback = "14d"                # how long a host that is down keeps its last st
 from __future__ import annotations
 
 import math
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -122,6 +123,12 @@ def check_config(path: Path | str) -> tuple[Config, list[FileInputError]]:
     try:
         text = read_text(path)
     except FileNotFoundError:
+        if os.path.islink(path):  # someone meant a config to be there
+            return Config(), [
+                FileInputError(
+                    path, None, f"is a symbolic link to {os.readlink(path)!r}, which does not exist"
+                )
+            ]
         return Config(), []
     except (OSError, UnicodeDecodeError) as e:
         return Config(), [FileInputError(path, None, f"cannot read: {read_problem(e)}")]

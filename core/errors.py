@@ -6,7 +6,23 @@ script can turn it into an exit code and a sentence, never a traceback.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+MAX_MESSAGE = 1000
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def one_line(message: str) -> str:
+    """`message` as one printable line: a newline or escape sequence that came in with a path or
+    a value is shown escaped (xl shows hotplug-error as is; logs are read line by line)."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], message)
+
+
+def os_problem(error: OSError) -> str:
+    """An OSError in words: the file and what the system said (no errno noise)."""
+    where = f"{error.filename}: " if error.filename else ""
+    return f"{where}{error.strerror or error}"
 
 
 class IscsimpleError(Exception):
@@ -35,6 +51,8 @@ class FileInputError(InputError):
     """
 
     def __init__(self, path: Path | str, line: int | None, message: str):
+        if len(message) > MAX_MESSAGE:  # a file's line is echoed: keep the error readable
+            message = message[:MAX_MESSAGE] + "…"
         where = f"{path}:{line}" if line else f"{path}"
         super().__init__(f"{where}: {message}")
         self.path = str(path)

@@ -100,6 +100,20 @@ def read_file(path: Path | str, *, follow_symlinks: bool = True, max_bytes: int 
         os.close(fd)
 
 
+def open_regular(path: Path | str):
+    """A binary file object on a regular file, for a reader that keeps it open (poll on
+    /proc/mdstat): a FIFO, device or directory is refused before it could block."""
+    check_path(path)
+    _require_regular(path, os.stat(path).st_mode)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        _require_regular(path, os.fstat(fd).st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
 def read_text(path: Path | str, **options) -> str:
     """read_file decoded as UTF-8 (UnicodeDecodeError for anything else)."""
     return read_file(path, **options).decode("utf-8")

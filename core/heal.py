@@ -23,7 +23,7 @@ from pathlib import Path
 from .atomic import remove_durably, write_atomic
 from .bitmap import choose_route, full_route
 from .errors import OperationError, StateFileError
-from .files import load_state_json
+from .files import check_dir, load_state_json
 from .locking import LockTimeout, hotplug_lock, label_lock_name
 from .paths import HostPaths
 from .registry import Attachment, Registry
@@ -207,6 +207,7 @@ class PendingResumes:
         found: dict[str, PendingResume] = {}
         errors: dict[str, str] = {}
         try:
+            check_dir(self.directory)  # a note decides an mdadm --add: only from root's own directory
             names = sorted(os.listdir(self.directory))
         except FileNotFoundError:
             return found, errors

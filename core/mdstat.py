@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from iscsimple.core.errors import InputError
+from iscsimple.core.files import read_file
 
 __all__ = [
     "Mdstat",
@@ -116,17 +117,26 @@ _RO_MARKERS = {"(read-only)": "read-only", "(auto-read-only)": "auto-read-only"}
 def read_mdstat(procfs: Path) -> Mdstat:
     """Read and parse procfs/mdstat. A missing file (md module not loaded) is an empty Mdstat."""
     try:
-        text = (procfs / "mdstat").read_text(encoding="utf-8", errors="replace")
+        text = read_mdstat_text(procfs / "mdstat")
     except FileNotFoundError:
         return Mdstat()
     return parse_mdstat(text)
+
+
+# A host with 10 000 arrays has a few MiB of mdstat; more is not /proc/mdstat.
+MAX_MDSTAT_BYTES = 32 * 1024 * 1024
+
+
+def read_mdstat_text(path: Path) -> str:
+    """The text of an mdstat file: a regular file (no FIFO, device or directory), bounded."""
+    return read_file(path, max_bytes=MAX_MDSTAT_BYTES).decode("utf-8", "replace")
 
 
 def read_mdstat_arrays(procfs: Path, names: set[str]) -> dict[str, MdstatArray]:
     """Only the named arrays of procfs/mdstat, each parsed on its own: what a few arrays need
     from a file of thousands. An array whose lines cannot be parsed is left out."""
     try:
-        text = (procfs / "mdstat").read_text(encoding="utf-8", errors="replace")
+        text = read_mdstat_text(procfs / "mdstat")
     except FileNotFoundError:
         return {}
     blocks = mdstat_blocks(text)

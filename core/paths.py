@@ -4,6 +4,7 @@ and `--path.*` flags can point the same code at a fixture tree."""
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -37,6 +38,9 @@ class HostPaths:
                 raise InputError(
                     f"the {f.name} path {os.fspath(getattr(self, f.name))!r} contains a NUL byte"
                 )
+            # Absolute and normalised: paths under these roots reach the registry (md_path) and
+            # mdadm's argv, where a relative or '..' path would mean something else later.
+            object.__setattr__(self, f.name, Path(os.path.abspath(getattr(self, f.name))))
 
     @classmethod
     def from_env(cls, env: os._Environ[str] | dict[str, str] | None = None) -> HostPaths:
@@ -76,10 +80,22 @@ def require_given_dirs(paths: HostPaths, given: dict[str, str]) -> None:
     """
     for name, flag in given.items():
         path = getattr(paths, name)
-        if not path.is_dir():
-            what = "is not a directory" if os.path.lexists(path) else "does not exist"
+        what = directory_problem(path)
+        if what:
             raise InputError(
                 f"{flag} {path} {what}; give the directory iscsimple keeps its "
                 f"{'registry' if name == 'state' else 'durable records'} in (default "
                 f"{DEFAULT_STATE if name == 'state' else DEFAULT_RECORDS})"
             )
+
+
+def directory_problem(path: Path) -> str | None:
+    """Why `path` is not a directory we can use, in words ("does not exist", "is not a directory",
+    the system's reason for a name too long or a loop of links); None when it is one."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as e:
+        return f"cannot be used ({e.strerror or e})"
+    return None if stat.S_ISDIR(st.st_mode) else "is not a directory"

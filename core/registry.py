@@ -324,6 +324,10 @@ class Registry:
 
     def put(self, attachment: Attachment) -> Attachment:
         attachment = replace(attachment, updated=time.time())
+        try:  # never write an entry that would not be read back (a bad root makes a bad md_path)
+            Attachment.from_dict(json.loads(attachment.to_json()))
+        except (ValueError, TypeError) as e:
+            raise StateFileError(f"refusing to register {attachment.id}: {e}") from None
         self._ensure_dirs()
         write_atomic(self._file(attachment.id), attachment.to_json(), mode=0o644, fsync=False)
         return attachment

@@ -123,7 +123,10 @@ def fault_evidence(paths: HostPaths, view: ArrayView) -> tuple[float, str] | Non
     if chosen is None:
         return None
     usec, text = chosen
-    wall = time.time() - (time.clock_gettime(time.CLOCK_MONOTONIC) - usec / 1e6)
+    since_boot = time.clock_gettime(time.CLOCK_MONOTONIC)
+    if usec / 1e6 > since_boot:  # not this boot's kernel log (a file given as devfs/kmsg)
+        return None
+    wall = time.time() - (since_boot - usec / 1e6)
     return wall, f"kernel log: {text.strip()}"
 
 

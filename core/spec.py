@@ -33,7 +33,8 @@ class SpecError(InputError):
     """A disk spec was rejected; the message names the bad part and why."""
 
     def __init__(self, spec: str, message: str):
-        super().__init__(f"bad disk spec {shorten(spec)!r}: {message}")
+        # Bounded: the spec comes from xenstore or a file and may be of any length.
+        super().__init__(f"bad disk spec {shorten(spec)!r}: {shorten(message, 600)}")
         self.spec = spec
 
 
@@ -111,7 +112,7 @@ def check_label(label: str, error) -> str:
     if not _LABEL_RE.fullmatch(label):
         bad = {c for c in label if not (c.isascii() and (c.isalnum() or c in "-_"))}
         raise error(
-            f"LABEL {label!r} contains {describe_chars(bad)}; only letters, digits, '-' and '_' are allowed"
+            f"LABEL {shorten(label)!r} contains {describe_chars(bad)}; only letters, digits, '-' and '_' are allowed"
         )
     if len(label) > MAX_LABEL_LEN:
         raise error(
@@ -125,12 +126,14 @@ def describe_chars(chars: set[str]) -> str:
     """ "'A', ' ' (space)": the offending characters, each quoted, invisible ones named."""
     names = {" ": "space", "\t": "tab", "\u00a0": "no-break space"}
     parts = []
-    for c in sorted(chars):
+    shown = sorted(chars)[:12]
+    for c in shown:
         text = repr(c)
         if c in names:
             text += f" ({names[c]})"
         parts.append(text)
-    return ", ".join(parts)
+    more = f" and {len(chars) - len(shown)} more" if len(chars) > len(shown) else ""
+    return ", ".join(parts) + more
 
 
 def _parse_target(spec: str, target: str) -> str | None:

@@ -101,7 +101,8 @@ class AttrReader:
 def read_bytes(path: str, dir_fd: int | None = None) -> bytes:
     """One read of an attribute file. os.open/os.read rather than open(): this runs ~100k
     times per scrape on a big host and the file object layers cost more than the syscalls."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    # O_NONBLOCK: a FIFO planted in a tree given as --path.sysfs must not block the reader.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
         return os.read(fd, _MAX_ATTR_BYTES)
     finally:

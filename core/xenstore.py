@@ -17,9 +17,15 @@ from pathlib import Path
 from typing import Protocol
 
 from .atomic import write_atomic
+from .errors import OperationError
+from .files import open_lock_file, read_file
 from .run import CommandError, run
 
 XENSTORE_TIMEOUT = 5.0
+
+
+class XenStoreError(OperationError):
+    pass
 
 
 class XenStore(Protocol):
@@ -57,16 +63,29 @@ class FileXenStore:
 
     @contextmanager
     def _locked(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(self.path.suffix + ".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = open_lock_file(self.path.with_suffix(self.path.suffix + ".lock"))
+        except (OSError, ValueError) as e:
+            raise XenStoreError(f"xenstore file {self.path}: cannot lock it: {e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
             yield
+        except OSError as e:
+            raise XenStoreError(f"xenstore file {self.path}: {e}") from None
+        finally:
+            os.close(fd)
 
     def _load(self) -> dict[str, str]:
         try:
-            return json.loads(self.path.read_text() or "{}")
+            data = json.loads(read_file(self.path) or b"{}")
         except FileNotFoundError:
             return {}
+        except (OSError, ValueError, RecursionError) as e:
+            raise XenStoreError(f"xenstore file {self.path} is unreadable: {e}") from None
+        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+            raise XenStoreError(f"xenstore file {self.path} is not a JSON object of strings")
+        return data
 
     def read(self, key: str) -> str | None:
         with self._locked():

@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import ipaddress
 import logging
 import math
+import os
+import re
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -28,8 +32,15 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from iscsimple import __version__ as VERSION
 from iscsimple.core.atomic import write_atomic
 from iscsimple.core.errors import InputError
+from iscsimple.core.files import kind_of
 from iscsimple.core.heal import Runner
-from iscsimple.core.paths import DEFAULT_RECORDS, DEFAULT_STATE, HostPaths, require_given_dirs
+from iscsimple.core.paths import (
+    DEFAULT_RECORDS,
+    DEFAULT_STATE,
+    HostPaths,
+    directory_problem,
+    require_given_dirs,
+)
 from iscsimple.core.run import run
 from iscsimple.core.snapshot import EVERYTHING, Changes, HostSnapshot
 
@@ -189,7 +200,24 @@ class Agent:
     def write_textfile(self) -> None:
         rendered = self.refresher.current
         if rendered is not None and self.options.textfile is not None:
-            write_textfile(self.options.textfile, rendered.text)
+            try:
+                write_textfile(self.options.textfile, rendered.text)
+            except OSError as e:  # a full disk, a directory removed: say so, try again next time
+                log.error("cannot write the textfile %s: %s", self.options.textfile, e.strerror or e)
+
+
+def textfile_problem(path: Path) -> str | None:
+    """Why --textfile cannot be written (checked at start: a typo is a usage error, exit 2)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        parent = directory_problem(path.parent)
+        return f"cannot be created: its directory {parent}" if parent else None
+    except OSError as e:
+        return f"cannot be used ({e.strerror or e})"
+    if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
+        return None
+    return f"is {kind_of(st.st_mode)}; give the path of a .prom file"
 
 
 def write_textfile(path: Path, text: bytes) -> None:
@@ -202,17 +230,39 @@ def write_textfile(path: Path, text: bytes) -> None:
 # -- command line -----------------------------------------------------------------------
 
 
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?")
+
+
 def _listen_address(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not HOST:PORT (e.g. :{DEFAULT_PORT} or 127.0.0.1:{DEFAULT_PORT})"
-        )
-    host = host.strip("[]")  # "" = every address, IPv4 and IPv6
+    bad = argparse.ArgumentTypeError(
+        f"{text!r} is not HOST:PORT (e.g. :{DEFAULT_PORT}, 127.0.0.1:{DEFAULT_PORT} or [::1]:{DEFAULT_PORT})"
+    )
+    if not sep or not (port.isascii() and port.isdigit()) or len(port) > 5 or not 0 <= int(port) <= 65535:
+        raise bad
+    if host.startswith("[") or host.endswith("]"):  # an IPv6 address in brackets
+        if not (host.startswith("[") and host.endswith("]")):
+            raise bad
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise bad from None
+        return host, int(port)
+    if host and not _HOSTNAME.fullmatch(host):  # "" = every address, IPv4 and IPv6
+        raise bad
+    if host and host.replace(".", "").isdigit():
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise bad from None
     return host, int(port)
 
 
 MAX_INTERVAL = 7 * 24 * 3600.0  # a week: anything longer is a typo, and nan/inf stop the scheduler
+
+
+_DECIMAL = re.compile(r"[0-9]{1,12}(\.[0-9]{0,9})?|\.[0-9]{1,9}")
 
 
 def _seconds(text: str) -> float:
@@ -224,6 +274,8 @@ def _seconds(text: str) -> float:
     else:
         unit, number = "s", text
     try:
+        if not _DECIMAL.fullmatch(number):  # not float(): it takes "1_0", "nan", 1e400 and non-ASCII digits
+            raise ValueError(number)
         value = float(number) * units[unit]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 15s, 500ms or 2m") from None
@@ -234,6 +286,8 @@ def _seconds(text: str) -> float:
 
 def _speed(text: str) -> float:
     try:
+        if not _DECIMAL.fullmatch(text):
+            raise ValueError(text)
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
@@ -378,12 +432,19 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"iscsimple-agent: {e}", file=sys.stderr)
         return 2
-    for flag, path in (("--path.procfs", args.procfs), ("--path.sysfs", args.sysfs)):
-        if not path.is_dir():
-            print(
-                f"iscsimple-agent: {flag} {path} is not a directory; point it at the host's mount",
-                file=sys.stderr,
-            )
+    for flag, path in (
+        ("--path.procfs", args.procfs),
+        ("--path.sysfs", args.sysfs),
+        ("--path.devfs", args.devfs),
+    ):
+        problem = directory_problem(path)
+        if problem:
+            print(f"iscsimple-agent: {flag} {path} {problem}; point it at the host's mount", file=sys.stderr)
+            return 2
+    if args.textfile is not None:
+        problem = textfile_problem(args.textfile)
+        if problem:
+            print(f"iscsimple-agent: --textfile {args.textfile} {problem}", file=sys.stderr)
             return 2
     options = AgentOptions(
         paths=paths,
@@ -400,7 +461,14 @@ def main(argv: list[str] | None = None) -> int:
         agent.safety.probe.run()  # a one-shot report says whether the cross-host guard answers too
         rendered = agent.refresher.refresh_now()
         if args.textfile:
-            write_textfile(args.textfile, rendered.text)
+            try:
+                write_textfile(args.textfile, rendered.text)
+            except OSError as e:
+                print(
+                    f"iscsimple-agent: cannot write --textfile {args.textfile}: {e.strerror or e}",
+                    file=sys.stderr,
+                )
+                return 1
         else:
             sys.stdout.buffer.write(rendered.text)
             sys.stdout.flush()

@@ -27,8 +27,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from iscsimple.core.files import open_regular
 from iscsimple.core.iscsi import read_session_states
-from iscsimple.core.mdstat import mdstat_blocks
+from iscsimple.core.mdstat import MAX_MDSTAT_BYTES, mdstat_blocks, read_mdstat_text
 from iscsimple.core.snapshot import Changes, HostSnapshot
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,7 @@ class MdstatDiff:
 
     def read(self) -> set[str]:
         try:
-            with open(self.path, "rb") as f:
-                text = f.read()
+            text = read_mdstat_text(self.path)
         except OSError:
             return set()
         return self.changed(text)
@@ -152,7 +152,7 @@ class MdstatWatcher:
         self.path = Path(path)
         self.on_event = on_event
         self.diff = diff or MdstatDiff(self.path)
-        self.opener = opener or (lambda: open(self.path, "rb"))  # noqa: SIM115 - kept open on purpose
+        self.opener = opener or (lambda: open_regular(self.path))
         self.poll_timeout = poll_timeout
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="mdstat", daemon=True)
@@ -187,4 +187,4 @@ def _rearm(f) -> bytes:
     """Reading mdstat from the start acknowledges the event (md_seq_start stores the counter)."""
     with contextlib.suppress(OSError, ValueError):
         f.seek(0)
-    return f.read() or b""
+    return f.read(MAX_MDSTAT_BYTES) or b""

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 
 from iscsimple.core.cluster import check_before_attach
 from iscsimple.core.config import Config
-from iscsimple.core.errors import InputError, IscsimpleError, OperationError
+from iscsimple.core.errors import InputError, IscsimpleError, OperationError, os_problem
 from iscsimple.core.locking import hotplug_lock, label_lock_name, target_lock_name
 from iscsimple.core.md import md_kernel_names, md_path
 from iscsimple.core.paths import HostPaths
@@ -465,4 +465,6 @@ def _sentence(spec: DiskSpec, error: BaseException) -> str:
         return f"cannot attach {spec}: {error}"
     if isinstance(error, KeyboardInterrupt | SystemExit):
         return f"cannot attach {spec}: interrupted"
+    if isinstance(error, OSError):  # a file or directory of the host: say which and why
+        return f"cannot attach {spec}: {os_problem(error)}"
     return f"cannot attach {spec}: internal error {type(error).__name__}: {error} (a bug: please report it)"

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from iscsimple.core.errors import OperationError
+from iscsimple.core.files import read_file
 from iscsimple.core.iscsi import IscsiSession, ScsiLun, read_iscsi_sessions
 from iscsimple.core.md import SysfsError, md_kernel_names, md_path, read_md_array
 from iscsimple.core.paths import HostPaths
@@ -81,7 +82,7 @@ def holders(paths: HostPaths, name: str) -> list[str]:
 def mount_points(paths: HostPaths, device: BlockDevice) -> list[str]:
     """Where the device is mounted, from mountinfo (field 3 is major:minor)."""
     try:
-        text = (paths.procfs / "self" / "mountinfo").read_text()
+        text = read_file(paths.procfs / "self" / "mountinfo").decode("utf-8", "replace")
     except OSError:
         return []
     found = []

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from iscsimple import __version__
 from iscsimple.core.config import Config, ConfigError, load_config
-from iscsimple.core.errors import InputError, IscsimpleError
+from iscsimple.core.errors import InputError, IscsimpleError, one_line, os_problem
 from iscsimple.core.paths import HostPaths
 from iscsimple.core.registry import Registry
 from iscsimple.core.spec import DiskSpec, parse_spec
@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 def _message(command: str, error: Exception) -> str:
     if isinstance(error, IscsimpleError):
         return str(error)
+    if isinstance(error, OSError):  # a file or directory of the host: say which and why
+        return f"block-iscsimple {command} failed: {os_problem(error)}"
     # A bug: still tell libxl, in words, rather than die silently.
     log.error("unexpected error", exc_info=error)
     return f"block-iscsimple {command} failed: internal error {type(error).__name__}: {error}"
@@ -117,6 +119,7 @@ def _count(paths: HostPaths, command: str, started: float) -> None:
 
 
 def _fail(xen: XenContext, message: str) -> int:
+    message = one_line(message)
     log.error("%s", message)
     xen.fail(message)
     return 1

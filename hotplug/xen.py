@@ -13,7 +13,7 @@ import logging
 import re
 from dataclasses import dataclass
 
-from iscsimple.core.errors import IscsimpleError
+from iscsimple.core.errors import IscsimpleError, one_line
 from iscsimple.core.registry import attachment_id_for_xenbus
 from iscsimple.core.xenstore import XenStore
 
@@ -81,7 +81,7 @@ class XenContext:
         """Like xen-hotplug-common.sh's fatal(): hotplug-error first, then hotplug-status=error."""
         try:
             self.store.write_many(
-                [(self.key("hotplug-error"), message), (self.key("hotplug-status"), "error")]
+                [(self.key("hotplug-error"), one_line(message)), (self.key("hotplug-status"), "error")]
             )
         except IscsimpleError as e:
             log.error("could not report the error to xenstore: %s", e)

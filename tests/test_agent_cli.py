@@ -142,7 +142,7 @@ def test_bad_web_config_exits_2(tmp_path):
 def test_missing_sysfs_exits_2(tmp_path):
     r = run_agent("--once", "--path.sysfs", str(tmp_path / "nope"))
     assert r.returncode == 2
-    assert "--path.sysfs" in r.stderr and "not a directory" in r.stderr
+    assert "--path.sysfs" in r.stderr and "does not exist" in r.stderr
 
 
 def test_port_in_use_exits_2(host):

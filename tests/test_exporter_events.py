@@ -90,7 +90,7 @@ class OobMdstat:
     def seek(self, _):
         raise OSError("not seekable")
 
-    def read(self):
+    def read(self, size=-1):
         self.reads += 1
         try:
             urgent = self.sock.recv(1, socket.MSG_OOB | socket.MSG_DONTWAIT)
