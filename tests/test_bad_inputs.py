@@ -759,7 +759,7 @@ def test_flags_cli_missing_state_directory(tmp_path, flag, command, capsys):
     err = capsys.readouterr().err
     assert code == 2
     (line,) = err.splitlines()
-    assert f"{flag} {tmp_path / 'typo'}" in line
+    assert f"--path.{flag[2:]} {tmp_path / 'typo'}" in line  # named as the agent and README do
 
 
 # -- root-owned state -----------------------------------------------------------------------------
