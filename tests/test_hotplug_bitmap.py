@@ -34,8 +34,8 @@ def test_supported_host_builds_with_a_fresh_bitmap_file_and_forgets_it_at_remove
     vbd = hotplug.vbd(SPEC)
     hotplug.add(vbd)
     [build] = builds(hotplug)
-    assert build.endswith(f"missing --write-mostly /dev/sda --bitmap={file} --bitmap-chunk=1024K")
-    assert bitmap.read_bitmap_file(file).chunk_bytes == 1 << 20
+    assert build.endswith(f"missing --write-mostly /dev/sda --bitmap={file} --bitmap-chunk=64K")
+    assert bitmap.read_bitmap_file(file).chunk_bytes == 64 << 10
     assert oct(file.stat().st_mode & 0o777) == "0o600"
     record = json.loads(bitmap.instance_path(hotplug.paths, "vm1").read_text())
     assert record["iscsi_source"] is True and record["local_device"] and record["md_device"]
