@@ -25,6 +25,19 @@ ID_KEY = "iscsimple-id"
 _ID = re.compile(r"[A-Za-z0-9_.-]+")  # what the registry accepts as a file name
 
 
+MAX_SHOWN = 128  # a VM name or guest device as status, metrics and logs show it
+
+
+def _shown(value: str | None) -> str | None:
+    """A xenstore value that is only shown (the VM's name, the guest's device): printable, one
+    line, bounded; None when nothing printable is left. The domain's tools may have set it."""
+    if value is None:
+        return None
+    text = "".join(c if c.isprintable() and c != "\t" else "?" for c in value.strip())
+    text = text[:MAX_SHOWN]
+    return text if text.strip("?") else None
+
+
 @dataclass(frozen=True)
 class XenContext:
     store: XenStore
@@ -56,11 +69,11 @@ class XenContext:
     def domain_name(self) -> str | None:
         if self.domain_id is None:
             return None
-        return self._read_quietly(f"/local/domain/{self.domain_id}/name")
+        return _shown(self._read_quietly(f"/local/domain/{self.domain_id}/name"))
 
     def vbd(self) -> str | None:
         """The guest's device name (xvda2), which libxl writes as `dev`."""
-        return self._read_quietly(self.key("dev"))
+        return _shown(self._read_quietly(self.key("dev")))
 
     def publish(self, device: BlockDevice, attachment_id: str) -> None:
         self.store.write_many(

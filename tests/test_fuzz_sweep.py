@@ -807,3 +807,50 @@ def test_hotplug_state_directory_others_could_bend(xen, which, kind):
             assert_clean(run_hotplug(xen, "remove", vbd), {0})
         return
     assert_add_failed_cleanly(xen, vbd, outcome, str(directory))
+
+
+# -- xenstore values besides params: the domain's name, the guest device, the id remove undoes -------
+
+XS_VALUES = ("\x1b[2Jevil", "a\nb", "x" * 5000, "", " ", "\u202etxt.exe", "../../etc", "-rf", "\t")
+XS_CASES = [(key, i) for key in ("name", "dev", "iscsimple-id") for i in range(len(XS_VALUES))]
+
+
+@sweep(("key", "index"), XS_CASES, [f"xenstore-{k}-{i}" for k, i in XS_CASES], key=lambda c: c[1])
+def test_hotplug_xenstore_values(xen, key, index):
+    """What libxl (or a guest's tools) left in xenstore reaches the registry, status and logs: the
+    disk still attaches and detaches, and status prints no control character from it."""
+    vbd = xen.vbd(f"lun1@{IQN}+vm1")
+    where = f"/local/domain/{vbd.domid}/name" if key == "name" else f"{vbd.xenbus_path}/{key}"
+    xen.host.xenstore_write(where, XS_VALUES[index])
+    outcome = run_hotplug(xen, "add", vbd)
+    assert_clean(outcome, {0})
+    xen.paths.records.mkdir(exist_ok=True)
+    status = cli(["status", f"--state={xen.paths.state}", f"--records={xen.paths.records}",
+                  f"--path.sysfs={xen.paths.sysfs}", f"--path.devfs={xen.paths.devfs}",
+                  f"--path.procfs={xen.paths.procfs}", f"--config={xen.paths.config}"])  # fmt: skip
+    assert_clean(status, {0, 1})
+    assert not any(c in status.stdout for c in "\x1b\u202e\t"), status.stdout
+    assert_clean(run_hotplug(xen, "remove", vbd), {0})
+    assert xen.host.md_arrays() == {} and xen.host.session_targets() == []
+
+
+# -- md bitmap files (read when a degraded mirror's heal may be partial) ----------------------------
+
+BITMAP_KINDS = ("fifo", "directory", "chardev", "symlink-to-good", "huge", "binary", "empty")
+
+
+@sweep("kind", BITMAP_KINDS, ids("bitmapfile", BITMAP_KINDS))
+def test_bitmap_file(tmp_path, kind):
+    from iscsimple.core.bitmap import BitmapFileError, read_bitmap_file
+
+    path = plant(tmp_path / "bitmap", kind, rng_for("bitmap", kind), b"bitm" + bytes(300))
+
+    def read(_argv):
+        try:
+            read_bitmap_file(path)
+        except BitmapFileError as e:
+            return str(e)
+        return None
+
+    message = call(read, []).code  # call() fails the test on a hang or any other exception
+    assert message and str(path) in message and "\n" not in message
