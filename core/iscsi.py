@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from iscsimple.core.sysfs import AttrReader, parse_dev, parse_int
+from iscsimple.core.sysfs import AttrReader, parse_dev, parse_int, read_bytes
 
 __all__ = [
     "IscsiReadResult",
@@ -118,11 +118,34 @@ def read_iscsi_session(sysfs: Path, name: str) -> tuple[IscsiSession | None, lis
 
 def read_session_states(sysfs: Path) -> dict[str, str | None]:
     """Only the `state` of every session, by name: what a cheap periodic look for session
-    changes needs (the kernel sends no uevent when a session fails or recovers)."""
-    names, _ = iscsi_session_names(sysfs)
+    changes needs (the kernel sends no uevent when a session fails or recovers).
+
+    It runs for every session on every poll, so it opens each `state` relative to one
+    descriptor of the class directory and skips AttrReader's error bookkeeping: a state that
+    cannot be read is None, which differs from the snapshot's and so has the session re-read
+    (where the reader reports the problem)."""
     class_dir = os.path.join(sysfs, "class", "iscsi_session")
-    ignored: list[str] = []
-    return {name: AttrReader(os.path.join(class_dir, name), ignored).text("state", False) for name in names}
+    try:
+        dir_fd = os.open(class_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return {}
+    states: dict[str, str | None] = {}
+    try:
+        for name in os.listdir(dir_fd):
+            if not _SESSION.match(name):
+                continue
+            try:
+                data = read_bytes(name + "/state", dir_fd)
+                text = data.decode("utf-8").strip()
+            except (OSError, UnicodeDecodeError):
+                states[name] = None
+                continue
+            states[name] = text if text.isprintable() else None
+    except OSError:
+        return {}
+    finally:
+        os.close(dir_fd)
+    return states
 
 
 def find_lun_block(

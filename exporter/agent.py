@@ -45,7 +45,7 @@ from iscsimple.core.run import run
 from iscsimple.core.snapshot import EVERYTHING, Changes, HostSnapshot
 
 from .collectors import Context, default_collectors
-from .events import ChangePoll, MdstatDiff, MdstatWatcher, UdevWatcher, udev_monitor
+from .events import ChangePoll, KernelLogWatcher, MdstatDiff, MdstatWatcher, UdevWatcher, udev_monitor
 from .health import HealthChecker
 from .refresh import Refresher, Watcher
 from .safety import Safety
@@ -71,6 +71,7 @@ class AgentOptions:
     stall_after: float = 300.0
     udev: bool = True
     mdstat_events: bool = True
+    kernel_log_events: bool = True  # iSCSI connection failures from /dev/kmsg
     textfile: Path | None = None
     textfile_interval: float = 15.0
     watchers: list[Watcher] = field(default_factory=list)  # extra actions after each refresh
@@ -105,7 +106,7 @@ class Agent:
         )
         self.refresher.watchers = [self.health, self.safety, *options.watchers]
         self.scheduler = BackgroundScheduler(daemon=True)
-        self._watchers: list[UdevWatcher | MdstatWatcher] = []
+        self._watchers: list[UdevWatcher | MdstatWatcher | KernelLogWatcher] = []
         self.started = threading.Event()
 
     # -- life cycle ---------------------------------------------------------------
@@ -118,6 +119,8 @@ class Agent:
             self._watchers.append(
                 MdstatWatcher(o.paths.procfs / "mdstat", self.refresher.request, diff=self.mdstat).start()
             )
+        if o.kernel_log_events:
+            self._watchers.append(KernelLogWatcher(o.paths.devfs / "kmsg", self.refresher.request).start())
         if o.udev:
             monitor = udev_monitor_factory()
             if monitor is not None:

@@ -10,10 +10,14 @@ Each watcher runs in its own daemon thread and only calls `on_event(reason, chan
 naming what changed (udev: the device; mdstat: the arrays whose lines differ), so the
 refresher re-reads only that; it coalesces bursts.
 
-The kernel announces neither a resync's progress nor an iSCSI session's state change,
-so `ChangePoll` (run by the refresher on its schedule) looks at the two cheap places
-that show them: /proc/mdstat (diffed per array; also the net under a missed md event)
-and each session's `state`.
+The kernel announces neither a resync's progress nor an iSCSI session's state change
+by uevent, so `ChangePoll` (run by the refresher on its schedule) looks at the two cheap
+places that show them: /proc/mdstat (diffed per array; also the net under a missed md
+event) and each session's `state`. A session's failure is logged by the kernel, though
+(`connection1:0: detected conn error (1020)`, then `session1: session recovery timed out
+after 5 secs`): `KernelLogWatcher` follows /dev/kmsg and has that session re-read at once
+and a few times in the next seconds (its state turns FAILED a moment after the message),
+so an outage shows within the second instead of at the next poll.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import select
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -72,6 +78,7 @@ class MdstatDiff:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._blocks: dict[str, str] | None = None
+        self._text: str | None = None
         self._lock = threading.Lock()
 
     def read(self) -> set[str]:
@@ -84,9 +91,12 @@ class MdstatDiff:
     def changed(self, text: bytes | str) -> set[str]:
         if isinstance(text, bytes):
             text = text.decode("utf-8", "replace")
+        with self._lock:
+            if text == self._text:  # nothing moved (the poll of an idle host): no need to split
+                return set()
         blocks = mdstat_blocks(text)
         with self._lock:
-            before, self._blocks = self._blocks, blocks
+            before, self._blocks, self._text = self._blocks, blocks, text
         if before is None:
             return set()
         return {n for n in before.keys() | blocks.keys() if before.get(n) != blocks.get(n)}
@@ -188,3 +198,105 @@ def _rearm(f) -> bytes:
     with contextlib.suppress(OSError, ValueError):
         f.seek(0)
     return f.read(MAX_MDSTAT_BYTES) or b""
+
+
+# What the kernel logs when an iSCSI connection fails and when its session gives up (the
+# replacement timeout): scsi_transport_iscsi's iscsi_conn_error_event and session recovery.
+_CONN_ERROR = re.compile(r"\bconnection([0-9]{1,9}):[0-9]{1,9}: detected conn error")
+_RECOVERY_TIMED_OUT = re.compile(r"\bsession([0-9]{1,9}): session recovery timed out")
+# Seconds after such a message to re-read the session again: the state it reports changes
+# a moment later (the kernel blocks the session in a work item), and a re-read is cheap.
+FOLLOW_UPS = (0.05, 0.2, 0.5, 1.0, 2.0)
+
+
+def sessions_in_kernel_log(text: str) -> set[str]:
+    """The iSCSI sessions that kernel log records (as /dev/kmsg gives them) say failed."""
+    found = {f"session{m[1]}" for m in _CONN_ERROR.finditer(text)}
+    found.update(f"session{m[1]}" for m in _RECOVERY_TIMED_OUT.finditer(text))
+    return found
+
+
+class KernelLogWatcher:
+    """Follows /dev/kmsg (new records only) for iSCSI session failures."""
+
+    def __init__(
+        self,
+        path: Path,
+        on_event: OnEvent,
+        opener: Callable[[], int] | None = None,
+        poll_timeout: float = 1.0,
+        follow_ups: tuple[float, ...] = FOLLOW_UPS,
+    ):
+        self.path = Path(path)
+        self.on_event = on_event
+        self.opener = opener or self._open
+        self.poll_timeout = poll_timeout
+        self.follow_ups = follow_ups
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="kmsg", daemon=True)
+
+    def _open(self) -> int:
+        fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):
+            os.lseek(fd, 0, os.SEEK_END)  # what happened before the agent started is in the snapshot
+        return fd
+
+    def start(self) -> KernelLogWatcher:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        try:
+            fd = self.opener()
+        except OSError as e:
+            log.info(
+                "not watching %s for iSCSI session failures (%s); the poll sees them",
+                self.path,
+                e.strerror or e,
+            )
+            return
+        due: dict[str, list[float]] = {}  # session -> when to re-read it again
+        try:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            while not self._stop.is_set():
+                now = time.monotonic()
+                wait = min([self.poll_timeout, *(times[0] - now for times in due.values())])
+                events = poller.poll(max(0.0, wait) * 1000)
+                failed = self._read(fd) if events else set()
+                now = time.monotonic()
+                if failed:
+                    for name in failed:
+                        due[name] = [now + delay for delay in self.follow_ups]
+                    self.on_event("kernel log: iSCSI connection failed", Changes(sessions=frozenset(failed)))
+                again = {name for name, times in due.items() if times[0] <= now}
+                for name in again:
+                    due[name] = [t for t in due[name] if t > now]
+                    if not due[name]:
+                        del due[name]
+                if again - failed:
+                    self.on_event("kernel log: follow-up", Changes(sessions=frozenset(again - failed)))
+        finally:
+            os.close(fd)
+
+    def _read(self, fd: int) -> set[str]:
+        failed: set[str] = set()
+        while True:
+            try:
+                record = os.read(fd, 8192)  # /dev/kmsg gives one record per read
+            except BlockingIOError:
+                break
+            except BrokenPipeError:  # records were overwritten before we read them: go on
+                continue
+            except OSError as e:
+                log.warning("reading %s failed (%s); the poll still sees session failures", self.path, e)
+                self._stop.set()
+                break
+            if not record:  # end of file: not a kernel log after all
+                self._stop.set()
+                break
+            failed |= sessions_in_kernel_log(record.decode("utf-8", "replace"))
+        return failed

@@ -174,6 +174,10 @@ class Healer:
             )
         self._recovering = 0  # iSCSI legs recovering in the snapshot being handled
         self._local_recovering = 0  # local legs recovering (resumes count against max_parallel)
+        # Kept up to date from the views each snapshot changed, so a refresh costs what changed.
+        self._tracked: HostSnapshot | None = None
+        self._local_recovering_ids: set[str] = set()
+        self._stopped_ids: set[str] = set()  # attachments whose view is recovery_stopped
 
     def wait_for(self, label: str) -> float:
         """Seconds the session and LUN must look healthy before the next heal of `label`."""
@@ -192,15 +196,15 @@ class Healer:
             del self._progress[label]
             self._blocked.pop(label, None)
         # An initial recovery (iSCSI -> local) an outage stopped: no record, the other direction.
-        self._local_recovering = sum(1 for v in snapshot.arrays if v.local.state == "recovering")
+        self._track(snapshot)
+        self._local_recovering = len(self._local_recovering_ids)
         self._forget_detached_resumes(snapshot)
-        for view in snapshot.arrays:
-            if view.label not in standing and (
-                view.recovery_stopped
-                or view.label in self._resume_progress
-                or view.label in self._pending
-                or view.label in self._pending_errors
-            ):
+        candidates = set(self._stopped_ids)
+        for label in (*self._resume_progress, *self._pending, *self._pending_errors):
+            candidates |= snapshot.ids_of(label)
+        for key in sorted(candidates, key=lambda k: snapshot.position(k) or 0):
+            view = snapshot.by_id(key)
+            if view is not None and view.label not in standing:
                 self._consider_resume(view, snapshot.iscsi.sessions)
         for view in views:
             if recovery_complete(view):
@@ -345,6 +349,28 @@ class Healer:
             log.info("not resuming the recovery of %s's local leg yet: %s", label, detail)
 
     # -- a local leg whose recovery from iSCSI an outage stopped ------------------------------
+
+    def _track(self, snapshot: HostSnapshot) -> None:
+        """The attachments whose local leg recovers or whose recovery stopped, from the views
+        that changed since the last snapshot (all of them when it is not derived from that one)."""
+        changed = snapshot.changed_since(self._tracked)
+        self._tracked = snapshot
+        if changed is None:
+            self._local_recovering_ids = {
+                v.attachment.id for v in snapshot.arrays if v.local.state == "recovering"
+            }
+            self._stopped_ids = {v.attachment.id for v in snapshot.arrays if v.recovery_stopped}
+            return
+        for key in changed:
+            view = snapshot.by_id(key)
+            for ids, member in (
+                (self._local_recovering_ids, view is not None and view.local.state == "recovering"),
+                (self._stopped_ids, view is not None and view.recovery_stopped),
+            ):
+                if member:
+                    ids.add(key)
+                else:
+                    ids.discard(key)
 
     def _consider_resume(self, view: ArrayView, sessions: list[IscsiSession]) -> None:
         """The local leg's copy from iSCSI was cut by an outage and md will not restart it: once the

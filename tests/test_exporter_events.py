@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import socket
 import threading
@@ -169,4 +170,71 @@ def test_burst_of_events_is_coalesced(host):
         time.sleep(0.3)
         assert 1 <= len(reads) <= 3
     finally:
+        agent.stop()
+
+
+# Records as /dev/kmsg gives them (PRIORITY,SEQ,USEC,FLAGS;TEXT then " KEY=value" lines), with the
+# texts of the real capture (shared fixtures, kernel 6.1: dmesg of the outage).
+KMSG_CONN_ERROR = (
+    b"3,1021,44789918,-; connection%d:0: detected conn error (1020)\n SUBSYSTEM=iscsi_connection\n"
+)
+KMSG_TIMED_OUT = b"6,1030,64840221,-; session%d: session recovery timed out after 20 secs\n"
+
+
+def test_kernel_log_names_the_failed_sessions():
+    from iscsimple.exporter.events import sessions_in_kernel_log
+
+    assert sessions_in_kernel_log((KMSG_CONN_ERROR % 3).decode()) == {"session3"}
+    assert sessions_in_kernel_log((KMSG_TIMED_OUT % 12).decode()) == {"session12"}
+    assert sessions_in_kernel_log("6,1,1,-;md/raid1:md127: Disk failure on sdb, disabling device.\n") == set()
+    assert sessions_in_kernel_log("6,1,1,-; connection3:0: ping timeout of 5 secs expired\n") == set()
+
+
+def test_kernel_log_watcher_rereads_the_session_then_follows_up():
+    from iscsimple.exporter.events import KernelLogWatcher
+
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    seen = []
+    follow_ups = (0.01, 0.05)
+    watcher = KernelLogWatcher(
+        "kmsg", lambda reason, changes: seen.append(changes), opener=lambda: read_end, follow_ups=follow_ups
+    ).start()
+    try:
+        os.write(write_end, KMSG_CONN_ERROR % 4)
+        wait_until(lambda: len(seen) >= 1 + len(follow_ups))
+        assert all(c.sessions == frozenset({"session4"}) for c in seen)
+    finally:
+        watcher.stop()
+        os.close(write_end)
+    watcher.thread.join(5)
+    assert not watcher.thread.is_alive()
+
+
+def test_kernel_log_shows_a_session_failure_without_waiting_for_the_schedule(host):
+    """The kernel logs the connection error a moment before the session's state turns FAILED:
+    the watcher re-reads the session then, and again shortly after."""
+    from iscsimple.exporter.events import KernelLogWatcher
+
+    agent = Agent(
+        AgentOptions(
+            paths=host.paths, refresh_interval=HOUR, udev=False, mdstat_events=False, kernel_log_events=False
+        )
+    )
+    agent.start()
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    watcher = KernelLogWatcher(
+        host.paths.devfs / "kmsg", agent.refresher.request, opener=lambda: read_end
+    ).start()
+    try:
+        session = agent.refresher.snapshot().array("web1-disk").session.name
+        sid = int(session[len("session") :])
+        os.write(write_end, KMSG_CONN_ERROR % sid)  # logged first...
+        agent.refresher.wait_for_refresh(agent.refresher.refreshes, 5)
+        host.fail_session(TARGET)  # ...the state changes a moment later: a follow-up sees it
+        wait_until(lambda: local_only(agent, "web1-disk") == 1, timeout=10)
+    finally:
+        watcher.stop()
+        os.close(write_end)
         agent.stop()
