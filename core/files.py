@@ -18,7 +18,9 @@ import errno
 import json
 import os
 import stat
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import OperationError, StateFileError
@@ -231,3 +233,30 @@ def open_lock_file(path: Path | str, mode: int = 0o600) -> int:
 
 def _printable(path: Path | str) -> str:
     return os.fspath(path).replace("\0", "\\0")
+
+
+# How close to a file's mtime a stat must be to trust "unchanged": within one timestamp tick a
+# second write can leave the same mtime (the racy-git problem), so such a file is read again.
+_RACY_NS = 2_000_000_000
+
+
+@dataclass(frozen=True)
+class FileSignature:
+    """What a stat says of a file, to tell whether it must be read again."""
+
+    stat: tuple[int, int, int, int] | None  # (inode, size, mtime_ns, ctime_ns); None: absent
+    checked_ns: int
+
+    @classmethod
+    def of(cls, path: Path | str, follow_symlinks: bool = True) -> FileSignature:
+        now = time.time_ns()
+        try:
+            st = os.stat(path, follow_symlinks=follow_symlinks)
+        except OSError:
+            return cls(None, now)
+        return cls((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns), now)
+
+    def moved_since(self, old: FileSignature | None) -> bool:
+        if old is None or old.stat != self.stat:
+            return True
+        return old.stat is not None and old.checked_ns - max(old.stat[2], old.stat[3]) < _RACY_NS

@@ -139,7 +139,7 @@ def read_mdstat_arrays(procfs: Path, names: set[str]) -> dict[str, MdstatArray]:
         text = read_mdstat_text(procfs / "mdstat")
     except FileNotFoundError:
         return {}
-    blocks = mdstat_blocks(text)
+    blocks = mdstat_blocks(text) if len(names) > _FEW else _named_blocks(text, names)
     arrays = {}
     for name in names & blocks.keys():
         try:
@@ -147,6 +147,21 @@ def read_mdstat_arrays(procfs: Path, names: set[str]) -> dict[str, MdstatArray]:
         except MdstatError:
             continue
     return arrays
+
+
+_FEW = 32  # up to this many arrays, each is found by a search of the text instead of a split of all
+
+
+def _named_blocks(text: str, names: set[str]) -> dict[str, str]:
+    """mdstat_blocks(text), only for `names`: each block found by one search in C."""
+    blocks = {}
+    for name in names:
+        m = re.search(rf"^{re.escape(name)} : ", text, re.MULTILINE)
+        if m is None:
+            continue
+        tail = _UNINDENTED.search(text, m.end())
+        blocks[name] = text[m.start() : tail.start() if tail else len(text)]
+    return blocks
 
 
 def parse_mdstat(text: str) -> Mdstat:
@@ -352,3 +367,46 @@ def mdstat_blocks(text: str) -> dict[str, str]:
 
 
 _UNINDENTED = re.compile(r"^[^\s]", re.MULTILINE)
+
+
+def changed_arrays(before: bytes, after: bytes) -> set[str]:
+    """The arrays whose lines differ between two reads of /proc/mdstat.
+
+    Only the stretch between the texts' common start and common end is split into blocks (the
+    comparisons run in C), so one array changing among thousands costs a few blocks."""
+    if before == after:
+        return set()
+    shortest = min(len(before), len(after))
+    head = _common_prefix(before, after, shortest)
+    tail = min(_common_prefix(before[::-1], after[::-1], shortest), shortest - head)
+    start = min(_block_start(before, head), _block_start(after, head))
+    # Both stretches end where an array block starts in each text, at the same distance from the end.
+    keep = min(
+        _tail_from_next_block(before, len(before) - tail), _tail_from_next_block(after, len(after) - tail)
+    )
+    old = mdstat_blocks(before[start : len(before) - keep].decode("utf-8", "replace"))
+    new = mdstat_blocks(after[start : len(after) - keep].decode("utf-8", "replace"))
+    return {name for name in old.keys() | new.keys() if old.get(name) != new.get(name)}
+
+
+def _common_prefix(a: bytes, b: bytes, length: int) -> int:
+    """How many first bytes a and b share (of their first `length`), by one XOR of big integers."""
+    x = int.from_bytes(a[:length], "big") ^ int.from_bytes(b[:length], "big")
+    return length - (x.bit_length() + 7) // 8
+
+
+def _block_start(text: bytes, position: int) -> int:
+    """Where the unindented line at or before `position` starts (an array's header, or 0)."""
+    start = text.rfind(b"\n", 0, position) + 1
+    while start > 0 and not text[start : start + 1].strip():  # an indented or empty line, or the end
+        start = text.rfind(b"\n", 0, start - 1) + 1
+    return start
+
+
+def _tail_from_next_block(text: bytes, position: int) -> int:
+    """The length of what follows the first unindented line start at or after `position`."""
+    m = _NEXT_UNINDENTED.search(text, max(0, position - 1))
+    return len(text) - m.end() if m else 0
+
+
+_NEXT_UNINDENTED = re.compile(rb"\n(?=\S)")

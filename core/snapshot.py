@@ -15,6 +15,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TypeVar
 
+from .files import FileSignature
 from .iscsi import (
     IscsiReadResult,
     IscsiSession,
@@ -26,7 +27,7 @@ from .iscsi import (
 from .md import MdArray, MdMember, MdReadResult, md_array_names, md_names_for, read_md_array_errors
 from .paths import HostPaths
 from .registry import LEG_ISCSI, LEG_LOCAL, Attachment, HotplugStats, Registry, RegistryRead, vm_name
-from .stale import StaleRecord, StaleRecords
+from .stale import RecordFile, StaleRecord, StaleRecords
 from .sysfs import SECTOR
 
 LEG_STATES = ("in_sync", "recovering", "faulty", "missing", "spare", "blocked")
@@ -241,30 +242,6 @@ class Changes:
 
 EVERYTHING = Changes(everything=True)
 
-# How close to a file's mtime a stat must be to trust "unchanged": within one timestamp tick a
-# second write can leave the same mtime (the racy-git problem), so such a file is read again.
-_RACY_NS = 2_000_000_000
-
-
-@dataclass(frozen=True)
-class FileSignature:
-    stat: tuple[int, int, int, int] | None  # (inode, size, mtime_ns, ctime_ns); None: absent
-    checked_ns: int
-
-    @classmethod
-    def of(cls, path: Path) -> FileSignature:
-        now = time.time_ns()
-        try:
-            st = os.stat(path)
-        except OSError:
-            return cls(None, now)
-        return cls((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns), now)
-
-    def moved_since(self, old: FileSignature | None) -> bool:
-        if old is None or old.stat != self.stat:
-            return True
-        return old.stat is not None and old.checked_ns - max(old.stat[2], old.stat[3]) < _RACY_NS
-
 
 @dataclass(frozen=True)
 class HostSnapshot:
@@ -282,6 +259,7 @@ class HostSnapshot:
     md_errors: Mapping[str, tuple[str, ...]] | None = field(default=None, compare=False, repr=False)
     iscsi_errors: Mapping[str, tuple[str, ...]] | None = field(default=None, compare=False, repr=False)
     files: Mapping[str, FileSignature] = field(default_factory=dict, compare=False, repr=False)
+    stale_files: Mapping[str, RecordFile] = field(default_factory=dict, compare=False, repr=False)
     # Attachment ids whose ArrayView is not the previous snapshot's object, and targets whose
     # SessionViews are not: None after a full read (everything may be new).
     changed: frozenset[str] | None = field(default=None, compare=False, repr=False)
@@ -343,7 +321,7 @@ class HostSnapshot:
         # A corrupt registry entry or stale record is an error of its source, never silently dropped.
         attachments = _read_registry(sources, registry)
         hotplug = _timed(sources, "hotplug", registry.read_stats, HotplugStats())
-        stale = _read_stale(sources, StaleRecords(paths))
+        stale, stale_files = _read_stale(sources, StaleRecords(paths), None)
         started = time.perf_counter()
         names, listing = md_array_names(paths.sysfs)
         md_parts = {name: read_md_array_errors(paths.sysfs, name) for name in names}
@@ -355,7 +333,9 @@ class HostSnapshot:
         iscsi, iscsi_errors = _iscsi_result(session_parts, listing)
         sources["iscsi"] = SourceResult(time.perf_counter() - started, tuple(iscsi.errors))
         snapshot = cls.build(attachments, md, iscsi, stale, hotplug, paths=paths, sources=sources)
-        return cls._with(snapshot, md_errors=md_errors, iscsi_errors=iscsi_errors, files=files)
+        return cls._with(
+            snapshot, md_errors=md_errors, iscsi_errors=iscsi_errors, files=files, stale_files=stale_files
+        )
 
     @classmethod
     def _with(cls, snapshot: HostSnapshot, **values) -> HostSnapshot:
@@ -454,8 +434,12 @@ def _read_registry(sources: dict[str, SourceResult], registry: Registry) -> list
     ).attachments
 
 
-def _read_stale(sources: dict[str, SourceResult], records: StaleRecords) -> list[StaleRecord]:
-    return _timed(sources, "stale", records.read_all, ([], []), lambda r: r[1])[0]
+def _read_stale(
+    sources: dict[str, SourceResult], records: StaleRecords, known: Mapping[str, RecordFile] | None
+) -> tuple[list[StaleRecord], dict[str, RecordFile]]:
+    """The records, re-reading only the files that moved since `known` (None: every file)."""
+    read = _timed(sources, "stale", lambda: records.read_changed(known), ([], [], {}), lambda r: r[1])
+    return read[0], read[2]
 
 
 def _file_signatures(paths: HostPaths) -> dict[str, FileSignature]:
@@ -621,6 +605,7 @@ class _Update:
         self.index = old._index
         self.sources = dict(old.sources)
         self.files = dict(old.files)
+        self.stale_files = old.stale_files
 
     def run(self) -> HostSnapshot:
         old, changes = self.old, self.changes
@@ -715,6 +700,7 @@ class _Update:
             md_errors=md_errors,
             iscsi_errors=iscsi_errors,
             files=self.files,
+            stale_files=self.stale_files,
             changed=frozenset(changed),
             changed_targets=frozenset(changed_targets),
             derived_from=old.taken,
@@ -769,7 +755,11 @@ class _Update:
                 new_stats = _timed(self.sources, name, registry.read_stats, HotplugStats())
                 hotplug = old.hotplug if new_stats == old.hotplug else new_stats
             else:
-                new_stale = tuple(_read_stale(self.sources, records))
+                # Per record file, except on the sweep (the safety net reads every one).
+                found, self.stale_files = _read_stale(
+                    self.sources, records, None if everything else old.stale_files
+                )
+                new_stale = tuple(found)
                 stale = old.stale if new_stale == old.stale else new_stale
         return attachments, hotplug, stale
 

@@ -13,12 +13,13 @@ import json
 import math
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .atomic import remove_durably, write_atomic
 from .errors import StateFileError
-from .files import ensure_dir, load_state_json
+from .files import FileSignature, ensure_dir, load_state_json
 from .paths import HostPaths
 from .registry import vm_name
 from .spec import check_label
@@ -91,13 +92,21 @@ class StaleRecords:
 
         Only "no records yet" is empty; an unreadable directory raises, and one bad record never
         hides the others: each is a data-safety signal."""
+        records, errors, _ = self.read_changed(None)
+        return records, errors
+
+    def read_changed(
+        self, known: Mapping[str, RecordFile] | None
+    ) -> tuple[list[StaleRecord], list[str], dict[str, RecordFile]]:
+        """read_all, reading again only the files whose stat moved since `known` (what the last
+        call returned; None reads every file): one new record costs one file, not all of them."""
         try:
             names = sorted(
                 n for n in os.listdir(self.directory) if n.endswith(".json") and not n.startswith(".")
             )
         except FileNotFoundError:
-            return [], []
-        records, errors = [], []
+            return [], [], {}
+        records, errors, files = [], [], {}
         for name in names:
             label = name[: -len(".json")]
             try:
@@ -105,13 +114,27 @@ class StaleRecords:
             except ValueError as e:
                 errors.append(f"{self.directory / name}: not a record iscsimple writes ({e})")
                 continue
-            record = self.get(label)
+            signature = FileSignature.of(self.directory / name, follow_symlinks=False)  # before reading
+            seen = known.get(name) if known is not None else None
+            if seen is not None and not signature.moved_since(seen.signature):
+                record = seen.record
+            else:
+                record = self.get(label)
             if record is None:
                 continue  # cleared while we listed
+            files[name] = RecordFile(signature, record)
             if record.unreadable:
                 errors.append(record.reason)
             records.append(record)
-        return records, errors
+        return records, errors, files
+
+
+@dataclass(frozen=True)
+class RecordFile:
+    """A record as last read and the stat of its file then."""
+
+    signature: FileSignature
+    record: StaleRecord
 
 
 UNKNOWN = "details unknown"

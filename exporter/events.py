@@ -23,19 +23,21 @@ so an outage shows within the second instead of at the next poll.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
 import select
+import stat
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from iscsimple.core.files import open_regular
+from iscsimple.core.files import open_regular, read_file
 from iscsimple.core.iscsi import read_session_states
-from iscsimple.core.mdstat import MAX_MDSTAT_BYTES, mdstat_blocks, read_mdstat_text
+from iscsimple.core.mdstat import MAX_MDSTAT_BYTES, changed_arrays
 from iscsimple.core.snapshot import Changes, HostSnapshot
 
 log = logging.getLogger(__name__)
@@ -77,29 +79,24 @@ class MdstatDiff:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._blocks: dict[str, str] | None = None
-        self._text: str | None = None
+        self._text: bytes | None = None
         self._lock = threading.Lock()
 
     def read(self) -> set[str]:
         try:
-            text = read_mdstat_text(self.path)
+            text = read_file(self.path, max_bytes=MAX_MDSTAT_BYTES)
         except OSError:
             return set()
         return self.changed(text)
 
     def changed(self, text: bytes | str) -> set[str]:
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", "replace")
+        if isinstance(text, str):
+            text = text.encode("utf-8", "replace")
         with self._lock:
-            if text == self._text:  # nothing moved (the poll of an idle host): no need to split
-                return set()
-        blocks = mdstat_blocks(text)
-        with self._lock:
-            before, self._blocks, self._text = self._blocks, blocks, text
+            before, self._text = self._text, text
         if before is None:
             return set()
-        return {n for n in before.keys() | blocks.keys() if before.get(n) != blocks.get(n)}
+        return changed_arrays(before, text)
 
 
 class ChangePoll:
@@ -237,6 +234,9 @@ class KernelLogWatcher:
 
     def _open(self) -> int:
         fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        if not stat.S_ISCHR(os.fstat(fd).st_mode):  # never read a disk or wait on a FIFO named so
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a character device")
         with contextlib.suppress(OSError):
             os.lseek(fd, 0, os.SEEK_END)  # what happened before the agent started is in the snapshot
         return fd

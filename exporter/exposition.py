@@ -144,7 +144,7 @@ _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
 _DEFLATE_END = zlib.compressobj(1, zlib.DEFLATED, -15).flush()
 
 
-CHUNK = 16  # arrays (or sessions) per cached piece: small enough that one change re-encodes little
+CHUNK = 4  # arrays (or sessions) per cached piece: small enough that one change re-encodes little
 
 
 @dataclass
@@ -163,17 +163,20 @@ class Renderer:
         self._pieces: dict[tuple[str, bool], _Pieces] = {}
         self._segments = GzipSegments()
         self._headers: dict[tuple[str, str, str], tuple[bytes, bytes]] = {}
+        self._last: HostSnapshot | None = None  # the snapshot the cached pieces were rendered from
 
     def render(self, snapshot: HostSnapshot) -> Rendered:
         text: list[bytes] = []
         om: list[bytes] = []
         success: dict[str, bool] = {}
         seconds: dict[str, float] = {}
+        moved = self._moved(snapshot)
+        self._last = snapshot
         for collector in self.collectors:
             started = time.perf_counter()
             name = collector.name
             try:
-                self._collector(collector, snapshot, text, om)
+                self._collector(collector, snapshot, text, om, moved)
                 failed = [
                     s for s in collector.sources if s in snapshot.sources and not snapshot.sources[s].ok
                 ]
@@ -191,11 +194,46 @@ class Renderer:
         om.append(agent_om)  # ends with "# EOF"
         return Rendered(snapshot, self.collectors, success, text, om, agent, self._segments)
 
-    def _collector(self, collector: SnapshotCollector, snapshot: HostSnapshot, text: list, om: list) -> None:
+    def _moved(self, snapshot: HostSnapshot) -> tuple[set[int] | None, set[int] | None]:
+        """The chunks of arrays and of sessions whose views are not those of the last render
+        (None: any may be), found from what the snapshot says changed: no walk over every chunk."""
+        last = self._last
+        changed = snapshot.changed_since(last)
+        if last is None or changed is None:
+            return None, None
+        arrays: set[int] | None = set()
+        if len(snapshot.arrays) != len(last.arrays):
+            arrays = None
+        else:
+            for key in changed:
+                position = snapshot.position(key)
+                if position is None or position != last.position(key):
+                    arrays = None  # views were added, removed or reordered
+                    break
+                arrays.add(position // CHUNK)
+        sessions: set[int] | None = set()
+        if snapshot.sessions is not last.sessions:
+            targets = snapshot.changed_targets or frozenset()
+            if len(snapshot.sessions) != len(last.sessions) or any(
+                _session_range(snapshot, t) != _session_range(last, t) for t in targets
+            ):
+                sessions = None
+            else:
+                sessions = _session_chunks(snapshot, set(targets))
+        return arrays, sessions
+
+    def _collector(
+        self,
+        collector: SnapshotCollector,
+        snapshot: HostSnapshot,
+        text: list,
+        om: list,
+        moved: tuple[set[int] | None, set[int] | None] = (None, None),
+    ) -> None:
         labels, targets = collector.dirty(snapshot)
         families = list(collector.families(snapshot, Part(rest=True)))
-        arrays = self._update(collector, snapshot, True, _array_chunks(snapshot, labels))
-        sessions = self._update(collector, snapshot, False, _session_chunks(snapshot, targets))
+        arrays = self._update(collector, snapshot, True, _array_chunks(snapshot, labels), moved[0])
+        sessions = self._update(collector, snapshot, False, _session_chunks(snapshot, targets), moved[1])
         # Build both lists first: a failing collector adds nothing.
         text_part: list[bytes] = []
         om_part: list[bytes] = []
@@ -216,11 +254,20 @@ class Renderer:
         text.extend(text_part)
         om.extend(om_part)
 
-    def _update(self, collector, snapshot: HostSnapshot, arrays: bool, dirty: set[int] | None) -> _Pieces:
+    def _update(
+        self,
+        collector,
+        snapshot: HostSnapshot,
+        arrays: bool,
+        dirty: set[int] | None,
+        moved: set[int] | None = None,
+    ) -> _Pieces:
         items = snapshot.arrays if arrays else snapshot.sessions
         key = (collector.name, arrays)
         old = self._pieces.get(key)
         count = (len(items) + CHUNK - 1) // CHUNK
+        if old is not None and dirty is not None and moved is not None and count == len(old.items):
+            return self._patch(collector, snapshot, arrays, old, dirty | moved)
         todo = []
         for index in range(count):
             chunk = items[index * CHUNK : (index + 1) * CHUNK]
@@ -251,6 +298,32 @@ class Renderer:
             new_items[index] = chunk
         pieces = self._pieces[key] = _Pieces(new_items, by_family)
         return pieces
+
+    def _patch(
+        self, collector, snapshot: HostSnapshot, arrays: bool, old: _Pieces, todo: set[int]
+    ) -> _Pieces:
+        """Re-encode the chunks `todo` of the cached pieces in place (no rendered body shares
+        these lists: each render copies the pieces it uses)."""
+        items = snapshot.arrays if arrays else snapshot.sessions
+        for index in sorted(todo):
+            chunk = items[index * CHUNK : (index + 1) * CHUNK]
+            part = Part(arrays=chunk) if arrays else Part(sessions=chunk)
+            for pieces in old.by_family.values():
+                pieces[index] = b""
+            for family in collector.families(snapshot, part):
+                pieces = old.by_family.get(family.name)
+                if pieces is None:
+                    pieces = old.by_family[family.name] = [b""] * len(old.items)
+                pieces[index] = _sample_lines(family)
+            old.items[index] = chunk
+        return old
+
+
+def _session_range(snapshot: HostSnapshot, target: str) -> tuple[int, int]:
+    sessions = snapshot.sessions
+    return bisect.bisect_left(sessions, target, key=_target), bisect.bisect_right(
+        sessions, target, key=_target
+    )
 
 
 def _array_chunks(snapshot: HostSnapshot, labels: set[str] | None) -> set[int] | None:

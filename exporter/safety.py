@@ -594,8 +594,8 @@ class Safety:
         self.state = SafetyState(snapshot.taken, standing, dict(self._bitmap_by_label))
 
     def _bitmaps(self, snapshot: HostSnapshot) -> list[ArrayBitmap]:
-        """Bitmaps of the arrays that changed, and of the degraded ones (whose bitmap fills up
-        as the VM writes) every BITMAP_RESCAN seconds; all of them when the snapshot is not
+        """Bitmaps of the arrays that changed, and of the degraded ones whose bitmap is in use
+        (it fills up as the VM writes) every BITMAP_RESCAN seconds; all of them when the snapshot is not
         derived from the last one seen. `bitmap_changes` names the labels whose result moved."""
         changed = snapshot.changed_since(self._bitmaps_seen)
         self._bitmaps_seen = snapshot
@@ -622,12 +622,15 @@ class Safety:
                     if self.bitmap_changes is not None:
                         self.bitmap_changes.add(label)
                 continue
-            if view.md.degraded:
-                self._degraded.add(key)
-            else:
-                self._degraded.discard(key)
             views.append(view)
         computed = array_bitmaps(self.healer.paths, views) if views else []
+        # Only a bitmap in use fills up as the VM writes: a degraded array without one (or whose
+        # bitmap is not active) is read again when its view changes, not every BITMAP_RESCAN.
+        for view, b in zip(views, computed, strict=True):
+            if view.md is not None and view.md.degraded and (b.active or b.error):
+                self._degraded.add(view.attachment.id)
+            else:
+                self._degraded.discard(view.attachment.id)
         for b in computed:
             if self._bitmap_by_label.get(b.label) != b:
                 self._bitmap_by_label[b.label] = b

@@ -238,3 +238,19 @@ def test_kernel_log_shows_a_session_failure_without_waiting_for_the_schedule(hos
         watcher.stop()
         os.close(write_end)
         agent.stop()
+
+
+def test_kernel_log_watcher_reads_only_a_character_device(tmp_path):
+    """A regular file or FIFO where /dev/kmsg should be is not followed (the poll still sees failures)."""
+    from iscsimple.exporter.events import KernelLogWatcher
+
+    regular = tmp_path / "kmsg"
+    regular.write_bytes(KMSG_CONN_ERROR % 1)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    seen = []
+    for path in (regular, fifo, tmp_path / "missing"):
+        watcher = KernelLogWatcher(path, lambda reason, changes: seen.append(changes)).start()
+        watcher.thread.join(5)
+        assert not watcher.thread.is_alive()
+    assert seen == []
