@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 from iscsimple.core.files import open_regular, read_file
 from iscsimple.core.iscsi import read_session_states
@@ -114,19 +114,33 @@ class ChangePoll:
         return Changes(md=frozenset(md), sessions=frozenset(sessions))
 
 
-class UdevWatcher:
-    def __init__(self, monitor: Monitor, on_event: OnEvent):
-        self.monitor = monitor
-        self.on_event = on_event
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="udev", daemon=True)
+class _Watcher:
+    """A daemon thread running `_run` until `stop()`."""
 
-    def start(self) -> UdevWatcher:
+    name = "watcher"
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+
+    def start(self) -> Self:
         self.thread.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class UdevWatcher(_Watcher):
+    name = "udev"
+
+    def __init__(self, monitor: Monitor, on_event: OnEvent):
+        self.monitor = monitor
+        self.on_event = on_event
+        super().__init__()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -145,8 +159,10 @@ class UdevWatcher:
             self.on_event(f"udev {action} {subsystem} {name}", changes)
 
 
-class MdstatWatcher:
+class MdstatWatcher(_Watcher):
     """Waits for md events on /proc/mdstat the way mdadm --monitor does."""
+
+    name = "mdstat"
 
     def __init__(
         self,
@@ -161,15 +177,7 @@ class MdstatWatcher:
         self.diff = diff or MdstatDiff(self.path)
         self.opener = opener or (lambda: open_regular(self.path))
         self.poll_timeout = poll_timeout
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="mdstat", daemon=True)
-
-    def start(self) -> MdstatWatcher:
-        self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
+        super().__init__()
 
     def _run(self) -> None:
         try:
@@ -213,8 +221,10 @@ def sessions_in_kernel_log(text: str) -> set[str]:
     return found
 
 
-class KernelLogWatcher:
+class KernelLogWatcher(_Watcher):
     """Follows /dev/kmsg (new records only) for iSCSI session failures."""
+
+    name = "kmsg"
 
     def __init__(
         self,
@@ -229,8 +239,7 @@ class KernelLogWatcher:
         self.opener = opener or self._open
         self.poll_timeout = poll_timeout
         self.follow_ups = follow_ups
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="kmsg", daemon=True)
+        super().__init__()
 
     def _open(self) -> int:
         fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -240,13 +249,6 @@ class KernelLogWatcher:
         with contextlib.suppress(OSError):
             os.lseek(fd, 0, os.SEEK_END)  # what happened before the agent started is in the snapshot
         return fd
-
-    def start(self) -> KernelLogWatcher:
-        self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
 
     def _run(self) -> None:
         try:
