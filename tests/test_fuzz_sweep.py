@@ -35,7 +35,7 @@ import pytest
 from fixturetree import materialize, register_capture_array
 
 from iscsimple.core.errors import one_line
-from tests.fakes.harness import IQN, make_hotplug
+from tests.fakes.harness import IQN, make_mirror_host
 
 SEED = 20261130
 TIMEOUT = 20.0  # far above any honest run here; a blocked read never returns
@@ -601,10 +601,7 @@ def test_agent_path_flag(host, flag, kind):
 
 @pytest.fixture
 def xen(tmp_path):
-    hp = make_hotplug(tmp_path)
-    hp.host.add_target(IQN, luns={1: 64 << 20})
-    hp.mirror("vm1")
-    return hp
+    return make_mirror_host(tmp_path)
 
 
 def run_hotplug(hp, command: str, vbd, env: dict | None = None) -> Outcome:

@@ -9,17 +9,14 @@ import json
 import pytest
 
 from iscsimple.core import bitmap
-from tests.fakes.harness import IQN, make_hotplug
+from tests.fakes.harness import IQN, make_mirror_host
 
 SPEC = f"lun1@{IQN}+vm1"
 
 
 @pytest.fixture
 def hotplug(tmp_path):
-    hp = make_hotplug(tmp_path)
-    hp.host.add_target(IQN, luns={1: 64 << 20})
-    hp.mirror("vm1")
-    return hp
+    return make_mirror_host(tmp_path)
 
 
 def builds(hotplug) -> list[str]:

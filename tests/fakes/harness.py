@@ -143,3 +143,11 @@ class Hotplug:
 def make_hotplug(tmp_path: Path) -> Hotplug:
     """A fresh fake host under tmp_path and the driver for it (each test file wraps this in a fixture)."""
     return Hotplug(FakeHost.create(tmp_path / "host"))
+
+
+def make_mirror_host(tmp_path: Path, label: str = "vm1") -> Hotplug:
+    """make_hotplug with LUN 1 of IQN (64 MiB) and a local device for LABEL in the tab."""
+    hp = make_hotplug(tmp_path)
+    hp.host.add_target(IQN, luns={1: 64 << 20})
+    hp.mirror(label)
+    return hp
