@@ -2,7 +2,7 @@
 """Partial (bitmap) heal vs full heal on the real kernel: prints figures, asserts only data safety.
 
     sudo .venv/bin/python bench/heal.py [--mib 256] [--outage-writes 64] [--write-kib 64]
-                                        [--seconds 4] [--rounds 3] [--no-throughput]
+                                        [--seconds 5] [--rounds 3] [--no-throughput | --throughput-only]
 
 Boots the real-kernel test bed (tests/vm: Debian's kernel under qemu TCG, tgt on the guest's
 loopback) holding the machine-wide VM lock (/tmp/iscsimple-vm.lock), with /var/lib/iscsimple on
@@ -188,6 +188,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="each throughput run")
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds (variants interleaved)")
     parser.add_argument("--no-throughput", action="store_true", help="only the heals")
+    parser.add_argument("--throughput-only", action="store_true", help="only the writer's cost")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/heal.py boots the real-kernel bed: run it as root")
@@ -237,6 +238,9 @@ class Bench:
         self.sh(["mkfs.ext4", "-q", fs])
         self.sh(["mkdir", "-p", "/var/lib/iscsimple"])
         self.sh(["mount", fs, "/var/lib/iscsimple"])
+        if a.throughput_only:
+            self.throughput()
+            return
 
         lun = bed.make_disk("lun", a.mib)
         local = bed.make_disk("local", a.mib)
