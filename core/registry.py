@@ -137,6 +137,15 @@ def _text(value, *, optional: bool = True) -> str | None:
     return None
 
 
+def _shown(value, *, optional: bool = True) -> str | None:
+    """Text status and the metrics show as is: no control character (an escape sequence from a
+    VM's name would reach the operator's terminal)."""
+    problem = _text(value, optional=optional)
+    if problem or value is None:
+        return problem
+    return None if value.isprintable() else "holds a control character"
+
+
 def _kernel_name(value) -> str | None:
     if value is None:
         return None
@@ -215,7 +224,7 @@ def _one_of(*allowed):
 
 _FIELD_CHECKS = {
     "id": lambda v: None if isinstance(v, str) and _ID_RE.fullmatch(v) else "is not an attachment id",
-    "spec": lambda v: _text(v, optional=False),
+    "spec": lambda v: _shown(v, optional=False),
     "lun": lambda v: _count(v, optional=False),
     "target": _target,
     "label": _label,
@@ -229,9 +238,9 @@ _FIELD_CHECKS = {
     "write_mostly_leg": _one_of(None, LEG_ISCSI, LEG_LOCAL),
     "source_leg": _one_of(None, LEG_ISCSI, LEG_LOCAL),
     "domain_id": _count,
-    "domain_name": _text,
-    "vbd": _text,
-    "xenbus_path": _text,
+    "domain_name": _shown,
+    "vbd": _shown,
+    "xenbus_path": _shown,
     "we_logged_in": lambda v: None if isinstance(v, bool) else "must be true or false",
     "replacement_timeout": lambda v: _count(v, positive=True),
     "created": _time,

@@ -338,7 +338,8 @@ def test_fast_text_encoder_matches_prometheus_client(host):
 
     from iscsimple.exporter.exposition import encode_text
 
-    host.attach("vm0-disk", 'we"ird\\dom\nain', TB, 1)
+    # Quotes, a backslash, non-ASCII: what a VM name may hold (a newline never reaches the registry)
+    host.attach("vm0-disk", 'we"ird\\dom\u00e9ain', TB, 1)
     host.attach("vm1-disk", "vm1", TB, 2)
     host.advance_resync("vm1-disk", 0.123456789, speed_kib=0)  # NaN remaining
     host.record_hotplug("add", "failure", 12345678.9)
@@ -359,7 +360,7 @@ def test_fast_text_encoder_matches_prometheus_client(host):
     assert [line.rsplit(" ", 1)[0] for line in ours.splitlines()] == [
         line.rsplit(" ", 1)[0] for line in theirs.splitlines()
     ]
-    assert value(a, "iscsimple_array_local_only", label="vm0-disk", domain='we"ird\\dom\nain') == 0
+    assert value(a, "iscsimple_array_local_only", label="vm0-disk", domain='we"ird\\dom\u00e9ain') == 0
 
     from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
     from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics

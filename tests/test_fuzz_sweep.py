@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import random
@@ -851,3 +852,23 @@ def test_bitmap_file(tmp_path, kind):
 
     message = call(read, []).code  # call() fails the test on a hang or any other exception
     assert message and str(path) in message and "\n" not in message
+
+
+SHOWN_FIELDS = [
+    ("domain_name", "\x1b[2Jx"),
+    ("vbd", "xvda\n"),
+    ("spec", "\x1b]0;t\x07"),
+    ("xenbus_path", "\u202eb"),
+]
+
+
+@sweep(("field", "value"), SHOWN_FIELDS, [f"state-registry-shown-{f}" for f, _ in SHOWN_FIELDS])
+def test_registry_shown_values(host, field, value):
+    """Registry values status prints: a control character makes the entry unreadable (reported),
+    never something written to the operator's terminal."""
+    _, paths, cli_flags, _ = host
+    entry = paths.state / "attachments" / "vbd-1-51712.json"
+    entry.write_text(json.dumps({**json.loads(entry.read_text()), field: value}))
+    status = cli(["status", *cli_flags])
+    assert_clean(status, {1}, str(entry))
+    assert value not in status.stdout and "\x1b" not in status.stdout
