@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
@@ -25,13 +24,10 @@ from iscsimple.core.run import Deadline
 from iscsimple.core.safety import record_if_stale
 
 from . import bitmaps, mdadm, session
-from .devices import md_array_state
+from .devices import md_array_state, wait_for_md_gone
 from .xen import XenContext
 
 log = logging.getLogger(__name__)
-
-# How long remove waits for the kernel to delete a stopped md node.
-STOP_SETTLE = 5.0
 
 
 def detach(
@@ -114,24 +110,8 @@ def stop_array(paths: HostPaths, attachment: Attachment, deadline: Deadline) -> 
                 "retry remove (or iscsimple detach) once nothing uses it"
             ) from None
         log.info("stopped %s (%s)", target, name)
-        _wait_until_gone(paths, name, deadline)
+        wait_for_md_gone(paths, name, deadline)
     bitmaps.forget(paths, label)
-
-
-def _wait_until_gone(paths: HostPaths, name: str, deadline: Deadline, wait: float = STOP_SETTLE) -> None:
-    """Give the kernel a moment to delete the stopped md node.
-
-    md removes /sys/block/mdN from a workqueue after STOP_ARRAY returns; an add
-    right behind this remove (a migration back) must not meet the dying node.
-    A node still there after `wait` is only logged: the array itself is stopped.
-    """
-    node = paths.sysfs / "block" / name
-    end = time.monotonic() + min(wait, max(deadline.remaining(), 0))
-    while os.path.lexists(node):
-        if time.monotonic() >= end:
-            log.info("%s is stopped but its node is still listed; the kernel removes it later", name)
-            return
-        time.sleep(0.05)
 
 
 def record_stale_copy(paths: HostPaths, attachment: Attachment) -> None:

@@ -253,3 +253,19 @@ def wait_for_md(paths: HostPaths, label: str, deadline: Deadline, wait: float = 
         if time.monotonic() >= end:
             raise DeviceError(f"mdadm built the array but {path} did not appear; is udev running?")
         time.sleep(POLL)
+
+
+def wait_for_md_gone(paths: HostPaths, name: str, deadline: Deadline, wait: float = 5.0) -> None:
+    """Give the kernel a moment to delete a stopped md node.
+
+    md removes /sys/block/mdN from a workqueue after STOP_ARRAY returns; an add
+    right behind a remove (a migration back) must not meet the dying node.
+    A node still there after `wait` is only logged: the array itself is stopped.
+    """
+    node = paths.sysfs / "block" / name
+    end = time.monotonic() + min(wait, max(deadline.remaining(), 0))
+    while os.path.lexists(node):
+        if time.monotonic() >= end:
+            log.info("%s is stopped but its node is still listed; the kernel removes it later", name)
+            return
+        time.sleep(POLL)

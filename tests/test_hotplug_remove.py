@@ -228,20 +228,20 @@ def test_remove_waits_for_the_kernel_to_delete_the_stopped_md_node(tmp_path, cap
 
     from iscsimple.core.paths import HostPaths
     from iscsimple.core.run import Deadline
-    from iscsimple.hotplug import detach
+    from iscsimple.hotplug.devices import wait_for_md_gone
 
     paths = HostPaths(sysfs=tmp_path / "sys")
     node = paths.sysfs / "block" / "md127"
     node.mkdir(parents=True)
     threading.Timer(0.3, node.rmdir).start()
     started = time.monotonic()
-    detach._wait_until_gone(paths, "md127", Deadline(30), wait=10)
+    wait_for_md_gone(paths, "md127", Deadline(30), wait=10)
     assert not node.exists()
     assert 0.25 <= time.monotonic() - started < 5
 
     node.mkdir()
     started = time.monotonic()
     with caplog.at_level("INFO"):
-        detach._wait_until_gone(paths, "md127", Deadline(30), wait=0.2)
+        wait_for_md_gone(paths, "md127", Deadline(30), wait=0.2)
     assert time.monotonic() - started < 5
     assert "md127 is stopped but its node is still listed" in caplog.text
