@@ -56,10 +56,10 @@ def deb() -> Path:
     return repo / "dist" / f"iscsimple_{__version__}_all.deb"
 
 
-# With pytest-xdist (scripts/test runs `-n auto --dist loadgroup`), tests that share one
-# expensive or exclusive resource stay on one worker, in order: the real-kernel guests
-# (booted once per session), the real Prometheus/Alertmanager runs, and the .deb build
-# (which writes dist/). Everything else spreads over the workers.
+# With pytest-xdist (scripts/test's first phase runs `-n auto --dist loadgroup`; any run may
+# pass -n), tests that share one expensive or exclusive resource stay on one worker, in order:
+# the real-kernel guests (booted once per session), the real Prometheus/Alertmanager runs, and
+# the .deb build (which writes dist/). Everything else spreads over the workers.
 SERIAL_GROUPS = ("vm", "e2e", "deb")
 
 
