@@ -7,9 +7,10 @@ on its local mirror alone. Everything derived lives here, once.
 
 from __future__ import annotations
 
+import bisect
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -27,7 +28,7 @@ from .iscsi import (
 from .md import MdArray, MdMember, MdReadResult, md_array_names, md_names_for, read_md_array_errors
 from .paths import HostPaths
 from .registry import LEG_ISCSI, LEG_LOCAL, Attachment, HotplugStats, Registry, RegistryRead, vm_name
-from .stale import RecordFile, StaleRecord, StaleRecords
+from .stale import RecordFiles, StaleRecord, StaleRecords
 from .sysfs import SECTOR
 
 LEG_STATES = ("in_sync", "recovering", "faulty", "missing", "spare", "blocked")
@@ -35,6 +36,7 @@ SYNC_ACTIONS = ("idle", "resync", "recover", "check", "repair", "frozen", "resha
 SESSION_STATES = ("LOGGED_IN", "FAILED", "FREE")
 
 T = TypeVar("T")
+K = TypeVar("K")
 
 
 @dataclass(frozen=True)
@@ -259,11 +261,13 @@ class HostSnapshot:
     md_errors: Mapping[str, tuple[str, ...]] | None = field(default=None, compare=False, repr=False)
     iscsi_errors: Mapping[str, tuple[str, ...]] | None = field(default=None, compare=False, repr=False)
     files: Mapping[str, FileSignature] = field(default_factory=dict, compare=False, repr=False)
-    stale_files: Mapping[str, RecordFile] = field(default_factory=dict, compare=False, repr=False)
+    stale_files: RecordFiles | None = field(default=None, compare=False, repr=False)
     # Attachment ids whose ArrayView is not the previous snapshot's object, and targets whose
     # SessionViews are not: None after a full read (everything may be new).
     changed: frozenset[str] | None = field(default=None, compare=False, repr=False)
     changed_targets: frozenset[str] | None = field(default=None, compare=False, repr=False)
+    # True when views were added, removed or moved in `arrays` since the parent (positions differ).
+    reordered: bool = field(default=True, compare=False, repr=False)
     derived_from: float | None = field(default=None, compare=False, repr=False)  # the parent's `taken`
 
     def changed_since(self, previous: HostSnapshot | None) -> frozenset[str] | None:
@@ -321,7 +325,8 @@ class HostSnapshot:
         # A corrupt registry entry or stale record is an error of its source, never silently dropped.
         attachments = _read_registry(sources, registry)
         hotplug = _timed(sources, "hotplug", registry.read_stats, HotplugStats())
-        stale, stale_files = _read_stale(sources, StaleRecords(paths), None)
+        stale_files, _ = _read_stale(sources, StaleRecords(paths), None)
+        stale = _records_of(stale_files)
         started = time.perf_counter()
         names, listing = md_array_names(paths.sysfs)
         md_parts = {name: read_md_array_errors(paths.sysfs, name) for name in names}
@@ -435,11 +440,38 @@ def _read_registry(sources: dict[str, SourceResult], registry: Registry) -> list
 
 
 def _read_stale(
-    sources: dict[str, SourceResult], records: StaleRecords, known: Mapping[str, RecordFile] | None
-) -> tuple[list[StaleRecord], dict[str, RecordFile]]:
-    """The records, re-reading only the files that moved since `known` (None: every file)."""
-    read = _timed(sources, "stale", lambda: records.read_changed(known), ([], [], {}), lambda r: r[1])
-    return read[0], read[2]
+    sources: dict[str, SourceResult], records: StaleRecords, known: RecordFiles | None
+) -> tuple[RecordFiles, dict[str, StaleRecord | None] | None]:
+    """The records directory, re-reading only the files new or replaced since `known` (None:
+    every file), and the records that changed by label (None: unknown, the read failed)."""
+    read = _timed(sources, "stale", lambda: records.read_moved(known), None, lambda r: r[0].errors)
+    return (RecordFiles(), None) if read is None else read
+
+
+def _records_of(files: RecordFiles) -> list[StaleRecord]:
+    return [files.files[name].record for name in sorted(files.files)]
+
+
+def _record_name(record: StaleRecord) -> str:
+    return record.label + ".json"  # records are listed by file name
+
+
+def _patched(items: Sequence[T], changed: Mapping[K, T | None], key: Callable[[T], K], key_of) -> list[T]:
+    """`items` (sorted by `key`, unique) with each changed key's item replaced, added or (None)
+    removed: a copy of the list and a binary search per change."""
+    result = list(items)
+    for name, item in changed.items():
+        wanted = key_of(name)
+        i = bisect.bisect_left(result, wanted, key=key)
+        present = i < len(result) and key(result[i]) == wanted
+        if item is None:
+            if present:
+                del result[i]
+        elif present:
+            result[i] = item
+        else:
+            result.insert(i, item)
+    return result
 
 
 def _file_signatures(paths: HostPaths) -> dict[str, FileSignature]:
@@ -495,12 +527,12 @@ def _view_keys(view: ArrayView) -> tuple[set[str], set[str]]:
     return md, devices
 
 
-def _add(index: dict[str, frozenset[str]], keys: Iterable[str], value: str) -> None:
+def _add(index: _Cow, keys: Iterable[str], value: str) -> None:
     for key in keys:
         index[key] = index.get(key, frozenset()) | {value}
 
 
-def _discard(index: dict[str, frozenset[str]], keys: Iterable[str], value: str) -> None:
+def _discard(index: _Cow, keys: Iterable[str], value: str) -> None:
     for key in keys:
         rest = index.get(key, frozenset()) - {value}
         if rest:
@@ -509,45 +541,145 @@ def _discard(index: dict[str, frozenset[str]], keys: Iterable[str], value: str) 
             index.pop(key, None)
 
 
+_DELETED = object()
+
+
+class _Cow(Mapping):
+    """A mapping shared by successive snapshots' indexes. A derived index writes into a layer
+    of its own over its parent's base, which nobody modifies, so an older snapshot's look-ups
+    stay right and an update copies only the keys changed since the last fold; the layer is
+    folded into a new base once it holds more than FOLD keys (one full copy per FOLD changes)."""
+
+    FOLD = 256
+    __slots__ = ("_base", "_len", "_top")
+
+    def __init__(self, base: dict | None = None):
+        self._base = {} if base is None else base  # taken over: the caller keeps no reference
+        self._top: dict = {}
+        self._len = len(self._base)
+
+    def derive(self) -> _Cow:
+        new = _Cow.__new__(_Cow)
+        if len(self._top) > self.FOLD:
+            base = dict(self._base)
+            for key, value in self._top.items():
+                if value is _DELETED:
+                    del base[key]
+                else:
+                    base[key] = value
+            new._base, new._top = base, {}
+        else:
+            new._base, new._top = self._base, dict(self._top)
+        new._len = self._len
+        return new
+
+    def __getitem__(self, key):
+        top = self._top
+        if key in top:
+            value = top[key]
+            if value is _DELETED:
+                raise KeyError(key)
+            return value
+        return self._base[key]
+
+    def get(self, key, default=None):
+        top = self._top
+        if key in top:
+            value = top[key]
+            return default if value is _DELETED else value
+        return self._base.get(key, default)
+
+    def __contains__(self, key) -> bool:
+        top = self._top
+        if key in top:
+            return top[key] is not _DELETED
+        return key in self._base
+
+    def __setitem__(self, key, value) -> None:
+        if key not in self:
+            self._len += 1
+        self._top[key] = value
+
+    def __delitem__(self, key) -> None:
+        if key not in self:
+            raise KeyError(key)
+        self._len -= 1
+        if key in self._base:
+            self._top[key] = _DELETED
+        else:
+            del self._top[key]
+
+    def pop(self, key, default=None):
+        if key not in self:
+            return default
+        value = self[key]
+        del self[key]
+        return value
+
+    def __iter__(self):
+        top = self._top
+        for key in self._base:
+            if key not in top:
+                yield key
+        for key, value in top.items():
+            if value is not _DELETED:
+                yield key
+
+    def __len__(self) -> int:
+        return self._len
+
+
 @dataclass
 class _Index:
     """Look-ups over one snapshot; a derived snapshot derives its index from the previous one
     instead of walking every view again."""
 
-    by_id: dict[str, ArrayView]
-    position: dict[str, int]
-    by_label: dict[str, frozenset[str]]
-    by_md: dict[str, frozenset[str]]
-    by_device: dict[str, frozenset[str]]
+    by_id: _Cow  # attachment id -> ArrayView
+    position: _Cow  # attachment id -> where its view is in `arrays`
+    by_label: _Cow  # label -> attachment ids
+    by_md: _Cow  # md name -> attachment ids
+    by_device: _Cow  # kernel name -> attachment ids
     no_md: frozenset[str]
     attachments_by_target: dict[str, tuple[Attachment, ...]]
-    ids_by_target: dict[str, frozenset[str]]
-    sessions_by_target: dict[str, tuple[IscsiSession, ...]]
-    session_by_name: dict[str, IscsiSession]
-    session_by_host: dict[str, str]
-    session_views: dict[str, tuple[SessionView, ...]]
+    ids_by_target: _Cow  # target -> attachment ids
+    sessions_by_target: _Cow  # target -> its sessions by sid
+    session_by_name: _Cow
+    session_by_host: _Cow  # "host2" -> session name
+    session_views: _Cow  # target -> its SessionViews
+    stale_by_label: _Cow
 
     @classmethod
     def of(cls, snapshot: HostSnapshot) -> _Index:
-        index = cls({}, {}, {}, {}, {}, frozenset(), {}, {}, {}, {}, {}, {})
-        for position, view in enumerate(snapshot.arrays):
-            index.position[view.attachment.id] = position
+        index = cls(*(_Cow() for _ in range(5)), frozenset(), {}, *(_Cow() for _ in range(6)))
+        index.position = _Cow({view.attachment.id: i for i, view in enumerate(snapshot.arrays)})
+        for view in snapshot.arrays:
             index.enter(view)
         index.attachments_by_target = _attachments_by_target(snapshot.attachments)
-        index.index_sessions(snapshot.iscsi.sessions)
+        index.patch_sessions({s.name: s for s in snapshot.iscsi.sessions})
         for view in snapshot.sessions:
             index.session_views[view.target] = (*index.session_views.get(view.target, ()), view)
+        index.stale_by_label = _Cow({r.label: r for r in snapshot.stale})
         return index
 
-    def index_sessions(self, sessions: Iterable[IscsiSession]) -> None:
-        by_target: dict[str, list[IscsiSession]] = {}
-        self.session_by_name, self.session_by_host = {}, {}
-        for s in sessions:
-            by_target.setdefault(s.target, []).append(s)
-            self.session_by_name[s.name] = s
-            if s.host:
-                self.session_by_host[s.host] = s.name
-        self.sessions_by_target = {t: tuple(found) for t, found in by_target.items()}
+    def patch_sessions(self, changed: Mapping[str, IscsiSession | None]) -> None:
+        """Take over the sessions read again (None: gone), keeping each target's in sid order."""
+        for name, session in changed.items():
+            before = self.session_by_name.get(name)
+            if before is not None:
+                del self.session_by_name[name]
+                if before.host and self.session_by_host.get(before.host) == name:
+                    del self.session_by_host[before.host]
+                rest = tuple(s for s in self.sessions_by_target.get(before.target, ()) if s.name != name)
+                if rest:
+                    self.sessions_by_target[before.target] = rest
+                else:
+                    self.sessions_by_target.pop(before.target)
+            if session is not None:
+                self.session_by_name[name] = session
+                if session.host:
+                    self.session_by_host[session.host] = name
+                found = (*self.sessions_by_target.get(session.target, ()), session)
+                self.sessions_by_target[session.target] = tuple(sorted(found, key=_sid))
 
     def enter(self, view: ArrayView) -> None:
         a = view.attachment
@@ -570,21 +702,32 @@ class _Index:
         _discard(self.ids_by_target, (a.target,) if a.target else (), a.id)
         self.no_md = self.no_md - {a.id}
 
-    def copy(self) -> _Index:
+    def derive(self) -> _Index:
+        """The index of a snapshot derived from this one: sharing everything, copying nothing
+        but the changes since the last fold (this index is never modified again)."""
         return _Index(
-            dict(self.by_id),
+            self.by_id.derive(),
             self.position,
-            dict(self.by_label),
-            dict(self.by_md),
-            dict(self.by_device),
+            self.by_label.derive(),
+            self.by_md.derive(),
+            self.by_device.derive(),
             self.no_md,
             self.attachments_by_target,
-            dict(self.ids_by_target),
-            self.sessions_by_target,
-            self.session_by_name,
-            self.session_by_host,
-            dict(self.session_views),
+            self.ids_by_target.derive(),
+            self.sessions_by_target.derive(),
+            self.session_by_name.derive(),
+            self.session_by_host.derive(),
+            self.session_views.derive(),
+            self.stale_by_label,
         )
+
+
+def _sid(session: IscsiSession) -> int:
+    return session.sid
+
+
+def _view_target(view: SessionView) -> str:
+    return view.target
 
 
 def _attachments_by_target(attachments: Iterable[Attachment]) -> dict[str, tuple[Attachment, ...]]:
@@ -610,15 +753,22 @@ class _Update:
     def run(self) -> HostSnapshot:
         old, changes = self.old, self.changes
         md_names, session_names = self._names_from_devices()
-        attachments, hotplug, stale = self._files()
+        attachments, hotplug, stale, stale_changed = self._files()
         md, md_errors, changed_md, md_appeared = self._md(md_names | changes.md)
-        iscsi, iscsi_errors, changed_sessions = self._sessions(session_names | changes.sessions)
+        iscsi, iscsi_errors, changed_sessions, new_sessions = self._sessions(session_names | changes.sessions)
 
-        index = self.index.copy()
-        if iscsi is not old.iscsi:
-            index.index_sessions(iscsi.sessions)
+        index = self.index.derive()
+        if new_sessions:
+            index.patch_sessions(new_sessions)
         if attachments is not old.attachments:
             index.attachments_by_target = _attachments_by_target(attachments)
+        if stale_changed:
+            index.stale_by_label = index.stale_by_label.derive()
+            for label, record in stale_changed.items():
+                if record is None:
+                    index.stale_by_label.pop(label)
+                else:
+                    index.stale_by_label[label] = record
 
         # Which views to rebuild.
         old_by_id = {a.id: a for a in old.attachments} if attachments is not old.attachments else None
@@ -644,13 +794,9 @@ class _Update:
             targets.add(session)
         for target in targets:
             todo.update(self.index.ids_by_target.get(target, ()))
-        if stale is not old.stale:
-            before = {r.label: r for r in old.stale}
-            after = {r.label: r for r in stale}
-            for label in before.keys() | after.keys():
-                if before.get(label) != after.get(label):
-                    todo.update(self.index.by_label.get(label, ()))
-        stale_by_label = {r.label: r for r in stale}
+        for label in stale_changed:
+            todo.update(self.index.by_label.get(label, ()))
+        stale_by_label = index.stale_by_label
         if new_by_id is not None:
             todo.update(i for i, a in new_by_id.items() if i not in self.index.by_id)
         current = new_by_id if new_by_id is not None else None
@@ -677,7 +823,7 @@ class _Update:
 
         if reorder:
             arrays = tuple(sorted(index.by_id.values(), key=lambda v: _array_order(v.attachment)))
-            index.position = {v.attachment.id: i for i, v in enumerate(arrays)}
+            index.position = _Cow({v.attachment.id: i for i, v in enumerate(arrays)})
         elif changed:
             as_list = list(old.arrays)
             for key in changed:
@@ -703,6 +849,7 @@ class _Update:
             stale_files=self.stale_files,
             changed=frozenset(changed),
             changed_targets=frozenset(changed_targets),
+            reordered=reorder,
             derived_from=old.taken,
         )
         snapshot.__dict__["_index"] = index
@@ -733,12 +880,15 @@ class _Update:
                     sessions.add(view.session.name)
         return md, sessions
 
-    def _files(self) -> tuple[tuple[Attachment, ...], HotplugStats, tuple[StaleRecord, ...]]:
+    def _files(
+        self,
+    ) -> tuple[tuple[Attachment, ...], HotplugStats, tuple[StaleRecord, ...], dict[str, StaleRecord | None]]:
         old, paths = self.old, self.paths
         registry = Registry(paths)
         records = StaleRecords(paths)
         everything = self.changes.everything
         attachments, hotplug, stale = old.attachments, old.hotplug, old.stale
+        stale_changed: dict[str, StaleRecord | None] = {}
         for name, path in (
             ("registry", registry.directory),
             ("hotplug", registry.stats_path),
@@ -755,13 +905,20 @@ class _Update:
                 new_stats = _timed(self.sources, name, registry.read_stats, HotplugStats())
                 hotplug = old.hotplug if new_stats == old.hotplug else new_stats
             else:
-                # Per record file, except on the sweep (the safety net reads every one).
-                found, self.stale_files = _read_stale(
+                # Only the record files new or replaced, except on the sweep (the safety net reads
+                # every one).
+                self.stale_files, found = _read_stale(
                     self.sources, records, None if everything else old.stale_files
                 )
-                new_stale = tuple(found)
-                stale = old.stale if new_stale == old.stale else new_stale
-        return attachments, hotplug, stale
+                if found is None or everything:  # compare every record
+                    before = self.index.stale_by_label
+                    after = {r.label: r for r in _records_of(self.stale_files)}
+                    found = {label: after.get(label) for label in {*before, *after}}
+                    found = {k: v for k, v in found.items() if before.get(k) != v}
+                if found:
+                    stale = tuple(_patched(old.stale, found, _record_name, lambda label: label + ".json"))
+                    stale_changed = found
+        return attachments, hotplug, stale, stale_changed
 
     def _to_read(self, names: set[str], old_errors, known, list_names) -> tuple[set[str], dict]:
         """The names to re-read (on a sweep: every listed and every known one) and the errors
@@ -784,7 +941,7 @@ class _Update:
         names, errors = self._to_read(names, old.md_errors, old.md.arrays, md_array_names)
         arrays = dict(old.md.arrays)
         changed: set[str] = set()
-        appeared = False
+        appeared = removed = False
         for name in names:
             array, array_errors = read_md_array_errors(sysfs, name)
             before = arrays.get(name)
@@ -796,6 +953,7 @@ class _Update:
                 if before is not None:
                     del arrays[name]
                     changed.add(name)
+                    removed = True
                 continue
             if before is None:
                 appeared = True
@@ -803,23 +961,26 @@ class _Update:
                 continue
             arrays[name] = array
             changed.add(name)
-        if appeared or any(n not in arrays for n in old.md.arrays):
+        if appeared or removed:
             arrays = {name: arrays[name] for name in sorted(arrays)}
         md = MdReadResult(arrays, _flat_errors(errors, sorted))
         self.sources["md"] = SourceResult(time.perf_counter() - started, tuple(md.errors))
         return md, errors, changed, appeared
 
     def _sessions(self, names: set[str]):
+        """The sessions read again: (result, errors, targets whose sessions changed, the new
+        session objects by name (None: gone))."""
         old = self.old
         sysfs = self.paths.sysfs
         if not names and not self.changes.everything:
-            return old.iscsi, old.iscsi_errors, set()
+            return old.iscsi, old.iscsi_errors, set(), {}
         started = time.perf_counter()
         names, errors = self._to_read(
             names, old.iscsi_errors, self.index.session_by_name, iscsi_session_names
         )
-        by_name = dict(self.index.session_by_name)
+        by_name = self.index.session_by_name
         changed_targets: set[str] = set()
+        new: dict[str, IscsiSession | None] = {}
         for name in names:
             session, session_errors = read_iscsi_session(sysfs, name)
             if session_errors:
@@ -832,17 +993,11 @@ class _Update:
             for s in (before, session):
                 if s is not None:
                     changed_targets.add(s.target)
-            if session is None:
-                del by_name[name]
-            else:
-                by_name[name] = session
-        if changed_targets:
-            sessions = [by_name[n] for n in sorted(by_name, key=session_sid)]
-        else:
-            sessions = old.iscsi.sessions
+            new[name] = session
+        sessions = _patched(old.iscsi.sessions, new, _sid, session_sid) if new else old.iscsi.sessions
         iscsi = IscsiReadResult(sessions, _flat_errors(errors, lambda ns: sorted(ns, key=session_sid)))
         self.sources["iscsi"] = SourceResult(time.perf_counter() - started, tuple(iscsi.errors))
-        return iscsi, errors, changed_targets
+        return iscsi, errors, changed_targets, new
 
     def _session_views(
         self, index: _Index, targets: set[str], attachments: tuple[Attachment, ...]
@@ -870,8 +1025,13 @@ class _Update:
                 changed.add(target)
         if not changed:
             return old.sessions, changed
-        sessions = tuple(v for t in sorted(index.session_views) for v in index.session_views[t])
-        return sessions, changed
+        # Each target's views are one run of `sessions` (ordered by target): replace those runs.
+        sessions = list(old.sessions)
+        for target in changed:
+            start = bisect.bisect_left(sessions, target, key=_view_target)
+            end = bisect.bisect_right(sessions, target, key=_view_target)
+            sessions[start:end] = index.session_views.get(target, ())
+        return tuple(sessions), changed
 
 
 def _session_for(a: Attachment, sessions: list[IscsiSession]) -> tuple[IscsiSession | None, ScsiLun | None]:

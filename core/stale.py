@@ -101,32 +101,107 @@ class StaleRecords:
         """read_all, reading again only the files whose stat moved since `known` (what the last
         call returned; None reads every file): one new record costs one file, not all of them."""
         try:
-            names = sorted(
-                n for n in os.listdir(self.directory) if n.endswith(".json") and not n.startswith(".")
-            )
+            names = sorted(self._names())
         except FileNotFoundError:
             return [], [], {}
         records, errors, files = [], [], {}
         for name in names:
-            label = name[: -len(".json")]
-            try:
-                check_label(label, ValueError)
-            except ValueError as e:
-                errors.append(f"{self.directory / name}: not a record iscsimple writes ({e})")
-                continue
-            signature = FileSignature.of(self.directory / name, follow_symlinks=False)  # before reading
             seen = known.get(name) if known is not None else None
-            if seen is not None and not signature.moved_since(seen.signature):
-                record = seen.record
-            else:
-                record = self.get(label)
-            if record is None:
+            found = self._read_file(name, seen)
+            if isinstance(found, str):
+                errors.append(found)
+                continue
+            if found is None:
                 continue  # cleared while we listed
-            files[name] = RecordFile(signature, record)
-            if record.unreadable:
-                errors.append(record.reason)
-            records.append(record)
+            files[name] = found
+            if found.record.unreadable:
+                errors.append(found.record.reason)
+            records.append(found.record)
         return records, errors, files
+
+    def read_moved(self, known: RecordFiles | None) -> tuple[RecordFiles, dict[str, StaleRecord | None]]:
+        """The records directory again, reading only the files that are new or were replaced
+        since `known` (their inode, from the listing, differs: iscsimple writes a record by
+        renaming a new file over it), and what changed by label (None: the record is gone).
+        With `known` None every file is read. A file edited in place keeps its inode: the full
+        sweep (read_changed(None)) finds it."""
+        try:
+            listing = self._inodes()
+        except FileNotFoundError:
+            listing = {}
+        if known is None:
+            known = RecordFiles()
+            moved = set(listing)
+        else:
+            moved = {name for name, _ in listing.items() - known.inodes.items()}
+        gone = known.inodes.keys() - listing.keys()
+        if not moved and not gone:
+            return known, {}
+        files, problems, inodes = dict(known.files), dict(known.problems), dict(known.inodes)
+        changed: dict[str, StaleRecord | None] = {}
+        for name in gone:
+            inodes.pop(name, None)
+            problems.pop(name, None)
+            before = files.pop(name, None)
+            if before is not None:
+                changed[before.record.label] = None
+        for name in moved:
+            before = files.pop(name, None)
+            problems.pop(name, None)
+            inodes[name] = listing[name]
+            found = self._read_file(name, None)
+            if isinstance(found, str):
+                problems[name] = found
+            elif found is None:
+                del inodes[name]  # cleared while we listed
+            else:
+                files[name] = found
+                if found.record.unreadable:
+                    problems[name] = found.record.reason
+            after = found.record if isinstance(found, RecordFile) else None
+            if before is not None and after is None:
+                changed[before.record.label] = None
+            elif after is not None and (before is None or before.record != after):
+                changed[after.label] = after
+        return RecordFiles(files, inodes, problems), changed
+
+    def _names(self) -> list[str]:
+        return [n for n in os.listdir(self.directory) if n.endswith(".json") and not n.startswith(".")]
+
+    def _inodes(self) -> dict[str, int]:
+        with os.scandir(self.directory) as entries:
+            return {
+                e.name: e.inode() for e in entries if e.name.endswith(".json") and not e.name.startswith(".")
+            }
+
+    def _read_file(self, name: str, seen: RecordFile | None) -> RecordFile | str | None:
+        """One record file: reused from `seen` when its stat did not move; a problem line when
+        its name is not a record's; None when it is gone."""
+        label = name[: -len(".json")]
+        try:
+            check_label(label, ValueError)
+        except ValueError as e:
+            return f"{self.directory / name}: not a record iscsimple writes ({e})"
+        signature = FileSignature.of(self.directory / name, follow_symlinks=False)  # before reading
+        if seen is not None and not signature.moved_since(seen.signature):
+            return seen
+        record = self.get(label)
+        return None if record is None else RecordFile(signature, record)
+
+
+@dataclass(frozen=True)
+class RecordFiles:
+    """The records directory as last read: each record file by name, the inode each name had
+    in the listing, and the problem line of each name that is not a readable record."""
+
+    files: Mapping[str, RecordFile] = field(default_factory=dict)
+    inodes: Mapping[str, int] = field(default_factory=dict)
+    problems: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def errors(self) -> list[str]:
+        """The problems in the order read_changed lists them (by file name)."""
+        return [self.problems[name] for name in sorted(self.problems)]
 
 
 @dataclass(frozen=True)

@@ -225,3 +225,47 @@ def test_mdstat_diff_of_the_changed_stretch_equals_a_full_split(one, other):
         assert _named_blocks(after.decode(), {"md1", "md_web1", "md9"}) == {
             n: b for n, b in new.items() if n in {"md1", "md_web1", "md9"}
         }
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 20), st.integers()), max_size=60))
+def test_copy_on_write_index_map_leaves_its_parents_alone(operations):
+    """A derived index writes into its own layer: every earlier map still reads what it held,
+    through folds into a new base too."""
+    from iscsimple.core.snapshot import _Cow
+
+    maps, expected = [_Cow({1: 1, 2: 2})], [{1: 1, 2: 2}]
+    with mock.patch.object(_Cow, "FOLD", 3):
+        for put, key, value in operations:
+            child, model = maps[-1].derive(), dict(expected[-1])
+            if put:
+                child[key] = value
+                model[key] = value
+            else:
+                assert child.pop(key, "absent") == model.pop(key, "absent")
+            maps.append(child)
+            expected.append(model)
+    for cow, model in zip(maps, expected, strict=True):
+        assert dict(cow) == model and len(cow) == len(model)
+        assert all((k in cow) == (k in model) and cow.get(k) == model.get(k) for k in range(-1, 22))
+
+
+def test_a_record_replaced_under_its_name_is_read_again(tmp_path):
+    """The records directory is compared by the inodes of its listing: a record iscsimple
+    rewrites (a new file renamed over it) is read again, the others are not."""
+    host = SimulatedHost(tmp_path)
+    records = StaleRecords(host.paths)
+    for label in ("a", "b"):
+        records.put(StaleRecord(label, 1.0, "md1", "vm", 1, None, 1, None, None, "test", 1.0))
+    known, changed = records.read_moved(None)
+    assert set(changed) == {"a", "b"}
+    with mock.patch.object(records, "get", wraps=records.get) as get:
+        again, changed = records.read_moved(known)
+        assert again is known and changed == {} and not get.called
+        write_atomic(records.path("a"), b"{not json", mode=0o600)
+        again, changed = records.read_moved(known)
+        assert [c.args for c in get.call_args_list] == [("a",)]
+    assert changed["a"].unreadable and again.errors == [changed["a"].reason]
+    records.clear("b")
+    _, changed = records.read_moved(again)
+    assert changed == {"b": None}
