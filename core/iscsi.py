@@ -36,7 +36,7 @@ _SESSION = re.compile(r"^session([0-9]{1,9})$")
 _HCTL = re.compile(r"^([0-9]{1,9}):([0-9]{1,9}):([0-9]{1,9}):([0-9]{1,19})$")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ScsiLun:
     hctl: str  # "0:0:0:1"
     lun: int
@@ -45,7 +45,7 @@ class ScsiLun:
     dev: str | None  # "8:0"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class IscsiSession:
     sid: int
     name: str  # "session1"
@@ -165,14 +165,15 @@ def find_lun_block(
 
 
 def _read_session(sysfs: Path, class_dir: str, name: str, errors: list[str]) -> IscsiSession | None:
-    attrs_dir = os.path.realpath(os.path.join(class_dir, name))
+    attrs_dir = _session_attrs_dir(class_dir, name)
     session_errors: list[str] = []
     attrs = AttrReader(attrs_dir, session_errors)
     target = attrs.text("targetname", required=True, empty_ok=False)
     # .../host0/session1/iscsi_session/session1 -> the session device is two levels up.
     session_dir = os.path.dirname(os.path.dirname(attrs_dir))
     host = os.path.basename(os.path.dirname(session_dir))
-    address, port, connection_state = _read_connection(session_dir, session_errors)
+    entries = _list(session_dir, "")
+    address, port, connection_state = _read_connection(session_dir, entries, session_errors)
     session = IscsiSession(
         sid=int(name[len("session") :]),
         name=name,
@@ -184,7 +185,7 @@ def _read_session(sysfs: Path, class_dir: str, name: str, errors: list[str]) -> 
         portal_address=address,
         portal_port=port,
         connection_state=connection_state,
-        luns=_read_luns(sysfs, session_dir, session_errors),
+        luns=_read_luns(sysfs, session_dir, entries, session_errors),
     )
     if session_errors and not os.path.isdir(attrs_dir):
         return None  # logged out while we read it: the missing files are no fault
@@ -192,9 +193,33 @@ def _read_session(sysfs: Path, class_dir: str, name: str, errors: list[str]) -> 
     return session
 
 
-def _read_connection(session_dir: str, errors: list[str]) -> tuple[str | None, int | None, str | None]:
+def _session_attrs_dir(class_dir: str, name: str) -> str:
+    """Where the class link class_dir/NAME points. The kernel's link is relative,
+    ../../devices/.../iscsi_session/sessionN: joined to class_dir that needs one readlink,
+    where realpath costs an lstat per component of the whole path (for every session on a
+    full read). Anything else, or class dirs that are links themselves, goes to realpath."""
+    link = os.path.join(class_dir, name)
+    try:
+        target = os.readlink(link)
+        simple = (
+            target.startswith("../../devices/")
+            and "/." not in target[len("../..") :]
+            and "//" not in target
+            and not os.path.islink(class_dir)
+            and not os.path.islink(os.path.dirname(class_dir))
+        )
+    except OSError:
+        simple = False
+    if not simple:
+        return os.path.realpath(link)
+    return os.path.normpath(os.path.join(class_dir, target))
+
+
+def _read_connection(
+    session_dir: str, entries: list[str], errors: list[str]
+) -> tuple[str | None, int | None, str | None]:
     # open-iscsi uses one connection per session (connection<sid>:0); take the first.
-    for conn in sorted(_list(session_dir, "connection")):
+    for conn in sorted(e for e in entries if e.startswith("connection")):
         conn_dir = os.path.join(session_dir, conn, "iscsi_connection", conn)
         if not os.path.isdir(conn_dir):
             continue
@@ -207,9 +232,9 @@ def _read_connection(session_dir: str, errors: list[str]) -> tuple[str | None, i
     return None, None, None
 
 
-def _read_luns(sysfs: Path, session_dir: str, errors: list[str]) -> tuple[ScsiLun, ...]:
+def _read_luns(sysfs: Path, session_dir: str, entries: list[str], errors: list[str]) -> tuple[ScsiLun, ...]:
     luns = []
-    for target in _list(session_dir, "target"):
+    for target in (e for e in entries if e.startswith("target")):
         target_dir = os.path.join(session_dir, target)
         for hctl in _list(target_dir, ""):
             m = _HCTL.match(hctl)

@@ -34,7 +34,7 @@ __all__ = [
 REDUNDANT_LEVELS = frozenset({"raid1", "raid4", "raid5", "raid6", "raid10"})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MdMember:
     name: str  # "sda", "loop1", "dm-3" (the dev-<name> directory)
     slot: int | None  # role in the array; None for "none" (spare or faulty)
@@ -77,7 +77,7 @@ class MdMember:
         return self.slot is not None and not self.in_sync and not self.faulty
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MdArray:
     name: str  # "md127", "md_data"
     dev: str | None  # "9:127"

@@ -25,7 +25,7 @@ from .registry import vm_name
 from .spec import check_label
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StaleRecord:
     label: str
     since: float  # when the iSCSI leg was seen failed or gone
