@@ -216,7 +216,7 @@ def _read_members(md_fd: int, md_dir: str, entries: list[str], errors: list[str]
         member = MdMember(
             name=entry[4:],
             slot=attrs.parsed("slot", True, parse_int),
-            state=frozenset(filter(None, (state_text or "").split(","))),
+            state=_member_state(state_text or ""),
             errors=attrs.parsed("errors", True, parse_int),
             recovery_start=attrs.parsed("recovery_start", True, parse_int),
             # dev-X/block links to the member's block device dir, whatever kind (disk,
@@ -229,6 +229,19 @@ def _read_members(md_fd: int, md_dir: str, entries: list[str], errors: list[str]
         members.append(member)
     members.sort(key=lambda m: (m.slot is None, m.slot or 0, m.name))
     return tuple(members)
+
+
+_STATES: dict[str, frozenset[str]] = {}
+
+
+def _member_state(text: str) -> frozenset[str]:
+    """The flags of dev-*/state as a set, one shared set per distinct text (a handful occur)."""
+    state = _STATES.get(text)
+    if state is None:
+        state = frozenset(filter(None, text.split(",")))
+        if len(_STATES) < 256:  # a tree full of garbage must not grow it without bound
+            _STATES[text] = state
+    return state
 
 
 def _parse_raid_disks(text: str) -> int:

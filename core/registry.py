@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -101,8 +102,12 @@ class Attachment:
         Raises ValueError naming the first bad field."""
         if not isinstance(data, dict):
             raise ValueError(f"expected a JSON object, found {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}  # tolerate newer writers
+        known = _ATTACHMENT_FIELDS
+        # Tolerate newer writers. Short texts (states, legs, portals) repeat across thousands of
+        # entries: one string each instead of one per entry kept in every snapshot.
+        values = {
+            k: sys.intern(v) if type(v) is str and len(v) <= 64 else v for k, v in data.items() if k in known
+        }
         for name in ("id", "spec", "lun", "target", "label"):
             if name not in values:
                 raise ValueError(f"no {name!r}")
@@ -113,6 +118,9 @@ class Attachment:
         if values.get("last") is not None:
             values["last"] = _operation_result(values["last"])
         return cls(**values)
+
+
+_ATTACHMENT_FIELDS = frozenset(f.name for f in fields(Attachment))
 
 
 # -- checks of what a registry entry may hold (it is read back as untrusted input) ----------------

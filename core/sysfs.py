@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -82,7 +83,9 @@ class AttrReader:
             if required:
                 self.errors.append(f"{os.path.join(self.directory, attr)}: empty")
             return None
-        return text
+        # Most values repeat across thousands of arrays ("raid1", "clean", "LOGGED_IN"): one
+        # string each instead of a copy per array kept in the snapshot.
+        return sys.intern(text)
 
     def parsed(
         self, attr: str, required: bool, parse: Callable[[str], T], none_words: tuple[str, ...] = ("none",)
