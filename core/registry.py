@@ -58,7 +58,7 @@ def vm_name(
     return numbered.format(domain_id) if domain_id is not None else unknown
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Attachment:
     id: str  # "vbd-<domid>-<devid>" under Xen, "cli-<label or target-lun>" from the CLI
     spec: str

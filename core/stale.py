@@ -25,7 +25,7 @@ from .registry import vm_name
 from .spec import check_label
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class StaleRecord:
     label: str
     since: float  # when the iSCSI leg was seen failed or gone
