@@ -32,12 +32,13 @@ import string
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import bcrypt
-import yaml
+from typing import TYPE_CHECKING
 
 from iscsimple.core.errors import InputError
 from iscsimple.core.files import kind_of, read_file
+
+if TYPE_CHECKING:
+    import yaml
 
 _TLS_KEYS = {
     "cert_file",
@@ -181,6 +182,8 @@ class BasicAuth:
             if verdict is not None:
                 return verdict
             hashed = self._hash_of(user)
+            import bcrypt  # only an agent with basic_auth_users needs it (~0.5 MiB resident)
+
             try:
                 # An unknown user costs the same bcrypt, so user names cannot be probed.
                 ok = bcrypt.checkpw(password, hashed or _dummy_hash()) and hashed is not None
@@ -233,15 +236,19 @@ class WebConfig:
 @functools.cache
 def _dummy_hash() -> bytes:
     # Made on first use, not at import: hashing costs the agent's start-up ~0.1 s of CPU.
+    import bcrypt
+
     return bcrypt.hashpw(b"iscsimple-dummy", bcrypt.gensalt(rounds=10))
 
 
 def load_web_config(path: Path) -> WebConfig:
     """Parse --web.config.file; every problem is a one-line WebConfigError naming the file."""
+    import yaml  # only with --web.config.file (~1.2 MiB resident otherwise for nothing)
+
     path = Path(path)
     text = _read_config(path)
     try:
-        data = yaml.load(text, Loader=_StrictLoader)  # _StrictLoader is a SafeLoader
+        data = yaml.load(text, Loader=_strict_loader())  # a SafeLoader
     except yaml.YAMLError as e:
         raise WebConfigError(_yaml_problem(path, e)) from None
     except RecursionError:
@@ -265,24 +272,30 @@ def load_web_config(path: Path) -> WebConfig:
     return config
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice, as Go's yaml.UnmarshalStrict does: with
-    PyYAML the last one wins, so a second, empty tls_server_config would turn TLS off."""
+@functools.cache
+def _strict_loader():
+    import yaml
 
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-                seen.add(key)
-            except TypeError:
-                continue  # unhashable: the base class reports it
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {str(key)[:80]!r} appears twice", key_node.start_mark
-                )
-        return super().construct_mapping(node, deep=deep)
+    class StrictLoader(yaml.SafeLoader):
+        """SafeLoader that refuses a key given twice, as Go's yaml.UnmarshalStrict does: with
+        PyYAML the last one wins, so a second, empty tls_server_config would turn TLS off."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:
+                    continue  # unhashable: the base class reports it
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {str(key)[:80]!r} appears twice", key_node.start_mark
+                    )
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader
 
 
 def _read_config(path: Path) -> str:
