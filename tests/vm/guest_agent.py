@@ -11,24 +11,22 @@ and either the result fields or "error".
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import glob
-import hashlib
 import json
 import mmap
 import os
-import random
 import re
-import shutil
 import signal
 import stat
 import subprocess
 import sys
-import tarfile
 import time
 import traceback
-import urllib.request
 from pathlib import Path
+
+# Modules only some requests need (ctypes, hashlib, random, shutil, tarfile, urllib.request) are
+# imported where they are used: this process starts while the guest boots, and under TCG every
+# module imported at start-up costs boot time (so does `site`: init starts it with `python -S`).
 
 PORT_NAME = "iscsimple.ctl"
 RESULTS = Path("/mnt/iscsimple-results")
@@ -37,6 +35,8 @@ BLOCK = 1 << 20
 
 def pattern(seed: str, length: int) -> bytes:
     """Deterministic content for a disk, different for every seed (randbytes: fast even under TCG)."""
+    import random
+
     return random.Random(seed).randbytes(length)
 
 
@@ -187,6 +187,8 @@ class Agent:
     def op_wait_metric(self, url, line_regex, timeout=30.0, interval=0.05):
         """Scrape url until one exposition line matches; returns the matching line and when it first did."""
         start = time.monotonic()
+        import urllib.request
+
         rx = re.compile(line_regex, re.M)
         last = None
         while True:
@@ -207,6 +209,8 @@ class Agent:
             time.sleep(interval)
 
     def op_http_get(self, url, timeout=10.0):
+        import urllib.request
+
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             return {"status": resp.status, "text": resp.read().decode(errors="replace")}
 
@@ -216,6 +220,8 @@ class Agent:
     # -- block devices -------------------------------------------------------------------------------
     def op_fill(self, path, seed, length):
         """Write pattern(seed) to a block device, bypassing the page cache, and flush it."""
+        import hashlib
+
         data = pattern(seed, length)
         fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_SYNC)
         try:
@@ -232,6 +238,8 @@ class Agent:
 
     def op_sha256(self, path, length=None):
         """Checksum of what is on the device now (O_DIRECT: md writes to the legs bypass their page cache)."""
+        import hashlib
+
         fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
         try:
             size = os.lseek(fd, 0, os.SEEK_END)
@@ -274,6 +282,9 @@ class Agent:
     # -- captures ------------------------------------------------------------------------------------
     def op_capture(self, dest, commands=()):
         """Save the md and iSCSI sysfs state in the layout of the shared fixtures (NN_state/sys/...)."""
+        import shutil
+        import tarfile
+
         # Built on tmpfs and shipped as one tar: thousands of small writes over 9p are slow.
         root = Path("/tmp/captures") / dest
         shutil.rmtree(root, ignore_errors=True)
@@ -416,6 +427,8 @@ def serve() -> None:
 
 
 def power_off() -> None:
+    import ctypes
+
     os.sync()
     libc = ctypes.CDLL(None, use_errno=True)
     libc.reboot(0x4321FEDC)  # RB_POWER_OFF
