@@ -27,8 +27,7 @@ import threading
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-
-from apscheduler.schedulers.background import BackgroundScheduler
+from typing import TYPE_CHECKING
 
 from iscsimple import __version__ as VERSION
 from iscsimple.core.atomic import write_atomic
@@ -51,8 +50,12 @@ from .exposition import Rendered
 from .health import HealthChecker
 from .refresh import Refresher, Watcher
 from .safety import Safety
-from .web import AgentHTTPServer, Endpoints
 from .webconfig import WebConfig, load_web_config
+
+if TYPE_CHECKING:
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from .web import AgentHTTPServer
 
 log = logging.getLogger("iscsimple.agent")
 
@@ -124,13 +127,18 @@ class Agent:
             Context(self.refresher.snapshot, self.health, self.safety)
         )
         self.refresher.watchers = [self.health, self.safety, *options.watchers]
-        self.scheduler = BackgroundScheduler(daemon=True)
+        # Made by start(): `--once` never needs apscheduler or the web server, and importing them
+        # is a large part of the agent's start-up (seconds on a slow or emulated CPU).
+        self.scheduler: BackgroundScheduler | None = None
         self._watchers: list[UdevWatcher | MdstatWatcher | KernelLogWatcher] = []
         self.started = threading.Event()
 
     # -- life cycle ---------------------------------------------------------------
 
     def start(self, udev_monitor_factory=udev_monitor) -> Agent:
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        self.scheduler = BackgroundScheduler(daemon=True)
         first_full_read(self.refresher)  # ready before the first scrape
         self.refresher.start()
         o = self.options
@@ -176,7 +184,7 @@ class Agent:
     def stop(self) -> None:
         for watcher in self._watchers:
             watcher.stop()
-        if self.scheduler.running:
+        if self.scheduler is not None and self.scheduler.running:
             self.scheduler.shutdown(wait=False)
         self.refresher.stop()
 
@@ -501,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(
     agent: Agent, listen: tuple[str, int], web_config: WebConfig, on_ready=None, any_port_if_busy=False
 ) -> int:
+    from .web import AgentHTTPServer, Endpoints
+
     endpoints = Endpoints(agent.metrics, agent.healthy, agent.ready, agent.summary)
     try:
         try:
