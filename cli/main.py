@@ -14,27 +14,28 @@ Errors are one sentence on stderr, never a traceback (--debug shows one).
 
 Each subcommand is a module-level `add_<name>(subparsers)` that registers its parser
 and sets `run`; SUBCOMMANDS lists them in help order. A larger subcommand (like
-`resolve`) lives in its own module with the same shape and is added to SUBCOMMANDS;
-nothing else here needs to change.
+`resolve`) lives in its own module with the same shape and is added to SUBCOMMANDS as a
+`Lazy` (that module is imported only when the command line may run it); nothing else
+here needs to change.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import importlib
 import logging
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from iscsimple import __version__
 from iscsimple.core.config import Config, load_config
 from iscsimple.core.errors import InputError, IscsimpleError, one_line
 
-from .migrate import add_accept_loss, add_migrate_check
 from .options import Parser, common_options, host_paths
-from .resolve import add_resolve
 
 log = logging.getLogger("iscsimple")
 
@@ -225,6 +226,27 @@ def run_install_hook(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class Lazy:
+    """`add_<name>` of a subcommand whose module imports much (resolve: the heal and attach
+    engines). The module is imported only when the command line may run one of `commands`:
+    it names one, names no subcommand at all, or asks for --help. Every other start of the
+    CLI skips those imports (seconds each on an emulated CPU, where the real-kernel tests run)."""
+
+    module: str
+    function: str
+    commands: tuple[str, ...]
+
+    def __call__(self, sub) -> None:
+        getattr(importlib.import_module(self.module, __package__), self.function)(sub)
+
+    def needed(self, argv: Sequence[str] | None, known: set[str]) -> bool:
+        if argv is None or "-h" in argv or "--help" in argv:
+            return True
+        named = known.intersection(argv)
+        return not named or bool(named.intersection(self.commands))
+
+
 SUBCOMMANDS: tuple[Callable, ...] = (
     add_status,
     add_check_config,
@@ -232,13 +254,14 @@ SUBCOMMANDS: tuple[Callable, ...] = (
     add_detach,
     add_convert_config,
     add_install_hook,
-    add_resolve,  # iscsimple resolve LABEL --keep local|iscsi (cli/resolve.py)
-    add_migrate_check,
-    add_accept_loss,
+    Lazy(".resolve", "add_resolve", ("resolve",)),  # iscsimple resolve LABEL --keep local|iscsi
+    Lazy(".migrate", "add_migrate_check", ("migrate-check",)),
+    Lazy(".migrate", "add_accept_loss", ("accept-loss",)),
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The whole parser; given the command line, without the Lazy subcommands it cannot run."""
     common = common_options()
     parser = Parser(
         prog="iscsimple",
@@ -257,7 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
         return original_add(name, parents=[common], **kwargs)
 
     sub.add_parser = add_parser
+    lazy_names = {name for add in SUBCOMMANDS if isinstance(add, Lazy) for name in add.commands}
     for add in SUBCOMMANDS:
+        if isinstance(add, Lazy) and not add.needed(argv, set(sub.choices) | lazy_names):
+            continue
         add(sub)
     return parser
 
@@ -290,7 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = False
     command = "iscsimple"
     try:
-        args = parse_args(build_parser(), argv)
+        if argv is None:
+            argv = sys.argv[1:]
+        args = parse_args(build_parser(argv), argv)
         debug = getattr(args, "debug", False)
         command = f"iscsimple {args.command}"
         _setup_logging(debug)

@@ -203,3 +203,41 @@ def test_resolve_help_speaks_to_operators_not_about_modules(capsys):
     assert "--keep local" in out
     for internal in ("core.", "hotplug.", "plan_heal"):
         assert internal not in out
+
+
+def test_a_subcommand_module_is_imported_only_when_the_command_line_may_run_it():
+    """resolve and migrate (and the heal and attach engines they import) are not loaded to run
+    `status`; --help, a wrong command and their own names still get every subcommand."""
+    code = (
+        "import sys\n"
+        "from iscsimple.cli import main\n"
+        "main.build_parser(['status', '--json'])\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('iscsimple.'))))\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    loaded = set(res.stdout.split())
+    assert "iscsimple.cli.main" in loaded
+    assert not loaded & {"iscsimple.cli.resolve", "iscsimple.cli.migrate", "iscsimple.hotplug.attach"}, loaded
+
+    every = {
+        "status",
+        "check-config",
+        "attach",
+        "detach",
+        "convert-config",
+        "install-hook",
+        "resolve",
+        "migrate-check",
+        "accept-loss",
+    }
+    for argv in (["--help"], ["status", "-h"], ["no-such-command"], [], ["--debug"]):
+        assert set(cli._subparsers(cli.build_parser(argv))) == every, argv
+    assert set(cli._subparsers(cli.build_parser(["status"]))) == every - {
+        "resolve",
+        "migrate-check",
+        "accept-loss",
+    }
+    assert "resolve" in cli._subparsers(cli.build_parser(["resolve", "vm1", "--keep", "local"]))
+    assert "accept-loss" in cli._subparsers(cli.build_parser(["--debug", "accept-loss", "lun1@iqn.x"]))
