@@ -24,6 +24,7 @@ import os
 import re
 import stat
 import struct
+import threading
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 BITMAP_MAGIC = 0x6D746962  # "bitm", md-bitmap.h
 SUPERBLOCK_BYTES = 256
+BITMAP_STALE = 0x2  # md-bitmap.h: the state bit md sets in the file when it stops trusting it
 # A heal copies every chunk an outage touched, whole: 64 KiB keeps scattered small writes from
 # turning into many MiB to copy (bench/heal.py: 4 MiB in 64 places -> 4 MiB copied, vs 57 MiB at
 # 1 MiB chunks); the writer's cost at 64 KiB vs 1 MiB is in the README (Benchmark).
@@ -52,6 +54,14 @@ BITMAP_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs"})
 # mdadm 4.4 removed bitmap files ("mdadm: remove bitmap file support").
 MDADM_LAST_WITH_FILES = (4, 3)
 KICKED = re.compile(r"kicking failed bitmap file|disabling internal bitmap")
+# What md logs when it stops using an array's bitmap (drivers/md/md-bitmap.c, md_bitmap_file_kick):
+# "md127: kicking failed bitmap file /var/lib/iscsimple/bitmaps/vm1 from array!" (6.1 prints the
+# whole path, later kernels its last four components) or "md127: disabling internal bitmap due to
+# errors"; "mdX" when md could not name the array. md keeps "bitmap:" in /proc/mdstat after it.
+KICK_RECORD = re.compile(
+    r"^\s*(\S+): (?:kicking failed bitmap file .* from array!|disabling internal bitmap due to errors)"
+)
+UNNAMED_ARRAY = "mdX"
 
 
 class BitmapFileError(InputError):
@@ -429,10 +439,23 @@ def _decimal(text: str) -> bool:
     return text.isascii() and text.isdigit() and len(text) <= 20
 
 
+def parse_kmsg_record(line: str) -> tuple[int, int, str] | None:
+    """One /dev/kmsg record's first line, "PRIORITY,SEQ,USEC,FLAGS;TEXT" -> (seq, usec, text)."""
+    head, sep, text = line.partition(";")
+    parts = head.split(",")
+    if sep and len(parts) >= 3 and _decimal(parts[1]) and _decimal(parts[2]):
+        return int(parts[1]), int(parts[2]), text
+    return None
+
+
 def read_kernel_log(paths: HostPaths) -> KernelLog | None:
     """Every record still in the kernel's ring buffer (/dev/kmsg), or None if unreadable."""
+    return read_kernel_log_at(paths.devfs / "kmsg")
+
+
+def read_kernel_log_at(path: Path) -> KernelLog | None:
     try:
-        fd = os.open(paths.devfs / "kmsg", os.O_RDONLY | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return None
     records: list[tuple[int, str]] = []
@@ -450,17 +473,70 @@ def read_kernel_log(paths: HostPaths) -> KernelLog | None:
                 break
             total += len(chunk)
             for line in chunk.decode(errors="replace").splitlines():
-                head, sep, text = line.partition(";")
-                parts = head.split(",")
-                if sep and len(parts) >= 3 and _decimal(parts[1]) and _decimal(parts[2]):
-                    records.append((int(parts[1]), text))
-                    usecs.append(int(parts[2]))
+                record = parse_kmsg_record(line)
+                if record is not None:
+                    records.append((record[0], record[2]))
+                    usecs.append(record[1])
     except OSError:
         return None
     finally:
         os.close(fd)
     seqs = [s for s, _ in records]
     return KernelLog(min(seqs, default=None), max(seqs, default=None), tuple(records), tuple(usecs))
+
+
+def kicked_array(message: str) -> str | None:
+    """The md array (kernel name) whose bitmap a kernel log message says md dropped, else None."""
+    found = KICK_RECORD.match(message)
+    return found[1] if found else None
+
+
+class BitmapKicks:
+    """The arrays whose bitmap md dropped, by kernel name, with the kernel log sequence number of
+    the last such record: read from the whole kernel log when the agent starts and then from each
+    new record (exporter/events.py, KernelLogWatcher). md keeps "bitmap:" in /proc/mdstat after a
+    kick, so without this the agent would go on saying the bitmap is in use. Thread-safe: the
+    watcher notes, the refresher reads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: dict[str, int] = {}
+        self._changed: list[str] = []  # kicked arrays in order, for `since`
+
+    def note(self, md_name: str, seq: int) -> bool:
+        """Remember a kick; True when it is news."""
+        with self._lock:
+            if self._last.get(md_name, -1) >= seq:
+                return False
+            self._last[md_name] = seq
+            self._changed.append(md_name)
+            return True
+
+    def note_log(self, records) -> set[str]:
+        """Every kick in (seq, message) records; returns the arrays with news."""
+        news = set()
+        for seq, message in records:
+            md_name = kicked_array(message)
+            if md_name is not None and self.note(md_name, seq):
+                news.add(md_name)
+        return news
+
+    def last_seqs(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._last)
+
+    def since(self, mark: int) -> tuple[set[str], int]:
+        """The arrays kicked after `mark` (0: ever) and the mark to pass next time."""
+        with self._lock:
+            return set(self._changed[mark:]), len(self._changed)
+
+
+def kicked_since(kicks: dict[str, int], md_name: str, seq: int | None) -> int | None:
+    """The sequence number of a kick of `md_name`'s bitmap after record `seq` (None: since ever)."""
+    last = max(kicks.get(md_name, -1), kicks.get(UNNAMED_ARRAY, -1))
+    if last < 0 or (seq is not None and last <= seq):
+        return None
+    return last
 
 
 # -- the decision ---------------------------------------------------------------------------------
@@ -512,7 +588,8 @@ def prove_partial(paths: HostPaths, md_name: str, label: str, add_device: str) -
     if klog.first_seq is None or klog.first_seq > inst.kmsg_seq + 1:
         return Proof(False, f"the kernel log no longer reaches back to the build of {md_name}")
     for seq, text in klog.messages:
-        if seq > inst.kmsg_seq and KICKED.search(text) and (md_name in text or inst.file in text):
+        named = md_name in text or inst.file in text or kicked_array(text) == UNNAMED_ARRAY
+        if seq > inst.kmsg_seq and KICKED.search(text) and named:
             return Proof(False, f"md dropped the bitmap of {md_name}: {text.strip()}")
     # The kernel keeps the VPD pages and capacity it read at scan time; a target that came back
     # with another LU behind the same session would still show the old ones. Ask again first.
@@ -529,7 +606,7 @@ def prove_partial(paths: HostPaths, md_name: str, label: str, add_device: str) -
         bitmap = read_bitmap_file(Path(inst.file))
     except BitmapFileError as e:
         return Proof(False, str(e))
-    if bitmap.state & 0x2:  # BITMAP_STALE: md stopped trusting the file
+    if bitmap.state & BITMAP_STALE:  # md stopped trusting the file
         return Proof(False, f"md marked the bitmap of {md_name} stale")
     return Proof(True, f"bitmap {inst.file} active since {md_name} was built", bitmap)
 
@@ -574,10 +651,11 @@ class ArrayBitmap:
     error: str | None = None
 
 
-def array_bitmaps(paths: HostPaths, views) -> list[ArrayBitmap]:
+def array_bitmaps(paths: HostPaths, views, kicks: dict[str, int] | None = None) -> list[ArrayBitmap]:
     """For each running ArrayView: is its bitmap active, how much is out of sync, the heal's ETA.
     Reads /proc/mdstat once (parsing only these arrays' lines), and a bitmap file only for a
-    degraded array."""
+    degraded array. `kicks` (BitmapKicks.last_seqs()): a kick logged after the array instance's
+    bitmap was set up means the bitmap is not active, whatever /proc/mdstat still shows."""
     try:
         mdstat = read_mdstat_arrays(paths.procfs, {v.md.name for v in views if v.md is not None})
     except (OSError, InputError):
@@ -599,6 +677,11 @@ def array_bitmaps(paths: HostPaths, views) -> list[ArrayBitmap]:
             and line is not None
             and f"file: {inst.file}" in line
         )
+        kicked = kicked_since(kicks or {}, md.name, inst.kmsg_seq) if active and inst else None
+        if kicked is not None:
+            problem = f"md dropped the bitmap file of {md.name} (kernel log record {kicked})"
+            out.append(ArrayBitmap(view.label, False, None, None, problem))
+            continue
         if not active or not md.degraded:
             out.append(ArrayBitmap(view.label, active, 0 if active else None, None))
             continue
@@ -606,6 +689,9 @@ def array_bitmaps(paths: HostPaths, views) -> list[ArrayBitmap]:
             bitmap = read_bitmap_file(Path(inst.file))  # type: ignore[union-attr]
         except BitmapFileError as e:
             out.append(ArrayBitmap(view.label, True, None, None, str(e)))
+            continue
+        if bitmap.state & BITMAP_STALE:
+            out.append(ArrayBitmap(view.label, False, None, None, f"md marked the bitmap of {md.name} stale"))
             continue
         eta = None
         if view.iscsi.state == "recovering" and md.sync_completed and view.sync_speed_bytes > 0:

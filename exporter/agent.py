@@ -147,7 +147,11 @@ class Agent:
                 MdstatWatcher(o.paths.procfs / "mdstat", self.refresher.request, diff=self.mdstat).start()
             )
         if o.kernel_log_events:
-            self._watchers.append(KernelLogWatcher(o.paths.devfs / "kmsg", self.refresher.request).start())
+            self._watchers.append(
+                KernelLogWatcher(
+                    o.paths.devfs / "kmsg", self.refresher.request, kicks=self.safety.kicks
+                ).start()
+            )
         if o.udev:
             monitor = udev_monitor_factory()
             if monitor is not None:

@@ -17,7 +17,10 @@ event) and each session's `state`. A session's failure is logged by the kernel, 
 (`connection1:0: detected conn error (1020)`, then `session1: session recovery timed out
 after 5 secs`): `KernelLogWatcher` follows /dev/kmsg and has that session re-read at once
 and a few times in the next seconds (its state turns FAILED a moment after the message),
-so an outage shows within the second instead of at the next poll.
+so an outage shows within the second instead of at the next poll. md logs, too, when it
+drops an array's write-intent bitmap ("md127: kicking failed bitmap file ... from array!") while
+/proc/mdstat still shows it: the watcher notes that in the agent's `BitmapKicks` (read from the
+whole kernel log once when it starts) and has the array re-read.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, Self
 
+from iscsimple.core.bitmap import BitmapKicks, parse_kmsg_record, read_kernel_log_at
 from iscsimple.core.files import open_regular, read_file
 from iscsimple.core.iscsi import read_session_states
 from iscsimple.core.mdstat import MAX_MDSTAT_BYTES, changed_arrays
@@ -222,7 +226,8 @@ def sessions_in_kernel_log(text: str) -> set[str]:
 
 
 class KernelLogWatcher(_Watcher):
-    """Follows /dev/kmsg (new records only) for iSCSI session failures."""
+    """Follows /dev/kmsg (new records only) for iSCSI session failures and, given `kicks`, for
+    bitmaps md dropped (those it also reads from the records logged before it started)."""
 
     name = "kmsg"
 
@@ -233,8 +238,10 @@ class KernelLogWatcher(_Watcher):
         opener: Callable[[], int] | None = None,
         poll_timeout: float = 1.0,
         follow_ups: tuple[float, ...] = FOLLOW_UPS,
+        kicks: BitmapKicks | None = None,
     ):
         self.path = Path(path)
+        self.kicks = kicks
         self.on_event = on_event
         self.opener = opener or self._open
         self.poll_timeout = poll_timeout
@@ -262,13 +269,16 @@ class KernelLogWatcher(_Watcher):
             return
         due: dict[str, list[float]] = {}  # session -> when to re-read it again
         try:
+            self._read_earlier_kicks()
             poller = select.poll()
             poller.register(fd, select.POLLIN)
             while not self._stop.is_set():
                 now = time.monotonic()
                 wait = min([self.poll_timeout, *(times[0] - now for times in due.values())])
                 events = poller.poll(max(0.0, wait) * 1000)
-                failed = self._read(fd) if events else set()
+                failed, kicked = self._read(fd) if events else (set(), set())
+                if kicked:
+                    self.on_event("kernel log: md dropped a bitmap", Changes(md=frozenset(kicked)))
                 now = time.monotonic()
                 if failed:
                     for name in failed:
@@ -284,8 +294,20 @@ class KernelLogWatcher(_Watcher):
         finally:
             os.close(fd)
 
-    def _read(self, fd: int) -> set[str]:
+    def _read_earlier_kicks(self) -> None:
+        """Kicks logged before the agent started (the follow descriptor is already at the end, so
+        nothing logged from now on is missed). The snapshot has the sessions' state already."""
+        if self.kicks is None:
+            return
+        klog = read_kernel_log_at(self.path)
+        kicked = self.kicks.note_log(klog.messages) if klog is not None else set()
+        if kicked:
+            self.on_event("kernel log: md dropped a bitmap (before start)", Changes(md=frozenset(kicked)))
+
+    def _read(self, fd: int) -> tuple[set[str], set[str]]:
+        """The sessions that new records say failed, and the arrays whose bitmap md dropped."""
         failed: set[str] = set()
+        kicked: set[str] = set()
         while True:
             try:
                 record = os.read(fd, 8192)  # /dev/kmsg gives one record per read
@@ -300,5 +322,9 @@ class KernelLogWatcher(_Watcher):
             if not record:  # end of file: not a kernel log after all
                 self._stop.set()
                 break
-            failed |= sessions_in_kernel_log(record.decode("utf-8", "replace"))
-        return failed
+            text = record.decode("utf-8", "replace")
+            failed |= sessions_in_kernel_log(text)
+            parsed = parse_kmsg_record(text.partition("\n")[0]) if self.kicks is not None else None
+            if parsed is not None:
+                kicked |= self.kicks.note_log([(parsed[0], parsed[2])])  # type: ignore[union-attr]
+        return failed, kicked

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from iscsimple.core.bitmap import ArrayBitmap, array_bitmaps
+from iscsimple.core.bitmap import UNNAMED_ARRAY, ArrayBitmap, BitmapKicks, array_bitmaps
 from iscsimple.core.cluster import ClusterGuard, ClusterSettings, ClusterUnreachable, check_before_writing_lun
 from iscsimple.core.config import Config, ConfigError, load_config
 from iscsimple.core.heal import BUSY, CHANGED, PendingResumes, Runner, execute_heal
@@ -547,10 +547,18 @@ class SafetyState:
 class Safety:
     """The agent's watcher (observe each snapshot) and the source of SafetyCollector."""
 
-    def __init__(self, detector: StaleDetector, healer: Healer, probe: ClusterProbe | None = None):
+    def __init__(
+        self,
+        detector: StaleDetector,
+        healer: Healer,
+        probe: ClusterProbe | None = None,
+        kicks: BitmapKicks | None = None,
+    ):
         self.detector = detector
         self.healer = healer
         self.probe = probe or ClusterProbe(healer.cluster)
+        self.kicks = kicks or BitmapKicks()  # the agent's kernel log watcher fills it
+        self._kicks_mark = 0
         self.state = SafetyState()
         self._bitmap_errors: set[str] = set()
         self._bitmap_by_label: dict[str, ArrayBitmap] = {}
@@ -611,6 +619,13 @@ class Safety:
             self.bitmap_changes = set()
         if changed is None or now - self._bitmaps_scanned >= BITMAP_RESCAN:
             self._bitmaps_scanned = now
+        kicked, self._kicks_mark = self.kicks.since(self._kicks_mark)
+        if kicked and changed is not None:  # md keeps the array's /proc/mdstat lines as they were
+            keys |= {
+                v.attachment.id
+                for v in snapshot.arrays
+                if v.md is not None and (v.md.name in kicked or UNNAMED_ARRAY in kicked)
+            }
         views = []
         for key in keys:
             view = snapshot.by_id(key)
@@ -623,7 +638,7 @@ class Safety:
                         self.bitmap_changes.add(label)
                 continue
             views.append(view)
-        computed = array_bitmaps(self.healer.paths, views) if views else []
+        computed = array_bitmaps(self.healer.paths, views, self.kicks.last_seqs()) if views else []
         # Only a bitmap in use fills up as the VM writes: a degraded array without one (or whose
         # bitmap is not active) is read again when its view changes, not every BITMAP_RESCAN.
         for view, b in zip(views, computed, strict=True):

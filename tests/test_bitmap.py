@@ -345,3 +345,48 @@ def test_choose_route_partial_when_proven_full_with_the_reason_otherwise(bed):
     assert "dropped the bitmap" in routed.route_reason and "a full copy" in routed.describe()
     # The executor re-plans with core.safety.plan_heal, which knows no route: compare without it.
     assert bitmap.full_route(routed) == plan()
+
+
+# -- md dropping the bitmap: the kernel log says so, /proc/mdstat does not ------------------------
+
+KICK_6_1 = f"{MD}: kicking failed bitmap file /var/lib/iscsimple/bitmaps/{LABEL} from array!"
+
+
+@pytest.mark.parametrize(
+    "message, array",
+    [
+        (KICK_6_1, MD),  # 6.1: the whole path
+        (f"md_vm1: kicking failed bitmap file lib/iscsimple/bitmaps/{LABEL} from array!", "md_vm1"),  # %pD4
+        ("md5: disabling internal bitmap due to errors", "md5"),
+        ("mdX: kicking failed bitmap file  from array!", "mdX"),
+        ("md/raid1:md127: Disk failure on sda, disabling device.", None),
+        ("md127: bitmap file is out of date, doing full recovery", None),
+    ],
+)
+def test_kicked_array_names_the_array_of_mds_own_words(message, array):
+    assert bitmap.kicked_array(message) == array
+
+
+def test_kicks_remember_the_last_record_per_array_and_say_what_is_news():
+    kicks = bitmap.BitmapKicks()
+    assert kicks.note_log([(150, KICK_6_1), (151, "md127: resync done")]) == {MD}
+    assert kicks.note_log([(150, KICK_6_1)]) == set()  # the same record read twice
+    assert kicks.last_seqs() == {MD: 150}
+    assert kicks.since(0) == ({MD}, 1)
+    assert kicks.since(1) == (set(), 1)
+
+
+def test_a_kick_after_the_build_makes_the_bitmap_inactive_whatever_mdstat_shows(bed):
+    [b] = bitmap.array_bitmaps(bed.paths, [view()], {MD: 150})  # recorded at seq 100
+    assert not b.active and b.out_of_sync_bytes is None and "record 150" in b.error
+    [b] = bitmap.array_bitmaps(bed.paths, [view(degraded=0, iscsi="in_sync")], {"mdX": 101})
+    assert not b.active
+    # A kick of an earlier array that had the same name, before this one's bitmap was set up.
+    [b] = bitmap.array_bitmaps(bed.paths, [view()], {MD: 99, "md3": 500})
+    assert b.active and b.out_of_sync_bytes == 2 * CHUNK
+
+
+def test_a_bitmap_md_marked_stale_is_not_active(bed):
+    bed.rewrite(header(state=bitmap.BITMAP_STALE) + bits({3, 5}))
+    [b] = bitmap.array_bitmaps(bed.paths, [view()])
+    assert not b.active and "stale" in b.error

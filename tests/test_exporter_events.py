@@ -254,3 +254,67 @@ def test_kernel_log_watcher_reads_only_a_character_device(tmp_path):
         watcher.thread.join(5)
         assert not watcher.thread.is_alive()
     assert seen == []
+
+
+def sample(agent: Agent, name: str, label: str) -> float | None:
+    body, _ = agent.metrics("")
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            if s.name == name and s.labels.get("label") == label:
+                return s.value
+    return None
+
+
+@pytest.mark.parametrize("logged", ["while the agent runs", "before the agent started"])
+def test_a_bitmap_md_dropped_is_exported_inactive_though_mdstat_still_shows_it(host, logged):
+    """md kicks a bitmap file it cannot write and keeps "bitmap:" in /proc/mdstat: only the kernel
+    log tells. The agent's bitmap gauge goes to 0 (a heal would copy the whole disk) at once, and
+    also when the kick was logged before the agent started. A kick of an earlier array of the same
+    name (logged before this one's bitmap was set up) does not count."""
+    from iscsimple.core import bitmap
+    from iscsimple.exporter.events import KernelLogWatcher
+
+    label = "web1-disk"
+    md = host.md_device(label)
+    file = bitmap.prepare_file(host.paths, label)
+    file.write_bytes(bytes(4096))
+    attachment = host.registry.by_label(label)
+    built_seq = 100
+    bitmap.note_built(
+        host.paths, label, md, 64 << 10, built_seq, attachment.local_kernel_name, attachment.iscsi_device
+    )
+    mdstat = host.paths.procfs / "mdstat"
+    lines = mdstat.read_text().splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if line.startswith(f"{md} :")) + 2
+    lines.insert(at, f"      bitmap: 1/1 pages [4KB], 64KB chunk, file: {file}\n")
+    mdstat.write_text("".join(lines))
+    kick = f"{md}: kicking failed bitmap file {file} from array!\n"
+    kmsg = host.paths.devfs / "kmsg"
+    backlog = f"4,90,1,-;{md}: kicking failed bitmap file /earlier from array!\n"  # an earlier instance
+    if logged == "before the agent started":
+        backlog += f"4,{built_seq + 50},9,-;{kick}"
+    kmsg.write_text(backlog)
+    agent = Agent(
+        AgentOptions(
+            paths=host.paths, refresh_interval=HOUR, udev=False, mdstat_events=False, kernel_log_events=False
+        )
+    )
+    agent.start()
+    assert sample(agent, "iscsimple_array_bitmap", label) == 1.0
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    watcher = KernelLogWatcher(
+        kmsg, agent.refresher.request, opener=lambda: read_end, kicks=agent.safety.kicks
+    ).start()
+    try:
+        if logged == "while the agent runs":
+            time.sleep(0.2)
+            assert sample(agent, "iscsimple_array_bitmap", label) == 1.0  # the earlier kick counts not
+            os.write(write_end, f"4,{built_seq + 50},9,-;{kick}".encode())
+        wait_until(lambda: sample(agent, "iscsimple_array_bitmap", label) == 0.0)
+        assert f"file: {file}" in mdstat.read_text()
+        assert sample(agent, "iscsimple_array_out_of_sync_bytes", label) is None
+    finally:
+        watcher.stop()
+        os.close(write_end)
+        agent.stop()

@@ -110,7 +110,8 @@ class SafetyCollector(SnapshotCollector):
         active = gauge(
             "iscsimple_array_bitmap",
             "1 while md keeps the write-intent bitmap file this host built the mirror with (a heal can "
-            "then copy only what changed in an outage); 0: none, every heal copies the whole disk.",
+            "then copy only what changed in an outage); 0: none, or md dropped it (its kernel log says "
+            "so; /proc/mdstat still shows it): every heal copies the whole disk.",
             ["label"],
         )
         dirty = gauge(

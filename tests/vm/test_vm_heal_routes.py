@@ -157,7 +157,8 @@ def test_agent_restarted_during_the_outage_still_heals_partially(bed):
 
 def test_kicked_bitmap_means_a_full_heal(bed):
     """md kicks a bitmap file it cannot write (the records filesystem fails under it): the kernel
-    log says so and the heal copies the whole disk."""
+    log says so, the agent (following it) exports the bitmap as gone though /proc/mdstat still
+    shows it, and the heal copies the whole disk."""
     g = bed.guest
     disk = bed.make_disk("routes-records", 16)
     sectors = int(g.run(["blockdev", "--getsz", disk]).stdout)
@@ -166,11 +167,18 @@ def test_kicked_bitmap_means_a_full_heal(bed):
     m = None
     try:
         m = attach(bed)
+        agent = [AGENT, "--web.listen-address", LISTEN, "--refresh.interval", "1s"]
+        g.spawn("agent", agent, log="/tmp/agent-kicked.log")
+        wait_metric(g, sample_line("iscsimple_array_bitmap", "1.0", label=LABEL), timeout=60)
         swap_table(g, "routes-records", f"0 {sectors} error")  # the bitmap's writes fail in the outage
         outage_writes(bed, m, "kicked")
         swap_table(g, "routes-records", f"0 {sectors} linear {disk} 0")
         kernel_log = g.run(["dmesg"]).stdout
         assert "kicking failed bitmap file" in kernel_log, kernel_log[-3000:]
+        assert f"file: {BITMAP}" in bed.mdstat(), bed.mdstat()  # md still shows it
+        wait_metric(g, sample_line("iscsimple_array_bitmap", "0.0", label=LABEL), timeout=60)
+        g.kill("agent", "TERM")
+        g.wait_proc("agent", timeout=30)
         target_back(bed, m.sd)
         result, written = heal(bed, m.sd)
         assert result["mode"] == "full", result
