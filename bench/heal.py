@@ -2,7 +2,7 @@
 """Partial (bitmap) heal vs full heal on the real kernel: prints figures, asserts only data safety.
 
     sudo .venv/bin/python bench/heal.py [--mib 256] [--outage-writes 64] [--write-kib 64]
-                                        [--seconds 5] [--rounds 3] [--no-throughput | --throughput-only]
+                                        [--seconds 5] [--rounds 9] [--no-throughput | --throughput-only]
 
 Boots the real-kernel test bed (tests/vm: Debian's kernel under qemu TCG, tgt on the guest's
 loopback) holding the machine-wide VM lock (/tmp/iscsimple-vm.lock), with /var/lib/iscsimple on
@@ -20,7 +20,10 @@ checksums must be equal and every outage write present.
 Writer throughput with and without the bitmap: 4 KiB O_DIRECT|O_DSYNC writes for SECONDS,
 sequential and at random places, on the mirror's own layout (a 128 MiB local device and LUN over
 iSCSI, write-mostly), built with the project's --build command without a bitmap and with one at
-64 KiB, 1 MiB and the default chunk size; ROUNDS rounds interleave the variants, medians printed.
+64 KiB, 1 MiB and the default chunk size; ROUNDS rounds (one guest process, the variants' order
+rotating) give each variant's median writes/s, its paired ratio to the no-bitmap run of the same
+round (median, IQR, range), and md's bitmap-file writes per writer write, counted on the device
+under the bitmap files' filesystem (a count the machine's load does not move).
 
 The last line is exactly:
     partial heal: W MiB written to the iSCSI leg for D MiB of dirty chunks (full heal: F MiB); T_p s vs T_f s
@@ -61,6 +64,9 @@ def guest_main(argv: list[str]) -> None:
         print(json.dumps(verify_writes(device, seed, count, size)))
     elif op == "throughput":  # device seconds pattern -> writes/s
         print(json.dumps(throughput(argv[1], float(argv[2]), argv[3])))
+    elif op == "ab":  # lun local fs-device seconds rounds chunk... (0: no bitmap) -> per-run figures
+        chunks = [int(c) or None for c in argv[6:]]
+        print(json.dumps(ab_rounds(argv[1], argv[2], argv[3], float(argv[4]), int(argv[5]), chunks)))
     elif op == "bitmap":
         from iscsimple.core.bitmap import read_bitmap_file
 
@@ -174,7 +180,50 @@ def throughput(device: str, seconds: float, pattern: str) -> dict:
         os.pwrite(fd, buf, offset)
         n += 1
     os.close(fd)
-    return {"writes_per_second": n / (time.monotonic() - started)}
+    return {"writes_per_second": n / (time.monotonic() - started), "writes": n}
+
+
+TP_MD = "/dev/md/bench-tp"
+
+
+def ab_rounds(lun: str, local: str, fs_device: str, seconds: float, rounds: int, chunks: list) -> list[dict]:
+    """The writer's A/B rounds in one process (no interpreter start between runs): each round
+    builds the mirror once per variant (no bitmap, or a bitmap file of each chunk size on the
+    filesystem of `fs_device`), in an order that rotates from round to round, and runs the writer
+    sequentially and at random places. Besides writes/s it counts the writes the kernel made to
+    `fs_device` during the run: md's bitmap-file writes (md writes the file's blocks itself,
+    past the filesystem, and nothing else writes there), a count the machine's load cannot move."""
+    import subprocess
+
+    from iscsimple.hotplug.mdadm import build_argv
+
+    stat = Path("/sys/block") / Path(fs_device).name / "stat"
+
+    def fs_writes() -> int:
+        return int(stat.read_text().split()[4])  # writes completed
+
+    def sh(*argv: str) -> None:
+        subprocess.run(argv, check=True, timeout=120, capture_output=True)
+
+    out = []
+    for r in range(rounds):
+        for chunk in chunks[r % len(chunks) :] + chunks[: r % len(chunks)]:
+            file = Path(f"/var/lib/iscsimple/tp-{chunk}") if chunk else None
+            if file is not None:
+                file.unlink(missing_ok=True)
+            argv = build_argv(TP_MD, lun, None, file, chunk)
+            argv[argv.index("missing")] = local
+            sh(*argv, "--assume-clean")  # both legs hold whatever they hold: no resync
+            deadline = time.monotonic() + 30
+            while not os.path.exists(TP_MD) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            for pattern in ("sequential", "random"):
+                before = fs_writes()
+                run = throughput(TP_MD, seconds, pattern)
+                run.update(round=r, chunk=chunk or 0, pattern=pattern, bitmap_writes=fs_writes() - before)
+                out.append(run)
+            sh("mdadm", "--stop", TP_MD)
+    return out
 
 
 # -- on the host ------------------------------------------------------------------------------------
@@ -186,7 +235,7 @@ def main() -> None:
     parser.add_argument("--outage-writes", type=int, default=64, help="blocks written during the outage")
     parser.add_argument("--write-kib", type=int, default=64, help="size of each outage write (KiB)")
     parser.add_argument("--seconds", type=float, default=5.0, help="each throughput run")
-    parser.add_argument("--rounds", type=int, default=3, help="throughput rounds (variants interleaved)")
+    parser.add_argument("--rounds", type=int, default=9, help="throughput rounds (variants interleaved)")
     parser.add_argument("--no-throughput", action="store_true", help="only the heals")
     parser.add_argument("--throughput-only", action="store_true", help="only the writer's cost")
     args = parser.parse_args()
@@ -234,7 +283,7 @@ class Bench:
 
     def run(self) -> None:
         g, bed, a = self.g, self.bed, self.args
-        fs = bed.make_disk("bitmaps-fs", BITMAPS_FS_MIB)
+        fs = self.fs = bed.make_disk("bitmaps-fs", BITMAPS_FS_MIB)
         self.sh(["mkfs.ext4", "-q", fs])
         self.sh(["mkdir", "-p", "/var/lib/iscsimple"])
         self.sh(["mount", fs, "/var/lib/iscsimple"])
@@ -322,46 +371,51 @@ class Bench:
 
     def throughput(self) -> None:
         """The writer on the mirror's own layout (local leg + write-mostly LUN over iSCSI), built by
-        the project's --build command without and with a bitmap; rounds interleave the variants so
-        a load change on this shared machine hits them all; the median per variant is printed."""
-        from statistics import median
+        the project's --build command without and with a bitmap; all rounds run in one guest process
+        (ab_rounds). Per variant: the median writes/s, the median and spread of its ratio to the
+        no-bitmap run of the same round (a load change on this shared machine hits both halves of a
+        pair alike), and md's bitmap-file writes per writer write (deterministic)."""
+        from statistics import median, quantiles
 
         from iscsimple.core.bitmap import DEFAULT_CHUNK_BYTES
-        from iscsimple.hotplug.mdadm import build_argv
 
         lun = self.bed.make_disk("tp-lun", TP_MIB)
         local = self.bed.make_disk("tp-local", TP_MIB)
         self.bed.export(TP_IQN, {1: lun})
         self.bed.discover_and_login(TP_IQN, 5)
         sd = self.bed.lun_device(TP_IQN, 1)
-        chunks = sorted({64 << 10, 1 << 20, DEFAULT_CHUNK_BYTES})
-        variants = [("no bitmap", None)] + [
-            (f"bitmap {c >> 10} KiB{' (default)' if c == DEFAULT_CHUNK_BYTES else ''}", c) for c in chunks
-        ]
-        runs: dict[str, dict[str, list[float]]] = {n: {"sequential": [], "random": []} for n, _ in variants}
-        for _ in range(self.args.rounds):
-            for name, chunk in variants:
-                file = Path(f"/var/lib/iscsimple/tp-{chunk}") if chunk else None
-                argv = build_argv("/dev/md/bench-tp", sd, None, file, chunk)
-                argv[argv.index("missing")] = local
-                self.sh(["rm", "-f", str(file)] if file else ["true"])
-                # Both legs hold whatever they hold: no resync, the writer's cost is all we look at.
-                self.sh([*argv, "--assume-clean"])
-                md = self.bed.md_name("bench-tp")
-                self.bed.wait_in_sync(md, timeout=900)
-                for pattern in ("sequential", "random"):
-                    r = self.helper("throughput", "/dev/md/bench-tp", str(self.args.seconds), pattern)
-                    runs[name][pattern].append(r["writes_per_second"])
-                self.sh(["mdadm", "--stop", "/dev/md/bench-tp"])
-        base = {p: median(v) for p, v in runs["no bitmap"].items()}
-        for name, r in runs.items():
-            cost = ", ".join(
-                f"{p} {median(v):.0f}/s ({(1 - median(v) / base[p]) * 100:+.1f} % slower; runs "
-                + "/".join(f"{x:.0f}" for x in v)
-                + ")"
-                for p, v in r.items()
-            )
-            print(f"writer, 4 KiB O_DIRECT|O_DSYNC on LUN + local, {name}: {cost}", flush=True)
+        chunks = [0, *sorted({64 << 10, 1 << 20, DEFAULT_CHUNK_BYTES})]
+        a = self.args
+        runs = self.helper(
+            "ab", sd, local, self.fs, str(a.seconds), str(a.rounds), *map(str, chunks),
+            timeout=a.rounds * len(chunks) * (2 * a.seconds + 30) + 300,
+        )  # fmt: skip
+        by = {(r["round"], r["chunk"], r["pattern"]): r for r in runs}
+        print(
+            f"writer, 4 KiB O_DIRECT|O_DSYNC on LUN + local, {a.rounds} rounds x {a.seconds:g} s, "
+            "variants rotating in each round:"
+        )
+        for chunk in chunks:
+            name = "no bitmap" if not chunk else f"bitmap {chunk >> 10} KiB"
+            name += " (default)" if chunk == DEFAULT_CHUNK_BYTES else ""
+            parts = []
+            for pattern in ("sequential", "random"):
+                mine = [by[(r, chunk, pattern)] for r in range(a.rounds)]
+                rate = median(m["writes_per_second"] for m in mine)
+                per_write = sum(m["bitmap_writes"] for m in mine) / max(1, sum(m["writes"] for m in mine))
+                text = f"{pattern} {rate:.0f}/s, {per_write:.3f} bitmap writes per write"
+                if chunk:
+                    ratios = sorted(
+                        m["writes_per_second"] / by[(r, 0, pattern)]["writes_per_second"]
+                        for r, m in enumerate(mine)
+                    )
+                    q = quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+                    text += (
+                        f", paired ratio to no bitmap: median {median(ratios):.3f} "
+                        f"(IQR {q[0]:.3f}-{q[2]:.3f}, range {ratios[0]:.3f}-{ratios[-1]:.3f})"
+                    )
+                parts.append(text)
+            print(f"  {name}: " + "; ".join(parts), flush=True)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,7 @@ EXAMPLE_CONFIG = """\
 # stable_seconds = 30
 # backoff_max_seconds = 3600
 # max_parallel = 4
+# check_after = false
 """
 
 

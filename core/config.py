@@ -16,6 +16,7 @@ enabled = true                  # re-add a returned iSCSI leg automatically
 stable_seconds = 30             # ...once its session and LUN looked healthy this long
 backoff_max_seconds = 3600      # the wait doubles after each failed heal, up to this
 max_parallel = 4                # iSCSI legs recovering at once
+check_after = false             # after a heal completes, have md compare the legs (reads the whole LUN)
 [cluster]                       # the cross-host guard (docs/data-safety.md); off without prometheus_url
 prometheus_url = "http://prometheus.example:9090"   # the Prometheus that scrapes every host's agent
 timeout = 2                     # seconds per query (at most 3 of the add's 30)
@@ -60,6 +61,8 @@ class Config:
     heal_stable_seconds: float = 30.0  # session and LUN healthy this long before a heal
     heal_backoff_max_seconds: float = 3600.0  # cap of the wait, doubled after each failed heal
     heal_max_parallel: int = 4  # iSCSI legs recovering at once (a returning filer serves many)
+    # Off: a check reads the whole LUN again, the filer load a partial heal spares (README).
+    heal_check_after: bool = False
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     path: str | None = None
 
@@ -87,6 +90,7 @@ _SCHEMA: dict[str, dict[str, tuple[str, str]]] = {
         "stable_seconds": ("heal_stable_seconds", SECONDS),
         "backoff_max_seconds": ("heal_backoff_max_seconds", SECONDS),
         "max_parallel": ("heal_max_parallel", COUNT),
+        "check_after": ("heal_check_after", FLAG),
     },
     "cluster": {
         "prometheus_url": ("cluster.prometheus_url", STRING),

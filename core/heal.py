@@ -31,6 +31,7 @@ from .run import Deadline, run
 from .safety import HealBlocked, HealPlan, ResumePlan, read_view
 from .snapshot import ArrayView
 from .spec import check_label
+from .sysfs import read_bytes, write_attr
 
 log = logging.getLogger(__name__)
 
@@ -232,3 +233,19 @@ class PendingResumes:
             except ValueError as e:
                 errors[label] = f"{path}: not a resume note iscsimple wrote: {e}"
         return found, errors
+
+
+def start_check(paths: HostPaths, md_name: str) -> str | None:
+    """Have md compare the two legs ("check" into md/sync_action: it reads both and writes
+    neither; when it ends, md/mismatch_cnt holds the sectors found different). Only on an idle
+    array with both legs in sync (md would refuse otherwise). None when started, else why not."""
+    md = paths.sysfs / "block" / md_name / "md"
+    try:
+        action = read_bytes(str(md / "sync_action")).strip()
+        degraded = read_bytes(str(md / "degraded")).strip()
+        if action != b"idle" or degraded != b"0":
+            return f"{md_name} is not idle and in sync (sync_action {action.decode(errors='replace')!r}, degraded {degraded.decode(errors='replace')!r})"
+        write_attr(md / "sync_action", "check")
+    except OSError as e:
+        return f"cannot start a check of {md_name}: {e.strerror or e}"
+    return None

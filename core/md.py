@@ -94,6 +94,9 @@ class MdArray:
     size_bytes: int | None  # /sys/block/<name>/size * 512
     members: tuple[MdMember, ...]
     sync_delayed: bool = False  # sync_completed says "delayed" (waiting for another array)
+    # md/mismatch_cnt: sectors the last check (or repair) found different between the legs; md
+    # resets it when such a pass starts. None where the kernel has no such file.
+    mismatch_sectors: int | None = None
 
     def member(self, name: str) -> MdMember | None:
         return next((m for m in self.members if m.name == name), None)
@@ -199,6 +202,7 @@ def _read_array_at(md_fd: int, disk_dir: str, md_dir: str, name: str, all_errors
         size_bytes=sectors * 512 if sectors is not None else None,
         members=_read_members(md_fd, md_dir, member_dirs, errors),
         sync_delayed=sync_completed_text == "delayed",
+        mismatch_sectors=md.parsed("mismatch_cnt", False, parse_int),
     )
     if errors and not os.path.isdir(md_dir):
         raise _Gone  # stopped while we read it: the missing files are no fault

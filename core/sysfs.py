@@ -112,6 +112,15 @@ def read_bytes(path: str, dir_fd: int | None = None) -> bytes:
         os.close(fd)
 
 
+def write_attr(path: str | os.PathLike, value: str) -> None:
+    """Write one sysfs attribute (as `echo value > path`); never through a symlink."""
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode() + b"\n")
+    finally:
+        os.close(fd)
+
+
 def open_dir(path: str) -> int:
     """A descriptor for AttrReader(dir_fd=...); raises FileNotFoundError/NotADirectoryError."""
     return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -34,7 +34,7 @@ from pathlib import Path
 from iscsimple.core.bitmap import UNNAMED_ARRAY, ArrayBitmap, BitmapKicks, array_bitmaps
 from iscsimple.core.cluster import ClusterGuard, ClusterSettings, ClusterUnreachable, check_before_writing_lun
 from iscsimple.core.config import Config, ConfigError, load_config
-from iscsimple.core.heal import BUSY, CHANGED, PendingResumes, Runner, execute_heal
+from iscsimple.core.heal import BUSY, CHANGED, PendingResumes, Runner, execute_heal, start_check
 from iscsimple.core.iscsi import IscsiSession
 from iscsimple.core.paths import HostPaths
 from iscsimple.core.run import Deadline, run
@@ -56,6 +56,7 @@ LOCK_WAIT = 2.0  # a hotplug holds the label: try again on the next refresh
 HEAL_RESULTS = ("success", "failure", "aborted")  # always exported; skipped_<reason> when seen
 HEAL_MODES = ("full", "partial")  # skips are counted with mode "none": no heal ran
 RESUME_RESULTS = HEAL_RESULTS
+CHECK_RESULTS = ("started", "failed")  # md's compare of the legs after a heal ([heal] check_after)
 
 
 class StaleDetector:
@@ -137,6 +138,7 @@ class Healer:
         stable_seconds: float = 30.0,
         backoff_max_seconds: float = 3600.0,
         max_parallel: int = 4,
+        check_after: bool = False,
         runner: Runner = run,
         lock_dir: Path | None = None,  # default: paths.locks, where the hotplug locks a label
         lock_wait: float = LOCK_WAIT,
@@ -152,6 +154,8 @@ class Healer:
         self.stable_seconds = stable_seconds
         self.backoff_max_seconds = backoff_max_seconds
         self.max_parallel = max_parallel
+        self.check_after = check_after
+        self.checks: dict[str, int] = dict.fromkeys(CHECK_RESULTS, 0)
         self.runner = runner
         self.lock_dir = lock_dir or paths.locks
         self.lock_wait = lock_wait
@@ -208,7 +212,8 @@ class Healer:
                 self._consider_resume(view, snapshot.iscsi.sessions)
         for view in views:
             if recovery_complete(view):
-                self._cleared(view, standing)
+                if self._cleared(view, standing) and self.enabled and self.check_after:
+                    self._check(view)
                 continue
             if self._blocked.get(view.label) is view:
                 continue  # held back by the array's state, and that state has not changed
@@ -217,12 +222,12 @@ class Healer:
 
     # -- one array -----------------------------------------------------------------------------
 
-    def _cleared(self, view: ArrayView, standing: dict[str, StaleRecord]) -> None:
+    def _cleared(self, view: ArrayView, standing: dict[str, StaleRecord]) -> bool:
         try:
             self.records.clear(view.label)
         except OSError as e:
             log.error("cannot clear the stale record of %s: %s", view.label, e)
-            return
+            return False
         del standing[view.label]
         self._progress.pop(view.label, None)
         log.warning(
@@ -230,6 +235,19 @@ class Healer:
             view.label,
             view.domain or "no VM",
         )
+        return True
+
+    def _check(self, view: ArrayView) -> None:
+        """[heal] check_after: md compares the legs just healed; iscsimple_array_mismatch_sectors
+        says what it found once it ends."""
+        assert view.md is not None  # recovery_complete: the array runs
+        problem = start_check(self.paths, view.md.name)
+        if problem is None:
+            self.checks["started"] += 1
+            log.warning("checking %s after its heal: md compares both legs (%s)", view.label, view.md.name)
+        else:
+            self.checks["failed"] += 1
+            log.error("not checking %s after its heal: %s", view.label, problem)
 
     def _consider(self, view: ArrayView, sessions: list[IscsiSession]) -> None:
         progress = self._progress.setdefault(view.label, _HealAttempts())
@@ -581,6 +599,7 @@ class Safety:
             "stable_seconds": config.heal_stable_seconds,
             "backoff_max_seconds": config.heal_backoff_max_seconds,
             "max_parallel": config.heal_max_parallel,
+            "check_after": config.heal_check_after,
             "cluster": config.cluster,
             **healer_options,
         }

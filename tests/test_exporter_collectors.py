@@ -376,3 +376,15 @@ def test_fast_text_encoder_matches_prometheus_client(host):
     om = {(s.name, frozenset(s.labels.items())): s.value for f in parse_openmetrics(ours) for s in f.samples}
     assert om.keys() == a.keys()
     assert rendered.body("application/openmetrics-text;version=1.0.0")[0] == ours.encode()
+
+
+def test_mismatch_sectors_are_mds_mismatch_cnt(kernel_state):
+    """A check's finding (md/mismatch_cnt, 0 in the real capture) is exported; a garbled value is
+    no sample, not a made-up 0."""
+    root = kernel_state("10")
+    paths = register_capture(root)
+    assert value(scrape(paths), "iscsimple_array_mismatch_sectors", label="test") == 0
+    (root / "sys" / "block" / "md127" / "md" / "mismatch_cnt").write_text("128\n")
+    assert value(scrape(paths), "iscsimple_array_mismatch_sectors", label="test") == 128
+    (root / "sys" / "block" / "md127" / "md" / "mismatch_cnt").write_text("lots\n")
+    assert names(scrape(paths), "iscsimple_array_mismatch_sectors") == []

@@ -684,3 +684,44 @@ def test_resume_not_started_when_it_cannot_be_noted(tmp_path):
     host.refresh()
     host.refresh(after=31)
     assert host.mdadm.calls == [] and host.safety.healer.resumes["failure"] == 1
+
+
+@pytest.mark.parametrize("check_after", [False, True])
+def test_check_after_the_heal_only_when_configured(host, check_after):
+    """[heal] check_after: once the healed leg is in sync, md is asked to compare the legs
+    (sync_action "check"); off, nothing is written."""
+    host.safety.healer.check_after = check_after
+    sync_action = host.bed.paths.sysfs / "block" / "md127" / "md" / "sync_action"
+    host.bed.fail_iscsi()
+    host.refresh()
+    host.bed.session_back()
+    host.refresh()
+    host.refresh(after=31)
+    assert host.mdadm.calls == heal_commands(host.bed)
+    host.refresh(after=60)  # recovering: no check yet
+    assert sync_action.read_text().strip() == "recover"
+    host.bed.finish_recovery()
+    host.refresh()
+    assert host.records.get(LABEL) is None
+    assert sync_action.read_text().strip() == ("check" if check_after else "idle")
+    text = host.exposition()
+    assert f'iscsimple_heal_checks_total{{result="started"}} {float(check_after)}' in text
+    assert 'iscsimple_heal_checks_total{result="failed"} 0.0' in text
+
+
+def test_a_check_is_asked_for_only_on_an_idle_array_in_sync(host):
+    from iscsimple.core.heal import start_check
+
+    md = host.bed.paths.sysfs / "block" / "md127" / "md"
+    host.refresh()
+    (md / "sync_action").write_text("resync\n")
+    assert "not idle and in sync" in start_check(host.bed.paths, "md127")
+    assert (md / "sync_action").read_text() == "resync\n"
+    assert "cannot start a check" in start_check(host.bed.paths, "md9")
+
+
+def test_check_after_comes_from_the_config(tmp_path):
+    bed = SafetyBed(tmp_path)
+    assert Safety.for_host(bed.paths).healer.check_after is False
+    bed.paths.config.write_text("[heal]\ncheck_after = true\n")
+    assert Safety.for_host(bed.paths).healer.check_after is True

@@ -122,6 +122,7 @@ def test_captured_state(kernel_state_readonly, state):
             component_size_kib=65536,
             size_bytes=65536 * 1024,
             members=members,
+            mismatch_sectors=0,
         )
     }
 
@@ -391,8 +392,8 @@ def test_each_attribute_file_is_read_once_and_no_device_is_opened(kernel_state_r
     monkeypatch.undo()
     assert len(opened) == len(set(opened))
     assert all(p.startswith(os.path.realpath(sysfs) + "/") for p in opened)
-    # md/ itself, 12 array attributes, 5 per member: bounded work per array on every scrape.
-    assert len(opened) == 1 + 12 + 2 * 5
+    # md/ itself, 13 array attributes, 5 per member: bounded work per array on every scrape.
+    assert len(opened) == 1 + 13 + 2 * 5
     assert not any(Path(p).name in ("sda", "loop1", "md127") for p in opened)
 
 

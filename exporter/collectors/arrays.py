@@ -58,6 +58,13 @@ class ArraysCollector(SnapshotCollector):
             ["label"],
         )
         size = gauge("iscsimple_array_size_bytes", "Size of the md array in bytes.", ["label"])
+        mismatch = gauge(
+            "iscsimple_array_mismatch_sectors",
+            "Sectors md's last check found different between the two legs (md/mismatch_cnt; md resets "
+            "it when a check starts, and a check runs after a heal with [heal] check_after). Above 0 "
+            "after a check: the copies differ.",
+            ["label"],
+        )
         leg_state = gauge(
             "iscsimple_leg_state",
             "State of one leg (one-hot). in_sync: holds current data; recovering: being copied onto; "
@@ -108,6 +115,8 @@ class ArraysCollector(SnapshotCollector):
             local_only.add_metric([label, view.domain], 1.0 if view.local_only else 0.0)
             unprotected.add_metric([label, view.domain], 1.0 if view.unprotected else 0.0)
             stopped.add_metric([label, view.domain], 1.0 if view.recovery_stopped else 0.0)
+            if view.md is not None and view.md.mismatch_sectors is not None:
+                mismatch.add_metric([label], float(view.md.mismatch_sectors))
         return (
             info,
             degraded,
@@ -116,6 +125,7 @@ class ArraysCollector(SnapshotCollector):
             speed,
             remaining,
             size,
+            mismatch,
             leg_state,
             write_mostly,
             errors,

@@ -88,6 +88,16 @@ class SafetyCollector(SnapshotCollector):
         for result, count in sorted(healer.resumes.items()) if part.rest else ():
             resumes.add_metric([result], float(count))
         yield resumes
+        checks = CounterMetricFamily(
+            "iscsimple_heal_checks_total",
+            "Compares of the two legs md was asked for when a heal completed ([heal] check_after): "
+            "started, failed (md was busy or the request failed). What a check found: "
+            "iscsimple_array_mismatch_sectors.",
+            labels=["result"],
+        )
+        for result, count in sorted(healer.checks.items()) if part.rest else ():
+            checks.add_metric([result], float(count))
+        yield checks
         enabled = gauge(
             "iscsimple_heal_enabled",
             "1 when the agent re-adds a returned iSCSI leg by itself ([heal] enabled in the config); 0: "

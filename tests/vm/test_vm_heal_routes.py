@@ -127,7 +127,7 @@ def test_agent_restarted_during_the_outage_still_heals_partially(bed):
     g = bed.guest
     mount_records(bed, bed.make_disk("routes-records", 16))
     try:
-        m = attach(bed, "[heal]\nenabled = true\nstable_seconds = 1\n")
+        m = attach(bed, "[heal]\nenabled = true\nstable_seconds = 1\ncheck_after = true\n")
         agent = [AGENT, "--web.listen-address", LISTEN, "--refresh.interval", "1s", "--log.level", "debug"]
         g.spawn("agent", agent, log="/tmp/agent-1.log")
         wait_metric(g, sample_line("iscsimple_array_bitmap", "1.0", label=LABEL), timeout=60)
@@ -148,6 +148,12 @@ def test_agent_restarted_during_the_outage_still_heals_partially(bed):
         written = (sectors_written(g, m.sd) - before) * 512
         record("routes: agent restarted in the outage, MiB written by its partial heal", written / (1 << 20))
         assert_partial(written, dirty)
+        # [heal] check_after: the agent has md compare the legs once the heal is done; they match.
+        wait_metric(g, sample_line("iscsimple_heal_checks_total", "1.0", result="started"), timeout=60)
+        g.wait_for(f"/sys/block/{m.md}/md/last_sync_action", "equals", "check", timeout=120)
+        bed.wait_in_sync(m.md, timeout=300)
+        assert (g.read(f"/sys/block/{m.md}/md/mismatch_cnt") or "").strip() == "0"
+        wait_metric(g, sample_line("iscsimple_array_mismatch_sectors", "0.0", label=LABEL), timeout=60)
         assert_legs_equal_and_writes_present(bed, m, m.sd, "restart")
         g.kill("agent", "TERM")
         g.wait_proc("agent", timeout=30)
