@@ -29,22 +29,19 @@ Prints one line per blip and a table; no timing is asserted.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import mmap
 import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-VM_LOCK = Path("/tmp/iscsimple-vm.lock")
+from heal import BedBench, run_on_bed  # bench/heal.py, beside this file
+
 IQN = "iqn.2026-11.bench.local:blip"
 LABEL = "bench-blip"
-BITMAPS_FS_MIB = 32
 WRITER_LOG = "/tmp/blip-writer.log"
 PAUSE = "/tmp/blip-writer.pause"
 PAUSED = "/tmp/blip-writer.paused"
@@ -134,50 +131,15 @@ def main() -> None:
     args.kinds = args.kinds.split(",")
     if not set(args.kinds) <= {"kill", "drop"}:
         parser.error("--kinds: kill, drop")
-    if os.geteuid() != 0:
-        sys.exit("bench/blip.py boots the real-kernel bed: run it as root")
-    sys.path.insert(0, str(REPO / "tests" / "vm"))
-    VM_LOCK.touch(exist_ok=True)
-    with open(VM_LOCK) as lock:
-        print(f"waiting for {VM_LOCK} ...", flush=True)
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        run(args)
+    run_on_bed("bench/blip.py", lambda bed, xl, cli: BlipBench(bed, xl, cli, args).run())
 
 
-def run(args: argparse.Namespace) -> None:
-    from storagebed import StorageBed
-    from vmharness import Guest, prepare_kernel
-    from xldriver import CLI, Xl
-
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="bench-blip-") as tmp:
-        guest = Guest.boot(Path(tmp), prepare_kernel())
-        try:
-            bed = StorageBed(guest)
-            bed.setup()
-            print(f"booted and set up in {time.monotonic() - started:.0f} s", flush=True)
-            BlipBench(bed, Xl(bed), CLI, args).run()
-        finally:
-            guest.shutdown()
-
-
-class BlipBench:
-    def __init__(self, bed, xl, cli: str, args: argparse.Namespace):
-        self.bed, self.g, self.xl, self.cli, self.args = bed, bed.guest, xl, cli, args
-
-    def helper(self, *argv: str, timeout: float = 600) -> dict:
-        res = self.g.run([sys.executable, str(Path(__file__).resolve()), "guest", *argv], timeout=timeout)
-        return json.loads(res.stdout)
-
-    def sectors_written(self, sd: str) -> int:
-        return int(self.g.read(f"/sys/block/{sd}/stat").split()[6])
+class BlipBench(BedBench):
+    script = Path(__file__).resolve()
 
     def run(self) -> None:
         g, bed, a = self.g, self.bed, self.args
-        fs = bed.make_disk("bitmaps-fs", BITMAPS_FS_MIB)
-        g.run(["mkfs.ext4", "-q", fs])
-        g.run(["mkdir", "-p", "/var/lib/iscsimple"])
-        g.run(["mount", fs, "/var/lib/iscsimple"])
+        self.records_on_ext4()
         if "drop" in a.kinds:
             g.run(["modprobe", "sch_netem"])
         lun = bed.make_disk("lun", a.mib)

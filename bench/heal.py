@@ -239,54 +239,70 @@ def main() -> None:
     parser.add_argument("--no-throughput", action="store_true", help="only the heals")
     parser.add_argument("--throughput-only", action="store_true", help="only the writer's cost")
     args = parser.parse_args()
+    run_on_bed("bench/heal.py", lambda bed, xl, cli: Bench(bed, xl, cli, args).run())
+
+
+def run_on_bed(script: str, bench) -> None:
+    """As root and holding the machine-wide VM lock: boot the real-kernel bed, set it up and
+    call bench(bed, xl, cli) (tests/vm: StorageBed, Xl, the CLI's path); bench/blip.py uses it too."""
     if os.geteuid() != 0:
-        sys.exit("bench/heal.py boots the real-kernel bed: run it as root")
+        sys.exit(f"{script} boots the real-kernel bed: run it as root")
     sys.path.insert(0, str(REPO / "tests" / "vm"))
     VM_LOCK.touch(exist_ok=True)
     with open(VM_LOCK) as lock:
         print(f"waiting for {VM_LOCK} ...", flush=True)
         fcntl.flock(lock, fcntl.LOCK_EX)
-        run(args)
+        from storagebed import StorageBed
+        from vmharness import Guest, prepare_kernel
+        from xldriver import CLI, Xl
+
+        started = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+            guest = Guest.boot(Path(tmp), prepare_kernel())
+            try:
+                bed = StorageBed(guest)
+                bed.setup()
+                print(f"booted and set up in {time.monotonic() - started:.0f} s", flush=True)
+                bench(bed, Xl(bed), CLI)
+            finally:
+                guest.shutdown()
 
 
-def run(args: argparse.Namespace) -> None:
-    from storagebed import StorageBed
-    from vmharness import Guest, prepare_kernel
-    from xldriver import CLI, Xl
+class BedBench:
+    """A benchmark on the booted bed: guest commands, this script's guest side, LUN counters."""
 
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="bench-heal-") as tmp:
-        guest = Guest.boot(Path(tmp), prepare_kernel())
-        try:
-            bed = StorageBed(guest)
-            bed.setup()
-            print(f"booted and set up in {time.monotonic() - started:.0f} s", flush=True)
-            Bench(bed, Xl(bed), CLI, args).run()
-        finally:
-            guest.shutdown()
+    script = Path(__file__).resolve()
 
-
-class Bench:
     def __init__(self, bed, xl, cli: str, args: argparse.Namespace):
         self.bed, self.g, self.xl, self.cli, self.args = bed, bed.guest, xl, cli, args
-        self.size = args.write_kib << 10
 
     def sh(self, argv: list[str], timeout: float = 120):
         return self.g.run(argv, timeout=timeout)
 
     def helper(self, *argv: str, timeout: float = 300) -> dict:
-        res = self.g.run([sys.executable, str(Path(__file__).resolve()), "guest", *argv], timeout=timeout)
+        res = self.g.run([sys.executable, str(self.script), "guest", *argv], timeout=timeout)
         return json.loads(res.stdout)
 
     def sectors_written(self, sd: str) -> int:
         return int(self.g.read(f"/sys/block/{sd}/stat").split()[6])
 
-    def run(self) -> None:
-        g, bed, a = self.g, self.bed, self.args
-        fs = self.fs = bed.make_disk("bitmaps-fs", BITMAPS_FS_MIB)
+    def records_on_ext4(self) -> str:
+        """/var/lib/iscsimple on its own ext4, as on a host (md maps a bitmap file's blocks)."""
+        fs = self.fs = self.bed.make_disk("bitmaps-fs", BITMAPS_FS_MIB)
         self.sh(["mkfs.ext4", "-q", fs])
         self.sh(["mkdir", "-p", "/var/lib/iscsimple"])
         self.sh(["mount", fs, "/var/lib/iscsimple"])
+        return fs
+
+
+class Bench(BedBench):
+    def __init__(self, bed, xl, cli: str, args: argparse.Namespace):
+        super().__init__(bed, xl, cli, args)
+        self.size = args.write_kib << 10
+
+    def run(self) -> None:
+        g, bed, a = self.g, self.bed, self.args
+        self.records_on_ext4()
         if a.throughput_only:
             self.throughput()
             return
