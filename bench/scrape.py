@@ -6,7 +6,7 @@ recovering, ⅒ local-only, ⅒ with a FAILED session; nothing moves unless the 
 moves it) and measures:
 
 - start: the agent as a separate process at its defaults; seconds until the first
-  /metrics answers 200 (time to first metrics);
+  /metrics answers 200 (time to first metrics), and the CPU seconds it used by then;
 - at rest: both servers run side by side for --rest seconds, each scraped every 15 s as
   Prometheus does (its Accept header, gzip, one kept-alive connection); CPU seconds per
   minute of each process over that window. The agent's full sweep (default every 30 min)
@@ -105,6 +105,8 @@ class Server:
         self.started = time.monotonic()
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.first_metrics = self._wait_ready()
+        # Its CPU by then: what the start costs whatever else the machine runs meanwhile.
+        self.first_metrics_cpu = self.cpu()
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
 
     def _wait_ready(self, timeout: float = 300) -> float:
@@ -256,6 +258,7 @@ def measure(n: int, args) -> dict:
                 binary = args.node_exporter
                 servers.append(Server("node", node_exporter_argv(host, port := free_port(), binary), port))
             row["first_metrics_s"] = servers[0].first_metrics
+            row["first_metrics_cpu_s"] = servers[0].first_metrics_cpu
             row["rest"] = at_rest(servers, args.rest)
             row["scrape"] = {s.name: scrape_latency(s, args.scrapes) for s in servers}
             row["rss"] = {s.name: s.rss() for s in servers}
@@ -299,7 +302,8 @@ def main() -> int:
             f"{node * 1000:.0f} ms/min | {ratio} | "
             f"{p50:.2f} / {node_p50 or float('nan'):.2f} ms | {p50 / node_p50 if node_p50 else float('nan'):.3f} | "
             f"{c['fail_ms']:.2f} / {c['recover_ms']:.2f} ms (+{c['gzip_ms']:.0f} ms) | {c['sweep_s']:.2f} s | "
-            f"{r['rss']['agent']:.0f} / {r['rss'].get('node', float('nan')):.0f} MiB | {r['first_metrics_s']:.2f} s |",
+            f"{r['rss']['agent']:.0f} / {r['rss'].get('node', float('nan')):.0f} MiB | "
+            f"{r['first_metrics_s']:.2f} s ({r['first_metrics_cpu_s']:.2f} CPU-s) |",
             flush=True,
         )
         print(

@@ -16,8 +16,10 @@ import os
 import re
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .iscsi import IscsiSession, ScsiLun, find_lun_block, read_iscsi_sessions
 from .md import MdReadResult, SysfsError, md_kernel_names, read_md_array
@@ -26,6 +28,9 @@ from .registry import Attachment
 from .snapshot import ArrayView, HostSnapshot
 from .stale import StaleRecord, StaleRecords
 from .sysfs import block_holders, block_size_bytes
+
+if TYPE_CHECKING:  # at run time only where the log is read: hotplug starts need no bitmap code
+    from .bitmap import KernelLog
 
 # iSCSI leg states in which the iSCSI copy lacks writes the local leg has:
 # failed by md, gone from the array, or being (re)written from the local leg.
@@ -64,20 +69,26 @@ def stale_reason(view: ArrayView) -> str | None:
 
 
 def stale_record(
-    view: ArrayView, now: float | None = None, *, paths: HostPaths | None = None, seen_by: str = "the agent"
+    view: ArrayView,
+    now: float | None = None,
+    *,
+    paths: HostPaths | None = None,
+    seen_by: str = "the agent",
+    failure_log: Callable[[], KernelLog | None] | None = None,
 ) -> StaleRecord | None:
     """The record to write for this array, or None when its iSCSI copy is not stale.
 
     `since` is the earliest evidence: with `paths`, the kernel log's line of md failing the
     iSCSI leg (or, if the ring buffer lost it, of the leg's session failing), else `now`, when
-    `seen_by` saw it. `since_source` says which.
+    `seen_by` saw it. `since_source` says which. `failure_log`: the kernel log's failure lines
+    read once for many arrays (`failure_lines`), instead of reading the log for this one.
     """
     reason = stale_reason(view)
     if reason is None:
         return None
     a = view.attachment
     since, source = (time.time() if now is None else now), f"first seen by {seen_by}"
-    evidence = fault_evidence(paths, view) if paths is not None else None
+    evidence = fault_evidence(paths, view, failure_log) if paths is not None else None
     if evidence is not None and evidence[0] < since:
         since, source = evidence
     return StaleRecord(
@@ -95,7 +106,22 @@ def stale_record(
     )
 
 
-def fault_evidence(paths: HostPaths, view: ArrayView) -> tuple[float, str] | None:
+def failure_lines(klog: KernelLog | None) -> KernelLog | None:
+    """The records of `klog` that fault_evidence can use: both of its patterns need one of
+    these words, and a log of thousands of lines usually holds a handful of them."""
+    if klog is None or len(klog.usecs) != len(klog.messages):
+        return klog
+    kept = [
+        (message, usec)
+        for message, usec in zip(klog.messages, klog.usecs, strict=True)
+        if "Disk failure on" in message[1] or "detected conn error" in message[1]
+    ]
+    return replace(klog, messages=tuple(m for m, _ in kept), usecs=tuple(u for _, u in kept))
+
+
+def fault_evidence(
+    paths: HostPaths, view: ArrayView, failure_log: Callable[[], KernelLog | None] | None = None
+) -> tuple[float, str] | None:
     """When the kernel log says the iSCSI leg failed: md's own line (`md/raid1:MD: Disk failure
     on DEV`, the moment writes began to reach the local leg alone), else the last failure of the
     leg's session (`connectionSID:0: detected conn error`, earlier: writes queued from then on
@@ -103,7 +129,7 @@ def fault_evidence(paths: HostPaths, view: ArrayView) -> tuple[float, str] | Non
     while its ring buffer still holds the line. Wall time and the source in words, or None."""
     from .bitmap import read_kernel_log  # the one /dev/kmsg reader
 
-    klog = read_kernel_log(paths)
+    klog = failure_log() if failure_log is not None else read_kernel_log(paths)
     if klog is None or len(klog.usecs) != len(klog.messages) or view.md is None:
         return None
     device = view.iscsi.device or view.attachment.iscsi_device

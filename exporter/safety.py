@@ -25,13 +25,14 @@ clears the record when it completes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from iscsimple.core.bitmap import UNNAMED_ARRAY, ArrayBitmap, BitmapKicks, array_bitmaps
+from iscsimple.core.bitmap import UNNAMED_ARRAY, ArrayBitmap, BitmapKicks, array_bitmaps, read_kernel_log
 from iscsimple.core.cluster import ClusterGuard, ClusterSettings, ClusterUnreachable, check_before_writing_lun
 from iscsimple.core.config import Config, ConfigError, load_config
 from iscsimple.core.heal import BUSY, CHANGED, PendingResumes, Runner, execute_heal, start_check
@@ -41,6 +42,7 @@ from iscsimple.core.run import Deadline, run
 from iscsimple.core.safety import (
     HealBlocked,
     HealPlan,
+    failure_lines,
     plan_heal,
     plan_resume,
     recovery_complete,
@@ -85,10 +87,15 @@ class StaleDetector:
             views = [v for v in map(snapshot.by_id, sorted(keys)) if v is not None]
         self._previous = snapshot
         unwritten = set()
+        failure_log = functools.cache(
+            lambda: failure_lines(read_kernel_log(self.paths)) if self.paths else None
+        )
         for view in views:
             if view.label in standing:
                 continue
-            record = stale_record(view, now=self.clock(), paths=self.paths)
+            # The kernel log is read once for all the arrays found stale in this pass (hundreds
+            # at an agent's start during a filer outage), and only if one is.
+            record = stale_record(view, now=self.clock(), paths=self.paths, failure_log=failure_log)
             if record is None:
                 continue
             try:

@@ -725,3 +725,50 @@ def test_check_after_comes_from_the_config(tmp_path):
     assert Safety.for_host(bed.paths).healer.check_after is False
     bed.paths.config.write_text("[heal]\ncheck_after = true\n")
     assert Safety.for_host(bed.paths).healer.check_after is True
+
+
+def test_many_arrays_found_stale_at_once_read_the_kernel_log_once_each_its_own_line(tmp_path, monkeypatch):
+    import time
+
+    from iscsimple.core.snapshot import HostSnapshot
+    from iscsimple.exporter import safety as exporter_safety
+    from iscsimple.exporter.agent import Agent, AgentOptions
+    from iscsimple.exporter.simhost import SimulatedHost
+
+    host = SimulatedHost(tmp_path)
+    targets = [f"iqn.2026-11.test:lun-{i}" for i in range(5)]
+    with host.batch():
+        for i, target in enumerate(targets):
+            host.add_target(target)
+            host.attach(f"vm{i}-disk", f"vm{i}", target, 1)
+            host.finish_resync(f"vm{i}-disk")
+    for target in targets[:4]:
+        host.expire_session(target)  # md fails the iSCSI leg: four stale copies, one healthy mirror
+    views = [HostSnapshot.read(host.paths).array(f"vm{i}-disk") for i in range(5)]
+    now = time.clock_gettime(time.CLOCK_MONOTONIC)
+    lines = [(9000, "usb 1-1: new device"), *((90 + i, f"noise {i}") for i in range(200))]
+    for i, view in enumerate(views):
+        lines.append((1000 + 100 * i, f"md/raid1:{view.md.name}: Disk failure on {view.iscsi.device}, x."))
+    lines.sort(key=lambda line: -line[0])
+    (host.paths.devfs / "kmsg").write_text(
+        "".join(f"3,{seq},{int((now - ago) * 1e6)},-;{text}\n" for seq, (ago, text) in enumerate(lines, 1))
+    )
+    reads = []
+    real = exporter_safety.read_kernel_log
+    monkeypatch.setattr(exporter_safety, "read_kernel_log", lambda paths: reads.append(paths) or real(paths))
+    agent = Agent(
+        AgentOptions(paths=host.paths, udev=False, mdstat_events=False, kernel_log_events=False, heal=False)
+    )
+    agent.refresher.refresh_now()
+    assert len(reads) == 1
+    records = StaleRecords(host.paths)
+    for i, view in enumerate(views[:4]):
+        record = records.get(f"vm{i}-disk")
+        assert (
+            record.since_source
+            == f"kernel log: md/raid1:{view.md.name}: Disk failure on {view.iscsi.device}, x."
+        )
+        assert abs(record.since - (time.time() - 1000 - 100 * i)) < 5
+    assert records.get("vm4-disk") is None
+    agent.refresher.refresh_now()  # nothing new is stale: the log is not read again
+    assert len(reads) == 1
