@@ -79,7 +79,14 @@ def outage_writes(bed, m: Mirror, seed: str) -> None:
 def target_back(bed, sd: str | None = None) -> None:
     g = bed.guest
     bed.start_target()
-    g.wait_for(bed.session(IQN) + "/state", "equals", "LOGGED_IN", timeout=120)
+    state = bed.session(IQN) + "/state"
+    if not g.call("wait_for", wait=90, path=state, cond="equals", value="LOGGED_IN", timeout=60)["met"]:
+        # iscsid gives up for good when a reconnect lands between tgtd listening and the target
+        # being defined again ("target not found"); a login by hand is what an operator would do.
+        print("session not back after 60 s; iscsid's log:", (g.read("/tmp/iscsid.log") or "")[-3000:])
+        print("tgtd's log:", (g.read("/tmp/tgtd.log") or "")[-2000:])
+        print(g.run(["iscsiadm", "-m", "node", "-T", IQN, "-p", PORTAL, "--login"], check=False, timeout=60))
+    g.wait_for(state, "equals", "LOGGED_IN", timeout=120)
     if sd:
         g.wait_for(f"/sys/block/{sd}/device/state", "equals", "running", timeout=60)
 
