@@ -60,15 +60,37 @@ def deb() -> Path:
 # pass -n), tests that share one expensive or exclusive resource stay on one worker, in order:
 # the real-kernel guests (booted once per session), the real Prometheus/Alertmanager runs, and
 # the .deb build (which writes dist/). Everything else spreads over the workers.
-SERIAL_GROUPS = ("vm", "e2e", "deb")
+# The scheduler below picks the group by path: it sees only node ids, and `xdist_group` marks no
+# longer reach it (xdist 3.8 appends the group to Item._nodeid, which pytest 9 no longer reads;
+# the .deb was built on both workers at once). Collection checks each test's marker against it.
+SERIAL_GROUPS = {"vm": "tests/vm/", "e2e": "tests/e2e/", "deb": "tests/test_debian_package.py"}
+
+
+def serial_group(nodeid: str) -> str | None:
+    return next((group for group, path in SERIAL_GROUPS.items() if nodeid.startswith(path)), None)
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        for group in SERIAL_GROUPS:
-            if item.get_closest_marker(group) is not None:
-                item.add_marker(pytest.mark.xdist_group(group))
-                break
+        marked = [group for group in SERIAL_GROUPS if item.get_closest_marker(group) is not None]
+        if marked and serial_group(item.nodeid) != marked[0]:  # vm's .deb test is also marked deb
+            raise pytest.UsageError(
+                f"{item.nodeid} is marked {marked[0]} but lies outside {SERIAL_GROUPS[marked[0]]}: move it "
+                "there or add its path to SERIAL_GROUPS in tests/conftest.py, so xdist keeps it with its group"
+            )
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class SerialGroupScheduling(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return serial_group(nodeid) or super()._split_scope(nodeid)
+
+    return SerialGroupScheduling(config, log)
 
 
 WORKER_TIMINGS: dict[str, float] = {}
