@@ -156,11 +156,12 @@ def _named_blocks(text: str, names: set[str]) -> dict[str, str]:
     """mdstat_blocks(text), only for `names`: each block found by one search in C."""
     blocks = {}
     for name in names:
-        m = re.search(rf"^{re.escape(name)} : ", text, re.MULTILINE)
-        if m is None:
+        header = f"{name} : "
+        start = 0 if text.startswith(header) else text.find("\n" + header) + 1
+        if start == 0 and not text.startswith(header):
             continue
-        tail = _UNINDENTED.search(text, m.end())
-        blocks[name] = text[m.start() : tail.start() if tail else len(text)]
+        tail = _UNINDENTED.search(text, start + len(header))
+        blocks[name] = text[start : tail.start() if tail else len(text)]
     return blocks
 
 
@@ -378,7 +379,7 @@ def changed_arrays(before: bytes, after: bytes) -> set[str]:
         return set()
     shortest = min(len(before), len(after))
     head = _common_prefix(before, after, shortest)
-    tail = min(_common_prefix(before[::-1], after[::-1], shortest), shortest - head)
+    tail = min(_common_suffix(before, after, shortest), shortest - head)
     start = min(_block_start(before, head), _block_start(after, head))
     # Both stretches end where an array block starts in each text, at the same distance from the end.
     keep = min(
@@ -389,10 +390,33 @@ def changed_arrays(before: bytes, after: bytes) -> set[str]:
     return {name for name in old.keys() | new.keys() if old.get(name) != new.get(name)}
 
 
+_BLOCK = 16384  # bytes compared at once (memcmp) before the XOR of the one block that differs
+
+
 def _common_prefix(a: bytes, b: bytes, length: int) -> int:
-    """How many first bytes a and b share (of their first `length`), by one XOR of big integers."""
-    x = int.from_bytes(a[:length], "big") ^ int.from_bytes(b[:length], "big")
-    return length - (x.bit_length() + 7) // 8
+    """How many first bytes a and b share (of their first `length`): equal blocks compared in C,
+    then one XOR of big integers over the first block that differs."""
+    start = 0
+    while start < length:
+        end = min(start + _BLOCK, length)
+        if a[start:end] != b[start:end]:
+            x = int.from_bytes(a[start:end], "big") ^ int.from_bytes(b[start:end], "big")
+            return end - (x.bit_length() + 7) // 8
+        start = end
+    return length
+
+
+def _common_suffix(a: bytes, b: bytes, length: int) -> int:
+    """How many last bytes a and b share (of their last `length`), the same way from the end."""
+    done = 0
+    while done < length:
+        size = min(_BLOCK, length - done)
+        x_a, x_b = a[len(a) - done - size : len(a) - done], b[len(b) - done - size : len(b) - done]
+        if x_a != x_b:
+            x = int.from_bytes(x_a, "little") ^ int.from_bytes(x_b, "little")
+            return done + size - (x.bit_length() + 7) // 8
+        done += size
+    return length
 
 
 def _block_start(text: bytes, position: int) -> int:

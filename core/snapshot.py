@@ -311,6 +311,10 @@ class HostSnapshot:
         """Where the attachment's view is in `arrays`."""
         return self._index.position.get(attachment_id)
 
+    def stale_by_label(self) -> dict[str, StaleRecord]:
+        """The stale records by label (a new dict)."""
+        return self._index.stale_by_label.as_dict()
+
     def ids_of(self, label: str) -> frozenset[str]:
         return self._index.by_label.get(label, frozenset())
 
@@ -629,6 +633,16 @@ class _Cow(Mapping):
 
     def __len__(self) -> int:
         return self._len
+
+    def as_dict(self) -> dict:
+        """A plain dict of the same items (copied in C, not key by key)."""
+        result = dict(self._base)
+        for key, value in self._top.items():
+            if value is _DELETED:
+                del result[key]
+            else:
+                result[key] = value
+        return result
 
 
 @dataclass

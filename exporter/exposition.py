@@ -108,7 +108,7 @@ class Rendered:
 class GzipSegments:
     """Compressed segments of the last body of each format, shared by successive Rendered."""
 
-    SIZE = 64  # pieces per segment
+    SIZE = 4  # pieces per segment (a piece joins up to BLOCK chunks of one family's samples)
 
     def __init__(self):
         self._last: dict[str, dict[tuple[bytes, ...], bytes]] = {}
@@ -147,12 +147,35 @@ _DEFLATE_END = zlib.compressobj(1, zlib.DEFLATED, -15).flush()
 CHUNK = 4  # arrays (or sessions) per cached piece: small enough that one change re-encodes little
 
 
+BLOCK = 16  # chunks joined into one piece of the body: the body is a list of N / 64 pieces per family
+
+
 @dataclass
 class _Pieces:
     """One collector's encoded sample lines for one kind of view (arrays or sessions)."""
 
     items: list[tuple]  # the views of each chunk, as rendered
     by_family: dict[str, list[bytes]]  # family name -> one piece per chunk (b"" when it has none)
+    # family name -> one piece per BLOCK chunks (their pieces joined), kept up to date by _patch
+    joined: dict[str, list[bytes]] = field(default_factory=dict)
+
+    def blocks(self, family: str) -> list[bytes]:
+        joined = self.joined.get(family)
+        if joined is None:
+            pieces = self.by_family.get(family)
+            if pieces is None:
+                return []
+            joined = self.joined[family] = [
+                b"".join(pieces[start : start + BLOCK]) for start in range(0, len(pieces), BLOCK)
+            ]
+        return joined
+
+    def rejoin(self, chunks: Iterable[int]) -> None:
+        """Join again the blocks holding these chunks, in every family already joined."""
+        for block in {index // BLOCK for index in chunks}:
+            start = block * BLOCK
+            for family, joined in self.joined.items():
+                joined[block] = b"".join(self.by_family[family][start : start + BLOCK])
 
 
 class Renderer:
@@ -242,15 +265,17 @@ class Renderer:
             headers = self._headers.get(key)
             if headers is None:
                 headers = self._headers[key] = _headers(family)
-            body = [
-                *arrays.by_family.get(family.name, ()),
-                *sessions.by_family.get(family.name, ()),
-                _sample_lines(family),
-            ]
+            array_blocks = arrays.blocks(family.name)
+            session_blocks = sessions.blocks(family.name)
+            rest = _sample_lines(family)
             text_part.append(headers[0])
-            text_part.extend(body)
+            text_part += array_blocks
+            text_part += session_blocks
+            text_part.append(rest)
             om_part.append(headers[1])
-            om_part.extend(body)
+            om_part += array_blocks
+            om_part += session_blocks
+            om_part.append(rest)
         text.extend(text_part)
         om.extend(om_part)
 
@@ -316,6 +341,7 @@ class Renderer:
                     pieces = old.by_family[family.name] = [b""] * len(old.items)
                 pieces[index] = _sample_lines(family)
             old.items[index] = chunk
+        old.rejoin(todo)
         return old
 
 

@@ -77,7 +77,7 @@ class StaleDetector:
 
     def observe(self, snapshot: HostSnapshot) -> dict[str, StaleRecord]:
         """The records standing after this pass (the snapshot's plus those written now)."""
-        standing = {r.label: r for r in snapshot.stale}
+        standing = snapshot.stale_by_label()
         changed = snapshot.changed_since(self._previous)
         if changed is None:
             views = snapshot.arrays
@@ -109,15 +109,14 @@ class StaleDetector:
                 log.error("cannot write the stale record of %s: %s", view.label, e)
         self._unwritten = unwritten
         # Once per record: new ones, those found at start-up, those `remove` wrote.
-        self._announced &= set(standing)
-        for label, record in sorted(standing.items()):
-            if label not in self._announced:
-                self._announced.add(label)
-                log.warning(
-                    "STALE iSCSI COPY: %s. Do not migrate, stop or move this VM, nor start it on another "
-                    "host, until the mirror is healed.",
-                    record.describe(),
-                )
+        self._announced &= standing.keys()
+        for label in sorted(standing.keys() - self._announced):
+            self._announced.add(label)
+            log.warning(
+                "STALE iSCSI COPY: %s. Do not migrate, stop or move this VM, nor start it on another "
+                "host, until the mirror is healed.",
+                standing[label].describe(),
+            )
         return standing
 
 
@@ -189,6 +188,10 @@ class Healer:
         self._tracked: HostSnapshot | None = None
         self._local_recovering_ids: set[str] = set()
         self._stopped_ids: set[str] = set()  # attachments whose view is recovery_stopped
+        # Standing labels whose iSCSI leg recovers (or waits as a spare), kept up to date the same way.
+        self._observed: HostSnapshot | None = None
+        self._standing_labels: set[str] | None = None
+        self._recovering_labels: set[str] = set()
 
     def wait_for(self, label: str) -> float:
         """Seconds the session and LUN must look healthy before the next heal of `label`."""
@@ -200,9 +203,9 @@ class Healer:
     def observe(self, snapshot: HostSnapshot, standing: dict[str, StaleRecord]) -> dict[str, StaleRecord]:
         """Clear records of healed arrays, heal what may be healed; returns the records still standing."""
         standing = dict(standing)
+        views = self._views_to_consider(snapshot, standing)
         # A filer that returns serves every stale leg of the host at once: copy a few at a time.
-        views = [v for v in map(snapshot.array, sorted(standing)) if v is not None]
-        self._recovering = sum(1 for v in views if v.iscsi.state in ("recovering", "spare"))
+        self._recovering = len(self._recovering_labels)
         for label in set(self._progress) - standing.keys():
             del self._progress[label]
             self._blocked.pop(label, None)
@@ -225,7 +228,33 @@ class Healer:
             if self._blocked.get(view.label) is view:
                 continue  # held back by the array's state, and that state has not changed
             self._consider(view, snapshot.iscsi.sessions)
+        self._standing_labels = set(standing)
         return standing
+
+    def _views_to_consider(self, snapshot: HostSnapshot, standing: dict[str, StaleRecord]) -> list[ArrayView]:
+        """The standing records' views that may need an action, by label: those whose view or
+        record changed, and those not held back by their array's state (they wait for time to
+        pass: stable session, backoff, a free heal slot). A held-back view that did not change
+        gets the same verdict, so a pass costs what changed, not how many records stand."""
+        changed = snapshot.changed_since(self._observed)
+        self._observed = snapshot
+        if changed is None or snapshot.reordered or self._standing_labels is None:
+            labels: set[str] = set(standing)
+            self._recovering_labels = set()
+        else:
+            labels = {v.label for v in map(snapshot.by_id, changed) if v is not None}
+            labels |= standing.keys() ^ self._standing_labels
+            labels |= standing.keys() - self._blocked.keys()
+        views = []
+        for label in sorted(labels):
+            view = snapshot.array(label)
+            if view is not None and label in standing:
+                views.append(view)
+                if view.iscsi.state in ("recovering", "spare"):
+                    self._recovering_labels.add(label)
+                    continue
+            self._recovering_labels.discard(label)
+        return views
 
     # -- one array -----------------------------------------------------------------------------
 
@@ -624,8 +653,11 @@ class Safety:
         for b in computed:
             if b.error and b.error not in self._bitmap_errors:
                 log.error("write-intent bitmap of %s: %s (its heals copy the whole disk)", b.label, b.error)
-        self._bitmap_errors = {b.error for b in self._bitmap_by_label.values() if b.error}
-        self.state = SafetyState(snapshot.taken, standing, dict(self._bitmap_by_label))
+        bitmaps = self.state.bitmap_by_label
+        if self.bitmap_changes is None or self.bitmap_changes:  # only when one moved
+            self._bitmap_errors = {b.error for b in self._bitmap_by_label.values() if b.error}
+            bitmaps = dict(self._bitmap_by_label)
+        self.state = SafetyState(snapshot.taken, standing, bitmaps)
 
     def _bitmaps(self, snapshot: HostSnapshot) -> list[ArrayBitmap]:
         """Bitmaps of the arrays that changed, and of the degraded ones whose bitmap is in use
@@ -683,4 +715,4 @@ class Safety:
         state = self.state
         if state.taken == snapshot.taken:
             return state.standing
-        return {r.label: r for r in snapshot.stale}
+        return snapshot.stale_by_label()

@@ -246,7 +246,7 @@ def test_copy_on_write_index_map_leaves_its_parents_alone(operations):
             maps.append(child)
             expected.append(model)
     for cow, model in zip(maps, expected, strict=True):
-        assert dict(cow) == model and len(cow) == len(model)
+        assert dict(cow) == model == cow.as_dict() and len(cow) == len(model)
         assert all((k in cow) == (k in model) and cow.get(k) == model.get(k) for k in range(-1, 22))
 
 

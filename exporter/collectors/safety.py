@@ -3,11 +3,11 @@ bitmaps, and what the other hosts' cross-host guards ask about (core/cluster.py)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from iscsimple.core.registry import vm_name
+from iscsimple.core.registry import Attachment, vm_name
 from iscsimple.core.safety import migrate_blockers
 from iscsimple.core.snapshot import HostSnapshot
 from iscsimple.core.stale import StaleRecord
@@ -25,6 +25,10 @@ class SafetyCollector(SnapshotCollector):
         self.safety = safety
         self._rendered: set[str] | None = None
         self._host_of: tuple[object, str] | None = None
+        # The records of labels without an array, and the plain (unmirrored) attachments: the
+        # snapshot they were found in, so a refresh that changed neither does not walk them again.
+        self._orphans: tuple[HostSnapshot, frozenset[str], list[str]] | None = None
+        self._plain: tuple[tuple[Attachment, ...], list[Attachment]] | None = None
 
     def _host(self) -> str:
         # ClusterSettings.host asks the kernel each time (gethostname): once per setting here.
@@ -57,10 +61,11 @@ class SafetyCollector(SnapshotCollector):
         for view in part.arrays:
             if snapshot.array(view.label) is view:  # one sample per LABEL
                 stale.add_metric([view.label, view.domain], 1.0 if view.label in standing else 0.0)
-        for label, record in sorted(standing.items()) if part.rest else ():
-            if snapshot.array(label) is None:  # VM stopped or host rebooted: the record still matters
-                domain = vm_name(record.domain_name, record.domain_id, numbered="{}")
-                stale.add_metric([label, domain], 1.0)
+        for label in self._orphaned(snapshot, standing) if part.rest else ():
+            # VM stopped or host rebooted: the record still matters
+            record = standing[label]
+            domain = vm_name(record.domain_name, record.domain_id, numbered="{}")
+            stale.add_metric([label, domain], 1.0)
         yield stale
         yield from self._cluster_families(snapshot, part, standing)
 
@@ -108,6 +113,30 @@ class SafetyCollector(SnapshotCollector):
             enabled.add_metric([], 1.0 if healer.enabled else 0.0)
         yield enabled
         yield from self._bitmaps(snapshot, part)
+
+    def _orphaned(self, snapshot: HostSnapshot, standing: Mapping[str, StaleRecord]) -> list[str]:
+        """The standing records' labels that have no array, sorted. Found again only when the
+        records or the set of arrays changed (a derived snapshot that did not reorder its arrays
+        has the same labels)."""
+        labels = frozenset(standing)
+        cached = self._orphans
+        if cached is None or not (
+            cached[0] is snapshot
+            or (snapshot.changed_since(cached[0]) is not None and not snapshot.reordered)
+        ):
+            orphans = [label for label in sorted(labels) if snapshot.array(label) is None]
+        elif cached[1] == labels:
+            orphans = cached[2]
+        else:  # the same arrays: only the records that came or went are looked at
+            kept = set(cached[2]) & labels
+            orphans = sorted(kept | {label for label in labels - cached[1] if snapshot.array(label) is None})
+        self._orphans = (snapshot, labels, orphans)
+        return orphans
+
+    def _plain_attachments(self, snapshot: HostSnapshot) -> list[Attachment]:
+        if self._plain is None or self._plain[0] is not snapshot.attachments:
+            self._plain = (snapshot.attachments, [a for a in snapshot.attachments if a.label is None])
+        return self._plain[1]
 
     def _bitmaps(self, snapshot: HostSnapshot, part: Part) -> Iterable[Metric]:
         state = self.safety.state
@@ -162,7 +191,7 @@ class SafetyCollector(SnapshotCollector):
         # A record with its array's part (cached with it), then those of arrays gone.
         records = [(v.label, standing.get(v.label)) for v in part.arrays if snapshot.array(v.label) is v]
         if part.rest:
-            records += [(label, r) for label, r in sorted(standing.items()) if snapshot.array(label) is None]
+            records += [(label, standing[label]) for label in self._orphaned(snapshot, standing)]
         for label, record in records:
             if record is not None and record.target is not None:
                 domain = vm_name(record.domain_name, record.domain_id, numbered="{}")
@@ -176,7 +205,7 @@ class SafetyCollector(SnapshotCollector):
         )
         # A mirror's LUN with its array (cached with it), then the plain LUNs.
         mirrors = [v.attachment for v in part.arrays]
-        plain = [a for a in snapshot.attachments if a.label is None] if part.rest else []
+        plain = self._plain_attachments(snapshot) if part.rest else []
         for a in (*mirrors, *plain):
             if a.target is not None:
                 attached.add_metric([host, a.target, str(a.lun), a.label or "", a.domain_name or ""], 1.0)
