@@ -111,30 +111,38 @@ class GzipSegments:
     SIZE = 4  # pieces per segment (a piece joins up to BLOCK chunks of one family's samples)
 
     def __init__(self):
-        self._last: dict[str, dict[tuple[bytes, ...], bytes]] = {}
+        # Per format, per segment of the last body: its pieces, compressed, and the CRC and size
+        # of the body up to its end (reused while every segment before differs in nothing).
+        self._last: dict[str, list[tuple[tuple[bytes, ...], bytes, int, int]]] = {}
         self._lock = threading.Lock()
 
     def gzip(self, content_type: str, pieces: list[bytes]) -> bytes:
         with self._lock:
-            last = self._last.get(content_type, {})
-            now: dict[tuple[bytes, ...], bytes] = {}
-            out = [_GZIP_HEADER]
+            last = self._last.get(content_type, [])
+            known = {segment: packed for segment, packed, _, _ in last}
+            now: list[tuple[tuple[bytes, ...], bytes, int, int]] = []
             crc = 0
             size = 0
-            for start in range(0, len(pieces), self.SIZE):
+            same_so_far = True
+            for number, start in enumerate(range(0, len(pieces), self.SIZE)):
                 segment = tuple(pieces[start : start + self.SIZE])
-                packed = last.get(segment) or now.get(segment)
+                if same_so_far and number < len(last) and last[number][0] == segment:
+                    now.append(last[number])  # the CRC up to here is the last body's
+                    crc, size = last[number][2], last[number][3]
+                    continue
+                same_so_far = False
+                packed = known.get(segment)
                 if packed is None:
                     packer = zlib.compressobj(1, zlib.DEFLATED, -15)
                     packed = b"".join([*map(packer.compress, segment), packer.flush(zlib.Z_FULL_FLUSH)])
-                now[segment] = packed
-                out.append(packed)
+                    known[segment] = packed
                 for piece in segment:
                     crc = zlib.crc32(piece, crc)
                     size += len(piece)
-            out.append(_DEFLATE_END)
-            out.append(struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF))
+                now.append((segment, packed, crc, size))
             self._last[content_type] = now
+            out = [_GZIP_HEADER, *(packed for _, packed, _, _ in now), _DEFLATE_END]
+            out.append(struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF))
             return b"".join(out)
 
 
