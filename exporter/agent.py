@@ -66,6 +66,10 @@ DEFAULT_LISTEN = f":{DEFAULT_PORT}"
 # The full re-read behind the events and the poll. It costs about 0.6 ms of CPU per array
 # (bench/scrape.py), so at thousands of arrays it is the largest cost of an idle agent.
 DEFAULT_SWEEP = 1800.0
+# While the kernel log announces session failures, every session's state is read once per this
+# many polls (30 s at the default --refresh.interval) instead of on every poll: it is a file per
+# session, the largest part of an idle agent's cost.
+SESSION_STATES_EVERY = 3
 
 
 @dataclass
@@ -118,7 +122,8 @@ class Agent:
                 return HostSnapshot.read(paths)
             return previous.update(paths, changes)
 
-        self.refresher = Refresher(read, poll=ChangePoll(paths.sysfs, self.mdstat))
+        self.poll = ChangePoll(paths.sysfs, self.mdstat, sessions_every=SESSION_STATES_EVERY)
+        self.refresher = Refresher(read, poll=self.poll)
         # Data safety (exporter/safety.py, docs/data-safety.md): stale-copy records, heal, their metrics.
         real_host = paths.sysfs == Path("/sys")
         heal = options.heal and (real_host or options.heal_runner is not None)
@@ -147,11 +152,14 @@ class Agent:
                 MdstatWatcher(o.paths.procfs / "mdstat", self.refresher.request, diff=self.mdstat).start()
             )
         if o.kernel_log_events:
-            self._watchers.append(
-                KernelLogWatcher(
-                    o.paths.devfs / "kmsg", self.refresher.request, kicks=self.safety.kicks
-                ).start()
+            kmsg = KernelLogWatcher(
+                o.paths.devfs / "kmsg",
+                self.refresher.request,
+                kicks=self.safety.kicks,
+                on_lost=self._kernel_log_lost,
             )
+            self.poll.announced = kmsg.following
+            self._watchers.append(kmsg.start())
         if o.udev:
             monitor = udev_monitor_factory()
             if monitor is not None:
@@ -184,6 +192,10 @@ class Agent:
         self.scheduler.start()
         self.started.set()
         return self
+
+    def _kernel_log_lost(self) -> None:
+        self.poll.want_sessions()
+        self.refresher.request_poll("kernel log records lost")
 
     def stop(self) -> None:
         for watcher in self._watchers:

@@ -104,14 +104,36 @@ class MdstatDiff:
 
 
 class ChangePoll:
-    """The scheduled look for what the kernel does not announce (run in the refresh thread)."""
+    """The scheduled look for what the kernel does not announce (run in the refresh thread).
 
-    def __init__(self, sysfs: Path, mdstat: MdstatDiff | None):
+    /proc/mdstat is compared on every poll. Every session's `state` (one file per session) is
+    read on every poll too, unless `announced()` says the kernel log is being followed: the
+    kernel announces no session state change by uevent, but logs each failure (`detected conn
+    error`: FAILED; `session recovery timed out`: FREE) and the KernelLogWatcher re-reads that
+    session at once. Then the states are read once per `sessions_every` polls (a session that
+    logs in again, which is logged by no kernel line, shows by then), and at the next poll after
+    `want_sessions()` (kernel log records were lost)."""
+
+    def __init__(self, sysfs: Path, mdstat: MdstatDiff | None, sessions_every: int = 1):
         self.sysfs = sysfs
         self.mdstat = mdstat
+        self.sessions_every = sessions_every
+        self.announced: Callable[[], bool] | None = None
+        self._polls_since_sessions = 0
+        self._sessions_wanted = False
+
+    def want_sessions(self) -> None:
+        """Read every session's state on the next poll."""
+        self._sessions_wanted = True
 
     def __call__(self, snapshot: HostSnapshot) -> Changes:
         md = self.mdstat.read() if self.mdstat is not None else set()
+        self._polls_since_sessions += 1
+        announced = self.announced is not None and self.announced()
+        if announced and not self._sessions_wanted and self._polls_since_sessions < self.sessions_every:
+            return Changes(md=frozenset(md))
+        self._polls_since_sessions = 0
+        self._sessions_wanted = False
         known = {s.name: s.state for s in snapshot.iscsi.sessions}
         states = read_session_states(self.sysfs)
         sessions = {n for n in known.keys() | states.keys() if known.get(n, "?") != states.get(n, "?")}
@@ -239,6 +261,7 @@ class KernelLogWatcher(_Watcher):
         poll_timeout: float = 1.0,
         follow_ups: tuple[float, ...] = FOLLOW_UPS,
         kicks: BitmapKicks | None = None,
+        on_lost: Callable[[], None] | None = None,
     ):
         self.path = Path(path)
         self.kicks = kicks
@@ -246,7 +269,13 @@ class KernelLogWatcher(_Watcher):
         self.opener = opener or self._open
         self.poll_timeout = poll_timeout
         self.follow_ups = follow_ups
+        self.on_lost = on_lost  # records were overwritten before we read them
+        self._following = False
         super().__init__()
+
+    def following(self) -> bool:
+        """True while the kernel log is open and read (session failures are announced)."""
+        return self._following and self.thread.is_alive() and not self._stop.is_set()
 
     def _open(self) -> int:
         fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -268,6 +297,7 @@ class KernelLogWatcher(_Watcher):
             )
             return
         due: dict[str, list[float]] = {}  # session -> when to re-read it again
+        self._following = True
         try:
             self._read_earlier_kicks()
             poller = select.poll()
@@ -292,6 +322,7 @@ class KernelLogWatcher(_Watcher):
                 if again - failed:
                     self.on_event("kernel log: follow-up", Changes(sessions=frozenset(again - failed)))
         finally:
+            self._following = False
             os.close(fd)
 
     def _read_earlier_kicks(self) -> None:
@@ -314,6 +345,8 @@ class KernelLogWatcher(_Watcher):
             except BlockingIOError:
                 break
             except BrokenPipeError:  # records were overwritten before we read them: go on
+                if self.on_lost is not None:
+                    self.on_lost()  # a failure may be among them
                 continue
             except OSError as e:
                 log.warning("reading %s failed (%s); the poll still sees session failures", self.path, e)

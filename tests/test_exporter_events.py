@@ -318,3 +318,73 @@ def test_a_bitmap_md_dropped_is_exported_inactive_though_mdstat_still_shows_it(h
         watcher.stop()
         os.close(write_end)
         agent.stop()
+
+
+def test_session_states_are_read_less_often_only_while_the_kernel_log_announces_failures(host):
+    """The poll reads every session's state on each call unless the kernel log is followed;
+    then once per `sessions_every` calls, and at the next call after kernel log records were lost."""
+    from unittest import mock
+
+    from iscsimple.core.snapshot import HostSnapshot
+    from iscsimple.exporter import events
+
+    snapshot = HostSnapshot.read(host.paths)
+    following = [False]
+    poll = events.ChangePoll(host.paths.sysfs, None, sessions_every=3)
+    poll.announced = lambda: following[0]
+    with mock.patch.object(events, "read_session_states", wraps=events.read_session_states) as reads:
+
+        def reads_on(calls: int) -> list[bool]:
+            seen = []
+            for _ in range(calls):
+                before = reads.call_count
+                poll(snapshot)
+                seen.append(reads.call_count > before)
+            return seen
+
+        assert reads_on(3) == [True, True, True]
+        following[0] = True
+        assert reads_on(6) == [False, False, True, False, False, True]
+        poll.want_sessions()
+        assert reads_on(2) == [True, False]
+        following[0] = False  # the kernel log is no longer read: back to every poll
+        assert reads_on(2) == [True, True]
+    host.fail_session(TARGET)
+    following[0] = True
+    poll.want_sessions()
+    assert poll(snapshot).sessions == {snapshot.array("web1-disk").session.name}
+
+
+def test_kernel_log_watcher_says_whether_it_follows_and_reports_lost_records():
+    from iscsimple.exporter.events import KernelLogWatcher
+
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    lost = []
+    reads = iter([BrokenPipeError()])
+    real_read = os.read
+
+    def read(fd, size):
+        if fd == read_end:
+            error = next(reads, None)
+            if error is not None:
+                raise error
+        return real_read(fd, size)
+
+    from unittest import mock
+
+    watcher = KernelLogWatcher(
+        "kmsg", lambda *_: None, opener=lambda: read_end, on_lost=lambda: lost.append(1)
+    )
+    assert not watcher.following()
+    with mock.patch("iscsimple.exporter.events.os.read", side_effect=read):
+        watcher.start()
+        try:
+            wait_until(watcher.following)
+            os.write(write_end, KMSG_CONN_ERROR % 4)
+            wait_until(lambda: lost == [1])
+        finally:
+            watcher.stop()
+            os.close(write_end)
+        watcher.thread.join(5)
+    assert not watcher.following()
