@@ -34,3 +34,15 @@ def test_a_web_config_still_parses_and_refuses_a_key_given_twice(tmp_path):
         assert "appears twice" in str(e)
     else:
         raise AssertionError("a key given twice was accepted")
+
+
+def test_scheduler_and_web_server_load_only_when_the_agent_serves():
+    """`iscsimple-agent --once` (and every import of the agent) starts without apscheduler and the
+    HTTP server: a large part of its start-up on a slow CPU."""
+    code = (
+        "import sys\n"
+        "from iscsimple.exporter import agent\n"
+        "print(sorted(m for m in ('apscheduler', 'iscsimple.exporter.web') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.splitlines() == ["[]"]
