@@ -30,7 +30,6 @@ moves it) and measures:
 from __future__ import annotations
 
 import argparse
-import gc
 import http.client
 import logging
 import os
@@ -45,7 +44,7 @@ import time
 from pathlib import Path
 
 from iscsimple.core.snapshot import EVERYTHING, Changes
-from iscsimple.exporter.agent import DEFAULT_SWEEP, Agent, AgentOptions
+from iscsimple.exporter.agent import DEFAULT_SWEEP, Agent, AgentOptions, first_full_read
 from iscsimple.exporter.simhost import SimulatedHost
 
 PROMETHEUS_ACCEPT = (
@@ -202,10 +201,8 @@ def scrape_latency(server: Server, scrapes: int) -> dict[str, float]:
 def change_costs(host: SimulatedHost, n: int, changes: int) -> dict[str, float]:
     """In-process: the agent's CPU for one changed array, as the refresh thread spends it."""
     agent = Agent(AgentOptions(paths=host.paths, udev=False, mdstat_events=False, heal=False))
-    agent.refresher.refresh_now()
+    first_full_read(agent.refresher)  # as Agent.start does (its heap frozen afterwards)
     agent.metrics(PROMETHEUS_ACCEPT, gzipped=True)
-    gc.collect()
-    gc.freeze()  # as iscsimple-agent's main() does after its first read
     mdstat = agent.mdstat
 
     def reflect(change, names: Changes) -> tuple[float, float]:

@@ -546,11 +546,6 @@ def _serve(
     if web_config.cleartext_passwords:
         log.warning("basic_auth_users without tls_server_config: passwords cross the network in clear")
     agent.start()
-    # The first full read leaves a large heap that lives as long as the agent (the snapshot, its
-    # rendered pieces, the modules): out of the cyclic collector's reach, a later collection walks
-    # what refreshes create, not the whole host again. Garbage is still freed by reference count.
-    gc.collect()
-    gc.freeze()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
