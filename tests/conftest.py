@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 from collections.abc import Callable
@@ -10,6 +11,21 @@ from pathlib import Path
 import pytest
 import vmtimings
 from fixturetree import materialize
+
+
+@pytest.fixture(autouse=True)
+def _root_logger_as_found():
+    """Entry points run in-process add handlers on sys.stderr, which pytest swaps per test.
+
+    Left behind, such a handler writes to a closed capture stream later and a later test sees
+    logging's own "--- Logging error ---" traceback: give every test the root logger it found.
+    """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture

@@ -71,13 +71,16 @@ def test_remove_after_an_add_killed_during_login_logs_out(hotplug):
     assert not any(line.startswith("mdadm --stop") for line in hotplug.command_lines())
 
 
-def kill_add_once_called(hotplug, vbd, match: tuple[str, ...]) -> None:
+def kill_add_once_called(hotplug, vbd, match: tuple[str, ...], until=lambda: True) -> None:
     """Start an add and SIGKILL the script (not its children, as libxl does) as soon as it has started
-    the command matching `match`; that command runs on."""
+    the command matching `match` and `until()` holds; that command runs on."""
     proc = hotplug.start("add", vbd)
     deadline = time.monotonic() + 60
     while not any(all(m in " ".join(r["argv"]) for m in match) for r in hotplug.host.call_records()):
         assert time.monotonic() < deadline, "the add never ran the command"
+        time.sleep(0.02)
+    while not until():  # the fake records a call before its effect lands
+        assert time.monotonic() < deadline, "the command never took effect"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
@@ -90,7 +93,7 @@ def test_remove_after_an_add_killed_after_the_login_succeeded_logs_the_session_o
     hotplug.mirror("vm1")
     vbd = hotplug.vbd(SPEC)
     hotplug.host.add_fault("iscsiadm", match=("--login",), action="effect_then_hang", seconds=120)
-    kill_add_once_called(hotplug, vbd, ("--login",))
+    kill_add_once_called(hotplug, vbd, ("--login",), until=lambda: hotplug.host.session_targets() == [IQN])
     assert hotplug.host.session_targets() == [IQN]
     assert hotplug.registry().get(vbd.attachment_id).state == STATE_ATTACHING
 
