@@ -102,6 +102,10 @@ class Xl:
         self._put({f"{vbd.path}/online": "0", f"{vbd.path}/state": "6"})
         return self.guest.run([BLOCK_SCRIPT, "remove"], env=self.env(vbd), check=False, timeout=timeout)
 
+    def spawn_remove(self, name: str, vbd: Vbd) -> None:
+        self._put({f"{vbd.path}/online": "0", f"{vbd.path}/state": "6"})
+        self.guest.spawn(name, [BLOCK_SCRIPT, "remove"], env=self.env(vbd), log=f"/tmp/{name}.log")
+
     # -- the operator CLI and the agent ------------------------------------------------------------
     def status(self) -> dict:
         res = self.guest.run([CLI, "status", "--json"], env={"ISCSIMPLE_XENSTORE_FILE": XENSTORE}, timeout=60)
