@@ -455,7 +455,7 @@ def _read_stale(
 
 
 def _records_of(files: RecordFiles) -> list[StaleRecord]:
-    return [files.files[name].record for name in sorted(files.files)]
+    return [files.files[name] for name in sorted(files.files)]
 
 
 def _record_name(record: StaleRecord) -> str:

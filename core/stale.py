@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .atomic import remove_durably, write_atomic
 from .errors import StateFileError
-from .files import FileSignature, ensure_dir, load_state_json
+from .files import ensure_dir, load_state_json
 from .paths import HostPaths
 from .registry import vm_name
 from .spec import check_label
@@ -92,39 +92,15 @@ class StaleRecords:
 
         Only "no records yet" is empty; an unreadable directory raises, and one bad record never
         hides the others: each is a data-safety signal."""
-        records, errors, _ = self.read_changed(None)
-        return records, errors
-
-    def read_changed(
-        self, known: Mapping[str, RecordFile] | None
-    ) -> tuple[list[StaleRecord], list[str], dict[str, RecordFile]]:
-        """read_all, reading again only the files whose stat moved since `known` (what the last
-        call returned; None reads every file): one new record costs one file, not all of them."""
-        try:
-            names = sorted(self._names())
-        except FileNotFoundError:
-            return [], [], {}
-        records, errors, files = [], [], {}
-        for name in names:
-            seen = known.get(name) if known is not None else None
-            found = self._read_file(name, seen)
-            if isinstance(found, str):
-                errors.append(found)
-                continue
-            if found is None:
-                continue  # cleared while we listed
-            files[name] = found
-            if found.record.unreadable:
-                errors.append(found.record.reason)
-            records.append(found.record)
-        return records, errors, files
+        files, _ = self.read_moved(None)
+        return [files.files[name] for name in sorted(files.files)], files.errors
 
     def read_moved(self, known: RecordFiles | None) -> tuple[RecordFiles, dict[str, StaleRecord | None]]:
         """The records directory again, reading only the files that are new or were replaced
         since `known` (their inode, from the listing, differs: iscsimple writes a record by
         renaming a new file over it), and what changed by label (None: the record is gone).
         With `known` None every file is read. A file edited in place keeps its inode: the full
-        sweep (read_changed(None)) finds it."""
+        sweep (read_moved(None)) finds it."""
         try:
             listing = self._inodes()
         except FileNotFoundError:
@@ -144,29 +120,26 @@ class StaleRecords:
             problems.pop(name, None)
             before = files.pop(name, None)
             if before is not None:
-                changed[before.record.label] = None
+                changed[before.label] = None
         for name in moved:
             before = files.pop(name, None)
             problems.pop(name, None)
             inodes[name] = listing[name]
-            found = self._read_file(name, None)
+            found = self._read_file(name)
             if isinstance(found, str):
                 problems[name] = found
             elif found is None:
                 del inodes[name]  # cleared while we listed
             else:
                 files[name] = found
-                if found.record.unreadable:
-                    problems[name] = found.record.reason
-            after = found.record if isinstance(found, RecordFile) else None
+                if found.unreadable:
+                    problems[name] = found.reason
+            after = found if isinstance(found, StaleRecord) else None
             if before is not None and after is None:
-                changed[before.record.label] = None
-            elif after is not None and (before is None or before.record != after):
+                changed[before.label] = None
+            elif after is not None and before != after:
                 changed[after.label] = after
         return RecordFiles(files, inodes, problems), changed
-
-    def _names(self) -> list[str]:
-        return [n for n in os.listdir(self.directory) if n.endswith(".json") and not n.startswith(".")]
 
     def _inodes(self) -> dict[str, int]:
         with os.scandir(self.directory) as entries:
@@ -174,42 +147,29 @@ class StaleRecords:
                 e.name: e.inode() for e in entries if e.name.endswith(".json") and not e.name.startswith(".")
             }
 
-    def _read_file(self, name: str, seen: RecordFile | None) -> RecordFile | str | None:
-        """One record file: reused from `seen` when its stat did not move; a problem line when
-        its name is not a record's; None when it is gone."""
+    def _read_file(self, name: str) -> StaleRecord | str | None:
+        """One record file; a problem line when its name is not a record's; None when it is gone."""
         label = name[: -len(".json")]
         try:
             check_label(label, ValueError)
         except ValueError as e:
             return f"{self.directory / name}: not a record iscsimple writes ({e})"
-        signature = FileSignature.of(self.directory / name, follow_symlinks=False)  # before reading
-        if seen is not None and not signature.moved_since(seen.signature):
-            return seen
-        record = self.get(label)
-        return None if record is None else RecordFile(signature, record)
+        return self.get(label)
 
 
 @dataclass(frozen=True)
 class RecordFiles:
-    """The records directory as last read: each record file by name, the inode each name had
+    """The records directory as last read: each record by file name, the inode each name had
     in the listing, and the problem line of each name that is not a readable record."""
 
-    files: Mapping[str, RecordFile] = field(default_factory=dict)
+    files: Mapping[str, StaleRecord] = field(default_factory=dict)
     inodes: Mapping[str, int] = field(default_factory=dict)
     problems: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def errors(self) -> list[str]:
-        """The problems in the order read_changed lists them (by file name)."""
+        """The problems by file name."""
         return [self.problems[name] for name in sorted(self.problems)]
-
-
-@dataclass(frozen=True)
-class RecordFile:
-    """A record as last read and the stat of its file then."""
-
-    signature: FileSignature
-    record: StaleRecord
 
 
 UNKNOWN = "details unknown"
