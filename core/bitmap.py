@@ -35,7 +35,7 @@ from .files import MAX_INPUT_BYTES, load_state_json, read_file
 from .mdstat import read_mdstat_arrays
 from .paths import HostPaths
 from .spec import check_label
-from .sysfs import parse_int
+from .sysfs import parse_int, write_attr
 
 if TYPE_CHECKING:  # a run-time import would load safety and the snapshot into every hotplug start
     from .safety import HealPlan
@@ -403,11 +403,7 @@ def lun_wwid(paths: HostPaths, name: str) -> str | None:
 def rescan(paths: HostPaths, name: str) -> bool:
     """Make the SCSI layer re-read the device's identity (VPD pages) and capacity."""
     try:
-        fd = os.open(paths.sysfs / "block" / name / "device" / "rescan", os.O_WRONLY | os.O_NOFOLLOW)
-        try:
-            os.write(fd, b"1")
-        finally:
-            os.close(fd)
+        write_attr(paths.sysfs / "block" / name / "device" / "rescan", "1")
         return True
     except OSError as e:
         log.warning("cannot rescan %s: %s", name, e.strerror or e)

@@ -567,13 +567,7 @@ class _Cow(Mapping):
     def derive(self) -> _Cow:
         new = _Cow.__new__(_Cow)
         if len(self._top) > self.FOLD:
-            base = dict(self._base)
-            for key, value in self._top.items():
-                if value is _DELETED:
-                    del base[key]
-                else:
-                    base[key] = value
-            new._base, new._top = base, {}
+            new._base, new._top = self.as_dict(), {}
         else:
             new._base, new._top = self._base, dict(self._top)
         new._len = self._len
