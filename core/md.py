@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from iscsimple.core.paths import HostPaths
-from iscsimple.core.sysfs import AttrReader, SysfsError, open_dir, parse_dev, parse_int
+from iscsimple.core.sysfs import AttrReader, SysfsError, open_dir, parse_dev, parse_int, read_bytes
 
 __all__ = [
     "REDUNDANT_LEVELS",
@@ -20,6 +20,7 @@ __all__ = [
     "MdMember",
     "MdReadResult",
     "SysfsError",
+    "component_size_kib",
     "md_array_names",
     "md_kernel_names",
     "md_names_for",
@@ -40,7 +41,6 @@ class MdMember:
     slot: int | None  # role in the array; None for "none" (spare or faulty)
     state: frozenset[str]  # flags of dev-*/state: in_sync, write_mostly, faulty, write_error, spare, ...
     errors: int | None  # corrected read errors
-    recovery_start: int | None  # sectors already recovered; None for "none" (not recovering)
     dev: str | None  # "8:0"
 
     @property
@@ -79,18 +79,19 @@ class MdMember:
 
 @dataclass(frozen=True, slots=True)
 class MdArray:
+    """What the agent, the heal and the CLI use of an array. Only these attributes are read: a
+    start-up reads every array of the host, and each file costs a syscall round trip (md's other
+    attributes, e.g. metadata_version or component_size, are read where they are needed)."""
+
     name: str  # "md127", "md_data"
-    dev: str | None  # "9:127"
     level: str | None  # "raid1"; None if the file is missing or empty (inactive array)
     array_state: str | None  # clear, inactive, suspended, readonly, read-auto, clean, active, ...
-    metadata_version: str | None  # "none" for --build arrays, "1.2", "external:imsm"
-    raid_disks: int | None
     degraded: int | None  # number of missing/failed slots
     sync_action: str | None  # idle, resync, recover, check, repair, reshape, frozen
-    last_sync_action: str | None
     sync_completed: tuple[int, int] | None  # (done, total) sectors; None for "none"/"delayed"
-    sync_speed_kib: int | None  # KiB/s of the running sync; None for "none"
-    component_size_kib: int | None
+    # KiB/s of the running sync; None for "none", and not read while sync_action is idle or
+    # frozen (md shows "none" then, and nothing uses a speed without a running sync).
+    sync_speed_kib: int | None
     size_bytes: int | None  # /sys/block/<name>/size * 512
     members: tuple[MdMember, ...]
     sync_delayed: bool = False  # sync_completed says "delayed" (waiting for another array)
@@ -177,28 +178,26 @@ def _read_array(block: str, name: str, all_errors: list[str]) -> MdArray:
 
 
 def _read_array_at(md_fd: int, disk_dir: str, md_dir: str, name: str, all_errors: list[str]) -> MdArray:
-    member_dirs = [e.name for e in os.scandir(md_fd) if e.name.startswith("dev-")]
+    member_dirs = [entry for entry in os.listdir(md_fd) if entry.startswith("dev-")]
     errors: list[str] = []
     md = AttrReader(md_dir, errors, md_fd)
     disk = AttrReader(disk_dir, errors, md_fd, "../")
 
     level = md.text("level", required=True) or None
     redundant = level in REDUNDANT_LEVELS
+    sync_action = md.text("sync_action", required=redundant)
     sync_completed_text = md.text("sync_completed", required=redundant)
     sectors = disk.parsed("size", True, parse_int)
     array = MdArray(
         name=name,
-        dev=disk.parsed("dev", True, parse_dev),
         level=level,
         array_state=md.text("array_state", required=True),
-        metadata_version=md.text("metadata_version", required=True),
-        raid_disks=md.parsed("raid_disks", True, _parse_raid_disks),
         degraded=md.parsed("degraded", redundant, parse_int),
-        sync_action=md.text("sync_action", required=redundant),
-        last_sync_action=md.text("last_sync_action", required=redundant),
+        sync_action=sync_action,
         sync_completed=_parse_sync_completed(sync_completed_text, md_dir, errors),
-        sync_speed_kib=md.parsed("sync_speed", redundant, parse_int),
-        component_size_kib=md.parsed("component_size", True, parse_int),
+        sync_speed_kib=(
+            md.parsed("sync_speed", redundant, parse_int) if sync_action not in _NOT_SYNCING else None
+        ),
         size_bytes=sectors * 512 if sectors is not None else None,
         members=_read_members(md_fd, md_dir, member_dirs, errors),
         sync_delayed=sync_completed_text == "delayed",
@@ -208,6 +207,10 @@ def _read_array_at(md_fd: int, disk_dir: str, md_dir: str, name: str, all_errors
         raise _Gone  # stopped while we read it: the missing files are no fault
     all_errors.extend(errors)
     return array
+
+
+# sync_action values without a running sync (None: no such file, a level without sync).
+_NOT_SYNCING = frozenset({None, "idle", "frozen"})
 
 
 def _read_members(md_fd: int, md_dir: str, entries: list[str], errors: list[str]) -> tuple[MdMember, ...]:
@@ -222,7 +225,6 @@ def _read_members(md_fd: int, md_dir: str, entries: list[str], errors: list[str]
             slot=attrs.parsed("slot", True, parse_int),
             state=_member_state(state_text or ""),
             errors=attrs.parsed("errors", True, parse_int),
-            recovery_start=attrs.parsed("recovery_start", True, parse_int),
             # dev-X/block links to the member's block device dir, whatever kind (disk,
             # partition, dm, loop), so one read gives its major:minor.
             dev=attrs.parsed("block/dev", False, parse_dev),
@@ -248,9 +250,14 @@ def _member_state(text: str) -> frozenset[str]:
     return state
 
 
-def _parse_raid_disks(text: str) -> int:
-    # During a reshape the kernel prints "3 (2)": new count, then the old one.
-    return parse_int(text.split(" ", 1)[0])
+def component_size_kib(sysfs: Path, name: str) -> int | None:
+    """md/component_size of array NAME (KiB each member must hold); None when unknown."""
+    try:
+        return parse_int(
+            read_bytes(os.path.join(sysfs, "block", name, "md", "component_size")).decode().strip()
+        )
+    except (OSError, ValueError):
+        return None
 
 
 def _parse_sync_completed(text: str | None, md_dir: str, errors: list[str]) -> tuple[int, int] | None:

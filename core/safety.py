@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .iscsi import IscsiSession, ScsiLun, find_lun_block, read_iscsi_sessions
-from .md import MdReadResult, SysfsError, md_kernel_names, read_md_array
+from .md import MdReadResult, SysfsError, component_size_kib, md_kernel_names, read_md_array
 from .paths import HostPaths
 from .registry import Attachment
 from .snapshot import ArrayView, HostSnapshot
@@ -513,7 +513,7 @@ def _node_problem(devfs: Path, name: str, dev: str | None, what: str | None = No
 
 def _size_problem(sysfs: Path, name: str, view: ArrayView) -> str | None:
     """md would refuse a too small device; say why in our words first."""
-    need_kib = view.md.component_size_kib if view.md else None
+    need_kib = component_size_kib(sysfs, view.md.name) if view.md else None
     size = block_size_bytes(sysfs, name)  # None: unknown, let mdadm decide
     if need_kib is not None and size is not None and size < need_kib * 1024:
         return f"{name} has {size} bytes, the array needs {need_kib * 1024}: not the LUN it was?"

@@ -61,9 +61,13 @@ class AttrReader:
         the tree is not what we think it is, and that is an error even for an optional attribute."""
         try:
             if self.dir_fd is None:
-                data = read_bytes(os.path.join(self.directory, attr))
+                fd = os.open(os.path.join(self.directory, attr), _READ_FLAGS)
             else:
-                data = read_bytes(self.relative + attr, self.dir_fd)
+                fd = os.open(self.relative + attr, _READ_FLAGS, dir_fd=self.dir_fd)
+            try:
+                data = os.read(fd, _MAX_ATTR_BYTES)
+            finally:
+                os.close(fd)
         except FileNotFoundError:
             if required:
                 self.errors.append(f"{os.path.join(self.directory, attr)}: missing")
@@ -72,20 +76,17 @@ class AttrReader:
             if required:
                 self.errors.append(f"{os.path.join(self.directory, attr)}: unreadable: {e.strerror or e}")
             return None
-        try:
-            text = data.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            text = None
-        if text is None or not text.isprintable():
-            self.errors.append(f"{os.path.join(self.directory, attr)}: not text: {data[:40]!r}")
-            return None
+        text = _TEXTS.get(data)
+        if text is None:
+            text = _checked_text(data)
+            if text is None:
+                self.errors.append(f"{os.path.join(self.directory, attr)}: not text: {data[:40]!r}")
+                return None
         if not text and not empty_ok:
             if required:
                 self.errors.append(f"{os.path.join(self.directory, attr)}: empty")
             return None
-        # Most values repeat across thousands of arrays ("raid1", "clean", "LOGGED_IN"): one
-        # string each instead of a copy per array kept in the snapshot.
-        return sys.intern(text)
+        return text
 
     def parsed(
         self, attr: str, required: bool, parse: Callable[[str], T], none_words: tuple[str, ...] = ("none",)
@@ -101,11 +102,35 @@ class AttrReader:
             return None
 
 
+# O_NONBLOCK: a FIFO planted in a tree given as --path.sysfs must not block the reader.
+_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+
+# Texts already checked, by the bytes read. Most attribute values repeat across thousands of
+# arrays and sessions ("raid1", "clean", "in_sync", "0", "LOGGED_IN"): a look-up instead of a
+# decode, strip and check per file, and one string each instead of a copy per array kept in
+# the snapshot. Bounded, so a tree of ever new values (sizes, counters) cannot grow it.
+_TEXTS: dict[bytes, str] = {}
+_MAX_TEXTS = 4096
+
+
+def _checked_text(data: bytes) -> str | None:
+    """`data` decoded and stripped; None when it is not one printable UTF-8 text."""
+    try:
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None
+    if not text.isprintable():
+        return None
+    text = sys.intern(text)
+    if len(_TEXTS) < _MAX_TEXTS:
+        _TEXTS[data] = text
+    return text
+
+
 def read_bytes(path: str, dir_fd: int | None = None) -> bytes:
     """One read of an attribute file. os.open/os.read rather than open(): this runs ~100k
     times per scrape on a big host and the file object layers cost more than the syscalls."""
-    # O_NONBLOCK: a FIFO planted in a tree given as --path.sysfs must not block the reader.
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    fd = os.open(path, _READ_FLAGS, dir_fd=dir_fd)
     try:
         return os.read(fd, _MAX_ATTR_BYTES)
     finally:
