@@ -72,7 +72,7 @@ def read_file(path: Path | str, *, follow_symlinks: bool = True, max_bytes: int 
     check_path(path)
     st = os.stat(path, follow_symlinks=follow_symlinks)
     _require_regular(path, st.st_mode)
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    flags = _READ_FLAGS
     if not follow_symlinks:
         flags |= os.O_NOFOLLOW
     try:
@@ -86,20 +86,27 @@ def read_file(path: Path | str, *, follow_symlinks: bool = True, max_bytes: int 
     try:
         opened = os.fstat(fd)
         _require_regular(path, opened.st_mode)
-        chunks, total = [], 0
-        while True:
-            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-            if total > max_bytes:
-                raise UnsafeFileError(
-                    path, f"is larger than {max_bytes} bytes; not a file iscsimple wrote or expects"
-                )
-        return b"".join(chunks)
+        return _read_bounded(fd, path, max_bytes)
     finally:
         os.close(fd)
+
+
+_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def _read_bounded(fd: int, path: Path | str, max_bytes: int) -> bytes:
+    chunks, total = [], 0
+    while True:
+        chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > max_bytes:
+            raise UnsafeFileError(
+                path, f"is larger than {max_bytes} bytes; not a file iscsimple wrote or expects"
+            )
+    return b"".join(chunks)
 
 
 def open_regular(path: Path | str):
@@ -134,14 +141,45 @@ def load_state_json(path: Path) -> object:
     FileNotFoundError passes through (callers decide what absent means); everything else
     is a StateFileError naming the file and the problem.
     """
+    return _state_json(path, lambda: read_file(path, follow_symlinks=False, max_bytes=MAX_STATE_BYTES))
+
+
+def load_state_json_at(dir_fd: int, entry: os.DirEntry, path: str) -> object:
+    """load_state_json of a directory entry listed by os.scandir(dir_fd), opened relative to
+    dir_fd. The listing's file type stands for read_file's stat before the open (nothing but
+    a regular file is opened); the opened file is checked again, as there."""
+    return _state_json(path, lambda: _read_entry(dir_fd, entry, path))
+
+
+def _state_json(path: Path | str, read) -> object:
     try:
-        return json.loads(read_file(path, follow_symlinks=False, max_bytes=MAX_STATE_BYTES))
+        return json.loads(read())
     except FileNotFoundError:
         raise
     except (OSError, UnicodeDecodeError) as e:
         raise StateFileError(f"{path}: unreadable: {read_problem(e)}") from None
     except (ValueError, RecursionError) as e:
         raise StateFileError(f"{path}: not valid JSON: {str(e)[:80]}") from None
+
+
+def _read_entry(dir_fd: int, entry: os.DirEntry, path: str) -> bytes:
+    check_path(path)
+    if not entry.is_file(follow_symlinks=False):
+        _require_regular(path, entry.stat(follow_symlinks=False).st_mode)
+    try:
+        fd = os.open(entry.name, _READ_FLAGS | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UnsafeFileError(
+                path, "is a symbolic link; links are not followed here", errno.ELOOP
+            ) from None
+        raise
+    try:
+        opened = os.fstat(fd)
+        _require_regular(path, opened.st_mode)
+        return _read_bounded(fd, path, MAX_STATE_BYTES)
+    finally:
+        os.close(fd)
 
 
 def _require_regular(path: Path | str, mode: int) -> None:

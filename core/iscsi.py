@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from iscsimple.core.sysfs import AttrReader, parse_dev, parse_int, read_bytes
+from iscsimple.core.sysfs import AttrReader, open_dir, parse_dev, parse_int, read_bytes
 
 __all__ = [
     "IscsiReadResult",
@@ -27,6 +27,7 @@ __all__ = [
     "find_lun_block",
     "iscsi_session_names",
     "read_iscsi_session",
+    "read_iscsi_session_parts",
     "read_iscsi_sessions",
     "read_session_states",
     "session_sid",
@@ -50,13 +51,11 @@ class IscsiSession:
     sid: int
     name: str  # "session1"
     target: str  # IQN
-    tpgt: int | None
     state: str | None  # LOGGED_IN | FAILED | FREE
     recovery_tmo: int | None  # seconds the kernel queues I/O before failing it
     host: str | None  # "host0"
     portal_address: str | None
     portal_port: int | None
-    connection_state: str | None  # up, down, failed
     luns: tuple[ScsiLun, ...] = ()
 
     @property
@@ -80,12 +79,21 @@ def read_iscsi_sessions(sysfs: Path) -> IscsiReadResult:
     """All iSCSI sessions, sorted by sid. No iscsi_session class (module not loaded) = no sessions."""
     names, errors = iscsi_session_names(sysfs)
     result = IscsiReadResult(errors=errors)
-    for name in names:
-        session, session_errors = read_iscsi_session(sysfs, name)
+    for session, session_errors in read_iscsi_session_parts(sysfs, names).values():
         result.errors.extend(session_errors)
         if session is not None:
             result.sessions.append(session)
     return result
+
+
+def read_iscsi_session_parts(
+    sysfs: Path, names: list[str]
+) -> dict[str, tuple[IscsiSession | None, list[str]]]:
+    """read_iscsi_session for each of `names` (in their order), looking at the class directory's
+    own layout once instead of once per session."""
+    class_dir = os.path.join(sysfs, "class", "iscsi_session")
+    plain = _plain_class_dir(class_dir)
+    return {name: read_iscsi_session(sysfs, name, plain) for name in names}
 
 
 def iscsi_session_names(sysfs: Path) -> tuple[list[str], list[str]]:
@@ -104,16 +112,26 @@ def session_sid(name: str) -> int:
     return int(name[len("session") :])
 
 
-def read_iscsi_session(sysfs: Path, name: str) -> tuple[IscsiSession | None, list[str]]:
-    """One session by name and the problems reading it; None when it does not exist (any more)."""
+def read_iscsi_session(
+    sysfs: Path, name: str, plain_class_dir: bool | None = None
+) -> tuple[IscsiSession | None, list[str]]:
+    """One session by name and the problems reading it; None when it does not exist (any more).
+
+    `plain_class_dir`: what _plain_class_dir says of the class directory, when known."""
     class_dir = os.path.join(sysfs, "class", "iscsi_session")
     errors: list[str] = []
-    if not _SESSION.match(name) or not os.path.isdir(os.path.join(class_dir, name)):
+    if not _SESSION.match(name):
         return None, []
     try:
-        return _read_session(sysfs, class_dir, name, errors), errors
+        return _read_session(sysfs, class_dir, name, errors, plain_class_dir), errors
+    except _Gone:
+        return None, []  # logged out (or never there)
     except (OSError, ValueError) as e:  # one broken session never hides the others
         return None, [*errors, f"{os.path.join(class_dir, name)}: {e}"]
+
+
+class _Gone(Exception):
+    pass
 
 
 def read_session_states(sysfs: Path) -> dict[str, str | None]:
@@ -164,28 +182,46 @@ def find_lun_block(
     return found
 
 
-def _read_session(sysfs: Path, class_dir: str, name: str, errors: list[str]) -> IscsiSession | None:
-    attrs_dir = _session_attrs_dir(class_dir, name)
-    session_errors: list[str] = []
-    attrs = AttrReader(attrs_dir, session_errors)
-    target = attrs.text("targetname", required=True, empty_ok=False)
-    # .../host0/session1/iscsi_session/session1 -> the session device is two levels up.
+def _read_session(
+    sysfs: Path, class_dir: str, name: str, errors: list[str], plain_class_dir: bool | None = None
+) -> IscsiSession | None:
+    attrs_dir = _session_attrs_dir(class_dir, name, plain_class_dir)
+    # .../host0/session1/iscsi_session/session1 -> the session device is two levels up. Every
+    # file is opened relative to it: the kernel resolves a few names, not the whole path.
     session_dir = os.path.dirname(os.path.dirname(attrs_dir))
+    try:
+        session_fd = open_dir(session_dir)
+    except (FileNotFoundError, NotADirectoryError):
+        raise _Gone from None
+    try:
+        return _read_session_at(sysfs, session_fd, session_dir, attrs_dir, name, errors)
+    finally:
+        os.close(session_fd)
+
+
+def _read_session_at(
+    sysfs: Path, session_fd: int, session_dir: str, attrs_dir: str, name: str, errors: list[str]
+) -> IscsiSession | None:
+    session_errors: list[str] = []
+    relative = attrs_dir[len(session_dir) + 1 :] + "/"
+    attrs = AttrReader(attrs_dir, session_errors, session_fd, relative)
+    target = attrs.text("targetname", required=True, empty_ok=False)
     host = os.path.basename(os.path.dirname(session_dir))
-    entries = _list(session_dir, "")
-    address, port, connection_state = _read_connection(session_dir, entries, session_errors)
+    try:
+        entries = os.listdir(session_fd)
+    except OSError:
+        entries = []
+    address, port = _read_connection(session_fd, session_dir, entries, session_errors)
     session = IscsiSession(
         sid=int(name[len("session") :]),
         name=name,
         target=target or "",
-        tpgt=attrs.parsed("tpgt", True, parse_int),
         state=attrs.text("state", required=True, empty_ok=False),
         recovery_tmo=attrs.parsed("recovery_tmo", True, parse_int),
         host=host if host.startswith("host") else None,
         portal_address=address,
         portal_port=port,
-        connection_state=connection_state,
-        luns=_read_luns(sysfs, session_dir, entries, session_errors),
+        luns=_read_luns(sysfs, session_fd, session_dir, entries, session_errors),
     )
     if session_errors and not os.path.isdir(attrs_dir):
         return None  # logged out while we read it: the missing files are no fault
@@ -193,83 +229,103 @@ def _read_session(sysfs: Path, class_dir: str, name: str, errors: list[str]) -> 
     return session
 
 
-def _session_attrs_dir(class_dir: str, name: str) -> str:
+def _plain_class_dir(class_dir: str) -> bool:
+    """Neither the class directory nor its parent is a symlink (as in /sys): a session's
+    relative link can then be joined to the class directory's path as it is."""
+    return not os.path.islink(class_dir) and not os.path.islink(os.path.dirname(class_dir))
+
+
+def _session_attrs_dir(class_dir: str, name: str, plain_class_dir: bool | None = None) -> str:
     """Where the class link class_dir/NAME points. The kernel's link is relative,
     ../../devices/.../iscsi_session/sessionN: joined to class_dir that needs one readlink,
     where realpath costs an lstat per component of the whole path (for every session on a
-    full read). Anything else, or class dirs that are links themselves, goes to realpath."""
+    full read). Anything else, or class dirs that are links themselves, goes to realpath.
+    Raises _Gone when there is no such entry."""
     link = os.path.join(class_dir, name)
     try:
         target = os.readlink(link)
-        simple = (
-            target.startswith("../../devices/")
-            and "/." not in target[len("../..") :]
-            and "//" not in target
-            and not os.path.islink(class_dir)
-            and not os.path.islink(os.path.dirname(class_dir))
-        )
+    except FileNotFoundError:
+        raise _Gone from None
     except OSError:
-        simple = False
+        return os.path.realpath(link)
+    simple = (
+        target.startswith("../../devices/")
+        and "/." not in target[len("../..") :]
+        and "//" not in target
+        and (_plain_class_dir(class_dir) if plain_class_dir is None else plain_class_dir)
+    )
     if not simple:
         return os.path.realpath(link)
     return os.path.normpath(os.path.join(class_dir, target))
 
 
 def _read_connection(
-    session_dir: str, entries: list[str], errors: list[str]
-) -> tuple[str | None, int | None, str | None]:
+    session_fd: int, session_dir: str, entries: list[str], errors: list[str]
+) -> tuple[str | None, int | None]:
     # open-iscsi uses one connection per session (connection<sid>:0); take the first.
     for conn in sorted(e for e in entries if e.startswith("connection")):
-        conn_dir = os.path.join(session_dir, conn, "iscsi_connection", conn)
-        if not os.path.isdir(conn_dir):
+        relative = f"{conn}/iscsi_connection/{conn}"
+        try:
+            conn_fd = os.open(relative, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=session_fd)
+        except OSError:
             continue
-        attrs = AttrReader(conn_dir, errors)
-        return (
-            attrs.text("persistent_address", required=True, empty_ok=False),
-            attrs.parsed("persistent_port", True, parse_int, none_words=("",)),
-            attrs.text("state", required=False),
-        )
-    return None, None, None
+        try:
+            attrs = AttrReader(os.path.join(session_dir, relative), errors, conn_fd)
+            return (
+                attrs.text("persistent_address", required=True, empty_ok=False),
+                attrs.parsed("persistent_port", True, parse_int, none_words=("",)),
+            )
+        finally:
+            os.close(conn_fd)
+    return None, None
 
 
-def _read_luns(sysfs: Path, session_dir: str, entries: list[str], errors: list[str]) -> tuple[ScsiLun, ...]:
+def _read_luns(
+    sysfs: Path, session_fd: int, session_dir: str, entries: list[str], errors: list[str]
+) -> tuple[ScsiLun, ...]:
     luns = []
     for target in (e for e in entries if e.startswith("target")):
-        target_dir = os.path.join(session_dir, target)
-        for hctl in _list(target_dir, ""):
+        for hctl in _list_at(session_fd, target):
             m = _HCTL.match(hctl)
             if m is None:
                 continue
-            lun_dir = os.path.join(target_dir, hctl)
+            relative = f"{target}/{hctl}/"
+            lun_dir = os.path.join(session_dir, target, hctl)
             # One disk per SCSI device; a LUN being scanned or deleted has none.
-            blocks = sorted(_list(os.path.join(lun_dir, "block"), ""))
+            blocks = sorted(_list_at(session_fd, relative + "block"))
             block = blocks[0] if blocks else None
             luns.append(
                 ScsiLun(
                     hctl=hctl,
                     lun=int(m[4]),
-                    state=AttrReader(lun_dir, errors).text("state", required=True),
+                    state=AttrReader(lun_dir, errors, session_fd, relative).text("state", required=True),
                     block=block,
-                    dev=_block_dev(sysfs, lun_dir, block),
+                    dev=_block_dev(sysfs, session_fd, lun_dir, relative, block),
                 )
             )
     luns.sort(key=lambda lun: lun.lun)
     return tuple(luns)
 
 
-def _block_dev(sysfs: Path, lun_dir: str, block: str | None) -> str | None:
+def _block_dev(sysfs: Path, session_fd: int, lun_dir: str, relative: str, block: str | None) -> str | None:
     if block is None:
         return None
     ignored: list[str] = []  # optional: the disk may be going away
-    for directory in (os.path.join(lun_dir, "block", block), os.path.join(sysfs, "block", block)):
-        dev = AttrReader(directory, ignored).parsed("dev", False, parse_dev)
-        if dev is not None:
-            return dev
-    return None
+    dev = AttrReader(lun_dir, ignored, session_fd, relative).parsed(f"block/{block}/dev", False, parse_dev)
+    if dev is None:
+        dev = AttrReader(os.path.join(sysfs, "block", block), ignored).parsed("dev", False, parse_dev)
+    return dev
 
 
-def _list(directory: str, prefix: str) -> list[str]:
+def _list_at(dir_fd: int, relative: str) -> list[str]:
+    """The names in directory `relative` (to dir_fd); empty when it cannot be listed."""
     try:
-        return [e.name for e in os.scandir(directory) if e.name.startswith(prefix)]
+        fd = os.open(relative, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError:
         return []
+    try:
+        return os.listdir(fd)
+    except OSError:
+        return []
+    finally:
+        os.close(fd)

@@ -25,6 +25,7 @@ from .iscsi import (
     ScsiLun,
     iscsi_session_names,
     read_iscsi_session,
+    read_iscsi_session_parts,
     session_sid,
 )
 from .md import MdArray, MdMember, MdReadResult, md_array_names, md_names_for, read_md_array_errors
@@ -340,7 +341,7 @@ class HostSnapshot:
         sources["md"] = SourceResult(time.perf_counter() - started, tuple(md.errors))
         started = time.perf_counter()
         names, listing = iscsi_session_names(paths.sysfs)
-        session_parts = {name: read_iscsi_session(paths.sysfs, name) for name in names}
+        session_parts = read_iscsi_session_parts(paths.sysfs, names)
         iscsi, iscsi_errors = _iscsi_result(session_parts, listing)
         sources["iscsi"] = SourceResult(time.perf_counter() - started, tuple(iscsi.errors))
         snapshot = cls.build(attachments, md, iscsi, stale, hotplug, paths=paths, sources=sources)

@@ -907,3 +907,26 @@ def test_hotplug_add_bad_input_fails_cleanly(tmp_path, case):
 def test_errors_are_iscsimple_errors():
     """Every bad-input error above is an IscsimpleError: the CLI maps it to its exit code."""
     assert issubclass(FileInputError, IscsimpleError) and issubclass(UnsafeFileError, OperationError)
+
+
+def test_registry_device_node_is_reported_and_never_opened(tmp_path, monkeypatch):
+    paths = _registry_paths(tmp_path)
+    (paths.state / "attachments" / "vbd-1-51712.json").write_text(json.dumps(GOOD_ENTRY))
+    node = paths.state / "attachments" / "vbd-2-51712.json"
+    try:
+        os.mknod(node, 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # what /dev/null is
+    except PermissionError:
+        pytest.skip("creating a device node needs CAP_MKNOD")
+    opened: list[str] = []
+    real_open = os.open
+
+    def recording_open(path, flags, mode=0o777, *, dir_fd=None):
+        opened.append(os.path.basename(path))
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "open", recording_open)
+    read = Registry(paths).read_all()
+    monkeypatch.undo()
+    assert [a.id for a in read.attachments] == ["vbd-1-51712"]
+    assert read.errors == [f"{node}: unreadable: is a character device, not a regular file"]
+    assert node.name not in opened

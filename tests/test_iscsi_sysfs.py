@@ -13,7 +13,8 @@ from iscsimple.core.iscsi import IscsiSession, ScsiLun, find_lun_block, read_isc
 
 TARGET = "iqn.2026-11.test.local:disk1"
 
-# state: (session state, connection state, LUN 1 SCSI state, LUN 1 dev)
+# state: (session state, connection state, LUN 1 SCSI state, LUN 1 dev); the connection state is
+# what the capture holds, not read (nothing uses it).
 EXPECTED = {
     "01_built_degraded": ("LOGGED_IN", "up", "running", "8:0"),
     "02_recovering_a": ("LOGGED_IN", "up", "running", "8:0"),
@@ -37,7 +38,7 @@ def test_every_capture_has_an_expectation():
 
 @pytest.mark.parametrize("state", sorted(EXPECTED))
 def test_captured_state(kernel_state_readonly, state):
-    session_state, connection_state, lun_state, dev = EXPECTED[state]
+    session_state, _connection_state, lun_state, dev = EXPECTED[state]
     result = read_iscsi_sessions(kernel_state_readonly(state) / "sys")
     assert result.errors == []
     assert result.sessions == [
@@ -45,13 +46,11 @@ def test_captured_state(kernel_state_readonly, state):
             sid=1,
             name="session1",
             target=TARGET,
-            tpgt=1,
             state=session_state,
             recovery_tmo=20,
             host="host0",
             portal_address="127.0.0.1",
             portal_port=3260,
-            connection_state=connection_state,
             luns=(ScsiLun(hctl="0:0:0:1", lun=1, state=lun_state, block="sda", dev=dev),),
         )
     ]
@@ -155,10 +154,11 @@ def test_unreadable_attribute(tmp_path, monkeypatch):
     denied = str(session / "target0:0:0" / "0:0:0:1" / "state")
     real_open = os.open
 
-    def fake_open(path, *args, **kwargs):
-        if os.fspath(path) == denied:
+    def fake_open(path, flags, mode=0o777, *, dir_fd=None):
+        opened = path if dir_fd is None else os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
+        if os.path.realpath(opened) == os.path.realpath(denied):
             raise PermissionError(13, "Permission denied", path)
-        return real_open(path, *args, **kwargs)
+        return real_open(path, flags, mode, dir_fd=dir_fd)
 
     monkeypatch.setattr(os, "open", fake_open)
     result = read_iscsi_sessions(tmp_path)
@@ -171,10 +171,10 @@ def test_session_logged_out_while_reading_is_skipped_silently(tmp_path, monkeypa
     gone = write_iscsi_session(tmp_path, 2, "iqn.2026-11.example:u")
     real_read = iscsi_module._read_session
 
-    def logout_session2_first(sysfs, class_dir, name, errors):
+    def logout_session2_first(sysfs, class_dir, name, errors, *rest):
         if name == "session2":  # iscsiadm --logout between the listing and the read
             shutil.rmtree(gone)
-        return real_read(sysfs, class_dir, name, errors)
+        return real_read(sysfs, class_dir, name, errors, *rest)
 
     monkeypatch.setattr(iscsi_module, "_read_session", logout_session2_first)
     result = read_iscsi_sessions(tmp_path)
@@ -198,3 +198,35 @@ def test_non_session_entries_ignored(tmp_path):
     write_iscsi_session(tmp_path, 1, "iqn.2026-11.example:t")
     (tmp_path / "class" / "iscsi_session" / "uevent").write_text("")
     assert [s.sid for s in read_iscsi_sessions(tmp_path).sessions] == [1]
+
+
+def test_each_session_file_is_opened_once_and_no_device_is_opened(kernel_state_readonly, monkeypatch):
+    sysfs = kernel_state_readonly("04") / "sys"
+    opened: list[str] = []
+    real_open = os.open
+
+    def recording_open(path, flags, mode=0o777, *, dir_fd=None):
+        where = path if dir_fd is None else os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
+        opened.append(os.path.realpath(where))
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "open", recording_open)
+    [session] = read_iscsi_sessions(sysfs).sessions
+    monkeypatch.undo()
+    assert session.lun(1).dev == "8:0"
+    assert len(opened) == len(set(opened))
+    assert all(p.startswith(os.path.realpath(sysfs) + "/") for p in opened)
+    # The session's directory, 3 session attributes, the connection's directory and its 2
+    # attributes, the target's directory, then for its one LUN the block/ listing, the state and
+    # the disk's dev: bounded work per session on every full read.
+    assert len(opened) == 1 + 3 + 1 + 2 + 1 + 3
+    assert not any(os.path.basename(p) in ("sda", "tpgt") for p in opened)
+
+
+def test_session_whose_class_link_went_away_is_skipped_silently(tmp_path):
+    write_iscsi_session(tmp_path, 1, "iqn.2026-11.example:t")
+    write_iscsi_session(tmp_path, 2, "iqn.2026-11.example:u")
+    names = ["session1", "session2", "session3"]  # a listing taken before session3's logout
+    parts = iscsi_module.read_iscsi_session_parts(tmp_path, names)
+    assert [name for name, (s, _) in parts.items() if s is not None] == ["session1", "session2"]
+    assert parts["session3"] == (None, [])
