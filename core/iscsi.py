@@ -270,7 +270,7 @@ def _read_connection(
         except OSError:
             continue
         try:
-            attrs = AttrReader(os.path.join(session_dir, relative), errors, conn_fd)
+            attrs = AttrReader(f"{session_dir}/{relative}", errors, conn_fd)
             return (
                 attrs.text("persistent_address", required=True, empty_ok=False),
                 attrs.parsed("persistent_port", True, parse_int, none_words=("",)),
@@ -285,14 +285,15 @@ def _read_luns(
 ) -> tuple[ScsiLun, ...]:
     luns = []
     for target in (e for e in entries if e.startswith("target")):
-        for hctl in _list_at(session_fd, target):
+        target_dir = f"{session_dir}/{target}"
+        for hctl in _list(target_dir):
             m = _HCTL.match(hctl)
             if m is None:
                 continue
             relative = f"{target}/{hctl}/"
-            lun_dir = os.path.join(session_dir, target, hctl)
+            lun_dir = f"{target_dir}/{hctl}"
             # One disk per SCSI device; a LUN being scanned or deleted has none.
-            blocks = sorted(_list_at(session_fd, relative + "block"))
+            blocks = sorted(_list(lun_dir + "/block"))
             block = blocks[0] if blocks else None
             luns.append(
                 ScsiLun(
@@ -317,15 +318,10 @@ def _block_dev(sysfs: Path, session_fd: int, lun_dir: str, relative: str, block:
     return dev
 
 
-def _list_at(dir_fd: int, relative: str) -> list[str]:
-    """The names in directory `relative` (to dir_fd); empty when it cannot be listed."""
+def _list(directory: str) -> list[str]:
+    """The names in `directory`; empty when it cannot be listed. By path: a listing through a
+    descriptor costs more syscalls (dup, seek) than the open it saves."""
     try:
-        fd = os.open(relative, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+        return os.listdir(directory)
     except OSError:
         return []
-    try:
-        return os.listdir(fd)
-    except OSError:
-        return []
-    finally:
-        os.close(fd)

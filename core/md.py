@@ -163,8 +163,8 @@ class _Gone(Exception):
 
 
 def _read_array(block: str, name: str, all_errors: list[str]) -> MdArray:
-    disk_dir = os.path.join(block, name)
-    md_dir = os.path.join(disk_dir, "md")
+    disk_dir = f"{block}/{name}"  # f-strings, not os.path.join: this runs for every array
+    md_dir = f"{disk_dir}/md"
     # Opening md/ tells an array from a plain disk or a stopped array, and every read after
     # that is relative to it.
     try:
@@ -216,7 +216,7 @@ _NOT_SYNCING = frozenset({None, "idle", "frozen"})
 def _read_members(md_fd: int, md_dir: str, entries: list[str], errors: list[str]) -> tuple[MdMember, ...]:
     members = []
     for entry in entries:
-        member_dir = os.path.join(md_dir, entry)
+        member_dir = f"{md_dir}/{entry}"
         member_errors: list[str] = []
         attrs = AttrReader(member_dir, member_errors, md_fd, entry + "/")
         state_text = attrs.text("state", required=True)

@@ -383,7 +383,7 @@ class Registry:
                     key=lambda e: e.name,
                 )
             for entry in entries:
-                path = os.path.join(directory, entry.name)
+                path = f"{directory}/{entry.name}"
                 try:
                     attachments.append(self._entry(path, entry.name, load_state_json_at(dir_fd, entry, path)))
                 except FileNotFoundError:

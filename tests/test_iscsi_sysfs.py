@@ -217,9 +217,9 @@ def test_each_session_file_is_opened_once_and_no_device_is_opened(kernel_state_r
     assert len(opened) == len(set(opened))
     assert all(p.startswith(os.path.realpath(sysfs) + "/") for p in opened)
     # The session's directory, 3 session attributes, the connection's directory and its 2
-    # attributes, the target's directory, then for its one LUN the block/ listing, the state and
-    # the disk's dev: bounded work per session on every full read.
-    assert len(opened) == 1 + 3 + 1 + 2 + 1 + 3
+    # attributes, then for its one LUN the state and the disk's dev (the target's directory and
+    # the LUN's block/ are listed by path): bounded work per session on every full read.
+    assert len(opened) == 1 + 3 + 1 + 2 + 2
     assert not any(os.path.basename(p) in ("sda", "tpgt") for p in opened)
 
 

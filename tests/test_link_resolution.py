@@ -113,7 +113,7 @@ def test_common_cases_decided_without_realpath(tmp_path, monkeypatch):
 
 def _sessions_by_realpath(sysfs: Path, monkeypatch) -> list:
     with monkeypatch.context() as m:
-        m.setattr(iscsi_module, "_session_attrs_dir", lambda d, n: os.path.realpath(os.path.join(d, n)))
+        m.setattr(iscsi_module, "_session_attrs_dir", lambda d, n, *_: os.path.realpath(os.path.join(d, n)))
         return read_iscsi_sessions(sysfs).sessions
 
 
