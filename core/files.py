@@ -72,11 +72,21 @@ def read_file(path: Path | str, *, follow_symlinks: bool = True, max_bytes: int 
     check_path(path)
     st = os.stat(path, follow_symlinks=follow_symlinks)
     _require_regular(path, st.st_mode)
-    flags = _READ_FLAGS
-    if not follow_symlinks:
-        flags |= os.O_NOFOLLOW
+    return _open_and_read(path, path, None, follow_symlinks, max_bytes)
+
+
+_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def _open_and_read(
+    path: Path | str, name: Path | str, dir_fd: int | None, follow_symlinks: bool, max_bytes: int
+) -> bytes:
+    """Open `name` (relative to dir_fd when given) non-blocking, check that the opened file is
+    regular (it may have been swapped since it was looked at) and read at most max_bytes of it;
+    `path` names it in errors."""
+    flags = _READ_FLAGS if follow_symlinks else _READ_FLAGS | os.O_NOFOLLOW
     try:
-        fd = os.open(path, flags)
+        fd = os.open(name, flags, dir_fd=dir_fd)
     except OSError as e:
         if e.errno == errno.ELOOP and not follow_symlinks:
             raise UnsafeFileError(
@@ -84,29 +94,21 @@ def read_file(path: Path | str, *, follow_symlinks: bool = True, max_bytes: int 
             ) from None
         raise
     try:
-        opened = os.fstat(fd)
-        _require_regular(path, opened.st_mode)
-        return _read_bounded(fd, path, max_bytes)
+        _require_regular(path, os.fstat(fd).st_mode)
+        chunks, total = [], 0
+        while True:
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > max_bytes:
+                raise UnsafeFileError(
+                    path, f"is larger than {max_bytes} bytes; not a file iscsimple wrote or expects"
+                )
+        return b"".join(chunks)
     finally:
         os.close(fd)
-
-
-_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-
-
-def _read_bounded(fd: int, path: Path | str, max_bytes: int) -> bytes:
-    chunks, total = [], 0
-    while True:
-        chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        total += len(chunk)
-        if total > max_bytes:
-            raise UnsafeFileError(
-                path, f"is larger than {max_bytes} bytes; not a file iscsimple wrote or expects"
-            )
-    return b"".join(chunks)
 
 
 def open_regular(path: Path | str):
@@ -166,20 +168,7 @@ def _read_entry(dir_fd: int, entry: os.DirEntry, path: str) -> bytes:
     check_path(path)
     if not entry.is_file(follow_symlinks=False):
         _require_regular(path, entry.stat(follow_symlinks=False).st_mode)
-    try:
-        fd = os.open(entry.name, _READ_FLAGS | os.O_NOFOLLOW, dir_fd=dir_fd)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise UnsafeFileError(
-                path, "is a symbolic link; links are not followed here", errno.ELOOP
-            ) from None
-        raise
-    try:
-        opened = os.fstat(fd)
-        _require_regular(path, opened.st_mode)
-        return _read_bounded(fd, path, MAX_STATE_BYTES)
-    finally:
-        os.close(fd)
+    return _open_and_read(path, entry.name, dir_fd, False, MAX_STATE_BYTES)
 
 
 def _require_regular(path: Path | str, mode: int) -> None:
