@@ -2,7 +2,6 @@
 """Partial (bitmap) heal vs full heal on the real kernel: prints figures, asserts only data safety.
 
     sudo .venv/bin/python bench/heal.py [--mib 256] [--outage-writes 64] [--write-kib 64]
-                                        [--seconds 5] [--rounds 9] [--no-throughput | --throughput-only]
 
 Boots the real-kernel test bed (tests/vm: Debian's kernel under qemu TCG, tgt on the guest's
 loopback) holding the machine-wide VM lock (/tmp/iscsimple-vm.lock), with /var/lib/iscsimple on
@@ -17,13 +16,7 @@ executor's call to md idle with both legs in sync (timed in the guest, md polled
 a cold `iscsimple` CLI start, ~20 s under TCG, is not part of it). After each heal both legs'
 checksums must be equal and every outage write present.
 
-Writer throughput with and without the bitmap: 4 KiB O_DIRECT|O_DSYNC writes for SECONDS,
-sequential and at random places, on the mirror's own layout (a 128 MiB local device and LUN over
-iSCSI, write-mostly), built with the project's --build command without a bitmap and with one at
-64 KiB, 1 MiB and the default chunk size; ROUNDS rounds (one guest process, the variants' order
-rotating) give each variant's median writes/s, its paired ratio to the no-bitmap run of the same
-round (median, IQR, range), and md's bitmap-file writes per writer write, counted on the device
-under the bitmap files' filesystem (a count the machine's load does not move).
+The writer's cost of the bitmap (with / without, per chunk size) is bench/bitmap_cost.py.
 
 The last line is exactly:
     partial heal: W MiB written to the iSCSI leg for D MiB of dirty chunks (full heal: F MiB); T_p s vs T_f s
@@ -47,8 +40,6 @@ VM_LOCK = Path("/tmp/iscsimple-vm.lock")
 IQN = "iqn.2026-11.bench.local:heal"
 LABEL = "bench-heal"
 BITMAPS_FS_MIB = 32
-TP_IQN = "iqn.2026-11.bench.local:writer"
-TP_MIB = 128
 
 
 # -- in the guest (run as `python bench/heal.py guest ...`) -----------------------------------------
@@ -62,11 +53,6 @@ def guest_main(argv: list[str]) -> None:
     elif op == "verify":  # device seed count size -> mismatches
         device, seed, count, size = argv[1], argv[2], int(argv[3]), int(argv[4])
         print(json.dumps(verify_writes(device, seed, count, size)))
-    elif op == "throughput":  # device seconds pattern -> writes/s
-        print(json.dumps(throughput(argv[1], float(argv[2]), argv[3])))
-    elif op == "ab":  # lun local fs-device seconds rounds chunk... (0: no bitmap) -> per-run figures
-        chunks = [int(c) or None for c in argv[6:]]
-        print(json.dumps(ab_rounds(argv[1], argv[2], argv[3], float(argv[4]), int(argv[5]), chunks)))
     elif op == "bitmap":
         from iscsimple.core.bitmap import read_bitmap_file
 
@@ -167,65 +153,6 @@ def verify_writes(device: str, seed: str, count: int, size: int) -> dict:
     return {"mismatched": bad}
 
 
-def throughput(device: str, seconds: float, pattern: str) -> dict:
-    fd = os.open(device, os.O_WRONLY | os.O_DIRECT | os.O_DSYNC)
-    size = os.lseek(fd, 0, os.SEEK_END)
-    buf = mmap.mmap(-1, 4096)
-    buf.write(os.urandom(4096))
-    rnd = random.Random(1)
-    n, offset = 0, 0
-    started = time.monotonic()
-    while time.monotonic() - started < seconds:
-        offset = rnd.randrange(size // 4096) * 4096 if pattern == "random" else (offset + 4096) % size
-        os.pwrite(fd, buf, offset)
-        n += 1
-    os.close(fd)
-    return {"writes_per_second": n / (time.monotonic() - started), "writes": n}
-
-
-TP_MD = "/dev/md/bench-tp"
-
-
-def ab_rounds(lun: str, local: str, fs_device: str, seconds: float, rounds: int, chunks: list) -> list[dict]:
-    """The writer's A/B rounds in one process (no interpreter start between runs): each round
-    builds the mirror once per variant (no bitmap, or a bitmap file of each chunk size on the
-    filesystem of `fs_device`), in an order that rotates from round to round, and runs the writer
-    sequentially and at random places. Besides writes/s it counts the writes the kernel made to
-    `fs_device` during the run: md's bitmap-file writes (md writes the file's blocks itself,
-    past the filesystem, and nothing else writes there), a count the machine's load cannot move."""
-    import subprocess
-
-    from iscsimple.hotplug.mdadm import build_argv
-
-    stat = Path("/sys/block") / Path(fs_device).name / "stat"
-
-    def fs_writes() -> int:
-        return int(stat.read_text().split()[4])  # writes completed
-
-    def sh(*argv: str) -> None:
-        subprocess.run(argv, check=True, timeout=120, capture_output=True)
-
-    out = []
-    for r in range(rounds):
-        for chunk in chunks[r % len(chunks) :] + chunks[: r % len(chunks)]:
-            file = Path(f"/var/lib/iscsimple/tp-{chunk}") if chunk else None
-            if file is not None:
-                file.unlink(missing_ok=True)
-            argv = build_argv(TP_MD, lun, None, file, chunk)
-            argv[argv.index("missing")] = local
-            sh(*argv, "--assume-clean")  # both legs hold whatever they hold: no resync
-            deadline = time.monotonic() + 30
-            while not os.path.exists(TP_MD) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            for pattern in ("sequential", "random"):
-                before = fs_writes()
-                run = throughput(TP_MD, seconds, pattern)
-                run.update(round=r, chunk=chunk or 0, pattern=pattern, bitmap_writes=fs_writes() - before)
-                out.append(run)
-            sh("mdadm", "--stop", TP_MD)
-    return out
-
-
 # -- on the host ------------------------------------------------------------------------------------
 
 
@@ -234,15 +161,11 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=256, help="LUN size (MiB)")
     parser.add_argument("--outage-writes", type=int, default=64, help="blocks written during the outage")
     parser.add_argument("--write-kib", type=int, default=64, help="size of each outage write (KiB)")
-    parser.add_argument("--seconds", type=float, default=5.0, help="each throughput run")
-    parser.add_argument("--rounds", type=int, default=9, help="throughput rounds (variants interleaved)")
-    parser.add_argument("--no-throughput", action="store_true", help="only the heals")
-    parser.add_argument("--throughput-only", action="store_true", help="only the writer's cost")
     args = parser.parse_args()
     run_on_bed("bench/heal.py", lambda bed, xl, cli: Bench(bed, xl, cli, args).run())
 
 
-def run_on_bed(script: str, bench) -> None:
+def run_on_bed(script: str, bench, memory_mib: int = 1024) -> None:
     """As root and holding the machine-wide VM lock: boot the real-kernel bed, set it up and
     call bench(bed, xl, cli) (tests/vm: StorageBed, Xl, the CLI's path); bench/blip.py uses it too."""
     if os.geteuid() != 0:
@@ -258,7 +181,7 @@ def run_on_bed(script: str, bench) -> None:
 
         started = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-            guest = Guest.boot(Path(tmp), prepare_kernel())
+            guest = Guest.boot(Path(tmp), prepare_kernel(), memory_mib=memory_mib)
             try:
                 bed = StorageBed(guest)
                 bed.setup()
@@ -289,7 +212,7 @@ class BedBench:
     def records_on_ext4(self) -> str:
         """/var/lib/iscsimple on its own ext4, as on a host (md maps a bitmap file's blocks)."""
         fs = self.fs = self.bed.make_disk("bitmaps-fs", BITMAPS_FS_MIB)
-        self.sh(["mkfs.ext4", "-q", fs])
+        self.sh(["mkfs.ext4", "-q", "-b", "4096", fs])  # a host's block size (small filesystems get 1 KiB)
         self.sh(["mkdir", "-p", "/var/lib/iscsimple"])
         self.sh(["mount", fs, "/var/lib/iscsimple"])
         return fs
@@ -303,9 +226,6 @@ class Bench(BedBench):
     def run(self) -> None:
         g, bed, a = self.g, self.bed, self.args
         self.records_on_ext4()
-        if a.throughput_only:
-            self.throughput()
-            return
 
         lun = bed.make_disk("lun", a.mib)
         local = bed.make_disk("local", a.mib)
@@ -358,12 +278,6 @@ class Bench(BedBench):
             f"chunks (full heal: {w_full:.2f} MiB); {t_partial:.2f} s vs {t_full:.2f} s"
         )
         print(f"partial/full time: {t_partial / t_full * 100:.1f} %")
-        print(last, flush=True)  # also here: the throughput below may fail on a loaded machine
-        if not a.no_throughput:
-            for disk in (lun, local):  # the guest's disks live in its RAM: make room
-                self.sh(["losetup", "-d", disk])
-            self.sh(["rm", "-f", "/tmp/disks/lun.img", "/tmp/disks/local.img"])
-            self.throughput()
         print(last)
 
     def outage(self, seed: str, md: str, sd: str) -> None:
@@ -384,54 +298,6 @@ class Bench(BedBench):
         bad = self.helper("verify", f"/dev/md/{LABEL}", seed, str(self.args.outage_writes), str(self.size))
         assert bad["mismatched"] == [], f"{route} heal lost writes at {bad['mismatched']}"
         print(f"{route} heal: both legs' checksums equal, every outage write present", flush=True)
-
-    def throughput(self) -> None:
-        """The writer on the mirror's own layout (local leg + write-mostly LUN over iSCSI), built by
-        the project's --build command without and with a bitmap; all rounds run in one guest process
-        (ab_rounds). Per variant: the median writes/s, the median and spread of its ratio to the
-        no-bitmap run of the same round (a load change on this shared machine hits both halves of a
-        pair alike), and md's bitmap-file writes per writer write (deterministic)."""
-        from statistics import median, quantiles
-
-        from iscsimple.core.bitmap import DEFAULT_CHUNK_BYTES
-
-        lun = self.bed.make_disk("tp-lun", TP_MIB)
-        local = self.bed.make_disk("tp-local", TP_MIB)
-        self.bed.export(TP_IQN, {1: lun})
-        self.bed.discover_and_login(TP_IQN, 5)
-        sd = self.bed.lun_device(TP_IQN, 1)
-        chunks = [0, *sorted({64 << 10, 1 << 20, DEFAULT_CHUNK_BYTES})]
-        a = self.args
-        runs = self.helper(
-            "ab", sd, local, self.fs, str(a.seconds), str(a.rounds), *map(str, chunks),
-            timeout=a.rounds * len(chunks) * (2 * a.seconds + 30) + 300,
-        )  # fmt: skip
-        by = {(r["round"], r["chunk"], r["pattern"]): r for r in runs}
-        print(
-            f"writer, 4 KiB O_DIRECT|O_DSYNC on LUN + local, {a.rounds} rounds x {a.seconds:g} s, "
-            "variants rotating in each round:"
-        )
-        for chunk in chunks:
-            name = "no bitmap" if not chunk else f"bitmap {chunk >> 10} KiB"
-            name += " (default)" if chunk == DEFAULT_CHUNK_BYTES else ""
-            parts = []
-            for pattern in ("sequential", "random"):
-                mine = [by[(r, chunk, pattern)] for r in range(a.rounds)]
-                rate = median(m["writes_per_second"] for m in mine)
-                per_write = sum(m["bitmap_writes"] for m in mine) / max(1, sum(m["writes"] for m in mine))
-                text = f"{pattern} {rate:.0f}/s, {per_write:.3f} bitmap writes per write"
-                if chunk:
-                    ratios = sorted(
-                        m["writes_per_second"] / by[(r, 0, pattern)]["writes_per_second"]
-                        for r, m in enumerate(mine)
-                    )
-                    q = quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-                    text += (
-                        f", paired ratio to no bitmap: median {median(ratios):.3f} "
-                        f"(IQR {q[0]:.3f}-{q[2]:.3f}, range {ratios[0]:.3f}-{ratios[-1]:.3f})"
-                    )
-                parts.append(text)
-            print(f"  {name}: " + "; ".join(parts), flush=True)
 
 
 if __name__ == "__main__":

@@ -45,9 +45,10 @@ log = logging.getLogger(__name__)
 BITMAP_MAGIC = 0x6D746962  # "bitm", md-bitmap.h
 SUPERBLOCK_BYTES = 256
 BITMAP_STALE = 0x2  # md-bitmap.h: the state bit md sets in the file when it stops trusting it
-# A heal copies every chunk an outage touched, whole: 64 KiB keeps scattered small writes from
-# turning into many MiB to copy (bench/heal.py: 4 MiB in 64 places -> 4 MiB copied, vs 57 MiB at
-# 1 MiB chunks); the writer's cost at 64 KiB vs 1 MiB is in the README (Benchmark).
+# A heal copies every chunk an outage touched, whole: 4 MiB of scattered 4 KiB writes copy 64 MiB
+# at 64 KiB chunks, 1 GiB at 1 MiB. Bigger chunks would not make writers cheaper where it costs:
+# a random writer pays one synchronous bitmap-page write per write at any chunk size from 64 KiB
+# to 4 MiB (md sets a clean chunk's bit before the write; bench/bitmap_cost.py, README Benchmark).
 DEFAULT_CHUNK_BYTES = 64 << 10
 # Filesystems where md can use a bitmap file (the kernel maps its blocks with bmap()).
 BITMAP_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs"})

@@ -1,0 +1,329 @@
+#!/usr/bin/env python3
+"""The writer's cost of the write-intent bitmap on the real kernel, resolved below the machine's noise.
+
+    sudo .venv/bin/python bench/bitmap_cost.py [--chunks 64,4096] [--phase-minutes 5] [--pairs 16]
+                                               [--disk-gib 16] [--save FILE]
+
+Boots the real-kernel bed (tests/vm: Debian's kernel under qemu TCG, tgt on the guest's loopback)
+holding the machine-wide VM lock (/tmp/iscsimple-vm.lock). Two mirrors of the project's layout
+(a local device plus a LUN over iSCSI, write-mostly, built by the project's --build command with
+--assume-clean), each DISK_GIB large (sparse), same kind of backing: A without a bitmap, B with a
+bitmap file on its own ext4 (4 KiB blocks, as on a host). One phase per chunk size: B is rebuilt
+with that chunk, left idle until md has cleaned every bit mdadm's new file starts with, warmed
+up, and then one writer of 4 KiB O_DIRECT|O_DSYNC writes, one at a time, writes to A and B in
+turn (A B, B A, ...: a load change on this shared machine hits both alike), in blocks of PAIRS
+pairs, sequential and at random places block by block. A queue-depth-1 writer's throughput is
+1 / its mean latency, so per chunk and pattern the bench prints B's throughput over A's (A's total
+write time over B's, for as many writes) with a 95 % bootstrap confidence interval (resampling
+blocks), the median of the per-block ratios with its interval, and md's bitmap-file writes per
+B write, counted on the device under B's filesystem (md writes the file's blocks itself and
+nothing else writes there): during B's writes, and in all (the daemon's lazy clears may land
+during A's). "At most 5 % slower" is shown for a chunk size only when the interval's lower
+bound is at least 0.95 for both patterns. It also prints what a partial heal copies for 4 MiB
+written as 1024 scattered 4 KiB writes at each chunk size (the other side of the trade-off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+from heal import BedBench, run_on_bed  # bench/heal.py, beside this file
+
+IQN = "iqn.2026-11.bench.local:cost"
+MD = {"A": "/dev/md/bench-cost-a", "B": "/dev/md/bench-cost-b"}
+BITMAP_DIR = "/var/lib/iscsimple/cost"
+RESULTS = "/tmp/bitmap-cost.jsonl"
+PATTERNS = ("sequential", "random")
+WRITE = 4096
+
+
+# -- in the guest (run as `python bench/bitmap_cost.py guest FILE`) ---------------------------------
+
+
+def guest_main(argv: list[str]) -> None:
+    cfg = json.loads(Path(argv[0]).read_text())
+    with open(RESULTS, "a") as out:
+        run_phases(cfg, out)
+
+
+def run_phases(cfg: dict, out) -> None:
+    """Every phase in one process (no interpreter start between writes), one JSON line per block."""
+    import subprocess
+
+    from iscsimple.core.bitmap import read_bitmap_file
+    from iscsimple.hotplug.mdadm import build_argv
+
+    def sh(*argv: str) -> None:
+        subprocess.run(argv, check=True, timeout=120, capture_output=True)
+
+    def build(name: str, chunk: int | None) -> int:
+        leg = cfg["legs"][name]
+        file = Path(BITMAP_DIR) / f"chunk-{chunk}" if chunk else None
+        if file is not None:
+            file.unlink(missing_ok=True)
+        argv = build_argv(MD[name], leg["lun"], None, file, chunk)
+        argv[argv.index("missing")] = leg["local"]
+        sh(*argv, "--assume-clean")  # both legs hold whatever they hold: no resync
+        deadline = time.monotonic() + 30
+        while not os.path.exists(MD[name]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # md reads the file mdadm just wrote: how many bits it starts with set
+        return read_bitmap_file(file).dirty if file else 0
+
+    stat = Path("/sys/block") / Path(cfg["fs_device"]).name / "stat"
+
+    def fs_writes() -> int:
+        return int(stat.read_text().split()[4])  # writes completed
+
+    def emit(record: dict) -> None:
+        out.write(json.dumps(record) + "\n")
+        out.flush()
+
+    build("A", None)
+    writers = {}
+    for chunk in cfg["chunks"]:
+        at_build = build("B", chunk)
+        md_b = os.path.realpath(MD["B"]).rsplit("/", 1)[-1]
+        started = time.monotonic()
+        while "bitmap: 0/" not in mdstat_block(md_b) and time.monotonic() - started < 120:
+            time.sleep(0.2)
+        clean_after = time.monotonic() - started
+        emit(
+            {
+                "chunk": chunk,
+                "bits_at_build": at_build,
+                "clean_after": clean_after,
+                "bitmap": mdstat_block(md_b),
+            }
+        )
+        for name in MD:
+            for pattern in PATTERNS:
+                writers[(name, pattern)] = Writer(MD[name], pattern, seed=f"{chunk}-{name}-{pattern}")
+        warmup_end = time.monotonic() + cfg["warmup"]
+        phase_end = warmup_end + cfg["phase"]
+        block = 0
+        while time.monotonic() < phase_end:
+            measured = time.monotonic() >= warmup_end
+            for pattern in PATTERNS:
+                sums = {"A": [0.0, 0], "B": [0.0, 0]}  # seconds writing, bitmap-file writes meanwhile
+                for pair in range(cfg["pairs"]):
+                    for name in ("A", "B") if pair % 2 == 0 else ("B", "A"):
+                        io0 = fs_writes()
+                        sums[name][0] += writers[(name, pattern)].write()
+                        sums[name][1] += fs_writes() - io0
+                if measured:
+                    emit(
+                        {
+                            "chunk": chunk, "block": block, "pattern": pattern, "pairs": cfg["pairs"],
+                            "a_seconds": sums["A"][0], "b_seconds": sums["B"][0],
+                            "a_bitmap_writes": sums["A"][1], "b_bitmap_writes": sums["B"][1],
+                        }
+                    )  # fmt: skip
+            block += measured
+        for writer in writers.values():
+            writer.close()
+        sh("mdadm", "--stop", MD["B"])
+    sh("mdadm", "--stop", MD["A"])
+
+
+def mdstat_block(md: str) -> str:
+    """The `bitmap:` line of one array in /proc/mdstat ("bitmap: 0/N pages" once md cleaned every bit)."""
+    lines = Path("/proc/mdstat").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(f"{md} :"):
+            for follow in lines[i + 1 : i + 4]:
+                if "bitmap:" in follow:
+                    return follow.strip()
+    return ""
+
+
+class Writer:
+    """4 KiB O_DIRECT|O_DSYNC writes, one at a time; a sequential writer resumes where it stopped."""
+
+    def __init__(self, device: str, pattern: str, seed: str):
+        self.fd = os.open(device, os.O_WRONLY | os.O_DIRECT | os.O_DSYNC)
+        self.blocks = os.lseek(self.fd, 0, os.SEEK_END) // WRITE
+        self.pattern, self.rnd, self.next = pattern, random.Random(seed), 0
+        self.buf = mmap.mmap(-1, WRITE)
+        self.buf.write(os.urandom(WRITE))
+
+    def write(self) -> float:
+        """One write; its latency in seconds."""
+        if self.pattern == "random":
+            block = self.rnd.randrange(self.blocks)
+        else:
+            block, self.next = self.next, (self.next + 1) % self.blocks
+        started = time.perf_counter()
+        os.pwrite(self.fd, self.buf, block * WRITE)
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+# -- the figures (host side; pure functions) --------------------------------------------------------
+
+
+def blocks_by(records: list[dict]) -> dict[tuple[int, str], list[tuple[float, float]]]:
+    """(chunk, pattern) -> per block of alternating writes: (A's seconds, B's seconds) for as many writes each."""
+    out: dict[tuple[int, str], list[tuple[float, float]]] = {}
+    for r in records:
+        if r["a_seconds"] > 0 and r["b_seconds"] > 0:
+            out.setdefault((r["chunk"], r["pattern"]), []).append((r["a_seconds"], r["b_seconds"]))
+    return out
+
+
+def throughput_ratio(blocks: list[tuple[float, float]]) -> float:
+    """B's writes/s over A's: the same number of writes each, so A's total time over B's."""
+    return sum(a for a, _ in blocks) / sum(b for _, b in blocks)
+
+
+def median(values: list[float]) -> float:
+    s = sorted(values)
+    mid = len(s) // 2
+    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
+
+
+def bootstrap_ci(values: list[float], statistic, resamples: int = 4000, level: float = 0.95, seed: int = 1):
+    """Percentile bootstrap: the statistic over `resamples` resamples (with replacement) of the pairs."""
+    if len(values) < 2:
+        return (float("nan"), float("nan"))
+    rnd = random.Random(seed)
+    n = len(values)
+    stats = sorted(statistic([values[rnd.randrange(n)] for _ in range(n)]) for _ in range(resamples))
+    tail = (1 - level) / 2
+    return stats[int(tail * resamples)], stats[min(resamples - 1, int((1 - tail) * resamples))]
+
+
+def heal_bytes(disk_bytes: int, chunk: int, writes: int = 1024, size: int = WRITE, seed: str = "heal") -> int:
+    """What a partial heal copies after `writes` scattered writes of `size` bytes: every chunk they
+    touched, whole (md's recovery skips only chunks whose bit is clear)."""
+    rnd = random.Random(seed)
+    slots = rnd.sample(range(disk_bytes // size), writes)
+    return len({slot * size // chunk for slot in slots}) * chunk
+
+
+# -- on the host --------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--chunks", default="64,4096", help="bitmap chunk sizes, KiB")
+    parser.add_argument("--phase-minutes", type=float, default=5.0, help="measured time per chunk size")
+    parser.add_argument("--warmup", type=float, default=15.0, help="unmeasured seconds per phase")
+    parser.add_argument(
+        "--pairs", type=int, default=16, help="alternating A/B writes per block (bootstrap unit)"
+    )
+    parser.add_argument("--disk-gib", type=int, default=16, help="size of each mirror (sparse)")
+    parser.add_argument("--save", type=Path, help="also write the per-block records (JSON lines) here")
+    args = parser.parse_args()
+    run_on_bed(
+        "bench/bitmap_cost.py", lambda bed, xl, cli: CostBench(bed, xl, cli, args).run(), memory_mib=2048
+    )
+
+
+class CostBench(BedBench):
+    script = Path(__file__).resolve()
+
+    def run(self) -> None:
+        bed, g, a = self.bed, self.g, self.args
+        chunks = [int(k) << 10 for k in a.chunks.split(",")]
+        fs = bed.make_disk("cost-fs", 64)
+        self.sh(["mkfs.ext4", "-q", "-b", "4096", fs])  # a host's /var/lib: 4 KiB blocks
+        self.sh(["mkdir", "-p", BITMAP_DIR])
+        self.sh(["mount", fs, BITMAP_DIR])
+        legs = {}
+        disks = {}
+        for i, name in enumerate(MD, start=1):
+            disks[i] = bed.make_disk(f"cost-lun-{name}", a.disk_gib << 10)
+            legs[name] = {"local": bed.make_disk(f"cost-local-{name}", a.disk_gib << 10)}
+        bed.export(IQN, disks)
+        bed.discover_and_login(IQN, 5)
+        for i, name in enumerate(MD, start=1):
+            legs[name]["lun"] = bed.lun_device(IQN, i)
+        cfg = {
+            "legs": legs, "fs_device": fs, "chunks": chunks, "pairs": a.pairs,
+            "warmup": a.warmup, "phase": a.phase_minutes * 60,
+        }  # fmt: skip
+        g.run(["tee", "/tmp/bitmap-cost.json"], input=json.dumps(cfg))
+        total = len(chunks) * (a.phase_minutes * 60 + a.warmup + 150) + 120
+        print(
+            f"A/B on two {a.disk_gib} GiB mirrors, one write each in turn, {a.phase_minutes:g} min per chunk size "
+            f"(at most {total / 60:.0f} min)",
+            flush=True,
+        )
+        g.spawn(
+            "cost", [sys.executable, str(self.script), "guest", "/tmp/bitmap-cost.json"], log="/tmp/cost.log"
+        )
+        started, shown = time.monotonic(), 0
+        while True:
+            answer = g.call("wait", wait=90, name="cost", timeout=30)
+            done = not answer["running"]
+            records = [json.loads(line) for line in (g.read(RESULTS) or "").splitlines() if line.strip()]
+            for r in records[shown:]:
+                if "bits_at_build" in r:
+                    print(
+                        f"  chunk {r['chunk'] >> 10} KiB: {r['bits_at_build']} bits set in the file mdadm wrote; "
+                        f"md had cleaned them all after {r['clean_after']:.1f} s idle ({r['bitmap']})",
+                        flush=True,
+                    )
+            shown = len(records)
+            if done or time.monotonic() - started > total:
+                break
+            print(f"  {time.monotonic() - started:.0f} s: {shown} blocks", flush=True)
+        log = g.read("/tmp/cost.log") or ""
+        if not done:
+            g.kill("cost")
+        if a.save:
+            a.save.write_text("".join(json.dumps(r) + "\n" for r in records))
+        report([r for r in records if "block" in r], a.disk_gib << 30)
+        if not done or answer["rc"] != 0:
+            sys.exit(f"the guest's run did not finish cleanly:\n{log[-3000:]}")
+
+
+def report(records: list[dict], disk_bytes: int) -> None:
+    from iscsimple.core.bitmap import DEFAULT_CHUNK_BYTES
+
+    print(
+        "\nchunk | pattern | writes each | B/A throughput [95 % CI] | block median [95 % CI] "
+        "| writes/s A, B | bitmap writes per B write (during B's writes / all)"
+    )
+    shown: dict[int, bool] = {}
+    for (chunk, pattern), blocks in sorted(blocks_by(records).items()):
+        ratio, (lo, hi) = throughput_ratio(blocks), bootstrap_ci(blocks, throughput_ratio)
+        per_block = [a / b for a, b in blocks]
+        md, (mlo, mhi) = median(per_block), bootstrap_ci(per_block, median)
+        mine = [r for r in records if r["chunk"] == chunk and r["pattern"] == pattern]
+        writes = sum(r["pairs"] for r in mine)
+        own = sum(r["b_bitmap_writes"] for r in mine) / writes
+        every = (sum(r["b_bitmap_writes"] + r["a_bitmap_writes"] for r in mine)) / writes
+        rates = f"{writes / sum(a for a, _ in blocks):.1f}, {writes / sum(b for _, b in blocks):.1f}"
+        default = " (default)" if chunk == DEFAULT_CHUNK_BYTES else ""
+        print(
+            f"{chunk >> 10} KiB{default} | {pattern} | {writes} | {ratio:.3f} [{lo:.3f}-{hi:.3f}] | "
+            f"{md:.3f} [{mlo:.3f}-{mhi:.3f}] | {rates} | {own:.3f} / {every:.3f}"
+        )
+        shown[chunk] = shown.get(chunk, True) and lo >= 0.95
+    for chunk, ok in sorted(shown.items()):
+        verdict = "shown" if ok else "NOT shown"
+        print(
+            f"at most 5 % slower at {chunk >> 10} KiB chunks (CI lower bound >= 0.95, both patterns): {verdict}"
+        )
+    print("\nwhat a partial heal copies for 4 MiB written as 1024 scattered 4 KiB writes:")
+    for disk in (256 << 20, disk_bytes, 100 << 30):
+        copies = ", ".join(f"{c >> 10} KiB: {heal_bytes(disk, c) / (1 << 20):.0f} MiB" for c in sorted(shown))
+        print(f"  {disk / (1 << 30):g} GiB disk: {copies}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "guest":
+        guest_main(sys.argv[2:])
+    else:
+        main()
