@@ -4,12 +4,12 @@ A snapshot is immutable, so its exposition is too: it is rendered in the refresh
 thread and then served as bytes. A scrape therefore costs a lookup and a socket
 write, and can never block on the host, whatever state its devices are in.
 
-`Renderer` keeps, per collector, the encoded sample lines of each run of CHUNK
-arrays (and sessions), keyed on the very view objects they were rendered from.
-A derived snapshot shares the views that did not change, so an update re-encodes
-only the chunks holding a changed view; the body is a list of those cached pieces
-(text and OpenMetrics share them; only the HELP/TYPE lines differ), joined or
-compressed when a scrape first asks for it.
+`Renderer` keeps, per collector and family, the encoded sample lines of each run of
+BLOCK arrays (and sessions) as one piece, and the length of each view's lines in it.
+A derived snapshot shares the views that did not change, so an update encodes again
+only the changed views and splices their lines into new pieces; the body is a list of
+those pieces (text and OpenMetrics share them; only the HELP/TYPE lines differ),
+joined or compressed when a scrape asks for it.
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ import struct
 import threading
 import time
 import zlib
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import accumulate
 
 from prometheus_client import exposition as text_format
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -58,7 +60,6 @@ class Rendered:
     openmetrics_pieces: list[bytes]
     agent_families: Sequence[Metric] = ()
     segments: GzipSegments = field(default_factory=lambda: GzipSegments(), repr=False)
-    _joined: dict[str, bytes] = field(default_factory=dict, repr=False)
     _gzipped: dict[str, bytes] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -84,12 +85,10 @@ class Rendered:
         return self.text_pieces, TEXT_CONTENT_TYPE
 
     def body(self, accept: str) -> tuple[bytes, str]:
+        """The body, joined for this request: the pieces are the one copy kept (Prometheus asks
+        for gzip, whose compressed segments are kept apart)."""
         pieces, content_type = self._pieces(accept)
-        with self._lock:
-            joined = self._joined.get(content_type)
-            if joined is None:
-                joined = self._joined[content_type] = b"".join(pieces)
-        return joined, content_type
+        return b"".join(pieces), content_type
 
     def gzipped(self, accept: str) -> tuple[bytes, str]:
         """The same body gzip-compressed, once per snapshot and format.
@@ -108,7 +107,7 @@ class Rendered:
 class GzipSegments:
     """Compressed segments of the last body of each format, shared by successive Rendered."""
 
-    SIZE = 4  # pieces per segment (a piece joins up to BLOCK chunks of one family's samples)
+    SIZE = 4  # pieces per segment (a piece holds the lines of BLOCK views in one family)
 
     def __init__(self):
         # Per format, per segment of the last body: its pieces, compressed, and the CRC and size
@@ -152,42 +151,60 @@ _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
 _DEFLATE_END = zlib.compressobj(1, zlib.DEFLATED, -15).flush()
 
 
-CHUNK = 4  # arrays (or sessions) per cached piece: small enough that one change re-encodes little
-
-
-BLOCK = 16  # chunks joined into one piece of the body: the body is a list of N / 64 pieces per family
+BLOCK = 64  # views (arrays or sessions) per piece of the body: N / 64 pieces per family
 
 
 @dataclass
 class _Pieces:
-    """One collector's encoded sample lines for one kind of view (arrays or sessions)."""
+    """One collector's encoded sample lines for one kind of view (arrays or sessions).
 
-    items: list[tuple]  # the views of each chunk, as rendered
-    by_family: dict[str, list[bytes]]  # family name -> one piece per chunk (b"" when it has none)
-    # family name -> one piece per BLOCK chunks (their pieces joined), kept up to date by _patch
-    joined: dict[str, list[bytes]] = field(default_factory=dict)
+    Only one copy of the encoded lines is kept: per family, one piece per BLOCK views (what
+    the bodies are made of) and the length of each view's lines in it, so that one view's
+    lines are replaced in their piece without encoding the other views again."""
 
-    def blocks(self, family: str) -> list[bytes]:
-        joined = self.joined.get(family)
-        if joined is None:
-            pieces = self.by_family.get(family)
-            if pieces is None:
-                return []
-            joined = self.joined[family] = [
-                b"".join(pieces[start : start + BLOCK]) for start in range(0, len(pieces), BLOCK)
-            ]
-        return joined
+    views: list  # the views as rendered, in the snapshot's order
+    blocks: dict[str, list[bytes]] = field(default_factory=dict)  # family -> one piece per BLOCK views
+    lengths: dict[str, array] = field(default_factory=dict)  # family -> bytes of each view's lines
 
-    def rejoin(self, chunks: Iterable[int]) -> None:
-        """Join again the blocks holding these chunks, in every family already joined."""
-        for block in {index // BLOCK for index in chunks}:
-            start = block * BLOCK
-            for family, joined in self.joined.items():
-                joined[block] = b"".join(self.by_family[family][start : start + BLOCK])
+    def starts(self, name: str) -> list[int]:
+        """Where each view's lines of family `name` start in their piece."""
+        starts: list[int] = []
+        lengths = self.lengths[name]
+        for start in range(0, len(lengths), BLOCK):
+            starts.append(0)
+            starts += accumulate(lengths[start : start + BLOCK - 1])
+        return starts
+
+    def lines(self, name: str, index: int, start: int) -> bytes:
+        """The lines of view `index` in family `name`, which start at `start` in their piece."""
+        return self.blocks[name][index // BLOCK][start : start + self.lengths[name][index]]
+
+    def replace(self, name: str, index: int, lines: bytes) -> None:
+        """Put `lines` in place of view `index`'s lines of family `name`, in a new piece (the
+        bodies already rendered keep the old one)."""
+        blocks = self.blocks.get(name)
+        if blocks is None:
+            if not lines:
+                return
+            # A family no view had samples in until now.
+            blocks = self.blocks[name] = [b""] * _block_count(len(self.views))
+            self.lengths[name] = array("I", bytes(4 * len(self.views)))
+        lengths = self.lengths[name]
+        start = sum(lengths[index - index % BLOCK : index])
+        end = start + lengths[index]
+        piece = blocks[index // BLOCK]
+        if end - start == len(lines) and piece.startswith(lines, start):
+            return  # the same lines: the piece, and its compressed segment, stay as they are
+        blocks[index // BLOCK] = b"".join((piece[:start], lines, piece[end:]))
+        lengths[index] = len(lines)
+
+
+def _block_count(views: int) -> int:
+    return (views + BLOCK - 1) // BLOCK
 
 
 class Renderer:
-    """Renders snapshot after snapshot, re-encoding only the chunks whose views changed."""
+    """Renders snapshot after snapshot, re-encoding only the views that changed."""
 
     def __init__(self, collectors: Sequence[SnapshotCollector]):
         self.collectors = list(collectors)
@@ -226,8 +243,8 @@ class Renderer:
         return Rendered(snapshot, self.collectors, success, text, om, agent, self._segments)
 
     def _moved(self, snapshot: HostSnapshot) -> tuple[set[int] | None, set[int] | None]:
-        """The chunks of arrays and of sessions whose views are not those of the last render
-        (None: any may be), found from what the snapshot says changed: no walk over every chunk."""
+        """The positions of the arrays and of the sessions whose views are not those of the last
+        render (None: any may be), found from what the snapshot says changed: no walk over every view."""
         last = self._last
         changed = snapshot.changed_since(last)
         if last is None or changed is None:
@@ -241,7 +258,7 @@ class Renderer:
                 if position is None or position != last.position(key):
                     arrays = None  # views were added, removed or reordered
                     break
-                arrays.add(position // CHUNK)
+                arrays.add(position)
         sessions: set[int] | None = set()
         if snapshot.sessions is not last.sessions:
             targets = snapshot.changed_targets or frozenset()
@@ -250,7 +267,7 @@ class Renderer:
             ):
                 sessions = None
             else:
-                sessions = _session_chunks(snapshot, set(targets))
+                sessions = _session_positions(snapshot, set(targets))
         return arrays, sessions
 
     def _collector(
@@ -263,8 +280,8 @@ class Renderer:
     ) -> None:
         labels, targets = collector.dirty(snapshot)
         families = list(collector.families(snapshot, Part(rest=True)))
-        arrays = self._update(collector, snapshot, True, _array_chunks(snapshot, labels), moved[0])
-        sessions = self._update(collector, snapshot, False, _session_chunks(snapshot, targets), moved[1])
+        arrays = self._update(collector, snapshot, True, _array_positions(snapshot, labels), moved[0])
+        sessions = self._update(collector, snapshot, False, _session_positions(snapshot, targets), moved[1])
         # Build both lists first: a failing collector adds nothing.
         text_part: list[bytes] = []
         om_part: list[bytes] = []
@@ -273,8 +290,8 @@ class Renderer:
             headers = self._headers.get(key)
             if headers is None:
                 headers = self._headers[key] = _headers(family)
-            array_blocks = arrays.blocks(family.name)
-            session_blocks = sessions.blocks(family.name)
+            array_blocks = arrays.blocks.get(family.name, ())
+            session_blocks = sessions.blocks.get(family.name, ())
             rest = _sample_lines(family)
             text_part.append(headers[0])
             text_part += array_blocks
@@ -295,62 +312,59 @@ class Renderer:
         dirty: set[int] | None,
         moved: set[int] | None = None,
     ) -> _Pieces:
-        items = snapshot.arrays if arrays else snapshot.sessions
+        views = snapshot.arrays if arrays else snapshot.sessions
         key = (collector.name, arrays)
         old = self._pieces.get(key)
-        count = (len(items) + CHUNK - 1) // CHUNK
-        if old is not None and dirty is not None and moved is not None and count == len(old.items):
-            return self._patch(collector, snapshot, arrays, old, dirty | moved)
-        todo = []
-        for index in range(count):
-            chunk = items[index * CHUNK : (index + 1) * CHUNK]
-            if (
-                old is not None
-                and index < len(old.items)
-                and (dirty is not None and index not in dirty)
-                and old.items[index] == chunk  # the same view objects: compared by identity first
-            ):
-                continue
-            todo.append((index, chunk))
-        if old is not None and not todo and count == len(old.items):
+        if old is not None and dirty is not None and moved is not None and len(views) == len(old.views):
+            # The views stayed where they were: encode again only the changed ones, in place (no
+            # rendered body shares these lists: each render copies the pieces it uses).
+            for index in sorted(dirty | moved):
+                view = views[index]
+                fresh = {f.name: _sample_lines(f) for f in collector.families(snapshot, _part(arrays, view))}
+                for name in fresh.keys() | old.blocks.keys():
+                    old.replace(name, index, fresh.get(name, b""))
+                old.views[index] = view
             return old
-        new_items = list(old.items[:count]) if old is not None else []
-        new_items += [()] * (count - len(new_items))
-        by_family = {}
-        if old is not None:
-            for family, pieces in old.by_family.items():
-                pieces = pieces[:count]
-                by_family[family] = pieces + [b""] * (count - len(pieces))
-        for index, chunk in todo:
-            part = Part(arrays=chunk) if arrays else Part(sessions=chunk)
-            for family in collector.families(snapshot, part):
-                pieces = by_family.get(family.name)
-                if pieces is None:
-                    pieces = by_family[family.name] = [b""] * count
-                pieces[index] = _sample_lines(family)
-            new_items[index] = chunk
-        pieces = self._pieces[key] = _Pieces(new_items, by_family)
-        return pieces
+        # Views were added, removed or reordered, or any may have changed: a view rendered
+        # before (the same object) keeps its lines unless it is dirty; the others are encoded.
+        reuse: dict[int, int] = {}  # id of a view rendered before -> where it was
+        starts: dict[str, list[int]] = {}  # family -> where each view's lines started
+        if old is not None and dirty is not None:
+            reuse = {id(view): index for index, view in enumerate(old.views)}
+            starts = {name: old.starts(name) for name in old.blocks}
+        new = _Pieces(list(views))
+        count = _block_count(len(views))
+        for start in range(0, len(views), BLOCK):
+            stop = min(start + BLOCK, len(views))
+            lines: dict[str, list[bytes]] = {}  # this block's lines, by family and view
+            for index in range(start, stop):
+                view = views[index]
+                before = reuse.get(id(view))
+                if old is not None and before is not None and dirty is not None and index not in dirty:
+                    found = {name: old.lines(name, before, at[before]) for name, at in starts.items()}
+                else:
+                    found = {
+                        f.name: _sample_lines(f) for f in collector.families(snapshot, _part(arrays, view))
+                    }
+                for name, encoded in found.items():
+                    if encoded:
+                        family = lines.get(name)
+                        if family is None:
+                            family = lines[name] = [b""] * (stop - start)
+                        family[index - start] = encoded
+            for name, family in lines.items():
+                blocks = new.blocks.get(name)
+                if blocks is None:
+                    blocks = new.blocks[name] = [b""] * count
+                    new.lengths[name] = array("I", bytes(4 * len(views)))
+                blocks[start // BLOCK] = b"".join(family)
+                new.lengths[name][start:stop] = array("I", map(len, family))
+        self._pieces[key] = new
+        return new
 
-    def _patch(
-        self, collector, snapshot: HostSnapshot, arrays: bool, old: _Pieces, todo: set[int]
-    ) -> _Pieces:
-        """Re-encode the chunks `todo` of the cached pieces in place (no rendered body shares
-        these lists: each render copies the pieces it uses)."""
-        items = snapshot.arrays if arrays else snapshot.sessions
-        for index in sorted(todo):
-            chunk = items[index * CHUNK : (index + 1) * CHUNK]
-            part = Part(arrays=chunk) if arrays else Part(sessions=chunk)
-            for pieces in old.by_family.values():
-                pieces[index] = b""
-            for family in collector.families(snapshot, part):
-                pieces = old.by_family.get(family.name)
-                if pieces is None:
-                    pieces = old.by_family[family.name] = [b""] * len(old.items)
-                pieces[index] = _sample_lines(family)
-            old.items[index] = chunk
-        old.rejoin(todo)
-        return old
+
+def _part(arrays: bool, view) -> Part:
+    return Part(arrays=(view,)) if arrays else Part(sessions=(view,))
 
 
 def _session_range(snapshot: HostSnapshot, target: str) -> tuple[int, int]:
@@ -360,29 +374,26 @@ def _session_range(snapshot: HostSnapshot, target: str) -> tuple[int, int]:
     )
 
 
-def _array_chunks(snapshot: HostSnapshot, labels: set[str] | None) -> set[int] | None:
-    """The chunks holding these labels' views (None: all)."""
+def _array_positions(snapshot: HostSnapshot, labels: set[str] | None) -> set[int] | None:
+    """Where these labels' views are in the snapshot's arrays (None: all)."""
     if labels is None:
         return None
-    chunks = set()
+    positions = set()
     for label in labels:
         for key in snapshot.ids_of(label):
             position = snapshot.position(key)
             if position is not None:
-                chunks.add(position // CHUNK)
-    return chunks
+                positions.add(position)
+    return positions
 
 
-def _session_chunks(snapshot: HostSnapshot, targets: set[str] | None) -> set[int] | None:
+def _session_positions(snapshot: HostSnapshot, targets: set[str] | None) -> set[int] | None:
     if targets is None:
         return None
-    chunks = set()
-    sessions = snapshot.sessions  # ordered by target
+    positions: set[int] = set()
     for target in targets:
-        start = bisect.bisect_left(sessions, target, key=_target)
-        end = bisect.bisect_right(sessions, target, key=_target)
-        chunks.update(range(start // CHUNK, (max(start, end - 1)) // CHUNK + 1))
-    return chunks
+        positions.update(range(*_session_range(snapshot, target)))
+    return positions
 
 
 def _target(view) -> str:

@@ -103,19 +103,27 @@ class Refresher:
     def refresh_now(self, changes: Changes = EVERYTHING) -> Rendered:
         """Update and render in the caller's thread (--once, tests, start-up)."""
         previous = self._snapshot
-        snapshot = self.read(previous, changes)
-        self._snapshot = snapshot
-        for watcher in self.watchers:
-            try:
-                watcher.observe(snapshot)
-            except Exception:
-                log.exception("watcher %r failed", watcher)
+        snapshot = self._observed(self.read(previous, changes))
+        if previous is None:
+            # The watchers' first look writes what the snapshot reads back (a stale record per
+            # array found local-only: hundreds at a start during a filer outage). Read it now,
+            # before the first render, rather than re-rendering those arrays on the next refresh.
+            snapshot = self._observed(self.read(snapshot, Changes()))
         rendered = self.renderer.render(snapshot)
         self.current = rendered
         with self._done:
             self.refreshes += 1
             self._done.notify_all()
         return rendered
+
+    def _observed(self, snapshot: HostSnapshot) -> HostSnapshot:
+        self._snapshot = snapshot
+        for watcher in self.watchers:
+            try:
+                watcher.observe(snapshot)
+            except Exception:
+                log.exception("watcher %r failed", watcher)
+        return snapshot
 
     def wait_for_refresh(self, after: int, timeout: float) -> bool:
         """Block until more than `after` refreshes happened (tests, demo)."""

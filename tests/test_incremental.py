@@ -21,6 +21,7 @@ from iscsimple.core import files
 from iscsimple.core.atomic import write_atomic
 from iscsimple.core.snapshot import Changes, HostSnapshot
 from iscsimple.core.stale import StaleRecord, StaleRecords
+from iscsimple.exporter import exposition
 from iscsimple.exporter.collectors import default_collectors
 from iscsimple.exporter.events import ChangePoll, MdstatDiff
 from iscsimple.exporter.exposition import Renderer, render
@@ -113,12 +114,19 @@ def body(rendered) -> bytes:
     report_multiple_bugs=False,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-@given(st.lists(step, min_size=1, max_size=14), st.lists(st.sampled_from(LABELS), max_size=3), st.booleans())
-def test_update_equals_full_read(steps, first, trust_stat):
+@given(
+    st.lists(step, min_size=1, max_size=14),
+    st.lists(st.sampled_from(LABELS), max_size=3),
+    st.booleans(),
+    st.sampled_from([1, 2, 3, exposition.BLOCK]),
+)
+def test_update_equals_full_read(steps, first, trust_stat, block):
     # Files written within the last 2 s are read again whatever their stat says (the racy-git
     # rule), which would hide the per-file reuse here: half the runs trust every stat.
     racy = mock.patch.object(files, "_RACY_NS", 0) if trust_stat else contextlib.nullcontext()
-    with tempfile.TemporaryDirectory() as tmp, racy:
+    # A few views per piece of the body, so that lines are spliced into pieces holding others.
+    blocks = mock.patch.object(exposition, "BLOCK", block)
+    with tempfile.TemporaryDirectory() as tmp, racy, blocks:
         host = SimulatedHost(Path(tmp))
         for i, label in enumerate(first):
             if label not in host.labels():
@@ -269,3 +277,33 @@ def test_a_record_replaced_under_its_name_is_read_again(tmp_path):
     records.clear("b")
     _, changed = records.read_moved(again)
     assert changed == {"b": None}
+
+
+def test_the_body_is_made_of_the_renderers_only_copy_of_the_lines(tmp_path):
+    """One encoded copy: every piece of array lines in a rendered body is the very object the
+    renderer keeps, and a change replaces only the pieces holding the changed view."""
+    host = SimulatedHost(tmp_path)
+    for i, label in enumerate(LABELS):
+        host.attach(label, "vm", TARGETS[i % len(TARGETS)], 1 + i)
+        host.finish_resync(label)
+    snapshot = HostSnapshot.read(host.paths)
+    pinned = [snapshot]
+    renderer = Renderer(default_collectors(lambda: pinned[0]))
+    with mock.patch.object(exposition, "BLOCK", 2):
+        first = renderer.render(snapshot)
+        in_body = {id(piece) for piece in first.openmetrics_pieces}
+        arrays = renderer._pieces[("arrays", True)]
+        before = {name: list(blocks) for name, blocks in arrays.blocks.items()}
+        assert all(len(blocks) == 3 for blocks in before.values())
+        assert all(id(piece) in in_body for blocks in before.values() for piece in blocks if piece)
+        host.set_leg_errors(LABELS[4], "local", 3)
+        updated = pinned[0] = snapshot.update(host.paths, Changes(everything=True))
+        second = renderer.render(updated)
+        assert body(second) == body(render(updated, default_collectors(lambda: updated)))
+        replaced = set()
+        for name, blocks in arrays.blocks.items():
+            assert blocks[0] is before[name][0] and blocks[1] is before[name][1], name
+            if blocks[2] is not before[name][2]:
+                replaced.add(name)
+        assert replaced == {"iscsimple_leg_errors"}
+        assert b"".join(first.openmetrics_pieces) != b"".join(second.openmetrics_pieces)
