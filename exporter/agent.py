@@ -207,11 +207,16 @@ class Agent:
     # -- what the web server asks -----------------------------------------------------
 
     def metrics(self, accept: str, gzipped: bool = False) -> tuple[bytes, str]:
+        body, content_type = self.metrics_pieces(accept, gzipped)
+        return (body if isinstance(body, bytes) else b"".join(body)), content_type
+
+    def metrics_pieces(self, accept: str, gzipped: bool = False) -> tuple[bytes | list[bytes], str]:
+        """What the web server writes: a plain body as its pieces, never joined whole."""
         rendered = self.refresher.current
         if rendered is None:
             body = b"# no snapshot yet\n"
             return (gzip.compress(body) if gzipped else body), "text/plain; charset=utf-8"
-        return rendered.gzipped(accept) if gzipped else rendered.body(accept)
+        return rendered.gzipped(accept) if gzipped else rendered.pieces(accept)
 
     def healthy(self) -> tuple[bool, str]:
         if self.started.is_set() and not self.refresher.thread.is_alive():
@@ -527,7 +532,7 @@ def _serve(
 ) -> int:
     from .web import AgentHTTPServer, Endpoints
 
-    endpoints = Endpoints(agent.metrics, agent.healthy, agent.ready, agent.summary)
+    endpoints = Endpoints(agent.metrics_pieces, agent.healthy, agent.ready, agent.summary)
     try:
         try:
             server = AgentHTTPServer(listen, endpoints, web_config)

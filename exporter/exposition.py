@@ -79,7 +79,8 @@ class Rendered:
             families.extend(collector.families(self.snapshot, Part.whole(self.snapshot)))
         return [*families, *self.agent_families]
 
-    def _pieces(self, accept: str) -> tuple[list[bytes], str]:
+    def pieces(self, accept: str) -> tuple[list[bytes], str]:
+        """The body as the list of its pieces, not joined (the web server writes them as they are)."""
         if "application/openmetrics-text" in (accept or ""):
             return self.openmetrics_pieces, OPENMETRICS_CONTENT_TYPE
         return self.text_pieces, TEXT_CONTENT_TYPE
@@ -87,7 +88,7 @@ class Rendered:
     def body(self, accept: str) -> tuple[bytes, str]:
         """The body, joined for this request: the pieces are the one copy kept (Prometheus asks
         for gzip, whose compressed segments are kept apart)."""
-        pieces, content_type = self._pieces(accept)
+        pieces, content_type = self.pieces(accept)
         return b"".join(pieces), content_type
 
     def gzipped(self, accept: str) -> tuple[bytes, str]:
@@ -96,7 +97,7 @@ class Rendered:
         One gzip member whose deflate stream is made of segments compressed apart (each ends
         with a full flush, so it needs nothing before it): a segment whose pieces did not
         change since the last body is reused, and only the CRC runs over the whole body."""
-        pieces, content_type = self._pieces(accept)
+        pieces, content_type = self.pieces(accept)
         with self._lock:
             packed = self._gzipped.get(content_type)
             if packed is None:
@@ -449,6 +450,8 @@ def _headers(family: Metric) -> tuple[bytes, bytes]:
 
 
 def _sample_lines(family: Metric) -> bytes:
+    if not family.samples:  # most families of one view, and of the rest
+        return b""
     lines = []
     for sample in family.samples:
         if sample.name.endswith("_created"):

@@ -30,7 +30,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.utils import formatdate
@@ -75,7 +75,8 @@ class Endpoints:
     already rendered: while one runs, no other client is served (a slow call is logged)."""
 
     # (Accept header, gzip wanted) -> (body, content type); the body is already gzipped if asked.
-    metrics: Callable[[str, bool], tuple[bytes, str]]
+    # A body given as pieces is written as it is, never joined whole (a plain body is megabytes).
+    metrics: Callable[[str, bool], tuple[bytes | list[bytes], str]]
     healthy: Callable[[], tuple[bool, str]]
     ready: Callable[[], tuple[bool, str]]
     summary: Callable[[], str] = lambda: ""
@@ -301,20 +302,28 @@ class AgentHTTPServer:
                 continue  # blank lines before the request line are tolerated (RFC 9112 2.2)
             lines.append(line.rstrip(b"\r\n"))
 
-    async def _write(self, writer: asyncio.StreamWriter, data: bytes) -> None:
-        writer.write(data)
+    async def _write(self, writer: asyncio.StreamWriter, data: bytes | list[bytes]) -> None:
+        if isinstance(data, bytes):
+            writer.write(data)
+            async with asyncio.timeout(self.limits.write_timeout):
+                await writer.drain()
+            return
+        # Pieces: a few hundred KiB at a time, each waiting for the socket to take the one before,
+        # so a response never holds a copy of the whole body (nor does the transport's buffer).
         async with asyncio.timeout(self.limits.write_timeout):
-            await writer.drain()
+            for chunk in _coalesced(data, WRITE_CHUNK):
+                writer.write(chunk)
+                await writer.drain()
 
     # -- one request --------------------------------------------------------------------
 
-    async def _respond(self, request: _Request, close: bool) -> bytes:
+    async def _respond(self, request: _Request, close: bool) -> bytes | list[bytes]:
         head = request.method == "HEAD"
         extra = self.web_config.headers
 
         def reply(
-            status: HTTPStatus, body: bytes, content_type: str = TEXT, more: dict | None = None
-        ) -> bytes:
+            status: HTTPStatus, body: bytes | list[bytes], content_type: str = TEXT, more: dict | None = None
+        ) -> bytes | list[bytes]:
             return _response(status, body, content_type, head, {**extra, **(more or {})}, close)
 
         auth = self.web_config.auth
@@ -442,20 +451,47 @@ def _parse_head(lines: list[bytes]) -> _Request:
 
 
 def _response(
-    status: HTTPStatus, body: bytes, content_type: str, head: bool, headers: dict[str, str], close: bool
-) -> bytes:
+    status: HTTPStatus,
+    body: bytes | list[bytes],
+    content_type: str,
+    head: bool,
+    headers: dict[str, str],
+    close: bool,
+) -> bytes | list[bytes]:
+    length = len(body) if isinstance(body, bytes) else sum(map(len, body))
     lines = [
         f"HTTP/1.1 {status.value} {status.phrase}",
         f"Server: {SERVER}",
         f"Date: {formatdate(usegmt=True)}",
         f"Content-Type: {content_type}",
-        f"Content-Length: {len(body)}",
+        f"Content-Length: {length}",
     ]
     lines += [f"{name}: {value}" for name, value in headers.items()]
     if close:
         lines.append("Connection: close")
-    # Headers and body leave in one write: split, Nagle + the client's delayed ACK cost ~40 ms.
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head else body)
+    # Headers and body leave in one write: split, Nagle + the client's delayed ACK cost ~40 ms
+    # (pieces: the headers leave with the first of them, see _coalesced).
+    top = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    if head:
+        return top
+    return top + body if isinstance(body, bytes) else [top, *body]
+
+
+WRITE_CHUNK = 256 * 1024  # bytes of a body in pieces written at once
+
+
+def _coalesced(pieces: list[bytes], size: int) -> Iterator[bytes]:
+    """The pieces joined into runs of at least `size` bytes (the last one shorter), in order."""
+    run: list[bytes] = []
+    length = 0
+    for piece in pieces:
+        run.append(piece)
+        length += len(piece)
+        if length >= size:
+            yield b"".join(run)
+            run, length = [], 0
+    if run:
+        yield b"".join(run)
 
 
 def _listen(address: tuple[str, int], backlog: int) -> socket.socket:

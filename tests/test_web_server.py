@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from iscsimple.exporter.web import AgentHTTPServer, Endpoints, Limits, accepts_gzip
+from iscsimple.exporter.web import WRITE_CHUNK, AgentHTTPServer, Endpoints, Limits, _coalesced, accepts_gzip
 
 BODY = b"iscsimple_up 1\n" * 100
 
@@ -350,3 +350,35 @@ def test_shutdown_closes_open_connections():
         assert s.recv(1) == b""
     finally:
         s.close()
+
+
+def test_a_body_in_pieces_is_written_whole_in_order_with_its_length():
+    """The agent hands a plain body as its pieces (megabytes, never joined whole): what the
+    client reads is their concatenation, with the right Content-Length, on a kept-alive
+    connection, and a HEAD gets the same length and no body."""
+    pieces = [f"piece_{i} {i}\n".encode() * (1 + i % 700) for i in range(600)]
+    srv = start(metrics=lambda accept, gzipped: (pieces, "text/plain; version=0.0.4"))
+    try:
+        whole = b"".join(pieces)
+        assert len(whole) > 2 * WRITE_CHUNK
+        request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\nHEAD /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        response = exchange(srv.server_address, request, timeout=30)
+        head, _, rest = response.partition(b"\r\n\r\n")
+        assert f"Content-Length: {len(whole)}".encode() in head.split(b"\r\n")
+        assert rest[: len(whole)] == whole
+        second_head, _, second_body = rest[len(whole) :].partition(b"\r\n\r\n")
+        assert (
+            second_head.startswith(b"HTTP/1.1 200")
+            and f"Content-Length: {len(whole)}".encode() in second_head
+        )
+        assert second_body == b""
+    finally:
+        stop(srv)
+
+
+def test_coalesced_pieces_are_the_body_in_runs_of_at_least_the_size():
+    pieces = [bytes([i]) * (i % 5) for i in range(40)]
+    runs = list(_coalesced(pieces, 7))
+    assert b"".join(runs) == b"".join(pieces)
+    assert all(len(run) >= 7 for run in runs[:-1])
+    assert list(_coalesced([], 7)) == []
