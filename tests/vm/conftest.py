@@ -118,7 +118,8 @@ def pytest_runtest_makereport(item, call):
 def pytest_sessionfinish(session):
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:  # an xdist worker: the controller prints (tests/conftest.py)
-        workeroutput[vmtimings.WORKER_OUTPUT_KEY] = dict(TIMINGS)
+        worker = session.config.workerinput["workerid"]  # each worker boots its own guests: keep both
+        workeroutput[vmtimings.WORKER_OUTPUT_KEY] = {f"{name} [{worker}]": s for name, s in TIMINGS.items()}
 
 
 def pytest_terminal_summary(terminalreporter):
