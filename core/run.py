@@ -8,6 +8,7 @@ the whole process group is killed (libxl would not kill our children for us).
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import signal
@@ -47,22 +48,58 @@ class DeadlineExceeded(OperationError):
 
 
 class Deadline:
-    """An overall time budget shared by several steps."""
+    """An overall time budget shared by several steps.
 
-    def __init__(self, seconds: float, clock=time.monotonic):
+    `not_after` (a `clock` reading) caps it, `why` saying what the cap is: a hotplug's
+    budget counts from its own start, but libxl's 40 s count from its fork of the script,
+    and on a loaded dom0 the interpreter's start-up alone can take seconds of them.
+    """
+
+    def __init__(
+        self, seconds: float, clock=time.monotonic, *, not_after: float | None = None, why: str = ""
+    ):
         self._clock = clock
         self.seconds = seconds
         self.expires = clock() + seconds
+        self._spent = f"the {seconds:.0f} s budget is spent"
+        if not_after is not None and not_after < self.expires:
+            self.expires = not_after
+            self._spent = why or self._spent
 
     def remaining(self) -> float:
         return self.expires - self._clock()
+
+    def reserving(self, seconds: float) -> Deadline:
+        """The same deadline less `seconds` kept back (to undo what the steps did), at least 0.1 s from now."""
+        earlier = copy.copy(self)
+        earlier.expires = max(self.expires - seconds, self._clock() + 0.1)
+        return earlier
 
     def bound(self, timeout: float, what: str = "the operation") -> float:
         """The smaller of `timeout` and what is left; raise if nothing is left."""
         left = self.remaining()
         if left <= 0:
-            raise DeadlineExceeded(f"gave up on {what}: the {self.seconds:.0f} s budget is spent")
+            raise DeadlineExceeded(f"gave up on {what}: {self._spent}")
         return min(timeout, left)
+
+
+def process_started() -> float:
+    """When this process was forked, as a `time.monotonic()` reading; now if unknown.
+
+    The kernel counts a process's start in clock ticks of CLOCK_BOOTTIME
+    (/proc/self/stat, field 22); a launcher that `exec`s keeps its fork's start.
+    """
+    now = time.monotonic()
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            stat = f.read(4096)
+        # The command name (field 2) may hold spaces and parentheses: fields follow the last ')'.
+        start_ticks = int(stat[stat.rindex(b")") + 2 :].split()[19])
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return now
+    # A nonsensical age (a clock set oddly, a foreign /proc) must not spend or extend the budget.
+    return now - age if 0 <= age <= 3600 else now
 
 
 @dataclass(frozen=True)

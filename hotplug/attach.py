@@ -159,7 +159,7 @@ class _Add:
             _refuse_stale_elsewhere(spec, paths, self.config, registry)
         # Forward steps stop early enough for the rollback to finish within the budget.
         deadline = self.deadline
-        forward = Deadline(max(deadline.remaining() - min(ROLLBACK_RESERVE, deadline.seconds / 4), 0.1))
+        forward = deadline.reserving(min(ROLLBACK_RESERVE, deadline.seconds / 4))
 
         with ExitStack() as locks:
             if spec.label:

@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 
 from iscsimple import __version__
-from iscsimple.core.config import Config, ConfigError, load_config
+from iscsimple.core.config import MAX_BUDGET, Config, ConfigError, load_config
 from iscsimple.core.errors import InputError, IscsimpleError, one_line, os_problem
 from iscsimple.core.paths import HostPaths
 from iscsimple.core.registry import Registry
+from iscsimple.core.run import Deadline, process_started
 from iscsimple.core.spec import DiskSpec, parse_spec
 from iscsimple.core.xenstore import open_xenstore
 
@@ -74,12 +75,25 @@ def main(argv: list[str] | None = None) -> int:
         if paths is not None:
             _count(paths, command, started)  # attach()/detach() count their own outcomes, not these
         return _fail(xen, _message(command, e))
+    # libxl's timeout counts from its fork of this process, start-up included.
+    deadline = Deadline(
+        config.attach_budget,
+        not_after=process_started() + MAX_BUDGET,
+        why=f"{MAX_BUDGET:g} s have passed since libxl started the script (libxl kills it at 40 s)",
+    )
     try:
         if spec is not None:
-            attachment = attach(spec, paths, config, xen=xen, operation="add")
+            attachment = attach(spec, paths, config, xen=xen, operation="add", deadline=deadline)
             log.info("add done in %.1f s: %s", time.monotonic() - started, attachment.device_path)
         else:
-            detach(xen.recorded_id() or xen.attachment_id, paths, config, xen=xen, operation="remove")
+            detach(
+                xen.recorded_id() or xen.attachment_id,
+                paths,
+                config,
+                xen=xen,
+                operation="remove",
+                deadline=deadline,
+            )
             log.info("remove done in %.1f s", time.monotonic() - started)
     except Exception as e:
         return _fail(xen, _message(command, e))

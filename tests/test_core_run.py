@@ -1,12 +1,13 @@
 """The bounded command runner: argv only, timeouts kill the whole process group."""
 
 import os
+import subprocess
 import sys
 import time
 
 import pytest
 
-from iscsimple.core.run import CommandError, CommandTimeout, Deadline, DeadlineExceeded, run
+from iscsimple.core.run import CommandError, CommandTimeout, Deadline, DeadlineExceeded, process_started, run
 
 
 def test_runs_argv_and_captures_output():
@@ -93,3 +94,58 @@ def test_timeout_is_bounded_even_when_a_escaped_grandchild_holds_the_pipes():
     with pytest.raises(CommandTimeout):
         run([sys.executable, "-c", script], timeout=0.5)
     assert time.monotonic() - started < 4
+
+
+def test_process_started_counts_from_the_fork_not_from_the_interpreter():
+    # sh sleeps, then execs Python in the same process: as libxl's fork, then our start-up.
+    code = "import time\nfrom iscsimple.core.run import process_started\nprint(time.monotonic() - process_started())"
+    out = subprocess.run(
+        ["sh", "-c", 'sleep 1.2; exec "$0" -c "$1"', sys.executable, code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert 1.2 <= float(out) < 30
+
+
+def test_capped_deadline_says_why_it_is_spent():
+    t = [0.0]
+    deadline = Deadline(
+        30, clock=lambda: t[0], not_after=-6 + 35, why="35 s have passed since libxl started the script"
+    )
+    t[0] = 36.0
+    assert deadline.remaining() == -7.0
+    with pytest.raises(DeadlineExceeded, match="gave up on true: 35 s have passed since libxl started"):
+        run(["true"], deadline=deadline)
+
+
+def test_reserving_keeps_back_time_and_the_reason():
+    t = [0.0]
+    deadline = Deadline(30, clock=lambda: t[0], not_after=20.0, why="libxl's time is nearly spent")
+    forward = deadline.reserving(5)
+    assert (forward.expires, deadline.expires) == (15.0, 20.0)
+    t[0] = 16.0
+    with pytest.raises(DeadlineExceeded, match="gave up on true: libxl's time is nearly spent"):
+        run(["true"], deadline=forward)
+    assert forward.reserving(5).expires == pytest.approx(16.1)  # never already spent when made
+
+
+def test_a_cap_later_than_the_budget_changes_nothing():
+    deadline = Deadline(30, clock=lambda: 100.0, not_after=200.0, why="never")
+    assert deadline.expires == 130.0
+
+
+def test_process_started_is_now_when_proc_is_unreadable(monkeypatch):
+    import builtins
+
+    real_open = builtins.open
+
+    def no_proc(path, *args, **kwargs):
+        if str(path).startswith("/proc/self/stat"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_proc)
+    before = time.monotonic()
+    assert before <= process_started() <= time.monotonic()

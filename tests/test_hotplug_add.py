@@ -340,3 +340,23 @@ def test_what_add_leaves_reads_back_through_the_shared_host_snapshot(hotplug):
     assert view.domain == "web1" and not view.local_only and view.unprotected  # recovering: not yet a mirror
     assert len(snapshot.attachments) == 2 and len(snapshot.iscsi.sessions) == 1
     assert snapshot.hotplug.totals == {"add": {"success": 2}}
+
+
+def test_add_whose_start_up_ate_libxls_time_gives_up_cleanly_before_libxl_kills_it(hotplug, monkeypatch):
+    # libxl SIGKILLs the script 40 s after its fork. Started 34 s late (a loaded dom0),
+    # the add has 1 s left of its 35: it must fail with a sentence and leave nothing
+    # behind, not be killed half-way through an attach.
+    from iscsimple.core import run as core_run
+    from iscsimple.hotplug import main as hotplug_main
+
+    hotplug.host.add_target(IQN, luns={1: 64 << 20})
+    hotplug.mirror("vm1")
+    vbd = hotplug.vbd(f"lun1@{IQN}+vm1")
+    monkeypatch.setattr(hotplug_main, "process_started", lambda: core_run.time.monotonic() - 34.9)
+    for key, value in {**hotplug.env, "XENBUS_PATH": vbd.xenbus_path, "ISCSIMPLE_NO_SYSLOG": "1"}.items():
+        monkeypatch.setenv(key, value)
+    assert hotplug_main.main(["add"]) == 1
+    assert "since libxl started the script" in (hotplug.xs(vbd, "hotplug-error") or "")
+    assert hotplug.xs(vbd, "hotplug-status") == "error"
+    assert not any("--login" in line or "mdadm" in line for line in hotplug.command_lines())
+    assert hotplug.registry().list() == []
