@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from .atomic import remove_durably, write_atomic
 from .errors import InputError, StateFileError
 from .files import MAX_INPUT_BYTES, load_state_json, read_file
-from .mdstat import read_mdstat_arrays
+from .mdstat import mdstat_arrays, read_mdstat_arrays
 from .paths import HostPaths
 from .spec import check_label
 from .sysfs import parse_int, write_attr
@@ -648,13 +648,20 @@ class ArrayBitmap:
     error: str | None = None
 
 
-def array_bitmaps(paths: HostPaths, views, kicks: dict[str, int] | None = None) -> list[ArrayBitmap]:
+def array_bitmaps(
+    paths: HostPaths, views, kicks: dict[str, int] | None = None, mdstat_text: bytes | None = None
+) -> list[ArrayBitmap]:
     """For each running ArrayView: is its bitmap active, how much is out of sync, the heal's ETA.
-    Reads /proc/mdstat once (parsing only these arrays' lines), and a bitmap file only for a
-    degraded array. `kicks` (BitmapKicks.last_seqs()): a kick logged after the array instance's
-    bitmap was set up means the bitmap is not active, whatever /proc/mdstat still shows."""
+    Reads /proc/mdstat once (parsing only these arrays' lines; `mdstat_text`: the text a caller
+    just read instead), and a bitmap file only for a degraded array. `kicks`
+    (BitmapKicks.last_seqs()): a kick logged after the array instance's bitmap was set up means
+    the bitmap is not active, whatever /proc/mdstat still shows."""
+    names = {v.md.name for v in views if v.md is not None}
     try:
-        mdstat = read_mdstat_arrays(paths.procfs, {v.md.name for v in views if v.md is not None})
+        if mdstat_text is None:
+            mdstat = read_mdstat_arrays(paths.procfs, names)
+        else:
+            mdstat = mdstat_arrays(mdstat_text, names)
     except (OSError, InputError):
         mdstat = {}
     out = []

@@ -32,6 +32,7 @@ __all__ = [
     "MdstatMember",
     "MdstatProgress",
     "format_mdstat",
+    "mdstat_arrays",
     "mdstat_blocks",
     "parse_mdstat",
     "read_mdstat",
@@ -136,10 +137,19 @@ def read_mdstat_arrays(procfs: Path, names: set[str]) -> dict[str, MdstatArray]:
     """Only the named arrays of procfs/mdstat, each parsed on its own: what a few arrays need
     from a file of thousands. An array whose lines cannot be parsed is left out."""
     try:
-        text = read_mdstat_text(procfs / "mdstat")
+        text = read_file(procfs / "mdstat", max_bytes=MAX_MDSTAT_BYTES)
     except FileNotFoundError:
         return {}
-    blocks = mdstat_blocks(text) if len(names) > _FEW else _named_blocks(text, names)
+    return mdstat_arrays(text, names)
+
+
+def mdstat_arrays(text: bytes, names: set[str]) -> dict[str, MdstatArray]:
+    """read_mdstat_arrays on a text already read (the agent's md event read it): only the named
+    arrays' lines are found (searches in C) and decoded."""
+    if len(names) > _FEW:
+        blocks = mdstat_blocks(text.decode("utf-8", "replace"))
+    else:
+        blocks = _named_blocks(text, names)
     arrays = {}
     for name in names & blocks.keys():
         try:
@@ -152,17 +162,34 @@ def read_mdstat_arrays(procfs: Path, names: set[str]) -> dict[str, MdstatArray]:
 _FEW = 32  # up to this many arrays, each is found by a search of the text instead of a split of all
 
 
-def _named_blocks(text: str, names: set[str]) -> dict[str, str]:
-    """mdstat_blocks(text), only for `names`: each block found by one search in C."""
+def _named_blocks(text: bytes, names: set[str]) -> dict[str, str]:
+    """mdstat_blocks(text), only for `names`: each block found by one search in C, first near
+    where it was found last (what changes before it moves it by a few bytes), then in all."""
     blocks = {}
     for name in names:
-        header = f"{name} : "
-        start = 0 if text.startswith(header) else text.find("\n" + header) + 1
-        if start == 0 and not text.startswith(header):
-            continue
-        tail = _UNINDENTED.search(text, start + len(header))
-        blocks[name] = text[start : tail.start() if tail else len(text)]
+        header = f"{name} : ".encode()
+        if text.startswith(header):
+            start = 0
+        else:
+            hint = _LAST_FOUND.get(name, 0)
+            start = text.find(b"\n" + header, max(0, hint - _NEAR), hint + _NEAR) + 1
+            if start == 0:
+                start = text.find(b"\n" + header) + 1
+            if start == 0:
+                continue
+            _LAST_FOUND[name] = start
+        tail = _UNINDENTED_BYTES.search(text, start + len(header))
+        blocks[name] = text[start : tail.start() if tail else len(text)].decode("utf-8", "replace")
     return blocks
+
+
+# Where each array's block started when last looked for (a header is unique: an array's other
+# lines are indented, so a header found in the window is the array's).
+_LAST_FOUND: dict[str, int] = {}
+_NEAR = 8192
+
+
+_UNINDENTED_BYTES = re.compile(rb"^[^\s]", re.MULTILINE)
 
 
 def parse_mdstat(text: str) -> Mdstat:
@@ -390,33 +417,43 @@ def changed_arrays(before: bytes, after: bytes) -> set[str]:
     return {name for name in old.keys() | new.keys() if old.get(name) != new.get(name)}
 
 
-_BLOCK = 16384  # bytes compared at once (memcmp) before the XOR of the one block that differs
+# Bytes compared at once (memcmp on slices), then again within the block that differs, before the
+# XOR of the one small block that differs: copying the slices is most of the cost, so big blocks.
+_COMPARED = (65536, 4096, 256)
 
 
 def _common_prefix(a: bytes, b: bytes, length: int) -> int:
     """How many first bytes a and b share (of their first `length`): equal blocks compared in C,
-    then one XOR of big integers over the first block that differs."""
+    narrowed to a small block, then one XOR of big integers over it."""
     start = 0
-    while start < length:
-        end = min(start + _BLOCK, length)
-        if a[start:end] != b[start:end]:
-            x = int.from_bytes(a[start:end], "big") ^ int.from_bytes(b[start:end], "big")
-            return end - (x.bit_length() + 7) // 8
-        start = end
-    return length
+    for block in _COMPARED:
+        while start < length:
+            end = min(start + block, length)
+            if a[start:end] != b[start:end]:
+                length = end  # the first difference is in this block
+                break
+            start = end
+        else:
+            return length
+    x = int.from_bytes(a[start:length], "big") ^ int.from_bytes(b[start:length], "big")
+    return length - (x.bit_length() + 7) // 8
 
 
 def _common_suffix(a: bytes, b: bytes, length: int) -> int:
     """How many last bytes a and b share (of their last `length`), the same way from the end."""
     done = 0
-    while done < length:
-        size = min(_BLOCK, length - done)
-        x_a, x_b = a[len(a) - done - size : len(a) - done], b[len(b) - done - size : len(b) - done]
-        if x_a != x_b:
-            x = int.from_bytes(x_a, "little") ^ int.from_bytes(x_b, "little")
-            return done + size - (x.bit_length() + 7) // 8
-        done += size
-    return length
+    for block in _COMPARED:
+        while done < length:
+            size = min(block, length - done)
+            if a[len(a) - done - size : len(a) - done] != b[len(b) - done - size : len(b) - done]:
+                length = done + size
+                break
+            done += size
+        else:
+            return length
+    x_a, x_b = a[len(a) - length : len(a) - done], b[len(b) - length : len(b) - done]
+    x = int.from_bytes(x_a, "little") ^ int.from_bytes(x_b, "little")
+    return length - (x.bit_length() + 7) // 8
 
 
 def _block_start(text: bytes, position: int) -> int:

@@ -269,6 +269,8 @@ class HostSnapshot:
     # SessionViews are not: None after a full read (everything may be new).
     changed: frozenset[str] | None = field(default=None, compare=False, repr=False)
     changed_targets: frozenset[str] | None = field(default=None, compare=False, repr=False)
+    # Labels whose stale record came, changed or went since the parent (None after a full read).
+    changed_records: frozenset[str] | None = field(default=None, compare=False, repr=False)
     # True when views were added, removed or moved in `arrays` since the parent (positions differ).
     reordered: bool = field(default=True, compare=False, repr=False)
     derived_from: float | None = field(default=None, compare=False, repr=False)  # the parent's `taken`
@@ -316,8 +318,15 @@ class HostSnapshot:
         """The stale records by label (a new dict)."""
         return self._index.stale_by_label.as_dict()
 
+    def stale_record(self, label: str) -> StaleRecord | None:
+        return self._index.stale_by_label.get(label)
+
     def ids_of(self, label: str) -> frozenset[str]:
         return self._index.by_label.get(label, frozenset())
+
+    def ids_with_md(self, md_name: str) -> frozenset[str]:
+        """The attachments whose view is (or names) md array `md_name`."""
+        return self._index.by_md.get(md_name, frozenset())
 
     @cached_property
     def _index(self) -> _Index:
@@ -447,12 +456,25 @@ def _read_registry(sources: dict[str, SourceResult], registry: Registry) -> list
 
 
 def _read_stale(
-    sources: dict[str, SourceResult], records: StaleRecords, known: RecordFiles | None
+    sources: dict[str, SourceResult], records: StaleRecords, known: RecordFiles | None, every: bool = False
 ) -> tuple[RecordFiles, dict[str, StaleRecord | None] | None]:
-    """The records directory, re-reading only the files new or replaced since `known` (None:
-    every file), and the records that changed by label (None: unknown, the read failed)."""
-    read = _timed(sources, "stale", lambda: records.read_moved(known), None, lambda r: r[0].errors)
+    """The records directory: every file when `known` is None (a full read); else, for an update,
+    those new or replaced since `known` as its inotify watch names them (StaleRecords.read_watched;
+    `every`: all of them, the sweep); and the records that changed by label (None: unknown, the
+    read failed)."""
+    if known is None:
+        read = _timed(sources, "stale", lambda: records.read_moved(None), None, lambda r: r[0].errors)
+    else:
+        read = _timed(
+            sources, "stale", lambda: records.read_watched(known, every), None, lambda r: r[0].errors
+        )
     return (RecordFiles(), None) if read is None else read
+
+
+def _watching(files: RecordFiles | None) -> bool:
+    """Whether the update must ask the records' inotify watch (StaleRecords.read_watched): it
+    is alive, or none was tried yet (a full read starts none: the CLI reads once)."""
+    return files is not None and (files.watch is None or files.watch.alive)
 
 
 def _records_of(files: RecordFiles) -> list[StaleRecord]:
@@ -534,12 +556,12 @@ def _view_keys(view: ArrayView) -> tuple[set[str], set[str]]:
     return md, devices
 
 
-def _add(index: _Cow, keys: Iterable[str], value: str) -> None:
+def _add(index: CowMap, keys: Iterable[str], value: str) -> None:
     for key in keys:
         index[key] = index.get(key, frozenset()) | {value}
 
 
-def _discard(index: _Cow, keys: Iterable[str], value: str) -> None:
+def _discard(index: CowMap, keys: Iterable[str], value: str) -> None:
     for key in keys:
         rest = index.get(key, frozenset()) - {value}
         if rest:
@@ -551,7 +573,7 @@ def _discard(index: _Cow, keys: Iterable[str], value: str) -> None:
 _DELETED = object()
 
 
-class _Cow(Mapping):
+class CowMap(Mapping):
     """A mapping shared by successive snapshots' indexes. A derived index writes into a layer
     of its own over its parent's base, which nobody modifies, so an older snapshot's look-ups
     stay right and an update copies only the keys changed since the last fold; the layer is
@@ -565,8 +587,8 @@ class _Cow(Mapping):
         self._top: dict = {}
         self._len = len(self._base)
 
-    def derive(self) -> _Cow:
-        new = _Cow.__new__(_Cow)
+    def derive(self) -> CowMap:
+        new = CowMap.__new__(CowMap)
         if len(self._top) > self.FOLD:
             new._base, new._top = self.as_dict(), {}
         else:
@@ -645,31 +667,31 @@ class _Index:
     """Look-ups over one snapshot; a derived snapshot derives its index from the previous one
     instead of walking every view again."""
 
-    by_id: _Cow  # attachment id -> ArrayView
-    position: _Cow  # attachment id -> where its view is in `arrays`
-    by_label: _Cow  # label -> attachment ids
-    by_md: _Cow  # md name -> attachment ids
-    by_device: _Cow  # kernel name -> attachment ids
+    by_id: CowMap  # attachment id -> ArrayView
+    position: CowMap  # attachment id -> where its view is in `arrays`
+    by_label: CowMap  # label -> attachment ids
+    by_md: CowMap  # md name -> attachment ids
+    by_device: CowMap  # kernel name -> attachment ids
     no_md: frozenset[str]
     attachments_by_target: dict[str, tuple[Attachment, ...]]
-    ids_by_target: _Cow  # target -> attachment ids
-    sessions_by_target: _Cow  # target -> its sessions by sid
-    session_by_name: _Cow
-    session_by_host: _Cow  # "host2" -> session name
-    session_views: _Cow  # target -> its SessionViews
-    stale_by_label: _Cow
+    ids_by_target: CowMap  # target -> attachment ids
+    sessions_by_target: CowMap  # target -> its sessions by sid
+    session_by_name: CowMap
+    session_by_host: CowMap  # "host2" -> session name
+    session_views: CowMap  # target -> its SessionViews
+    stale_by_label: CowMap
 
     @classmethod
     def of(cls, snapshot: HostSnapshot) -> _Index:
-        index = cls(*(_Cow() for _ in range(5)), frozenset(), {}, *(_Cow() for _ in range(6)))
-        index.position = _Cow({view.attachment.id: i for i, view in enumerate(snapshot.arrays)})
+        index = cls(*(CowMap() for _ in range(5)), frozenset(), {}, *(CowMap() for _ in range(6)))
+        index.position = CowMap({view.attachment.id: i for i, view in enumerate(snapshot.arrays)})
         for view in snapshot.arrays:
             index.enter(view)
         index.attachments_by_target = _attachments_by_target(snapshot.attachments)
         index.patch_sessions({s.name: s for s in snapshot.iscsi.sessions})
         for view in snapshot.sessions:
             index.session_views[view.target] = (*index.session_views.get(view.target, ()), view)
-        index.stale_by_label = _Cow({r.label: r for r in snapshot.stale})
+        index.stale_by_label = CowMap({r.label: r for r in snapshot.stale})
         return index
 
     def patch_sessions(self, changed: Mapping[str, IscsiSession | None]) -> None:
@@ -834,7 +856,7 @@ class _Update:
 
         if reorder:
             arrays = tuple(sorted(index.by_id.values(), key=lambda v: _array_order(v.attachment)))
-            index.position = _Cow({v.attachment.id: i for i, v in enumerate(arrays)})
+            index.position = CowMap({v.attachment.id: i for i, v in enumerate(arrays)})
         elif changed:
             as_list = list(old.arrays)
             for key in changed:
@@ -860,6 +882,7 @@ class _Update:
             stale_files=self.stale_files,
             changed=frozenset(changed),
             changed_targets=frozenset(changed_targets),
+            changed_records=frozenset(stale_changed),
             reordered=reorder,
             derived_from=old.taken,
         )
@@ -906,7 +929,9 @@ class _Update:
             ("stale", records.directory),
         ):
             signature = FileSignature.of(path)
-            if not (everything or signature.moved_since(self.files.get(name))):
+            # A live inotify watch names the record files that changed, whatever the directory's stat.
+            watched = name == "stale" and _watching(self.stale_files)
+            if not (everything or watched or signature.moved_since(self.files.get(name))):
                 continue
             self.files[name] = signature
             if name == "registry":
@@ -919,7 +944,7 @@ class _Update:
                 # Only the record files new or replaced, except on the sweep (the safety net reads
                 # every one).
                 self.stale_files, found = _read_stale(
-                    self.sources, records, None if everything else old.stale_files
+                    self.sources, records, old.stale_files, every=everything
                 )
                 if found is None or everything:  # compare every record
                     before = self.index.stale_by_label

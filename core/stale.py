@@ -9,15 +9,17 @@ refuses to attach a LABEL that has one; heal or `iscsimple resolve` clear it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .atomic import remove_durably, write_atomic
+from .dirwatch import DirWatch
 from .errors import StateFileError
 from .files import ensure_dir, load_state_json
 from .paths import HostPaths
@@ -72,14 +74,18 @@ class StaleRecords:
         except (StateFileError, ValueError, TypeError) as e:
             return _unreadable(label, path, e)
 
-    def put(self, record: StaleRecord) -> None:
-        """Write once: the first sighting is the one that matters, so an existing record is kept."""
-        if self.get(record.label) is None:
-            ensure_dir(self.directory.parent)
-            ensure_dir(self.directory)
-            write_atomic(
-                self.path(record.label), json.dumps(asdict(record), indent=1, sort_keys=True), mode=0o600
-            )
+    def put(self, record: StaleRecord) -> StaleRecord:
+        """Write once: the first sighting is the one that matters, so an existing record is kept.
+        Returns the record that stands (the one found, else `record`)."""
+        existing = self.get(record.label)
+        if existing is not None:
+            return existing
+        ensure_dir(self.directory.parent)
+        ensure_dir(self.directory)
+        write_atomic(
+            self.path(record.label), json.dumps(asdict(record), indent=1, sort_keys=True), mode=0o600
+        )
+        return record
 
     def clear(self, label: str) -> bool:
         return remove_durably(self.path(label))
@@ -110,7 +116,59 @@ class StaleRecords:
             moved = set(listing)
         else:
             moved = {name for name, _ in listing.items() - known.inodes.items()}
-        gone = known.inodes.keys() - listing.keys()
+        return self._reread(known, listing, moved, known.inodes.keys() - listing.keys())
+
+    def read_watched(
+        self, known: RecordFiles, every: bool = False
+    ) -> tuple[RecordFiles, dict[str, StaleRecord | None]]:
+        """read_moved(known), told by inotify which files to look at instead of listing the
+        directory: what one changed record costs does not grow with how many records stand.
+        The watch travels with the RecordFiles; when there is none yet, it died (queue
+        overflow, directory replaced) or `known` is not what it last answered for, a new one
+        is started and the directory listed. Where inotify is unavailable, the RecordFiles
+        says so (its watch is not alive) and the caller lists only when the directory moved.
+        `every`: read every file (the sweep, the safety net for what a watch could miss)."""
+        watch = known.watch
+        fresh = watch is not None and watch.serial == known.serial and not every
+        names = watch.take() if fresh and watch is not None else None
+        if names is not None:
+            found = self._named_inodes(names, known)
+            if found is not None:
+                listing, gone = found
+                files, changed = self._reread(known, listing, set(listing), gone)
+                return files.watched_by(watch), changed
+        if watch is None or not watch.alive:
+            watch = DirWatch.start(self.directory) or DirWatch.dead(self.directory)
+        else:
+            watch.take()  # the listing below covers what it says
+        # After the watch starts: nothing is missed.
+        files, changed = self.read_moved(None if every else known)
+        return files.watched_by(watch), changed
+
+    def _named_inodes(
+        self, names: Iterable[str], known: RecordFiles
+    ) -> tuple[dict[str, int], set[str]] | None:
+        """The inodes of the record files among `names` and the known ones gone; None when a
+        name cannot be looked at (then the directory is listed)."""
+        listing: dict[str, int] = {}
+        gone: set[str] = set()
+        for name in names:
+            if not name.endswith(".json") or name.startswith("."):
+                continue  # as _inodes: write_atomic's temporary files are not records
+            try:
+                listing[name] = os.lstat(self.directory / name).st_ino
+            except FileNotFoundError:
+                if name in known.inodes:
+                    gone.add(name)
+            except OSError:
+                return None
+        return listing, gone
+
+    def _reread(
+        self, known: RecordFiles, listing: Mapping[str, int], moved: set[str], gone: Iterable[str]
+    ) -> tuple[RecordFiles, dict[str, StaleRecord | None]]:
+        """`known` with the `moved` files read again (their inodes from `listing`) and the
+        `gone` ones dropped, and what changed by label."""
         if not moved and not gone:
             return known, {}
         files, problems, inodes = dict(known.files), dict(known.problems), dict(known.inodes)
@@ -157,6 +215,9 @@ class StaleRecords:
         return self.get(label)
 
 
+_SERIALS = itertools.count()
+
+
 @dataclass(frozen=True)
 class RecordFiles:
     """The records directory as last read: each record by file name, the inode each name had
@@ -165,6 +226,16 @@ class RecordFiles:
     files: Mapping[str, StaleRecord] = field(default_factory=dict)
     inodes: Mapping[str, int] = field(default_factory=dict)
     problems: Mapping[str, str] = field(default_factory=dict)
+    # The inotify watch of the directory (StaleRecords.read_watched) and which answer of it this is.
+    watch: DirWatch | None = field(default=None, compare=False, repr=False)
+    serial: int = field(default_factory=lambda: next(_SERIALS), compare=False, repr=False)
+
+    def watched_by(self, watch: DirWatch) -> RecordFiles:
+        """This state, as `watch`'s latest answer (what its next take() is relative to)."""
+        if self.watch is not watch:
+            self = RecordFiles(self.files, self.inodes, self.problems, watch)
+        watch.serial = self.serial
+        return self
 
     @property
     def errors(self) -> list[str]:

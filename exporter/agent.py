@@ -128,6 +128,7 @@ class Agent:
         real_host = paths.sysfs == Path("/sys")
         heal = options.heal and (real_host or options.heal_runner is not None)
         self.safety = Safety.for_host(paths, heal=heal, runner=options.heal_runner or run)
+        self.safety.mdstat = self.mdstat.latest  # every refresh after an md event or a poll read it
         self.refresher.collectors = default_collectors(
             Context(self.refresher.snapshot, self.health, self.safety)
         )

@@ -85,6 +85,15 @@ class MdstatDiff:
         self.path = Path(path)
         self._text: bytes | None = None
         self._lock = threading.Lock()
+        self._unseen: set[str] = set()  # arrays whose lines changed since the last latest()
+
+    def latest(self) -> tuple[bytes | None, set[str]]:
+        """The text last read (None: none yet) and the arrays whose lines changed since the
+        previous call: the agent's bitmap pass reads its arrays' lines here instead of reading
+        /proc/mdstat again (the kernel writes every array's lines for each read)."""
+        with self._lock:
+            unseen, self._unseen = self._unseen, set()
+            return self._text, unseen
 
     def read(self) -> set[str]:
         try:
@@ -100,7 +109,11 @@ class MdstatDiff:
             before, self._text = self._text, text
         if before is None:
             return set()
-        return changed_arrays(before, text)
+        changed = changed_arrays(before, text)
+        if changed:
+            with self._lock:
+                self._unseen |= changed
+        return changed
 
 
 class ChangePoll:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +48,7 @@ from iscsimple.core.safety import (
     recovery_complete,
     stale_record,
 )
-from iscsimple.core.snapshot import ArrayView, HostSnapshot
+from iscsimple.core.snapshot import ArrayView, CowMap, HostSnapshot
 from iscsimple.core.stale import StaleRecord, StaleRecords
 
 log = logging.getLogger("iscsimple.agent.safety")
@@ -74,19 +74,41 @@ class StaleDetector:
         self._announced: set[str] = set()
         self._previous: HostSnapshot | None = None
         self._unwritten: set[str] = set()  # labels whose record could not be written yet
+        self._written: set[str] = set()  # labels found stale on the last pass (written or not)
+        self._standing: CowMap | None = None  # what the last pass returned (never modified after)
+        # Labels whose standing record may have changed on the last pass; None: any may have.
+        self.touched: set[str] | None = None
 
-    def observe(self, snapshot: HostSnapshot) -> dict[str, StaleRecord]:
-        """The records standing after this pass (the snapshot's plus those written now)."""
-        standing = snapshot.stale_by_label()
+    def observe(self, snapshot: HostSnapshot) -> CowMap:
+        """The records standing after this pass (the snapshot's plus those written now).
+
+        When the snapshot is derived from the last one seen, the last pass's records are taken
+        over and only the labels whose record the snapshot re-read, or this detector wrote,
+        are set again from the snapshot: what a pass costs follows what changed. `touched`
+        names them (None after a pass over everything)."""
         changed = snapshot.changed_since(self._previous)
-        if changed is None:
+        moved = snapshot.changed_records
+        if changed is None or moved is None or self._standing is None:
+            standing = CowMap(snapshot.stale_by_label())
             views = snapshot.arrays
+            touched: set[str] | None = None
         else:
+            # The last pass's records were the parent's plus those written then: these labels
+            # are the only ones where they can differ from this snapshot's.
+            touched = set(moved) | self._written
+            standing = self._standing.derive()
+            for label in touched:
+                record = snapshot.stale_record(label)
+                if record is not None:
+                    standing[label] = record
+                else:
+                    standing.pop(label, None)
             # Only a view that changed can have become stale; retry the records not written yet.
             keys = changed | {k for label in self._unwritten for k in snapshot.ids_of(label)}
             views = [v for v in map(snapshot.by_id, sorted(keys)) if v is not None]
         self._previous = snapshot
         unwritten = set()
+        written = set()
         failure_log = functools.cache(
             lambda: failure_lines(read_kernel_log(self.paths)) if self.paths else None
         )
@@ -98,9 +120,9 @@ class StaleDetector:
             record = stale_record(view, now=self.clock(), paths=self.paths, failure_log=failure_log)
             if record is None:
                 continue
+            written.add(view.label)
             try:
-                self.records.put(record)  # write-once: a record already there is kept
-                standing[view.label] = self.records.get(view.label) or record
+                standing[view.label] = self.records.put(record)  # write-once: one already there is kept
             except (OSError, ValueError) as e:
                 # Export it anyway: the danger is real even if we could not write it down.
                 standing[view.label] = record
@@ -108,9 +130,18 @@ class StaleDetector:
                 self.write_failures += 1
                 log.error("cannot write the stale record of %s: %s", view.label, e)
         self._unwritten = unwritten
+        self._written = written
+        self._standing = standing
+        if touched is None:
+            self._announced &= standing.keys()
+            new = standing.keys() - self._announced
+        else:
+            touched |= written
+            self._announced -= {label for label in touched if label not in standing}
+            new = {label for label in touched if label in standing and label not in self._announced}
+        self.touched = touched
         # Once per record: new ones, those found at start-up, those `remove` wrote.
-        self._announced &= standing.keys()
-        for label in sorted(standing.keys() - self._announced):
+        for label in sorted(new):
             self._announced.add(label)
             log.warning(
                 "STALE iSCSI COPY: %s. Do not migrate, stop or move this VM, nor start it on another "
@@ -190,8 +221,9 @@ class Healer:
         self._stopped_ids: set[str] = set()  # attachments whose view is recovery_stopped
         # Standing labels whose iSCSI leg recovers (or waits as a spare), kept up to date the same way.
         self._observed: HostSnapshot | None = None
-        self._standing_labels: set[str] | None = None
+        self._seen_standing = False
         self._recovering_labels: set[str] = set()
+        self._waiting: set[str] = set()  # standing labels not held back by their array's state
 
     def wait_for(self, label: str) -> float:
         """Seconds the session and LUN must look healthy before the next heal of `label`."""
@@ -200,15 +232,20 @@ class Healer:
     def _backoff(self, progress: _HealAttempts) -> float:
         return min(self.stable_seconds * 2**progress.failures, self.backoff_max_seconds)
 
-    def observe(self, snapshot: HostSnapshot, standing: dict[str, StaleRecord]) -> dict[str, StaleRecord]:
-        """Clear records of healed arrays, heal what may be healed; returns the records still standing."""
-        standing = dict(standing)
-        views = self._views_to_consider(snapshot, standing)
+    def observe(
+        self, snapshot: HostSnapshot, standing: Mapping[str, StaleRecord], touched: set[str] | None = None
+    ) -> CowMap:
+        """Clear records of healed arrays, heal what may be healed; returns the records still standing.
+        `touched`: the labels whose standing record may differ from the last pass's (None: any)."""
+        standing = standing.derive() if isinstance(standing, CowMap) else CowMap(dict(standing))
+        views = self._views_to_consider(snapshot, standing, touched)
         # A filer that returns serves every stale leg of the host at once: copy a few at a time.
         self._recovering = len(self._recovering_labels)
-        for label in set(self._progress) - standing.keys():
-            del self._progress[label]
-            self._blocked.pop(label, None)
+        for label in set(self._progress) - standing.keys() if touched is None else touched:
+            if label not in standing:
+                self._progress.pop(label, None)
+                self._blocked.pop(label, None)
+                self._waiting.discard(label)
         # An initial recovery (iSCSI -> local) an outage stopped: no record, the other direction.
         self._track(snapshot)
         self._local_recovering = len(self._local_recovering_ids)
@@ -228,23 +265,31 @@ class Healer:
             if self._blocked.get(view.label) is view:
                 continue  # held back by the array's state, and that state has not changed
             self._consider(view, snapshot.iscsi.sessions)
-        self._standing_labels = set(standing)
+        self._seen_standing = True
         return standing
 
-    def _views_to_consider(self, snapshot: HostSnapshot, standing: dict[str, StaleRecord]) -> list[ArrayView]:
+    def _views_to_consider(
+        self, snapshot: HostSnapshot, standing: Mapping[str, StaleRecord], touched: set[str] | None
+    ) -> list[ArrayView]:
         """The standing records' views that may need an action, by label: those whose view or
         record changed, and those not held back by their array's state (they wait for time to
         pass: stable session, backoff, a free heal slot). A held-back view that did not change
         gets the same verdict, so a pass costs what changed, not how many records stand."""
         changed = snapshot.changed_since(self._observed)
         self._observed = snapshot
-        if changed is None or snapshot.reordered or self._standing_labels is None:
+        if changed is None or snapshot.reordered or touched is None or not self._seen_standing:
             labels: set[str] = set(standing)
             self._recovering_labels = set()
+            self._waiting = labels - self._blocked.keys()
         else:
             labels = {v.label for v in map(snapshot.by_id, changed) if v is not None}
-            labels |= standing.keys() ^ self._standing_labels
-            labels |= standing.keys() - self._blocked.keys()
+            labels |= touched
+            for label in touched:
+                if label in standing and label not in self._blocked:
+                    self._waiting.add(label)
+                else:
+                    self._waiting.discard(label)
+            labels |= self._waiting
         views = []
         for label in sorted(labels):
             view = snapshot.array(label)
@@ -258,7 +303,7 @@ class Healer:
 
     # -- one array -----------------------------------------------------------------------------
 
-    def _cleared(self, view: ArrayView, standing: dict[str, StaleRecord]) -> bool:
+    def _cleared(self, view: ArrayView, standing: CowMap) -> bool:
         try:
             self.records.clear(view.label)
         except OSError as e:
@@ -266,6 +311,7 @@ class Healer:
             return False
         del standing[view.label]
         self._progress.pop(view.label, None)
+        self._waiting.discard(view.label)
         log.warning(
             "healed: the iSCSI copy of %s (%s) is in sync with the local leg again; stale record cleared",
             view.label,
@@ -302,8 +348,10 @@ class Healer:
             )
         plan = plan_heal(view, self.paths.sysfs, self.paths.devfs, enabled=self.enabled, sessions=sessions)
         self._blocked.pop(view.label, None)
+        self._waiting.add(view.label)
         if isinstance(plan, HealBlocked):
             self._blocked[view.label] = view
+            self._waiting.discard(view.label)
             if plan.reason != "in_progress":
                 progress.ready_since = None
                 self._skip(view.label, progress, plan.reason, plan.detail)
@@ -590,7 +638,7 @@ class SafetyState:
     """What the collector renders: the records standing after the last pass over a snapshot."""
 
     taken: float | None = None
-    standing: dict[str, StaleRecord] = field(default_factory=dict)
+    standing: Mapping[str, StaleRecord] = field(default_factory=dict)
     bitmap_by_label: dict[str, ArrayBitmap] = field(default_factory=dict)
 
     @property
@@ -616,11 +664,15 @@ class Safety:
         self.state = SafetyState()
         self._bitmap_errors: set[str] = set()
         self._bitmap_by_label: dict[str, ArrayBitmap] = {}
+        self._bitmap_error_of: dict[str, str] = {}  # the errors among them, by label
         self._bitmaps_seen: HostSnapshot | None = None
         self._bitmaps_scanned = float("-inf")
         self._degraded: set[str] = set()  # attachment ids of degraded arrays
         self.bitmap_changes: set[str] | None = None  # labels whose bitmap moved on the last pass
         self.clock = time.monotonic
+        # The agent's md event reader (MdstatDiff.latest): the /proc/mdstat text it read last and
+        # the arrays whose lines changed since. None: each pass reads /proc/mdstat itself.
+        self.mdstat: Callable[[], tuple[bytes | None, set[str]]] | None = None
 
     @classmethod
     def for_host(cls, paths: HostPaths, *, heal: bool = True, **healer_options) -> Safety:
@@ -648,14 +700,14 @@ class Safety:
 
     def observe(self, snapshot: HostSnapshot) -> None:
         standing = self.detector.observe(snapshot)
-        standing = self.healer.observe(snapshot, standing)
+        standing = self.healer.observe(snapshot, standing, self.detector.touched)
         computed = self._bitmaps(snapshot)
         for b in computed:
             if b.error and b.error not in self._bitmap_errors:
                 log.error("write-intent bitmap of %s: %s (its heals copy the whole disk)", b.label, b.error)
         bitmaps = self.state.bitmap_by_label
         if self.bitmap_changes is None or self.bitmap_changes:  # only when one moved
-            self._bitmap_errors = {b.error for b in self._bitmap_by_label.values() if b.error}
+            self._bitmap_errors = set(self._bitmap_error_of.values())
             bitmaps = dict(self._bitmap_by_label)
         self.state = SafetyState(snapshot.taken, standing, bitmaps)
 
@@ -669,6 +721,7 @@ class Safety:
         if changed is None:
             keys = [v.attachment.id for v in snapshot.arrays]
             self._bitmap_by_label = {}
+            self._bitmap_error_of = {}
             self.bitmap_changes = None
         else:
             keys = set(changed)
@@ -677,6 +730,11 @@ class Safety:
             self.bitmap_changes = set()
         if changed is None or now - self._bitmaps_scanned >= BITMAP_RESCAN:
             self._bitmaps_scanned = now
+        # The arrays whose /proc/mdstat lines moved since the last pass: their bitmap line may
+        # have changed though their view did not (the text read when the view did was older).
+        text, moved = self.mdstat() if self.mdstat is not None else (None, set())
+        if moved and changed is not None:
+            keys |= {key for name in moved for key in snapshot.ids_with_md(name)}
         kicked, self._kicks_mark = self.kicks.since(self._kicks_mark)
         if kicked and changed is not None:  # md keeps the array's /proc/mdstat lines as they were
             keys |= {
@@ -692,11 +750,12 @@ class Safety:
                 label = view.label if view is not None else None
                 if label is not None and label in self._bitmap_by_label and snapshot.array(label) is view:
                     del self._bitmap_by_label[label]
+                    self._bitmap_error_of.pop(label, None)
                     if self.bitmap_changes is not None:
                         self.bitmap_changes.add(label)
                 continue
             views.append(view)
-        computed = array_bitmaps(self.healer.paths, views, self.kicks.last_seqs()) if views else []
+        computed = array_bitmaps(self.healer.paths, views, self.kicks.last_seqs(), text) if views else []
         # Only a bitmap in use fills up as the VM writes: a degraded array without one (or whose
         # bitmap is not active) is read again when its view changes, not every BITMAP_RESCAN.
         for view, b in zip(views, computed, strict=True):
@@ -707,11 +766,15 @@ class Safety:
         for b in computed:
             if self._bitmap_by_label.get(b.label) != b:
                 self._bitmap_by_label[b.label] = b
+                if b.error:
+                    self._bitmap_error_of[b.label] = b.error
+                else:
+                    self._bitmap_error_of.pop(b.label, None)
                 if self.bitmap_changes is not None:
                     self.bitmap_changes.add(b.label)
         return computed
 
-    def standing_for(self, snapshot: HostSnapshot) -> dict[str, StaleRecord]:
+    def standing_for(self, snapshot: HostSnapshot) -> Mapping[str, StaleRecord]:
         state = self.state
         if state.taken == snapshot.taken:
             return state.standing

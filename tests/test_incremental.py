@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from iscsimple.core import files
 from iscsimple.core.atomic import write_atomic
+from iscsimple.core.dirwatch import DirWatch
 from iscsimple.core.snapshot import Changes, HostSnapshot
 from iscsimple.core.stale import StaleRecord, StaleRecords
 from iscsimple.exporter import exposition
@@ -62,6 +63,11 @@ def play(host: SimulatedHost, action: tuple) -> Changes:
     elif kind == "finish" and args[0] in labels:
         host.finish_resync(args[0])
     elif kind in ("fail", "expire", "restore") and args[0] in host._sessions:
+        state = {"fail": "FAILED", "expire": "FREE", "restore": "LOGGED_IN"}[kind]
+        if host._sessions[args[0]].state == state:
+            # The kernel does nothing to a session already in that state (the simulated host
+            # would set its LUNs' states again, which no poll of the session state sees).
+            return Changes()
         {"fail": host.fail_session, "expire": host.expire_session, "restore": host.restore_session}[kind](
             args[0]
         )
@@ -117,16 +123,23 @@ def body(rendered) -> bytes:
 @given(
     st.lists(step, min_size=1, max_size=14),
     st.lists(st.sampled_from(LABELS), max_size=3),
-    st.booleans(),
+    st.sampled_from(["inotify", "stat", "racy stat"]),
     st.sampled_from([1, 2, 3, exposition.BLOCK]),
 )
-def test_update_equals_full_read(steps, first, trust_stat, block):
-    # Files written within the last 2 s are read again whatever their stat says (the racy-git
-    # rule), which would hide the per-file reuse here: half the runs trust every stat.
-    racy = mock.patch.object(files, "_RACY_NS", 0) if trust_stat else contextlib.nullcontext()
+def test_update_equals_full_read(steps, first, records_by, block):
+    # The records directory: its inotify watch names the files that changed; without one (no
+    # inotify) the directory's stat says when to list it. Files written within the last 2 s are
+    # read again whatever their stat says (the racy-git rule), which would hide the per-file
+    # reuse here: the "stat" runs trust every stat.
+    racy = mock.patch.object(files, "_RACY_NS", 0) if records_by == "stat" else contextlib.nullcontext()
+    no_inotify = (
+        mock.patch.object(DirWatch, "start", return_value=None)
+        if records_by != "inotify"
+        else contextlib.nullcontext()
+    )
     # A few views per piece of the body, so that lines are spliced into pieces holding others.
     blocks = mock.patch.object(exposition, "BLOCK", block)
-    with tempfile.TemporaryDirectory() as tmp, racy, blocks:
+    with tempfile.TemporaryDirectory() as tmp, racy, no_inotify, blocks:
         host = SimulatedHost(Path(tmp))
         for i, label in enumerate(first):
             if label not in host.labels():
@@ -230,7 +243,7 @@ def test_mdstat_diff_of_the_changed_stretch_equals_a_full_split(one, other):
         expected = {n for n in old.keys() | new.keys() if old.get(n) != new.get(n)}
         assert changed_arrays(before, after) == expected
         # The few arrays a bitmap read asks for are found without splitting the rest.
-        assert _named_blocks(after.decode(), {"md1", "md_web1", "md9"}) == {
+        assert _named_blocks(after, {"md1", "md_web1", "md9"}) == {
             n: b for n, b in new.items() if n in {"md1", "md_web1", "md9"}
         }
 
@@ -240,10 +253,10 @@ def test_mdstat_diff_of_the_changed_stretch_equals_a_full_split(one, other):
 def test_copy_on_write_index_map_leaves_its_parents_alone(operations):
     """A derived index writes into its own layer: every earlier map still reads what it held,
     through folds into a new base too."""
-    from iscsimple.core.snapshot import _Cow
+    from iscsimple.core.snapshot import CowMap
 
-    maps, expected = [_Cow({1: 1, 2: 2})], [{1: 1, 2: 2}]
-    with mock.patch.object(_Cow, "FOLD", 3):
+    maps, expected = [CowMap({1: 1, 2: 2})], [{1: 1, 2: 2}]
+    with mock.patch.object(CowMap, "FOLD", 3):
         for put, key, value in operations:
             child, model = maps[-1].derive(), dict(expected[-1])
             if put:
@@ -307,3 +320,77 @@ def test_the_body_is_made_of_the_renderers_only_copy_of_the_lines(tmp_path):
                 replaced.add(name)
         assert replaced == {"iscsimple_leg_errors"}
         assert b"".join(first.openmetrics_pieces) != b"".join(second.openmetrics_pieces)
+
+
+def _record(label: str, reason: str = "test") -> StaleRecord:
+    return StaleRecord(label, 1.0, "md1", "vm", 1, None, 1, None, None, reason, 1.0)
+
+
+def test_a_watched_records_directory_is_not_listed_and_names_what_changed(tmp_path):
+    """With its inotify watch, an update reads only the record files the kernel named: none when
+    nothing moved (no listing), a record rewritten in place (same inode, which a listing would
+    miss until the sweep), a new one, a removed one."""
+    host = SimulatedHost(tmp_path)
+    records = StaleRecords(host.paths)
+    for label in ("a", "b", "c"):
+        records.put(_record(label))
+    known, _ = records.read_moved(None)
+    known, changed = records.read_watched(known)  # starts the watch, lists once
+    assert known.watch is not None and known.watch.alive and changed == {}
+    with (
+        mock.patch.object(records, "_inodes", wraps=records._inodes) as listing,
+        mock.patch.object(records, "get", wraps=records.get) as get,
+    ):
+        again, changed = records.read_watched(known)
+        assert again is known and changed == {} and not get.called
+        with open(records.path("b"), "r+b") as f:  # edited in place: the inode stays
+            f.write(b"{not json")
+        records.put(_record("d"))
+        records.clear("c")
+        again, changed = records.read_watched(known)
+        assert not listing.called
+    assert sorted(c.args[0] for c in get.call_args_list if c.args[0] != "d") == ["b"]
+    assert changed["b"].unreadable and changed["c"] is None and changed["d"] == _record("d")
+    assert again.watch is known.watch and set(again.files) == {"a.json", "b.json", "d.json"}
+    assert again == records.read_moved(None)[0]
+
+
+def test_records_are_listed_when_the_watch_cannot_tell(tmp_path):
+    """The directory is listed again when the watch died (queue overflow, directory replaced),
+    when the state given is not the one the watch last answered for (an older snapshot
+    updated twice), and when inotify is unavailable."""
+    host = SimulatedHost(tmp_path)
+    records = StaleRecords(host.paths)
+    records.put(_record("a"))
+    known, _ = records.read_watched(records.read_moved(None)[0])
+    first, _ = records.read_watched(known)
+    records.put(_record("b"))
+    _, changed = records.read_watched(first)
+    assert set(changed) == {"b"}
+    # `first` is older than the watch's last answer: what changed since it is found by listing.
+    records.clear("a")
+    with mock.patch.object(records, "_inodes", wraps=records._inodes) as listing:
+        branch, changed = records.read_watched(first)
+        assert listing.called and changed == {"a": None, "b": _record("b")}
+    known.watch.close()  # as an IN_Q_OVERFLOW does
+    records.put(_record("c"))
+    with mock.patch.object(records, "_inodes", wraps=records._inodes) as listing:
+        after, changed = records.read_watched(branch)
+        assert listing.called and set(changed) == {"c"} and after.watch.alive
+        assert after.watch is not known.watch
+    with mock.patch.object(DirWatch, "start", return_value=None):
+        unwatched, _ = records.read_watched(records.read_moved(None)[0])
+    assert not unwatched.watch.alive and unwatched.watch.take() is None
+
+
+def test_a_replaced_records_directory_kills_the_watch(tmp_path):
+    host = SimulatedHost(tmp_path)
+    records = StaleRecords(host.paths)
+    records.put(_record("a"))
+    known, _ = records.read_watched(records.read_moved(None)[0])
+    watch = known.watch
+    records.directory.rename(records.directory.with_name("stale.old"))
+    assert watch.take() is None and not watch.alive
+    records.put(_record("b"))
+    again, changed = records.read_watched(known)
+    assert changed == {"a": None, "b": _record("b")} and again.watch.alive

@@ -176,7 +176,7 @@ class SafetyCollector(SnapshotCollector):
         yield eta
 
     def _cluster_families(
-        self, snapshot: HostSnapshot, part: Part, standing: dict[str, StaleRecord]
+        self, snapshot: HostSnapshot, part: Part, standing: Mapping[str, StaleRecord]
     ) -> Iterable[Metric]:
         """What the other hosts' guards ask Prometheus about (core/cluster.py), and the guard's health."""
         host = self._host()
