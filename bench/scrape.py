@@ -205,12 +205,18 @@ def change_costs(host: SimulatedHost, n: int, changes: int) -> dict[str, float]:
     agent.metrics(PROMETHEUS_ACCEPT, gzipped=True)
     mdstat = agent.mdstat
 
-    def reflect(change, names: Changes) -> tuple[float, float]:
+    # CPU by phase of each kind of change: the md event, then the refresh's own (Refresher.cpu).
+    phases: dict[str, dict[str, list[float]]] = {"leg fails": {}, "recovery moves": {}}
+
+    def reflect(kind: str, change, names: Changes) -> tuple[float, float]:
         change()
         started = time.process_time()
         md = mdstat.read()  # the md event: which arrays' lines changed
+        md_event = time.process_time() - started
         rendered = agent.refresher.refresh_now(Changes(md=frozenset(md)) | names)
         refresh = time.process_time() - started
+        for phase, seconds in {"md event": md_event, **agent.refresher.cpu}.items():
+            phases[kind].setdefault(phase, []).append(seconds)
         started = time.process_time()
         rendered.gzipped(PROMETHEUS_ACCEPT)
         return refresh, time.process_time() - started
@@ -222,7 +228,7 @@ def change_costs(host: SimulatedHost, n: int, changes: int) -> dict[str, float]:
     for i in picks[::step][:changes]:
         session = agent.refresher.snapshot().array(label_of(i)).session.name
         cost, gz = reflect(
-            lambda i=i: host.expire_session(target_of(i)), Changes(sessions=frozenset({session}))
+            "leg fails", lambda i=i: host.expire_session(target_of(i)), Changes(sessions=frozenset({session}))
         )
         fail.append(cost)
         gzips.append(gz)
@@ -230,7 +236,9 @@ def change_costs(host: SimulatedHost, n: int, changes: int) -> dict[str, float]:
     syncing = [i for i in range(n) if i % 4 == 0 and i % 10 not in (3, 7)]
     step = max(1, len(syncing) // changes)
     for i in syncing[::step][:changes]:
-        cost, _ = reflect(lambda i=i: host.advance_resync(label_of(i), 0.99, speed_kib=40_000), Changes())
+        cost, _ = reflect(
+            "recovery moves", lambda i=i: host.advance_resync(label_of(i), 0.99, speed_kib=40_000), Changes()
+        )
         recover.append(cost)
     started = time.process_time()
     agent.refresher.refresh_now(EVERYTHING)
@@ -244,6 +252,10 @@ def change_costs(host: SimulatedHost, n: int, changes: int) -> dict[str, float]:
         "gzip_ms": statistics.median(gzips) * 1000,
         "sweep_s": sweep,
         "idle_ms": idle * 1000,
+        "phases": {
+            kind: {phase: statistics.median(values) * 1000 for phase, values in by_phase.items()}
+            for kind, by_phase in phases.items()
+        },
     }
 
 
@@ -318,6 +330,13 @@ def main() -> int:
             file=sys.stderr,
             flush=True,
         )
+        for kind, by_phase in c["phases"].items():
+            print(
+                f"  N={n}: one change ({kind}), median CPU by phase: "
+                + ", ".join(f"{phase} {ms:.2f} ms" for phase, ms in by_phase.items()),
+                file=sys.stderr,
+                flush=True,
+            )
     return 0
 
 

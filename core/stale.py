@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .atomic import remove_durably, write_atomic
@@ -83,7 +83,7 @@ class StaleRecords:
         ensure_dir(self.directory.parent)
         ensure_dir(self.directory)
         write_atomic(
-            self.path(record.label), json.dumps(asdict(record), indent=1, sort_keys=True), mode=0o600
+            self.path(record.label), json.dumps(_fields_of(record), indent=1, sort_keys=True), mode=0o600
         )
         return record
 
@@ -244,6 +244,11 @@ class RecordFiles:
 
 
 UNKNOWN = "details unknown"
+
+
+def _fields_of(record: StaleRecord) -> dict:
+    """asdict without its deep copy (every field is a number, a string or None)."""
+    return {f.name: getattr(record, f.name) for f in fields(record)}
 
 
 def _record_from(data, label: str) -> StaleRecord:

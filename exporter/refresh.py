@@ -53,6 +53,8 @@ class Refresher:
         self.renderer = Renderer(collectors)
         self.current: Rendered | None = None
         self.refreshes = 0
+        # CPU seconds of the last refresh_now by phase, in its thread: update, watchers, render.
+        self.cpu: dict[str, float] = {}
         self.last_error: str | None = None
         self._wanted = threading.Event()
         self._stop = threading.Event()
@@ -103,26 +105,42 @@ class Refresher:
     def refresh_now(self, changes: Changes = EVERYTHING) -> Rendered:
         """Update and render in the caller's thread (--once, tests, start-up)."""
         previous = self._snapshot
-        snapshot = self._observed(self.read(previous, changes))
+        cpu = dict.fromkeys(("update", "watchers", "render"), 0.0)
+        snapshot = self._observed(self._timed(cpu, self.read, previous, changes), cpu)
         if previous is None:
             # The watchers' first look writes what the snapshot reads back (a stale record per
             # array found local-only: hundreds at a start during a filer outage). Read it now,
             # before the first render, rather than re-rendering those arrays on the next refresh.
-            snapshot = self._observed(self.read(snapshot, Changes()))
+            snapshot = self._observed(self._timed(cpu, self.read, snapshot, Changes()), cpu)
+        started = time.thread_time()
         rendered = self.renderer.render(snapshot)
+        cpu["render"] = time.thread_time() - started
+        self.cpu = cpu
         self.current = rendered
         with self._done:
             self.refreshes += 1
             self._done.notify_all()
         return rendered
 
-    def _observed(self, snapshot: HostSnapshot) -> HostSnapshot:
+    @staticmethod
+    def _timed(
+        cpu: dict[str, float], read: Read, previous: HostSnapshot | None, changes: Changes
+    ) -> HostSnapshot:
+        started = time.thread_time()
+        try:
+            return read(previous, changes)
+        finally:
+            cpu["update"] += time.thread_time() - started
+
+    def _observed(self, snapshot: HostSnapshot, cpu: dict[str, float]) -> HostSnapshot:
+        started = time.thread_time()
         self._snapshot = snapshot
         for watcher in self.watchers:
             try:
                 watcher.observe(snapshot)
             except Exception:
                 log.exception("watcher %r failed", watcher)
+        cpu["watchers"] += time.thread_time() - started
         return snapshot
 
     def wait_for_refresh(self, after: int, timeout: float) -> bool:
