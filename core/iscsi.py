@@ -267,8 +267,11 @@ def _read_connection(
         relative = f"{conn}/iscsi_connection/{conn}"
         try:
             conn_fd = os.open(relative, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=session_fd)
-        except OSError:
-            continue
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # not a connection device (or gone)
+        except OSError as e:
+            errors.append(f"{session_dir}/{relative}: unreadable: {e.strerror or e}")
+            return None, None
         try:
             attrs = AttrReader(f"{session_dir}/{relative}", errors, conn_fd)
             return (

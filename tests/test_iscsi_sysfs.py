@@ -230,3 +230,21 @@ def test_session_whose_class_link_went_away_is_skipped_silently(tmp_path):
     parts = iscsi_module.read_iscsi_session_parts(tmp_path, names)
     assert [name for name, (s, _) in parts.items() if s is not None] == ["session1", "session2"]
     assert parts["session3"] == (None, [])
+
+
+def test_unreadable_connection_is_an_error_not_a_missing_portal(tmp_path, monkeypatch):
+    session = write_iscsi_session(tmp_path, 1, "iqn.2026-11.example:t", [FakeLun(1)])
+    [conn] = [p.name for p in session.iterdir() if p.name.startswith("connection")]
+    denied = session / conn / "iscsi_connection" / conn
+    real_open = os.open
+
+    def fake_open(path, flags, mode=0o777, *, dir_fd=None):
+        opened = path if dir_fd is None else os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
+        if os.path.realpath(opened) == os.path.realpath(denied):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    result = read_iscsi_sessions(tmp_path)
+    assert result.sessions[0].portal is None
+    assert result.errors == [f"{denied}: unreadable: Permission denied"]
