@@ -388,3 +388,37 @@ def test_kernel_log_watcher_says_whether_it_follows_and_reports_lost_records():
             os.close(write_end)
         watcher.thread.join(5)
     assert not watcher.following()
+
+
+def test_the_bitmap_pass_reads_the_md_events_text_and_looks_again_where_it_moved(host):
+    """The bitmap pass takes its arrays' /proc/mdstat lines from the text the md event read (not
+    a second read of the whole file). A bitmap line that appears when the array's view does not
+    change (the text read when the view did was older) is seen at the next md event."""
+    from unittest import mock
+
+    from iscsimple.core import bitmap
+    from iscsimple.core.snapshot import Changes
+
+    label = "web1-disk"
+    md = host.md_device(label)
+    file = bitmap.prepare_file(host.paths, label)
+    file.write_bytes(bytes(4096))
+    attachment = host.registry.by_label(label)
+    bitmap.note_built(
+        host.paths, label, md, 64 << 10, 100, attachment.local_kernel_name, attachment.iscsi_device
+    )
+    agent = Agent(AgentOptions(paths=host.paths, udev=False, mdstat_events=False, kernel_log_events=False))
+    agent.refresher.refresh_now()
+    assert sample(agent, "iscsimple_array_bitmap", label) == 0.0  # no bitmap line in /proc/mdstat
+    mdstat = host.paths.procfs / "mdstat"
+    lines = mdstat.read_text().splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if line.startswith(f"{md} :")) + 2
+    lines.insert(at, f"      bitmap: 1/1 pages [4KB], 64KB chunk, file: {file}\n")
+    mdstat.write_text("".join(lines))
+    before = agent.refresher.snapshot().array(label)
+    with mock.patch.object(bitmap, "read_mdstat_arrays", side_effect=AssertionError("read again")):
+        moved = agent.mdstat.read()  # the md event
+        assert moved == {md}
+        agent.refresher.refresh_now(Changes(md=frozenset(moved)))
+    assert agent.refresher.snapshot().array(label) is before  # md's sysfs reads the same
+    assert sample(agent, "iscsimple_array_bitmap", label) == 1.0

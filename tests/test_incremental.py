@@ -394,3 +394,34 @@ def test_a_replaced_records_directory_kills_the_watch(tmp_path):
     records.put(_record("b"))
     again, changed = records.read_watched(known)
     assert changed == {"a": None, "b": _record("b")} and again.watch.alive
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(st.lists(step, min_size=1, max_size=12))
+def test_the_detectors_carried_records_equal_a_pass_over_everything(steps):
+    """The stale detector takes its last pass's records over and sets again only the labels the
+    update re-read or it wrote; after every step they equal what a detector that looks at every
+    view and record of the same snapshot finds."""
+    from iscsimple.exporter.safety import StaleDetector
+
+    with tempfile.TemporaryDirectory() as tmp:
+        host = SimulatedHost(Path(tmp))
+        for i, label in enumerate(LABELS[:3]):
+            host.attach(label, "vm", TARGETS[i], 1 + i)
+        mdstat = MdstatDiff(host.paths.procfs / "mdstat")
+        mdstat.read()
+        poll = ChangePoll(host.paths.sysfs, mdstat)
+        detector = StaleDetector(StaleRecords(host.paths))
+        snapshot = HostSnapshot.read(host.paths)
+        detector.observe(snapshot)
+        for action in steps:
+            explicit = play(host, action)
+            changes = Changes(md=frozenset(mdstat.read())) | explicit | poll(snapshot)
+            snapshot = snapshot.update(host.paths, changes)
+            carried = detector.observe(snapshot)
+            assert detector.touched is not None  # the incremental pass ran
+            assert dict(carried) == dict(StaleDetector(StaleRecords(host.paths)).observe(snapshot))
