@@ -72,43 +72,18 @@ def deb() -> Path:
     return repo / "dist" / f"iscsimple_{__version__}_all.deb"
 
 
-# With pytest-xdist (scripts/test's default run is `-n auto --dist loadgroup`; any run may pass -n),
-# tests that share one expensive or exclusive resource stay on one worker, in order: a real-kernel
-# module (its tests share the worker's booted guest), the real Prometheus/Alertmanager runs, and the
-# .deb build (which writes dist/). Everything else spreads over the workers, one test at a time.
+# With pytest-xdist (scripts/test's first phase runs `-n auto --dist loadgroup`; any run may
+# pass -n), tests that share one expensive or exclusive resource stay on one worker, in order:
+# the real-kernel guests (booted once per session), the real Prometheus/Alertmanager runs, and
+# the .deb build (which writes dist/). Everything else spreads over the workers.
 # The scheduler below picks the group by path: it sees only node ids, and `xdist_group` marks no
 # longer reach it (xdist 3.8 appends the group to Item._nodeid, which pytest 9 no longer reads;
 # the .deb was built on both workers at once). Collection checks each test's marker against it.
 SERIAL_GROUPS = {"vm": "tests/vm/", "e2e": "tests/e2e/", "deb": "tests/test_debian_package.py"}
-XEN_MODULE = "tests/vm/test_vm_xen.py"
 
 
 def serial_group(nodeid: str) -> str | None:
     return next((group for group, path in SERIAL_GROUPS.items() if nodeid.startswith(path)), None)
-
-
-def work_unit(nodeid: str) -> str | None:
-    """What xdist hands to one worker as a whole: a real-kernel module, the Prometheus runs, the .deb
-    build; None for any other test (a unit of its own).
-
-    Real-kernel modules are units of their own, not one group: each worker that runs one boots its own
-    guest once (session fixtures are per worker), so on two cores two guests share the real-kernel
-    suite, each guest's tests in one process as before. A guest under TCG keeps about one core busy.
-    """
-    group = serial_group(nodeid)
-    return nodeid.split("::", 1)[0] if group == "vm" else group
-
-
-def unit_rank(unit: str) -> int:
-    """Longest units first, so no worker is left with a real-kernel module while the other idles: the
-    Xen module (libxl's 40 s budget for the hotplug is the tightest: it runs while the other worker
-    boots its guest, not beside the subprocess-heavy fast tests), the other real-kernel modules, then
-    the Prometheus runs and the .deb build, then the rest."""
-    if unit == XEN_MODULE:
-        return 0
-    if unit.startswith(SERIAL_GROUPS["vm"]):
-        return 1
-    return 2 if unit in SERIAL_GROUPS else 3
 
 
 def pytest_collection_modifyitems(config, items):
@@ -128,18 +103,8 @@ def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadGroupScheduling
 
     class SerialGroupScheduling(LoadGroupScheduling):
-        ordered = False
-
         def _split_scope(self, nodeid: str) -> str:
-            return work_unit(nodeid) or super()._split_scope(nodeid)
-
-        def _assign_work_unit(self, node) -> None:
-            if not self.ordered:  # the queue is complete before the first unit is handed out
-                units = sorted(self.workqueue.items(), key=lambda unit: unit_rank(unit[0]))
-                self.workqueue.clear()
-                self.workqueue.update(units)
-                self.ordered = True
-            super()._assign_work_unit(node)
+            return serial_group(nodeid) or super()._split_scope(nodeid)
 
     return SerialGroupScheduling(config, log)
 

@@ -118,8 +118,7 @@ def pytest_runtest_makereport(item, call):
 def pytest_sessionfinish(session):
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:  # an xdist worker: the controller prints (tests/conftest.py)
-        worker = session.config.workerinput["workerid"]  # each worker boots its own guests: keep both
-        workeroutput[vmtimings.WORKER_OUTPUT_KEY] = {f"{name} [{worker}]": s for name, s in TIMINGS.items()}
+        workeroutput[vmtimings.WORKER_OUTPUT_KEY] = dict(TIMINGS)
 
 
 def pytest_terminal_summary(terminalreporter):
