@@ -397,7 +397,7 @@ def test_a_replaced_records_directory_kills_the_watch(tmp_path):
 
 
 @settings(
-    max_examples=25,
+    max_examples=15,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
