@@ -53,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, forked: float | None = None) -> int:
+    """`forked`: when libxl started the script (a monotonic reading); by default, when
+    run as the program, this process's fork, and when called in-process, now."""
+    if forked is None:
+        forked = process_started() if argv is None else time.monotonic()
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help", "--version") for a in argv):
         build_parser().parse_args(argv)  # prints and exits 0
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     # libxl's timeout counts from its fork of this process, start-up included.
     deadline = Deadline(
         config.attach_budget,
-        not_after=process_started() + MAX_BUDGET,
+        not_after=forked + MAX_BUDGET,
         why=f"{MAX_BUDGET:g} s have passed since libxl started the script (libxl kills it at 40 s)",
     )
     try:

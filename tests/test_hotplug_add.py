@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -346,16 +347,14 @@ def test_add_whose_start_up_ate_libxls_time_gives_up_cleanly_before_libxl_kills_
     # libxl SIGKILLs the script 40 s after its fork. Started 34 s late (a loaded dom0),
     # the add has 1 s left of its 35: it must fail with a sentence and leave nothing
     # behind, not be killed half-way through an attach.
-    from iscsimple.core import run as core_run
     from iscsimple.hotplug import main as hotplug_main
 
     hotplug.host.add_target(IQN, luns={1: 64 << 20})
     hotplug.mirror("vm1")
     vbd = hotplug.vbd(f"lun1@{IQN}+vm1")
-    monkeypatch.setattr(hotplug_main, "process_started", lambda: core_run.time.monotonic() - 34.9)
     for key, value in {**hotplug.env, "XENBUS_PATH": vbd.xenbus_path, "ISCSIMPLE_NO_SYSLOG": "1"}.items():
         monkeypatch.setenv(key, value)
-    assert hotplug_main.main(["add"]) == 1
+    assert hotplug_main.main(["add"], forked=time.monotonic() - 34.9) == 1
     assert "since libxl started the script" in (hotplug.xs(vbd, "hotplug-error") or "")
     assert hotplug.xs(vbd, "hotplug-status") == "error"
     assert not any("--login" in line or "mdadm" in line for line in hotplug.command_lines())
