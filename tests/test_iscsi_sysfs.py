@@ -149,9 +149,8 @@ def test_missing_and_garbage_attributes(tmp_path):
     assert s2.state == "LOGGED_IN"
 
 
-def test_unreadable_attribute(tmp_path, monkeypatch):
-    session = write_iscsi_session(tmp_path, 1, "iqn.2026-11.example:t", [FakeLun(1)])
-    denied = str(session / "target0:0:0" / "0:0:0:1" / "state")
+def deny_open(monkeypatch, denied) -> None:
+    """os.open refuses `denied` (whether opened by path or relative to a directory descriptor)."""
     real_open = os.open
 
     def fake_open(path, flags, mode=0o777, *, dir_fd=None):
@@ -161,6 +160,12 @@ def test_unreadable_attribute(tmp_path, monkeypatch):
         return real_open(path, flags, mode, dir_fd=dir_fd)
 
     monkeypatch.setattr(os, "open", fake_open)
+
+
+def test_unreadable_attribute(tmp_path, monkeypatch):
+    session = write_iscsi_session(tmp_path, 1, "iqn.2026-11.example:t", [FakeLun(1)])
+    denied = str(session / "target0:0:0" / "0:0:0:1" / "state")
+    deny_open(monkeypatch, denied)
     result = read_iscsi_sessions(tmp_path)
     assert result.sessions[0].lun(1).state is None
     assert result.errors == [f"{denied}: unreadable: Permission denied"]
@@ -236,15 +241,7 @@ def test_unreadable_connection_is_an_error_not_a_missing_portal(tmp_path, monkey
     session = write_iscsi_session(tmp_path, 1, "iqn.2026-11.example:t", [FakeLun(1)])
     [conn] = [p.name for p in session.iterdir() if p.name.startswith("connection")]
     denied = session / conn / "iscsi_connection" / conn
-    real_open = os.open
-
-    def fake_open(path, flags, mode=0o777, *, dir_fd=None):
-        opened = path if dir_fd is None else os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), path)
-        if os.path.realpath(opened) == os.path.realpath(denied):
-            raise PermissionError(13, "Permission denied", path)
-        return real_open(path, flags, mode, dir_fd=dir_fd)
-
-    monkeypatch.setattr(os, "open", fake_open)
+    deny_open(monkeypatch, denied)
     result = read_iscsi_sessions(tmp_path)
     assert result.sessions[0].portal is None
     assert result.errors == [f"{denied}: unreadable: Permission denied"]
