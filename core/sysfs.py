@@ -61,13 +61,9 @@ class AttrReader:
         the tree is not what we think it is, and that is an error even for an optional attribute."""
         try:
             if self.dir_fd is None:
-                fd = os.open(os.path.join(self.directory, attr), _READ_FLAGS)
+                data = read_bytes(os.path.join(self.directory, attr))
             else:
-                fd = os.open(self.relative + attr, _READ_FLAGS, dir_fd=self.dir_fd)
-            try:
-                data = os.read(fd, _MAX_ATTR_BYTES)
-            finally:
-                os.close(fd)
+                data = read_bytes(self.relative + attr, self.dir_fd)
         except FileNotFoundError:
             if required:
                 self.errors.append(f"{os.path.join(self.directory, attr)}: missing")
