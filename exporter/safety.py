@@ -241,7 +241,9 @@ class Healer:
         views = self._views_to_consider(snapshot, standing, touched)
         # A filer that returns serves every stale leg of the host at once: copy a few at a time.
         self._recovering = len(self._recovering_labels)
-        for label in set(self._progress) - standing.keys() if touched is None else touched:
+        # The labels whose record may have gone since the last pass: any, or those touched.
+        maybe_gone = set(self._progress) - standing.keys() if touched is None else touched
+        for label in maybe_gone:
             if label not in standing:
                 self._progress.pop(label, None)
                 self._blocked.pop(label, None)
