@@ -656,25 +656,42 @@ def array_bitmaps(
     just read instead), and a bitmap file only for a degraded array. `kicks`
     (BitmapKicks.last_seqs()): a kick logged after the array instance's bitmap was set up means
     the bitmap is not active, whatever /proc/mdstat still shows."""
-    names = {v.md.name for v in views if v.md is not None}
+    # Only an array with an instance record can have its bitmap active: the records are listed
+    # once (one look per array is a failed open for each array built without one), and only their
+    # arrays' /proc/mdstat lines are parsed.
+    present = _instance_files(paths) if len(views) > 1 else None
+    instances: list[BitmapInstance | BitmapFileError | None] = []
+    for view in views:
+        if view.md is None or (present is not None and f"{view.label}.json" not in present):
+            instances.append(None)
+            continue
+        try:
+            instances.append(read_instance(paths, view.label))
+        except BitmapFileError as e:
+            instances.append(e)
+    names = {
+        inst.md_device
+        for view, inst in zip(views, instances, strict=True)
+        if isinstance(inst, BitmapInstance) and view.md is not None and inst.md_device == view.md.name
+    }
     try:
-        if mdstat_text is None:
+        if not names:
+            mdstat = {}
+        elif mdstat_text is None:
             mdstat = read_mdstat_arrays(paths.procfs, names)
         else:
             mdstat = mdstat_arrays(mdstat_text, names)
     except (OSError, InputError):
         mdstat = {}
     out = []
-    for view in views:
+    for view, inst in zip(views, instances, strict=True):
         md = view.md
         if md is None:
             continue
-        line = mdstat[md.name].bitmap if md.name in mdstat else None
-        try:
-            inst = read_instance(paths, view.label)
-        except BitmapFileError as e:
-            out.append(ArrayBitmap(view.label, False, None, None, str(e)))
+        if isinstance(inst, BitmapFileError):
+            out.append(ArrayBitmap(view.label, False, None, None, str(inst)))
             continue
+        line = mdstat[md.name].bitmap if md.name in mdstat else None
         active = (
             inst is not None
             and inst.md_device == md.name
@@ -702,6 +719,17 @@ def array_bitmaps(
             eta = bitmap.dirty_bytes_after(md.sync_completed[0]) / view.sync_speed_bytes
         out.append(ArrayBitmap(view.label, True, bitmap.dirty_bytes, eta))
     return out
+
+
+def _instance_files(paths: HostPaths) -> frozenset[str] | None:
+    """The names in the instance records' directory (empty: none yet; None: it cannot be
+    listed, so each record is looked for, and its problem reported, one by one)."""
+    try:
+        return frozenset(os.listdir(paths.state / "bitmaps"))
+    except FileNotFoundError:
+        return frozenset()
+    except OSError:
+        return None
 
 
 def _small_text(path: Path, max_bytes: int = 4096) -> str:

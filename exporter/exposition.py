@@ -34,6 +34,7 @@ from iscsimple import __version__ as VERSION
 from iscsimple.core.snapshot import HostSnapshot
 
 from .collectors.base import Part, SnapshotCollector
+from .families import Family, encode_value, escape
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +214,8 @@ class Renderer:
         self._segments = GzipSegments()
         self._headers: dict[tuple[str, str, str], tuple[bytes, bytes]] = {}
         self._last: HostSnapshot | None = None  # the snapshot the cached pieces were rendered from
+        # During one render: each view's Part, made once for every collector (arrays, sessions).
+        self._parts: dict[bool, list[Part]] = {}
 
     def render(self, snapshot: HostSnapshot) -> Rendered:
         text: list[bytes] = []
@@ -237,6 +240,7 @@ class Renderer:
                 success[name] = False
             read = sum(snapshot.sources[s].seconds for s in collector.sources if s in snapshot.sources)
             seconds[name] = read + time.perf_counter() - started
+        self._parts.clear()
         agent = _agent_families(snapshot, success, seconds)
         agent_text, agent_om = encode_both(agent)
         text.append(agent_text)
@@ -335,6 +339,9 @@ class Renderer:
             starts = {name: old.starts(name) for name in old.blocks}
         new = _Pieces(list(views))
         count = _block_count(len(views))
+        parts = self._parts.get(arrays)
+        if parts is None:
+            parts = self._parts[arrays] = [_part(arrays, view) for view in views]
         for start in range(0, len(views), BLOCK):
             stop = min(start + BLOCK, len(views))
             lines: dict[str, list[bytes]] = {}  # this block's lines, by family and view
@@ -344,9 +351,7 @@ class Renderer:
                 if old is not None and before is not None and dirty is not None and index not in dirty:
                     found = {name: old.lines(name, before, at[before]) for name, at in starts.items()}
                 else:
-                    found = {
-                        f.name: _sample_lines(f) for f in collector.families(snapshot, _part(arrays, view))
-                    }
+                    found = {f.name: _sample_lines(f) for f in collector.families(snapshot, parts[index])}
                 for name, encoded in found.items():
                     if encoded:
                         family = lines.get(name)
@@ -450,6 +455,8 @@ def _headers(family: Metric) -> tuple[bytes, bytes]:
 
 
 def _sample_lines(family: Metric) -> bytes:
+    if type(family) is Family:
+        return family.encoded()
     if not family.samples:  # most families of one view, and of the rest
         return b""
     lines = []
@@ -458,29 +465,11 @@ def _sample_lines(family: Metric) -> bytes:
             continue
         labels = sample.labels
         if labels:
-            inner = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items()))
-            lines.append(f"{sample.name}{{{inner}}} {_value(sample.value)}\n")
+            inner = ",".join(f'{k}="{escape(v)}"' for k, v in sorted(labels.items()))
+            lines.append(f"{sample.name}{{{inner}}} {encode_value(sample.value)}\n")
         else:
-            lines.append(f"{sample.name} {_value(sample.value)}\n")
+            lines.append(f"{sample.name} {encode_value(sample.value)}\n")
     return "".join(lines).encode()
-
-
-def _escape(value: str) -> str:
-    if "\\" in value or "\n" in value or '"' in value:
-        return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
-    return value
-
-
-def _value(v: float) -> str:
-    if v == 1.0:
-        return "1.0"
-    if v == 0.0:
-        return "0.0"
-    if v != v:
-        return "NaN"
-    if v in (float("inf"), float("-inf")):
-        return "+Inf" if v > 0 else "-Inf"
-    return repr(float(v))
 
 
 def _agent_families(snapshot: HostSnapshot, success: dict[str, bool], seconds: dict[str, float]):

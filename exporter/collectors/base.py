@@ -18,10 +18,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from iscsimple.core.snapshot import ArrayView, HostSnapshot, SessionView
+
+from ..families import Family, counter, gauge
 
 if TYPE_CHECKING:
     from ..health import HealthChecker
@@ -78,16 +80,10 @@ class SnapshotCollector(Collector):
         return set(), set()
 
 
-def gauge(name: str, documentation: str, labels: Sequence[str]) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, documentation, labels=list(labels))
+__all__ = ["Context", "Part", "SnapshotCollector", "add_one_hot", "counter", "gauge"]
 
 
-def add_one_hot(
-    family: GaugeMetricFamily, labels: list[str], states: Sequence[str], current: str | None
-) -> None:
+def add_one_hot(family: Family, labels: list[str], states: Sequence[str], current: str | None) -> None:
     """One sample per known state, 1 for the current one. An unknown state still gets its own
     sample so it is never silently dropped."""
-    for state in states:
-        family.add_metric([*labels, state], 1.0 if state == current else 0.0)
-    if current is not None and current not in states:
-        family.add_metric([*labels, current], 1.0)
+    family.add_one_hot(labels, tuple(states), current)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import Metric
 
 from iscsimple.core.snapshot import HostSnapshot
 
 from ..health import HealthChecker, HealthReport
-from .base import Context, Part, SnapshotCollector, gauge
+from .base import Context, Part, SnapshotCollector, counter, gauge
 
 
 class HealthCollector(SnapshotCollector):
@@ -64,7 +64,7 @@ class HealthCollector(SnapshotCollector):
             "path or target; mirrors on it may go in and out of local-only.",
             ["target", "portal"],
         )
-        changes = CounterMetricFamily(
+        changes = counter(
             "iscsimple_iscsi_session_changes",
             "Session up/down changes the agent saw (catches flaps shorter than the scrape interval).",
             labels=["target", "portal"],

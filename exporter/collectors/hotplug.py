@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import Metric
 
 from iscsimple.core.registry import HotplugStats
 from iscsimple.core.snapshot import HostSnapshot
 
-from .base import Part, SnapshotCollector, gauge
+from .base import Part, SnapshotCollector, counter, gauge
 
 
 class HotplugCollector(SnapshotCollector):
@@ -17,7 +17,7 @@ class HotplugCollector(SnapshotCollector):
     sources = ("hotplug",)
 
     def families(self, snapshot: HostSnapshot, part: Part) -> Iterable[Metric]:
-        total = CounterMetricFamily(
+        total = counter(
             "iscsimple_hotplug_operations",
             "Hotplug operations block-iscsimple ran since boot, by result. A growing failure count means "
             "VMs fail to start or stop: see the hotplug-error in xenstore and the xl log.",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import Metric
 
 from iscsimple.core.registry import Attachment, vm_name
 from iscsimple.core.safety import migrate_blockers
@@ -13,7 +13,7 @@ from iscsimple.core.snapshot import HostSnapshot
 from iscsimple.core.stale import StaleRecord
 
 from ..safety import Safety
-from .base import Context, Part, SnapshotCollector, gauge
+from .base import Context, Part, SnapshotCollector, counter, gauge
 
 
 class SafetyCollector(SnapshotCollector):
@@ -70,7 +70,7 @@ class SafetyCollector(SnapshotCollector):
         yield from self._cluster_families(snapshot, part, standing)
 
         healer = self.safety.healer
-        operations = CounterMetricFamily(
+        operations = counter(
             "iscsimple_heal_operations_total",
             "Heals of stale iSCSI copies by result: success (leg re-added, recovering from the local "
             "leg), failure (an mdadm call failed), aborted (the leg failed again before its recovery "
@@ -82,7 +82,7 @@ class SafetyCollector(SnapshotCollector):
         for (result, mode), count in sorted(healer.counts.items()) if part.rest else ():
             operations.add_metric([result, mode], float(count))
         yield operations
-        resumes = CounterMetricFamily(
+        resumes = counter(
             "iscsimple_recovery_resumes_total",
             "Restarts of a local leg's recovery from iSCSI that an iSCSI outage had stopped (the leg left "
             "as an idle spare, iscsimple_array_recovery_stopped): success (spare removed and added again, "
@@ -93,7 +93,7 @@ class SafetyCollector(SnapshotCollector):
         for result, count in sorted(healer.resumes.items()) if part.rest else ():
             resumes.add_metric([result], float(count))
         yield resumes
-        checks = CounterMetricFamily(
+        checks = counter(
             "iscsimple_heal_checks_total",
             "Compares of the two legs md was asked for when a heal completed ([heal] check_after): "
             "started, failed (md was busy or the request failed). What a check found: "
