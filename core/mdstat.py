@@ -163,18 +163,23 @@ _FEW = 32  # up to this many arrays, each is found by a search of the text inste
 
 
 def _named_blocks(text: bytes, names: set[str]) -> dict[str, str]:
-    """mdstat_blocks(text), only for `names`: each block found by one search in C, first near
-    where it was found last (what changes before it moves it by a few bytes), then in all."""
+    """mdstat_blocks(text), only for `names`: each block found by one search in C near where it
+    was found last (what changes before it moves it by a few bytes). A name never looked for
+    has every header of the text noted at once (one pass, the first time), so no lookup
+    searches the whole text: at worst it searches as far as the block moved since."""
     blocks = {}
     for name in names:
         header = f"{name} : ".encode()
         if text.startswith(header):
             start = 0
         else:
+            if name not in _LAST_FOUND:
+                _note_headers(text)
             hint = _LAST_FOUND.get(name, 0)
-            start = text.find(b"\n" + header, max(0, hint - _NEAR), hint + _NEAR) + 1
-            if start == 0:
-                start = text.find(b"\n" + header) + 1
+            needle = b"\n" + header
+            start = text.find(needle, max(0, hint - _NEAR), hint + _NEAR) + 1
+            if start == 0:  # moved further: look on from there, then back
+                start = text.find(needle, hint) + 1 or text.rfind(needle, 0, hint + len(needle)) + 1
             if start == 0:
                 continue
             _LAST_FOUND[name] = start
@@ -183,10 +188,24 @@ def _named_blocks(text: bytes, names: set[str]) -> dict[str, str]:
     return blocks
 
 
+def _note_headers(text: bytes) -> None:
+    """Note where every array's block starts in `text` (once per text: a name it does not hold
+    is then looked for in the whole text, as before hints)."""
+    global _NOTED
+    noted = (id(text), len(text))
+    if noted == _NOTED:
+        return
+    _NOTED = noted
+    for found in _HEADER_BYTES.finditer(text):
+        _LAST_FOUND[found.group(1).decode("utf-8", "replace")] = found.start()
+
+
 # Where each array's block started when last looked for (a header is unique: an array's other
 # lines are indented, so a header found in the window is the array's).
 _LAST_FOUND: dict[str, int] = {}
 _NEAR = 8192
+_NOTED: tuple[int, int] | None = None  # the text whose headers were all noted (id, length): a hint only
+_HEADER_BYTES = re.compile(rb"^(\S+) : ", re.MULTILINE)
 
 
 _UNINDENTED_BYTES = re.compile(rb"^[^\s]", re.MULTILINE)
@@ -417,19 +436,21 @@ def changed_arrays(before: bytes, after: bytes) -> set[str]:
     return {name for name in old.keys() | new.keys() if old.get(name) != new.get(name)}
 
 
-# Bytes compared at once (memcmp on slices), then again within the block that differs, before the
-# XOR of the one small block that differs: copying the slices is most of the cost, so big blocks.
+# Bytes compared at once (memcmp, no copy), then again within the block that differs, before the
+# XOR of the one small block that differs.
 _COMPARED = (65536, 4096, 256)
 
 
 def _common_prefix(a: bytes, b: bytes, length: int) -> int:
-    """How many first bytes a and b share (of their first `length`): equal blocks compared in C,
-    narrowed to a small block, then one XOR of big integers over it."""
+    """How many first bytes a and b share (of their first `length`): equal blocks compared in C
+    (memcmp through a view of b, so nothing is copied), narrowed to a small block, then one XOR
+    of big integers over it."""
+    view = memoryview(b)
     start = 0
     for block in _COMPARED:
         while start < length:
             end = min(start + block, length)
-            if a[start:end] != b[start:end]:
+            if not a.startswith(view[start:end], start):
                 length = end  # the first difference is in this block
                 break
             start = end
@@ -441,11 +462,12 @@ def _common_prefix(a: bytes, b: bytes, length: int) -> int:
 
 def _common_suffix(a: bytes, b: bytes, length: int) -> int:
     """How many last bytes a and b share (of their last `length`), the same way from the end."""
+    view = memoryview(b)
     done = 0
     for block in _COMPARED:
         while done < length:
             size = min(block, length - done)
-            if a[len(a) - done - size : len(a) - done] != b[len(b) - done - size : len(b) - done]:
+            if not a.endswith(view[len(b) - done - size : len(b) - done], 0, len(a) - done):
                 length = done + size
                 break
             done += size

@@ -651,6 +651,18 @@ class CowMap(Mapping):
     def __len__(self) -> int:
         return self._len
 
+    def changed_keys(self, other: CowMap) -> set | None:
+        """The keys whose values differ between this map and `other` when both are layers over
+        the same base (only their layers are looked at, not every key); None when they are not."""
+        if self._base is not other._base:
+            return None
+        keys = set()
+        for key in self._top.keys() | other._top.keys():
+            mine, theirs = self.get(key, _DELETED), other.get(key, _DELETED)
+            if mine is not theirs and mine != theirs:
+                keys.add(key)
+        return keys
+
     def as_dict(self) -> dict:
         """A plain dict of the same items (copied in C, not key by key)."""
         result = dict(self._base)
@@ -660,6 +672,18 @@ class CowMap(Mapping):
             else:
                 result[key] = value
         return result
+
+
+def changed_keys(before: Mapping, after: Mapping) -> set:
+    """The keys whose values differ between two mappings: from their layers alone when both are
+    CowMaps over the same base, else by comparing every key."""
+    if isinstance(before, CowMap) and isinstance(after, CowMap):
+        keys = after.changed_keys(before)
+        if keys is not None:
+            return keys
+    return {
+        key for key in before.keys() | after.keys() if before.get(key, _DELETED) != after.get(key, _DELETED)
+    }
 
 
 @dataclass

@@ -192,6 +192,8 @@ class _Pieces:
             blocks = self.blocks[name] = [b""] * _block_count(len(self.views))
             self.lengths[name] = array("I", bytes(4 * len(self.views)))
         lengths = self.lengths[name]
+        if not lines and not lengths[index]:
+            return  # no lines before or now (most families of one view)
         start = sum(lengths[index - index % BLOCK : index])
         end = start + lengths[index]
         piece = blocks[index // BLOCK]

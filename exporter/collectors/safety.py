@@ -9,7 +9,7 @@ from prometheus_client.core import Metric
 
 from iscsimple.core.registry import Attachment, vm_name
 from iscsimple.core.safety import migrate_blockers
-from iscsimple.core.snapshot import HostSnapshot
+from iscsimple.core.snapshot import HostSnapshot, changed_keys
 from iscsimple.core.stale import StaleRecord
 
 from ..safety import Safety
@@ -23,11 +23,11 @@ class SafetyCollector(SnapshotCollector):
     def __init__(self, current: Callable[[], HostSnapshot], safety: Safety):
         super().__init__(current)
         self.safety = safety
-        self._rendered: set[str] | None = None
+        self._rendered: Mapping[str, StaleRecord] | None = None  # the standing records rendered last
         self._host_of: tuple[object, str] | None = None
         # The records of labels without an array, and the plain (unmirrored) attachments: the
-        # snapshot they were found in, so a refresh that changed neither does not walk them again.
-        self._orphans: tuple[HostSnapshot, frozenset[str], list[str]] | None = None
+        # snapshot and records they were found in, so a refresh looks only at what changed.
+        self._orphans: tuple[HostSnapshot, Mapping[str, StaleRecord], list[str]] | None = None
         self._plain: tuple[tuple[Attachment, ...], list[Attachment]] | None = None
 
     def _host(self) -> str:
@@ -42,12 +42,14 @@ class SafetyCollector(SnapshotCollector):
         return cls(context.current, context.safety)
 
     def dirty(self, snapshot: HostSnapshot) -> tuple[set[str] | None, set[str] | None]:
-        standing = set(self.safety.standing_for(snapshot))
+        standing = self.safety.standing_for(snapshot)
         before, self._rendered = self._rendered, standing
         bitmaps = self.safety.bitmap_changes
         if before is None or bitmaps is None:
             return None, set()
-        return (standing ^ before) | bitmaps, set()
+        # The records carried over from pass to pass share their layers: what changed is found
+        # from those, not by comparing every standing record.
+        return changed_keys(before, standing) | bitmaps, set()
 
     def families(self, snapshot: HostSnapshot, part: Part) -> Iterable[Metric]:
         standing = self.safety.standing_for(snapshot)
@@ -116,21 +118,25 @@ class SafetyCollector(SnapshotCollector):
 
     def _orphaned(self, snapshot: HostSnapshot, standing: Mapping[str, StaleRecord]) -> list[str]:
         """The standing records' labels that have no array, sorted. Found again only when the
-        records or the set of arrays changed (a derived snapshot that did not reorder its arrays
-        has the same labels)."""
-        labels = frozenset(standing)
+        set of arrays changed (a derived snapshot that did not reorder its arrays has the same
+        labels); otherwise only the labels whose record changed are looked at."""
         cached = self._orphans
         if cached is None or not (
             cached[0] is snapshot
             or (snapshot.changed_since(cached[0]) is not None and not snapshot.reordered)
         ):
-            orphans = [label for label in sorted(labels) if snapshot.array(label) is None]
-        elif cached[1] == labels:
+            orphans = [label for label in sorted(standing) if snapshot.array(label) is None]
+        elif cached[1] is standing:
             orphans = cached[2]
-        else:  # the same arrays: only the records that came or went are looked at
-            kept = set(cached[2]) & labels
-            orphans = sorted(kept | {label for label in labels - cached[1] if snapshot.array(label) is None})
-        self._orphans = (snapshot, labels, orphans)
+        else:
+            moved = changed_keys(cached[1], standing)
+            if moved:
+                kept = set(cached[2]) - moved
+                kept.update(label for label in moved if label in standing and snapshot.array(label) is None)
+                orphans = sorted(kept)
+            else:
+                orphans = cached[2]
+        self._orphans = (snapshot, standing, orphans)
         return orphans
 
     def _plain_attachments(self, snapshot: HostSnapshot) -> list[Attachment]:
