@@ -8,20 +8,25 @@ write, and can never block on the host, whatever state its devices are in.
 BLOCK arrays (and sessions) as one piece, and the length of each view's lines in it.
 A derived snapshot shares the views that did not change, so an update encodes again
 only the changed views and splices their lines into new pieces; the body is a list of
-those pieces (text and OpenMetrics share them; only the HELP/TYPE lines differ),
-joined or compressed when a scrape asks for it.
+those pieces (text and OpenMetrics share them; only the HELP/TYPE lines differ).
+
+A piece is kept deflate-compressed (`Piece`): the lines are a few megabytes per thousand
+arrays, compressed a fifteenth of that. Each piece is a self-contained stretch of one
+deflate stream, so a gzip body is the pieces' compressed bytes one after the other (its
+CRC combined from theirs); a plain body is decompressed piece by piece as it is written.
 """
 
 from __future__ import annotations
 
 import bisect
+import ctypes
 import logging
 import struct
 import threading
 import time
 import zlib
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import accumulate
@@ -52,15 +57,86 @@ class _Families:
         return self._families
 
 
+class Piece:
+    """Encoded lines, kept deflate-compressed: a stretch of a raw deflate stream that needs
+    nothing before it (a fresh compressor, ended by a full flush), with the length and CRC-32
+    of the lines, so that pieces joined make one stream and one gzip member.
+
+    A piece a change made is compressed when a gzip body first needs it or at the next render,
+    whichever comes first (a view that changes again meanwhile is spliced in its plain lines);
+    every other piece is compressed when made."""
+
+    __slots__ = ("_packed", "_plain", "crc", "size")
+
+    def __init__(self, lines: bytes, pack: bool = True):
+        self.size = len(lines)
+        self.crc = zlib.crc32(lines)
+        self._plain: bytes | None = lines
+        self._packed: bytes | None = None
+        if pack:
+            self.pack()
+
+    @classmethod
+    def of(cls, lines: bytes, pack: bool = True) -> Piece:
+        return cls(lines, pack) if lines else EMPTY
+
+    def pack(self) -> bytes:
+        """The compressed form (made once; the plain lines are then let go)."""
+        packed = self._packed
+        if packed is None:
+            with _PACKING:  # the web server's thread and the refresh's may both ask
+                packed = self._packed
+                if packed is None:
+                    lines = self._plain or b""
+                    packer = zlib.compressobj(1, zlib.DEFLATED, -15)
+                    packed = packer.compress(lines) + packer.flush(zlib.Z_FULL_FLUSH) if lines else b""
+                    self._packed = packed  # before the lines go: plain() finds one or the other
+                    self._plain = None
+        return packed
+
+    def plain(self) -> bytes:
+        lines = self._plain
+        if lines is not None:
+            return lines
+        return zlib.decompressobj(-15).decompress(self._packed) if self.size else b""
+
+    def __len__(self) -> int:
+        """Bytes of lines (not of the compressed form): an empty piece is false."""
+        return self.size
+
+    def __repr__(self) -> str:
+        return f"Piece({self.size} bytes{'' if self._packed is None else f' in {len(self._packed)}'})"
+
+
+_PACKING = threading.Lock()
+EMPTY = Piece(b"")
+
+
+class PlainBody:
+    """A plain-text body as the web server writes it: its length known, its bytes made piece
+    by piece as they are written, never joined whole."""
+
+    def __init__(self, pieces: Sequence[Piece]):
+        self.pieces = pieces
+        self.size = sum(p.size for p in pieces)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[bytes]:
+        for piece in self.pieces:
+            if piece.size:
+                yield piece.plain()
+
+
 @dataclass
 class Rendered:
     snapshot: HostSnapshot
     collectors: Sequence[SnapshotCollector]
     success: dict[str, bool]
-    text_pieces: list[bytes]
-    openmetrics_pieces: list[bytes]
+    text_pieces: list[Piece]
+    openmetrics_pieces: list[Piece]
     agent_families: Sequence[Metric] = ()
-    segments: GzipSegments = field(default_factory=lambda: GzipSegments(), repr=False)
     _gzipped: dict[str, bytes] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -80,93 +156,101 @@ class Rendered:
             families.extend(collector.families(self.snapshot, Part.whole(self.snapshot)))
         return [*families, *self.agent_families]
 
-    def pieces(self, accept: str) -> tuple[list[bytes], str]:
-        """The body as the list of its pieces, not joined (the web server writes them as they are)."""
+    def _format(self, accept: str) -> tuple[list[Piece], str]:
         if "application/openmetrics-text" in (accept or ""):
             return self.openmetrics_pieces, OPENMETRICS_CONTENT_TYPE
         return self.text_pieces, TEXT_CONTENT_TYPE
 
+    def pieces(self, accept: str) -> tuple[PlainBody, str]:
+        """The plain body as the web server writes it: decompressed piece by piece."""
+        pieces, content_type = self._format(accept)
+        return PlainBody(pieces), content_type
+
     def body(self, accept: str) -> tuple[bytes, str]:
-        """The body, joined for this request: the pieces are the one copy kept (Prometheus asks
-        for gzip, whose compressed segments are kept apart)."""
-        pieces, content_type = self.pieces(accept)
-        return b"".join(pieces), content_type
+        """The plain body, joined for this request (the compressed pieces are the one copy kept)."""
+        pieces, content_type = self._format(accept)
+        return b"".join(PlainBody(pieces)), content_type
 
     def gzipped(self, accept: str) -> tuple[bytes, str]:
-        """The same body gzip-compressed, once per snapshot and format.
-
-        One gzip member whose deflate stream is made of segments compressed apart (each ends
-        with a full flush, so it needs nothing before it): a segment whose pieces did not
-        change since the last body is reused, and only the CRC runs over the whole body."""
-        pieces, content_type = self.pieces(accept)
+        """The same body gzip-compressed, once per snapshot and format: the pieces' compressed
+        bytes joined into one gzip member, whose CRC is combined from theirs."""
+        pieces, content_type = self._format(accept)
         with self._lock:
             packed = self._gzipped.get(content_type)
             if packed is None:
-                packed = self._gzipped[content_type] = self.segments.gzip(content_type, pieces)
+                packed = self._gzipped[content_type] = gzip_member(pieces)
         return packed, content_type
 
 
-class GzipSegments:
-    """Compressed segments of the last body of each format, shared by successive Rendered."""
+def gzip_member(pieces: Sequence[Piece]) -> bytes:
+    """One gzip member (RFC 1952) holding the pieces' lines, made of their compressed bytes."""
+    size = sum(p.size for p in pieces)
+    crc = _combined_crc(pieces)
+    trailer = struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF)
+    return b"".join([_GZIP_HEADER, *(p.pack() for p in pieces), _DEFLATE_END, trailer])
 
-    SIZE = 4  # pieces per segment (a piece holds the lines of BLOCK views in one family)
 
-    def __init__(self):
-        # Per format, per segment of the last body: its pieces, compressed, and the CRC and size
-        # of the body up to its end (reused while every segment before differs in nothing).
-        self._last: dict[str, list[tuple[tuple[bytes, ...], bytes, int, int]]] = {}
-        self._lock = threading.Lock()
+def _zlib_crc32_combine():
+    """zlib's crc32_combine (the CRC-32 of A+B from those of A and B and the length of B): the
+    zlib module does not offer it, and the library under it does since 1.2.2."""
+    try:
+        function = ctypes.CDLL("libz.so.1").crc32_combine
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_ulong, ctypes.c_ulong, ctypes.c_long)
+    function.restype = ctypes.c_ulong
+    return function
 
-    def gzip(self, content_type: str, pieces: list[bytes]) -> bytes:
-        with self._lock:
-            last = self._last.get(content_type, [])
-            known = {segment: packed for segment, packed, _, _ in last}
-            now: list[tuple[tuple[bytes, ...], bytes, int, int]] = []
-            crc = 0
-            size = 0
-            same_so_far = True
-            for number, start in enumerate(range(0, len(pieces), self.SIZE)):
-                segment = tuple(pieces[start : start + self.SIZE])
-                if same_so_far and number < len(last) and last[number][0] == segment:
-                    now.append(last[number])  # the CRC up to here is the last body's
-                    crc, size = last[number][2], last[number][3]
-                    continue
-                same_so_far = False
-                packed = known.get(segment)
-                if packed is None:
-                    packer = zlib.compressobj(1, zlib.DEFLATED, -15)
-                    packed = b"".join([*map(packer.compress, segment), packer.flush(zlib.Z_FULL_FLUSH)])
-                    known[segment] = packed
-                for piece in segment:
-                    crc = zlib.crc32(piece, crc)
-                    size += len(piece)
-                now.append((segment, packed, crc, size))
-            self._last[content_type] = now
-            out = [_GZIP_HEADER, *(packed for _, packed, _, _ in now), _DEFLATE_END]
-            out.append(struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF))
-            return b"".join(out)
+
+_CRC32_COMBINE = _zlib_crc32_combine()
+
+
+def _combined_crc(pieces: Sequence[Piece]) -> int:
+    combine = _CRC32_COMBINE
+    crc = 0
+    if combine is None:  # no libz to call: the CRC of the lines themselves, piece by piece
+        for piece in pieces:
+            if piece.size:
+                crc = zlib.crc32(piece.plain(), crc)
+        return crc
+    for piece in pieces:
+        if piece.size:
+            crc = combine(crc, piece.crc, piece.size)
+    return crc
 
 
 # A gzip member header (RFC 1952: deflate, no name, no time, OS unknown) and the empty final
-# deflate block that ends a stream of full-flushed segments.
+# deflate block that ends a stream of full-flushed pieces.
 _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
 _DEFLATE_END = zlib.compressobj(1, zlib.DEFLATED, -15).flush()
 
 
-BLOCK = 64  # views (arrays or sessions) per piece of the body: N / 64 pieces per family
+# Views (arrays or sessions) per piece of the body: N / 16 pieces per family. A change decompresses
+# and compresses again the pieces holding its view's lines, which costs in proportion to their size;
+# bigger pieces compress better (at 1000 arrays: 0.42 MB at 16, 0.30 at 64, 4.6 MB of lines).
+BLOCK = 16
 
 
 @dataclass
 class _Pieces:
     """One collector's encoded sample lines for one kind of view (arrays or sessions).
 
-    Only one copy of the encoded lines is kept: per family, one piece per BLOCK views (what
-    the bodies are made of) and the length of each view's lines in it, so that one view's
-    lines are replaced in their piece without encoding the other views again."""
+    Only one copy of the encoded lines is kept, compressed: per family, one piece per BLOCK
+    views (what the bodies are made of), and the length and hash of each view's lines in it,
+    so that one view's lines are replaced in their piece without encoding the other views
+    again, nor opening a piece whose lines did not change."""
 
     views: list  # the views as rendered, in the snapshot's order
-    blocks: dict[str, list[bytes]] = field(default_factory=dict)  # family -> one piece per BLOCK views
+    blocks: dict[str, list[Piece]] = field(default_factory=dict)  # family -> one piece per BLOCK views
     lengths: dict[str, array] = field(default_factory=dict)  # family -> bytes of each view's lines
+    hashes: dict[str, array] = field(default_factory=dict)  # family -> hash() of each view's lines
+
+    def add_family(self, name: str) -> list[Piece]:
+        views = len(self.views)
+        blocks = self.blocks[name] = [EMPTY] * _block_count(views)
+        self.lengths[name] = array("I", bytes(4 * views))
+        self.hashes[name] = array("q", [_NO_LINES]) * views
+        return blocks
 
     def starts(self, name: str) -> list[int]:
         """Where each view's lines of family `name` start in their piece."""
@@ -177,30 +261,57 @@ class _Pieces:
             starts += accumulate(lengths[start : start + BLOCK - 1])
         return starts
 
-    def lines(self, name: str, index: int, start: int) -> bytes:
-        """The lines of view `index` in family `name`, which start at `start` in their piece."""
-        return self.blocks[name][index // BLOCK][start : start + self.lengths[name][index]]
-
-    def replace(self, name: str, index: int, lines: bytes) -> None:
+    def replace(self, name: str, index: int, lines: bytes) -> Piece | None:
         """Put `lines` in place of view `index`'s lines of family `name`, in a new piece (the
-        bodies already rendered keep the old one)."""
+        bodies already rendered keep the old one), left uncompressed; None if they are the same."""
         blocks = self.blocks.get(name)
         if blocks is None:
             if not lines:
-                return
-            # A family no view had samples in until now.
-            blocks = self.blocks[name] = [b""] * _block_count(len(self.views))
-            self.lengths[name] = array("I", bytes(4 * len(self.views)))
+                return None
+            blocks = self.add_family(name)  # a family no view had samples in until now
         lengths = self.lengths[name]
         if not lines and not lengths[index]:
-            return  # no lines before or now (most families of one view)
+            return None  # no lines before or now (most families of one view)
+        hashes = self.hashes[name]
+        digest = hash(lines)
+        if lengths[index] == len(lines) and hashes[index] == digest:
+            return None  # the same lines: the piece is not opened
         start = sum(lengths[index - index % BLOCK : index])
         end = start + lengths[index]
-        piece = blocks[index // BLOCK]
-        if end - start == len(lines) and piece.startswith(lines, start):
-            return  # the same lines: the piece, and its compressed segment, stay as they are
-        blocks[index // BLOCK] = b"".join((piece[:start], lines, piece[end:]))
+        piece = blocks[index // BLOCK].plain()
+        blocks[index // BLOCK] = spliced = Piece.of(b"".join((piece[:start], lines, piece[end:])), pack=False)
         lengths[index] = len(lines)
+        hashes[index] = digest
+        return spliced
+
+
+_NO_LINES = hash(b"")
+
+
+class _OpenedPieces:
+    """The lines of pieces being taken apart, each decompressed once; a few at a time (the views
+    of a block mostly come from one or two blocks of before)."""
+
+    KEEP = 64
+
+    def __init__(self, pieces: _Pieces):
+        self.pieces = pieces
+        self.starts = {name: pieces.starts(name) for name in pieces.blocks}
+        self._plain: dict[tuple[str, int], bytes] = {}
+
+    def lines(self, name: str, index: int) -> bytes:
+        """The lines of view `index` in family `name`."""
+        length = self.pieces.lengths[name][index]
+        if not length:
+            return b""
+        key = (name, index // BLOCK)
+        plain = self._plain.get(key)
+        if plain is None:
+            if len(self._plain) >= self.KEEP:
+                self._plain.clear()
+            plain = self._plain[key] = self.pieces.blocks[name][index // BLOCK].plain()
+        start = self.starts[name][index]
+        return plain[start : start + length]
 
 
 def _block_count(views: int) -> int:
@@ -213,15 +324,22 @@ class Renderer:
     def __init__(self, collectors: Sequence[SnapshotCollector]):
         self.collectors = list(collectors)
         self._pieces: dict[tuple[str, bool], _Pieces] = {}
-        self._segments = GzipSegments()
-        self._headers: dict[tuple[str, str, str], tuple[bytes, bytes]] = {}
+        self._headers: dict[tuple[str, str, str], tuple[Piece, Piece]] = {}
+        # The lines of the families' samples that belong to no view, as last compressed.
+        self._rest: dict[bytes, Piece] = {}
+        # The pieces the last render spliced, left uncompressed for a while: by where they are.
+        self._spliced: dict[tuple, Piece] = {}
         self._last: HostSnapshot | None = None  # the snapshot the cached pieces were rendered from
         # During one render: each view's Part, made once for every collector (arrays, sessions).
         self._parts: dict[bool, list[Part]] = {}
 
     def render(self, snapshot: HostSnapshot) -> Rendered:
-        text: list[bytes] = []
-        om: list[bytes] = []
+        text: list[Piece] = []
+        om: list[Piece] = []
+        rest, self._rest = self._rest, {}
+        for piece in self._spliced.values():
+            piece.pack()  # unless a gzip body did already
+        self._spliced = {}
         success: dict[str, bool] = {}
         seconds: dict[str, float] = {}
         moved = self._moved(snapshot)
@@ -230,7 +348,7 @@ class Renderer:
             started = time.perf_counter()
             name = collector.name
             try:
-                self._collector(collector, snapshot, text, om, moved)
+                self._collector(collector, snapshot, text, om, moved, rest)
                 failed = [
                     s for s in collector.sources if s in snapshot.sources and not snapshot.sources[s].ok
                 ]
@@ -245,9 +363,9 @@ class Renderer:
         self._parts.clear()
         agent = _agent_families(snapshot, success, seconds)
         agent_text, agent_om = encode_both(agent)
-        text.append(agent_text)
-        om.append(agent_om)  # ends with "# EOF"
-        return Rendered(snapshot, self.collectors, success, text, om, agent, self._segments)
+        text.append(Piece.of(agent_text))
+        om.append(Piece.of(agent_om))  # ends with "# EOF"
+        return Rendered(snapshot, self.collectors, success, text, om, agent)
 
     def _moved(self, snapshot: HostSnapshot) -> tuple[set[int] | None, set[int] | None]:
         """The positions of the arrays and of the sessions whose views are not those of the last
@@ -281,25 +399,31 @@ class Renderer:
         self,
         collector: SnapshotCollector,
         snapshot: HostSnapshot,
-        text: list,
-        om: list,
+        text: list[Piece],
+        om: list[Piece],
         moved: tuple[set[int] | None, set[int] | None] = (None, None),
+        rest_before: dict[bytes, Piece] | None = None,
     ) -> None:
         labels, targets = collector.dirty(snapshot)
         families = list(collector.families(snapshot, Part(rest=True)))
         arrays = self._update(collector, snapshot, True, _array_positions(snapshot, labels), moved[0])
         sessions = self._update(collector, snapshot, False, _session_positions(snapshot, targets), moved[1])
         # Build both lists first: a failing collector adds nothing.
-        text_part: list[bytes] = []
-        om_part: list[bytes] = []
+        text_part: list[Piece] = []
+        om_part: list[Piece] = []
         for family in families:
             key = (family.name, family.type, family.documentation)
             headers = self._headers.get(key)
             if headers is None:
-                headers = self._headers[key] = _headers(family)
+                text_header, om_header = _headers(family)
+                headers = self._headers[key] = (Piece.of(text_header), Piece.of(om_header))
             array_blocks = arrays.blocks.get(family.name, ())
             session_blocks = sessions.blocks.get(family.name, ())
-            rest = _sample_lines(family)
+            lines = _sample_lines(family)
+            rest = EMPTY
+            if lines:
+                rest = (rest_before or {}).get(lines) or Piece.of(lines)
+                self._rest[lines] = rest
             text_part.append(headers[0])
             text_part += array_blocks
             text_part += session_blocks
@@ -329,29 +453,40 @@ class Renderer:
                 view = views[index]
                 fresh = {f.name: _sample_lines(f) for f in collector.families(snapshot, _part(arrays, view))}
                 for name in fresh.keys() | old.blocks.keys():
-                    old.replace(name, index, fresh.get(name, b""))
+                    spliced = old.replace(name, index, fresh.get(name, b""))
+                    if spliced is not None:
+                        self._spliced[key, name, index // BLOCK] = spliced
                 old.views[index] = view
             return old
         # Views were added, removed or reordered, or any may have changed: a view rendered
         # before (the same object) keeps its lines unless it is dirty; the others are encoded.
         reuse: dict[int, int] = {}  # id of a view rendered before -> where it was
-        starts: dict[str, list[int]] = {}  # family -> where each view's lines started
+        opened: _OpenedPieces | None = None
         if old is not None and dirty is not None:
             reuse = {id(view): index for index, view in enumerate(old.views)}
-            starts = {name: old.starts(name) for name in old.blocks}
+            opened = _OpenedPieces(old)
         new = _Pieces(list(views))
-        count = _block_count(len(views))
         parts = self._parts.get(arrays)
         if parts is None:
             parts = self._parts[arrays] = [_part(arrays, view) for view in views]
         for start in range(0, len(views), BLOCK):
             stop = min(start + BLOCK, len(views))
+            if opened is not None and _same_block(reuse, views, start, stop, len(old.views), dirty):
+                # The very views of a block of before, in its order: its pieces as they are.
+                first = reuse[id(views[start])]
+                for name, blocks in old.blocks.items():
+                    if name not in new.blocks:
+                        new.add_family(name)
+                    new.blocks[name][start // BLOCK] = blocks[first // BLOCK]
+                    new.lengths[name][start:stop] = old.lengths[name][first : first + stop - start]
+                    new.hashes[name][start:stop] = old.hashes[name][first : first + stop - start]
+                continue
             lines: dict[str, list[bytes]] = {}  # this block's lines, by family and view
             for index in range(start, stop):
                 view = views[index]
                 before = reuse.get(id(view))
-                if old is not None and before is not None and dirty is not None and index not in dirty:
-                    found = {name: old.lines(name, before, at[before]) for name, at in starts.items()}
+                if opened is not None and before is not None and index not in dirty:
+                    found = {name: opened.lines(name, before) for name in opened.starts}
                 else:
                     found = {f.name: _sample_lines(f) for f in collector.families(snapshot, parts[index])}
                 for name, encoded in found.items():
@@ -361,14 +496,24 @@ class Renderer:
                             family = lines[name] = [b""] * (stop - start)
                         family[index - start] = encoded
             for name, family in lines.items():
-                blocks = new.blocks.get(name)
-                if blocks is None:
-                    blocks = new.blocks[name] = [b""] * count
-                    new.lengths[name] = array("I", bytes(4 * len(views)))
-                blocks[start // BLOCK] = b"".join(family)
+                blocks = new.blocks.get(name) or new.add_family(name)
+                blocks[start // BLOCK] = Piece.of(b"".join(family))
                 new.lengths[name][start:stop] = array("I", map(len, family))
+                new.hashes[name][start:stop] = array("q", map(hash, family))
         self._pieces[key] = new
         return new
+
+
+def _same_block(reuse: dict[int, int], views: Sequence, start: int, stop: int, before: int, dirty) -> bool:
+    """Whether views[start:stop] are, in order and none dirty, the whole of a block of before
+    (`reuse`: where each view rendered before was; `before`: how many views there were)."""
+    first = reuse.get(id(views[start]))
+    if first is None or first % BLOCK or min(first + BLOCK, before) - first != stop - start:
+        return False
+    return all(
+        reuse.get(id(views[index])) == first + index - start and index not in dirty
+        for index in range(start, stop)
+    )
 
 
 def _part(arrays: bool, view) -> Part:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import html
+import itertools
 import logging
 import os
 import resource
@@ -30,7 +31,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.utils import formatdate
@@ -44,6 +45,10 @@ log = logging.getLogger(__name__)
 
 SERVER = f"iscsimple-agent/{VERSION}"
 TEXT = "text/plain; charset=utf-8"
+
+# A response body: bytes; a list of byte strings; or any iterable of byte strings whose len()
+# is its length in bytes (exposition.PlainBody: its bytes are made as they are written).
+Body = bytes | list[bytes] | Sized
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,7 @@ class Endpoints:
 
     # (Accept header, gzip wanted) -> (body, content type); the body is already gzipped if asked.
     # A body given as pieces is written as it is, never joined whole (a plain body is megabytes).
-    metrics: Callable[[str, bool], tuple[bytes | list[bytes], str]]
+    metrics: Callable[[str, bool], tuple[Body, str]]
     healthy: Callable[[], tuple[bool, str]]
     ready: Callable[[], tuple[bool, str]]
     summary: Callable[[], str] = lambda: ""
@@ -302,7 +307,7 @@ class AgentHTTPServer:
                 continue  # blank lines before the request line are tolerated (RFC 9112 2.2)
             lines.append(line.rstrip(b"\r\n"))
 
-    async def _write(self, writer: asyncio.StreamWriter, data: bytes | list[bytes]) -> None:
+    async def _write(self, writer: asyncio.StreamWriter, data: bytes | Iterable[bytes]) -> None:
         if isinstance(data, bytes):
             writer.write(data)
             async with asyncio.timeout(self.limits.write_timeout):
@@ -317,13 +322,13 @@ class AgentHTTPServer:
 
     # -- one request --------------------------------------------------------------------
 
-    async def _respond(self, request: _Request, close: bool) -> bytes | list[bytes]:
+    async def _respond(self, request: _Request, close: bool) -> bytes | Iterable[bytes]:
         head = request.method == "HEAD"
         extra = self.web_config.headers
 
         def reply(
-            status: HTTPStatus, body: bytes | list[bytes], content_type: str = TEXT, more: dict | None = None
-        ) -> bytes | list[bytes]:
+            status: HTTPStatus, body: Body, content_type: str = TEXT, more: dict | None = None
+        ) -> bytes | Iterable[bytes]:
             return _response(status, body, content_type, head, {**extra, **(more or {})}, close)
 
         auth = self.web_config.auth
@@ -452,13 +457,13 @@ def _parse_head(lines: list[bytes]) -> _Request:
 
 def _response(
     status: HTTPStatus,
-    body: bytes | list[bytes],
+    body: Body,
     content_type: str,
     head: bool,
     headers: dict[str, str],
     close: bool,
-) -> bytes | list[bytes]:
-    length = len(body) if isinstance(body, bytes) else sum(map(len, body))
+) -> bytes | Iterable[bytes]:
+    length = sum(map(len, body)) if isinstance(body, list) else len(body)
     lines = [
         f"HTTP/1.1 {status.value} {status.phrase}",
         f"Server: {SERVER}",
@@ -474,13 +479,13 @@ def _response(
     top = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     if head:
         return top
-    return top + body if isinstance(body, bytes) else [top, *body]
+    return top + body if isinstance(body, bytes) else itertools.chain((top,), body)
 
 
 WRITE_CHUNK = 256 * 1024  # bytes of a body in pieces written at once
 
 
-def _coalesced(pieces: list[bytes], size: int) -> Iterator[bytes]:
+def _coalesced(pieces: Iterable[bytes], size: int) -> Iterator[bytes]:
     """The pieces joined into runs of at least `size` bytes (the last one shorter), in order."""
     run: list[bytes] = []
     length = 0

@@ -111,7 +111,7 @@ def same(a: HostSnapshot, b: HostSnapshot) -> None:
 
 def body(rendered) -> bytes:
     """Everything but the agent's own families (durations and the refresh time differ)."""
-    return b"".join(rendered.openmetrics_pieces[:-1])
+    return b"".join(piece.plain() for piece in rendered.openmetrics_pieces[:-1])
 
 
 @settings(
@@ -188,25 +188,31 @@ def test_full_sweep_keeps_unchanged_views(tmp_path):
 
 @settings(max_examples=50, deadline=None)
 @given(
-    st.lists(st.binary(max_size=40), max_size=300),
-    st.lists(st.tuples(st.integers(0, 400), st.binary(max_size=40)), max_size=5),
+    st.lists(st.binary(max_size=200), max_size=300),
+    st.lists(st.tuples(st.integers(0, 400), st.binary(max_size=200)), max_size=5),
+    st.booleans(),
 )
-def test_gzip_from_cached_segments_is_one_valid_member(pieces, edits):
-    """The body is one gzip member (any client reads it) made of segments reused while their
-    pieces are the same."""
+def test_a_gzip_body_of_compressed_pieces_is_one_valid_member(lines, edits, libz):
+    """The gzip body is the pieces' compressed bytes one after the other: one gzip member (any
+    client reads it), whose CRC is combined from the pieces' (zlib's crc32_combine, or without
+    libz the lines' own CRC)."""
     import gzip
     import zlib
 
-    from iscsimple.exporter.exposition import GzipSegments
+    from iscsimple.exporter.exposition import Piece, PlainBody, gzip_member
 
-    segments = GzipSegments()
-    for index, piece in [(None, None), *edits]:
-        if index is not None:
-            pieces.insert(min(index, len(pieces)), piece)
-        packed = segments.gzip("text", pieces)
-        assert gzip.decompress(packed) == b"".join(pieces)
-        single = zlib.decompressobj(wbits=31)
-        assert single.decompress(packed) == b"".join(pieces) and single.eof and not single.unused_data
+    no_libz = contextlib.nullcontext() if libz else mock.patch.object(exposition, "_CRC32_COMBINE", None)
+    pieces = [Piece.of(piece) for piece in lines]
+    with no_libz:
+        for index, piece in [(None, None), *edits]:
+            if index is not None:
+                pieces.insert(min(index, len(pieces)), Piece.of(piece))
+            whole = b"".join(piece.plain() for piece in pieces)
+            assert b"".join(PlainBody(pieces)) == whole and len(PlainBody(pieces)) == len(whole)
+            packed = gzip_member(pieces)
+            assert gzip.decompress(packed) == whole
+            single = zlib.decompressobj(wbits=31)
+            assert single.decompress(packed) == whole and single.eof and not single.unused_data
 
 
 mdstat_block = st.tuples(
@@ -336,7 +342,60 @@ def test_the_body_is_made_of_the_renderers_only_copy_of_the_lines(tmp_path):
             if blocks[2] is not before[name][2]:
                 replaced.add(name)
         assert replaced == {"iscsimple_leg_errors"}
-        assert b"".join(first.openmetrics_pieces) != b"".join(second.openmetrics_pieces)
+        assert body(first) != body(second)
+
+
+def test_an_added_view_leaves_the_blocks_before_it_as_they_were(tmp_path):
+    """When views are added (an attach), a block holding the very views it held before, in the
+    same order, keeps its compressed pieces: only the blocks from the new view on are encoded."""
+    host = SimulatedHost(tmp_path)
+    for i, label in enumerate(LABELS[:4]):
+        host.attach(label, "vm", TARGETS[i % len(TARGETS)], 1 + i)
+    snapshot = HostSnapshot.read(host.paths)
+    pinned = [snapshot]
+    renderer = Renderer(default_collectors(lambda: pinned[0]))
+    with mock.patch.object(exposition, "BLOCK", 2):
+        renderer.render(snapshot)
+        before = {name: list(blocks) for name, blocks in renderer._pieces[("arrays", True)].blocks.items()}
+        host.attach(LABELS[4], "vm", "iqn.2026-11.test.example:new", 5)  # sorts after the others
+        updated = pinned[0] = snapshot.update(host.paths, Changes(everything=True))
+        second = renderer.render(updated)
+        assert body(second) == body(render(updated, default_collectors(lambda: updated)))
+        after = renderer._pieces[("arrays", True)].blocks
+        assert all(after[name][:2] == blocks[:2] for name, blocks in before.items())  # the same objects
+        assert all(len(blocks) == 3 for blocks in after.values())
+
+
+def test_a_spliced_piece_is_compressed_by_the_first_gzip_body_or_the_next_render(tmp_path):
+    """A change's new pieces are left uncompressed until a gzip body needs them or the next render
+    (a view changing again meanwhile is spliced in plain lines); the bodies read the same."""
+    import gzip
+
+    host = SimulatedHost(tmp_path)
+    for i, label in enumerate(LABELS[:4]):
+        host.attach(label, "vm", TARGETS[i % len(TARGETS)], 1 + i)
+        host.finish_resync(label)
+    snapshot = HostSnapshot.read(host.paths)
+    pinned = [snapshot]
+    renderer = Renderer(default_collectors(lambda: pinned[0]))
+    renderer.render(snapshot)
+    arrays = renderer._pieces[("arrays", True)]
+    assert all(piece._plain is None for blocks in arrays.blocks.values() for piece in blocks)
+    for errors, gzipped in ((3, True), (4, False), (5, False)):
+        host.set_leg_errors(LABELS[1], "local", errors)
+        updated = pinned[0] = pinned[0].update(host.paths, Changes(everything=True))
+        rendered = renderer.render(updated)
+        spliced = arrays.blocks["iscsimple_leg_errors"][0]
+        assert spliced._plain is not None and spliced._packed is None
+        assert f'leg="local"}} {float(errors)}'.encode() in spliced.plain()
+        full = render(updated, default_collectors(lambda updated=updated: updated))
+        assert body(rendered) == body(full)
+        if gzipped:
+            packed = rendered.gzipped("application/openmetrics-text")[0]
+            assert spliced._plain is None and spliced._packed is not None
+            assert gzip.decompress(packed).startswith(body(full))
+    renderer.render(pinned[0])
+    assert spliced._plain is None and spliced._packed is not None
 
 
 def _record(label: str, reason: str = "test") -> StaleRecord:
