@@ -314,6 +314,9 @@ class _OpenedPieces:
         return plain[start : start + length]
 
 
+_NO_PIECES = _Pieces([])  # a kind of view the collector has no samples for
+
+
 def _block_count(views: int) -> int:
     return (views + BLOCK - 1) // BLOCK
 
@@ -443,6 +446,8 @@ class Renderer:
         dirty: set[int] | None,
         moved: set[int] | None = None,
     ) -> _Pieces:
+        if ("arrays" if arrays else "sessions") not in collector.views:
+            return _NO_PIECES
         views = snapshot.arrays if arrays else snapshot.sessions
         key = (collector.name, arrays)
         old = self._pieces.get(key)

@@ -36,11 +36,6 @@ def escape(value: str) -> str:
     return value
 
 
-def _needs_escape(values: Sequence[str]) -> bool:
-    joined = "".join(values)
-    return "\\" in joined or "\n" in joined or '"' in joined
-
-
 class _Template:
     """The line of one sample of a family, as a format string over the label values in the
     order they were declared (the line lists them sorted by name)."""
@@ -110,6 +105,7 @@ class Family(Metric):
         self.documentation = documentation
         self.unit = ""
         self.type = typ
+        self._sample = name + "_total" if typ == "counter" else name
         self._labels = labels  # the template is looked up only if a sample is added (most are not)
         # What was added, in order: (label values, value), or (label values, states, current)
         # for a one-hot block.
@@ -125,7 +121,7 @@ class Family(Metric):
 
     @property
     def _template(self) -> _Template:
-        return _template(self.name + "_total" if self.type == "counter" else self.name, self._labels)
+        return _template(self._sample, self._labels)
 
     @property
     def samples(self) -> list[Sample]:  # type: ignore[override]
@@ -145,22 +141,28 @@ class Family(Metric):
 
     def encoded(self) -> bytes:
         """The sample lines, exactly as exposition.encode_both writes them for `samples`."""
-        if not self._added:
+        added = self._added
+        if not added:
             return b""
-        template = self._template
+        template = _TEMPLATES.get((self._sample, tuple(self._labels))) or self._template
         line = template.line.format
-        lines = []
         count = len(template.labels)
-        for added in self._added:
-            labels = added[0]
-            if len(labels) != count - (len(added) == 3):
+        lines = []
+        for entry in added:
+            labels = entry[0]
+            plain = len(entry) == 2
+            if len(labels) != (count if plain else count - 1):
                 raise ValueError(f"{template.sample}: {len(labels)} label values for {template.labels}")
-            if _needs_escape(labels):
+            joined = "".join(labels)
+            if "\\" in joined or "\n" in joined or '"' in joined:
                 labels = [escape(v) for v in labels]
-            if len(added) == 2:
-                lines.append(line(*labels, encode_value(added[1])))
+            if plain:
+                value = entry[1]
+                lines.append(
+                    line(*labels, "1.0" if value == 1.0 else "0.0" if value == 0.0 else encode_value(value))
+                )
             else:
-                lines.append(template.one_hot(added[1], added[2]).format(*labels))
+                lines.append(template.one_hot(entry[1], entry[2]).format(*labels))
         return "".join(lines).encode()
 
 

@@ -197,6 +197,37 @@ def test_many_arrays_every_state(host):
     )
 
 
+def test_collectors_render_no_sample_for_the_views_they_do_not_declare(host):
+    """The renderer asks a collector for a Part of each view only of the kinds in its `views`:
+    one that has samples for another kind would lose them."""
+    from iscsimple.exporter.collectors import Part
+
+    targets = [f"iqn.2003-01.org.example:t{i}" for i in range(3)]
+    for i in range(6):
+        host.attach(f"vm{i}-disk", f"vm{i}", targets[i % 3], i // 3 + 1)
+    host.finish_resync("vm1-disk")
+    host.expire_session(targets[1])  # local-only, a stale record
+    host.fail_session(targets[2])
+    host.record_hotplug("add", "failure", 3.0)
+    agent = Agent(AgentOptions(paths=host.paths, udev=False, mdstat_events=False))
+    agent.refresher.refresh_now()
+    snapshot = agent.refresher.snapshot()
+    assert snapshot.stale and snapshot.arrays and snapshot.sessions
+    undeclared = 0
+    for collector in agent.refresher.collectors:
+        for kind, part in (
+            ("arrays", Part(arrays=snapshot.arrays)),
+            ("sessions", Part(sessions=snapshot.sessions)),
+        ):
+            if kind not in collector.views:
+                undeclared += 1
+                assert [f.samples for f in collector.families(snapshot, part) if f.samples] == [], (
+                    collector.name,
+                    kind,
+                )
+    assert undeclared >= 5  # arrays, safety: no sessions; iscsi: no arrays; hotplug: neither
+
+
 def _member_dir(host, label, leg):
     md = host.paths.sysfs / "block" / host.md_device(label) / "md"
     name = host.iscsi_device(label) if leg == "iscsi" else f"dm-{int(label[2:].split('-')[0])}"

@@ -20,6 +20,7 @@ INFO_LABELS = ("label", "device", "domain", "vbd", "target", "lun", "iscsi_devic
 class ArraysCollector(SnapshotCollector):
     name = "arrays"
     sources = ("registry", "md", "iscsi")
+    views = frozenset({"arrays"})
 
     def families(self, snapshot: HostSnapshot, part: Part) -> Iterable[Metric]:
         info = gauge(

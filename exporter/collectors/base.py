@@ -57,6 +57,9 @@ class SnapshotCollector(Collector):
     # The snapshot sources (HostSnapshot.sources keys) this collector depends on:
     # if one failed, iscsimple_collector_success{collector=name} is 0.
     sources: tuple[str, ...] = ()
+    # Which views have samples of their own: arrays, sessions. The renderer asks for a Part of
+    # each view of these kinds only (tests check that the others render no sample).
+    views: frozenset[str] = frozenset({"arrays", "sessions"})
 
     def __init__(self, current: Callable[[], HostSnapshot]):
         self.current = current

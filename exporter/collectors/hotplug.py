@@ -15,6 +15,7 @@ from .base import Part, SnapshotCollector, counter, gauge
 class HotplugCollector(SnapshotCollector):
     name = "hotplug"
     sources = ("hotplug",)
+    views: frozenset[str] = frozenset()
 
     def families(self, snapshot: HostSnapshot, part: Part) -> Iterable[Metric]:
         total = counter(

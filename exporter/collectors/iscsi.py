@@ -17,6 +17,7 @@ LUN_STATES = ("running", "blocked", "transport-offline", "offline", "created", "
 class IscsiCollector(SnapshotCollector):
     name = "iscsi"
     sources = ("registry", "iscsi")
+    views = frozenset({"sessions"})
 
     def families(self, snapshot: HostSnapshot, part: Part) -> Iterable[Metric]:
         state = gauge(

@@ -19,6 +19,7 @@ from .base import Context, Part, SnapshotCollector, counter, gauge
 class SafetyCollector(SnapshotCollector):
     name = "safety"
     sources = ("registry", "stale")
+    views = frozenset({"arrays"})
 
     def __init__(self, current: Callable[[], HostSnapshot], safety: Safety):
         super().__init__(current)
