@@ -571,6 +571,7 @@ def _discard(index: CowMap, keys: Iterable[str], value: str) -> None:
 
 
 _DELETED = object()
+_MISSING = object()
 
 
 class CowMap(Mapping):
@@ -656,12 +657,18 @@ class CowMap(Mapping):
         the same base (only their layers are looked at, not every key); None when they are not."""
         if self._base is not other._base:
             return None
-        keys = set()
-        for key in self._top.keys() | other._top.keys():
-            mine, theirs = self.get(key, _DELETED), other.get(key, _DELETED)
-            if mine is not theirs and mine != theirs:
-                keys.add(key)
-        return keys
+        mine, theirs = self._top, other._top
+        # A layer is copied whole by derive(): most of its items are the other's very objects.
+        keys = {key for key, value in mine.items() if theirs.get(key, _MISSING) is not value}
+        keys.update(theirs.keys() - mine.keys())
+        base = self._base
+        changed = set()
+        for key in keys:
+            a = mine[key] if key in mine else base.get(key, _DELETED)
+            b = theirs[key] if key in theirs else base.get(key, _DELETED)
+            if a is not b and a != b:
+                changed.add(key)
+        return changed
 
     def as_dict(self) -> dict:
         """A plain dict of the same items (copied in C, not key by key)."""

@@ -30,6 +30,7 @@ class SafetyCollector(SnapshotCollector):
         # snapshot and records they were found in, so a refresh looks only at what changed.
         self._orphans: tuple[HostSnapshot, Mapping[str, StaleRecord], list[str]] | None = None
         self._plain: tuple[tuple[Attachment, ...], list[Attachment]] | None = None
+        self._last_changed: tuple[Mapping, Mapping, set[str]] | None = None
 
     def _host(self) -> str:
         # ClusterSettings.host asks the kernel each time (gethostname): once per setting here.
@@ -50,7 +51,14 @@ class SafetyCollector(SnapshotCollector):
             return None, set()
         # The records carried over from pass to pass share their layers: what changed is found
         # from those, not by comparing every standing record.
-        return changed_keys(before, standing) | bitmaps, set()
+        return self._changed(before, standing) | bitmaps, set()
+
+    def _changed(self, before: Mapping[str, StaleRecord], after: Mapping[str, StaleRecord]) -> set[str]:
+        """changed_keys(before, after), once per pair (dirty and the orphans ask for the same)."""
+        last = self._last_changed
+        if last is None or last[0] is not before or last[1] is not after:
+            last = self._last_changed = (before, after, changed_keys(before, after))
+        return last[2]
 
     def families(self, snapshot: HostSnapshot, part: Part) -> Iterable[Metric]:
         standing = self.safety.standing_for(snapshot)
@@ -130,7 +138,7 @@ class SafetyCollector(SnapshotCollector):
         elif cached[1] is standing:
             orphans = cached[2]
         else:
-            moved = changed_keys(cached[1], standing)
+            moved = self._changed(cached[1], standing)
             if moved:
                 kept = set(cached[2]) - moved
                 kept.update(label for label in moved if label in standing and snapshot.array(label) is None)
