@@ -307,6 +307,11 @@ class HostSnapshot:
     def by_id(self, attachment_id: str) -> ArrayView | None:
         return self._index.by_id.get(attachment_id)
 
+    def target_sessions(self, target: str | None) -> tuple[IscsiSession, ...]:
+        """The iSCSI sessions to `target` (by sid): what a heal of one array looks at, without
+        going through every session of the host."""
+        return self._index.sessions_by_target.get(target, ()) if target else ()
+
     def session_views(self, target: str) -> tuple[SessionView, ...]:
         return self._index.session_views.get(target, ())
 

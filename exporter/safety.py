@@ -258,7 +258,7 @@ class Healer:
         for key in sorted(candidates, key=lambda k: snapshot.position(k) or 0):
             view = snapshot.by_id(key)
             if view is not None and view.label not in standing:
-                self._consider_resume(view, snapshot.iscsi.sessions)
+                self._consider_resume(view, list(snapshot.target_sessions(view.attachment.target)))
         for view in views:
             if recovery_complete(view):
                 if self._cleared(view, standing) and self.enabled and self.check_after:
@@ -266,7 +266,7 @@ class Healer:
                 continue
             if self._blocked.get(view.label) is view:
                 continue  # held back by the array's state, and that state has not changed
-            self._consider(view, snapshot.iscsi.sessions)
+            self._consider(view, list(snapshot.target_sessions(view.attachment.target)))
         self._seen_standing = True
         return standing
 

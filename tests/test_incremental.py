@@ -106,6 +106,9 @@ def same(a: HostSnapshot, b: HostSnapshot) -> None:
     assert a.sessions == b.sessions
     assert a.stale == b.stale
     assert a.hotplug == b.hotplug
+    # A heal looks only at its target's sessions (through the derived index).
+    for target in {*TARGETS, *(s.target for s in b.iscsi.sessions)}:
+        assert a.target_sessions(target) == tuple(s for s in b.iscsi.sessions if s.target == target)
     assert {k: v.errors for k, v in a.sources.items()} == {k: v.errors for k, v in b.sources.items()}
 
 
