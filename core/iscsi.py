@@ -205,7 +205,7 @@ def _read_session_at(
     session_errors: list[str] = []
     relative = attrs_dir[len(session_dir) + 1 :] + "/"
     attrs = AttrReader(attrs_dir, session_errors, session_fd, relative)
-    target = attrs.text("targetname", required=True, empty_ok=False)
+    target = attrs.text("targetname", required=True, empty_ok=False, shared=False)
     host = os.path.basename(os.path.dirname(session_dir))
     try:
         entries = os.listdir(session_fd)

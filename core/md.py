@@ -186,7 +186,7 @@ def _read_array_at(md_fd: int, disk_dir: str, md_dir: str, name: str, all_errors
     level = md.text("level", required=True) or None
     redundant = level in REDUNDANT_LEVELS
     sync_action = md.text("sync_action", required=redundant)
-    sync_completed_text = md.text("sync_completed", required=redundant)
+    sync_completed_text = md.text("sync_completed", required=redundant, shared=False)
     sectors = disk.parsed("size", True, parse_int)
     array = MdArray(
         name=name,

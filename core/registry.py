@@ -103,10 +103,14 @@ class Attachment:
         if not isinstance(data, dict):
             raise ValueError(f"expected a JSON object, found {type(data).__name__}")
         known = _ATTACHMENT_FIELDS
-        # Tolerate newer writers. Short texts (states, legs, portals) repeat across thousands of
-        # entries: one string each instead of one per entry kept in every snapshot.
+        # Tolerate newer writers. The texts that repeat across thousands of entries (states, legs,
+        # portals) become one string each instead of one per entry kept in every snapshot; the
+        # others (ids, labels, devices) are one per entry anyway, and interning them would only
+        # grow the interpreter's table of interned strings.
         values = {
-            k: sys.intern(v) if type(v) is str and len(v) <= 64 else v for k, v in data.items() if k in known
+            k: sys.intern(v) if k in _REPEATED_TEXTS and type(v) is str and len(v) <= 64 else v
+            for k, v in data.items()
+            if k in known
         }
         for name in ("id", "spec", "lun", "target", "label"):
             if name not in values:
@@ -121,6 +125,7 @@ class Attachment:
 
 
 _ATTACHMENT_FIELDS = frozenset(f.name for f in fields(Attachment))
+_REPEATED_TEXTS = frozenset({"state", "portal", "write_mostly_leg", "source_leg", "vbd"})
 
 
 # -- checks of what a registry entry may hold (it is read back as untrusted input) ----------------

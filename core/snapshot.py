@@ -327,11 +327,11 @@ class HostSnapshot:
         return self._index.stale_by_label.get(label)
 
     def ids_of(self, label: str) -> frozenset[str]:
-        return self._index.by_label.get(label, frozenset())
+        return frozenset(self._index.by_label.get(label, ()))
 
     def ids_with_md(self, md_name: str) -> frozenset[str]:
         """The attachments whose view is (or names) md array `md_name`."""
-        return self._index.by_md.get(md_name, frozenset())
+        return frozenset(self._index.by_md.get(md_name, ()))
 
     @cached_property
     def _index(self) -> _Index:
@@ -561,18 +561,24 @@ def _view_keys(view: ArrayView) -> tuple[set[str], set[str]]:
     return md, devices
 
 
+# The index maps hold tuples of attachment ids: almost always one id, and a tuple of one is a
+# fifth of a frozenset of one (thousands of md and device names per thousand arrays).
 def _add(index: CowMap, keys: Iterable[str], value: str) -> None:
     for key in keys:
-        index[key] = index.get(key, frozenset()) | {value}
+        ids = index.get(key, ())
+        if value not in ids:
+            index[key] = (*ids, value)
 
 
 def _discard(index: CowMap, keys: Iterable[str], value: str) -> None:
     for key in keys:
-        rest = index.get(key, frozenset()) - {value}
-        if rest:
-            index[key] = rest
-        else:
-            index.pop(key, None)
+        ids = index.get(key, ())
+        if value in ids:
+            rest = tuple(v for v in ids if v != value)
+            if rest:
+                index[key] = rest
+            else:
+                index.pop(key)
 
 
 _DELETED = object()
@@ -705,9 +711,9 @@ class _Index:
 
     by_id: CowMap  # attachment id -> ArrayView
     position: CowMap  # attachment id -> where its view is in `arrays`
-    by_label: CowMap  # label -> attachment ids
-    by_md: CowMap  # md name -> attachment ids
-    by_device: CowMap  # kernel name -> attachment ids
+    by_label: CowMap  # label -> attachment ids (a tuple)
+    by_md: CowMap  # md name -> attachment ids (a tuple)
+    by_device: CowMap  # kernel name -> attachment ids (a tuple)
     no_md: frozenset[str]
     attachments_by_target: dict[str, tuple[Attachment, ...]]
     ids_by_target: CowMap  # target -> attachment ids

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -54,8 +53,12 @@ class AttrReader:
         self.dir_fd = dir_fd
         self.relative = relative
 
-    def text(self, attr: str, required: bool, empty_ok: bool = True) -> str | None:
+    def text(self, attr: str, required: bool, empty_ok: bool = True, shared: bool = True) -> str | None:
         """The stripped content, or None if missing, unreadable, not text, or empty when not `empty_ok`.
+
+        `shared`: its values repeat across arrays and sessions (a state, a level), so the text is
+        remembered and every equal value is one string; not for a text parsed at once (numbers,
+        device numbers) or one of a kind (a target's name).
 
         The kernel writes one line of ASCII: bytes that are not UTF-8 or control characters mean
         the tree is not what we think it is, and that is an error even for an optional attribute."""
@@ -74,7 +77,7 @@ class AttrReader:
             return None
         text = _TEXTS.get(data)
         if text is None:
-            text = _checked_text(data)
+            text = _checked_text(data, shared)
             if text is None:
                 self.errors.append(f"{os.path.join(self.directory, attr)}: not text: {data[:40]!r}")
                 return None
@@ -88,7 +91,7 @@ class AttrReader:
         self, attr: str, required: bool, parse: Callable[[str], T], none_words: tuple[str, ...] = ("none",)
     ) -> T | None:
         """parse(text); None for a missing file, a none word or a value parse rejects (noted in errors)."""
-        text = self.text(attr, required)
+        text = self.text(attr, required, shared=False)
         if text is None or text in none_words:
             return None
         try:
@@ -101,15 +104,17 @@ class AttrReader:
 # O_NONBLOCK: a FIFO planted in a tree given as --path.sysfs must not block the reader.
 _READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
 
-# Texts already checked, by the bytes read. Most attribute values repeat across thousands of
-# arrays and sessions ("raid1", "clean", "in_sync", "0", "LOGGED_IN"): a look-up instead of a
-# decode, strip and check per file, and one string each instead of a copy per array kept in
-# the snapshot. Bounded, so a tree of ever new values (sizes, counters) cannot grow it.
+# Texts already checked, by the bytes read, of the attributes whose values are shared. Most of their
+# values repeat across thousands of arrays and sessions ("raid1", "clean", "in_sync",
+# "LOGGED_IN"): a look-up instead of a decode, strip and check per file, and one string each
+# instead of a copy per array kept in the snapshot. Texts parsed at once (sizes, counters,
+# device numbers: mostly different per array) are not added. Bounded, so a tree of ever new
+# values cannot grow it.
 _TEXTS: dict[bytes, str] = {}
 _MAX_TEXTS = 4096
 
 
-def _checked_text(data: bytes) -> str | None:
+def _checked_text(data: bytes, shared: bool = True) -> str | None:
     """`data` decoded and stripped; None when it is not one printable UTF-8 text."""
     try:
         text = data.decode("utf-8").strip()
@@ -117,8 +122,7 @@ def _checked_text(data: bytes) -> str | None:
         return None
     if not text.isprintable():
         return None
-    text = sys.intern(text)
-    if len(_TEXTS) < _MAX_TEXTS:
+    if shared and len(_TEXTS) < _MAX_TEXTS:
         _TEXTS[data] = text
     return text
 
