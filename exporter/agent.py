@@ -46,7 +46,7 @@ from iscsimple.core.snapshot import EVERYTHING, Changes, HostSnapshot
 
 from .collectors import Context, default_collectors
 from .events import ChangePoll, KernelLogWatcher, MdstatDiff, MdstatWatcher, UdevWatcher, udev_monitor
-from .exposition import PlainBody, Rendered
+from .exposition import GzipBody, PlainBody, Rendered
 from .health import HealthChecker
 from .refresh import Refresher, Watcher
 from .safety import Safety
@@ -211,7 +211,7 @@ class Agent:
         body, content_type = self.metrics_pieces(accept, gzipped)
         return (body if isinstance(body, bytes) else b"".join(body)), content_type
 
-    def metrics_pieces(self, accept: str, gzipped: bool = False) -> tuple[bytes | PlainBody, str]:
+    def metrics_pieces(self, accept: str, gzipped: bool = False) -> tuple[bytes | PlainBody | GzipBody, str]:
         """What the web server writes: a plain body as its pieces, never joined whole."""
         rendered = self.refresher.current
         if rendered is None:

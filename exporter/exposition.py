@@ -29,7 +29,7 @@ from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from itertools import accumulate
+from itertools import accumulate, pairwise
 
 from prometheus_client import exposition as text_format
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -129,6 +129,40 @@ class PlainBody:
                 yield piece.plain()
 
 
+class GzipBody:
+    """A gzip body as the web server writes it: one gzip member (RFC 1952) made of the pieces'
+    compressed bytes one after the other, in runs of about RUN bytes; never joined whole, nor
+    kept (only the list of the pieces' compressed bytes and the trailer are)."""
+
+    RUN = 256 * 1024
+
+    def __init__(self, pieces: Sequence[Piece], trailer: bytes):
+        self.chunks = [_GZIP_HEADER, *(p.pack() for p in pieces if p.size), _DEFLATE_END, trailer]
+        self.size = 0
+        self._cuts = [0]  # where each run starts in chunks
+        run = 0
+        for index, chunk in enumerate(self.chunks):
+            self.size += len(chunk)
+            run += len(chunk)
+            if run >= self.RUN:
+                self._cuts.append(index + 1)
+                run = 0
+
+    @classmethod
+    def of(cls, pieces: Sequence[Piece]) -> GzipBody:
+        size = sum(p.size for p in pieces)
+        return cls(pieces, struct.pack("<II", _combined_crc(pieces) & 0xFFFFFFFF, size & 0xFFFFFFFF))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[bytes]:
+        cuts = [*self._cuts, len(self.chunks)]
+        for start, end in pairwise(cuts):
+            if start < end:
+                yield b"".join(self.chunks[start:end])
+
+
 @dataclass
 class Rendered:
     snapshot: HostSnapshot
@@ -137,7 +171,7 @@ class Rendered:
     text_pieces: list[Piece]
     openmetrics_pieces: list[Piece]
     agent_families: Sequence[Metric] = ()
-    _gzipped: dict[str, bytes] = field(default_factory=dict, repr=False)
+    _gzipped: dict[str, GzipBody] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -171,23 +205,20 @@ class Rendered:
         pieces, content_type = self._format(accept)
         return b"".join(PlainBody(pieces)), content_type
 
-    def gzipped(self, accept: str) -> tuple[bytes, str]:
-        """The same body gzip-compressed, once per snapshot and format: the pieces' compressed
-        bytes joined into one gzip member, whose CRC is combined from theirs."""
+    def gzipped(self, accept: str) -> tuple[GzipBody, str]:
+        """The same body gzip-compressed: the pieces' compressed bytes, one gzip member whose CRC
+        is combined from theirs (once per snapshot and format)."""
         pieces, content_type = self._format(accept)
         with self._lock:
-            packed = self._gzipped.get(content_type)
-            if packed is None:
-                packed = self._gzipped[content_type] = gzip_member(pieces)
-        return packed, content_type
+            body = self._gzipped.get(content_type)
+            if body is None:
+                body = self._gzipped[content_type] = GzipBody.of(pieces)
+        return body, content_type
 
 
 def gzip_member(pieces: Sequence[Piece]) -> bytes:
-    """One gzip member (RFC 1952) holding the pieces' lines, made of their compressed bytes."""
-    size = sum(p.size for p in pieces)
-    crc = _combined_crc(pieces)
-    trailer = struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF)
-    return b"".join([_GZIP_HEADER, *(p.pack() for p in pieces), _DEFLATE_END, trailer])
+    """One gzip member (RFC 1952) holding the pieces' lines, joined."""
+    return b"".join(GzipBody.of(pieces))
 
 
 def _zlib_crc32_combine():

@@ -47,7 +47,7 @@ SERVER = f"iscsimple-agent/{VERSION}"
 TEXT = "text/plain; charset=utf-8"
 
 # A response body: bytes; a list of byte strings; or any iterable of byte strings whose len()
-# is its length in bytes (exposition.PlainBody: its bytes are made as they are written).
+# is its length in bytes (exposition.PlainBody, GzipBody: written as they are, never joined).
 Body = bytes | list[bytes] | Sized
 
 

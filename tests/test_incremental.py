@@ -202,7 +202,7 @@ def test_a_gzip_body_of_compressed_pieces_is_one_valid_member(lines, edits, libz
     import gzip
     import zlib
 
-    from iscsimple.exporter.exposition import Piece, PlainBody, gzip_member
+    from iscsimple.exporter.exposition import GzipBody, Piece, PlainBody, gzip_member
 
     no_libz = contextlib.nullcontext() if libz else mock.patch.object(exposition, "_CRC32_COMBINE", None)
     pieces = [Piece.of(piece) for piece in lines]
@@ -216,6 +216,12 @@ def test_a_gzip_body_of_compressed_pieces_is_one_valid_member(lines, edits, libz
             assert gzip.decompress(packed) == whole
             single = zlib.decompressobj(wbits=31)
             assert single.decompress(packed) == whole and single.eof and not single.unused_data
+            # As the web server writes it: in runs of at least RUN bytes (the last one shorter).
+            with mock.patch.object(GzipBody, "RUN", 64):
+                body = GzipBody.of(pieces)
+                runs = list(body)
+            assert b"".join(runs) == packed and len(body) == len(packed)
+            assert all(len(run) >= 64 for run in runs[:-1])
 
 
 mdstat_block = st.tuples(
@@ -394,7 +400,7 @@ def test_a_spliced_piece_is_compressed_by_the_first_gzip_body_or_the_next_render
         full = render(updated, default_collectors(lambda updated=updated: updated))
         assert body(rendered) == body(full)
         if gzipped:
-            packed = rendered.gzipped("application/openmetrics-text")[0]
+            packed = b"".join(rendered.gzipped("application/openmetrics-text")[0])
             assert spliced._plain is None and spliced._packed is not None
             assert gzip.decompress(packed).startswith(body(full))
     renderer.render(pinned[0])
