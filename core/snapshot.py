@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import chain
 from pathlib import Path
 from typing import TypeVar
 
@@ -252,8 +253,8 @@ EVERYTHING = Changes(everything=True)
 class HostSnapshot:
     taken: float
     attachments: tuple[Attachment, ...]
-    arrays: tuple[ArrayView, ...]
-    sessions: tuple[SessionView, ...]
+    arrays: Sequence[ArrayView]  # Chunks when read or derived: a change copies a run, not all
+    sessions: Sequence[SessionView]
     md: MdReadResult
     iscsi: IscsiReadResult
     stale: tuple[StaleRecord, ...]
@@ -407,8 +408,8 @@ class HostSnapshot:
         return cls(
             taken=time.time() if taken is None else taken,
             attachments=tuple(attachments),
-            arrays=tuple(arrays),
-            sessions=tuple(sessions),
+            arrays=Chunks(arrays),
+            sessions=Chunks(sessions),
             md=md,
             iscsi=iscsi,
             stale=tuple(stale),
@@ -579,6 +580,70 @@ def _discard(index: CowMap, keys: Iterable[str], value: str) -> None:
                 index[key] = rest
             else:
                 index.pop(key)
+
+
+class Chunks(Sequence):
+    """An immutable sequence kept as runs of SIZE items: a derived snapshot that replaces a few
+    views copies their runs and the list of runs (N / SIZE entries), not all N views, and the
+    older snapshot keeps its own. Iterates, indexes and compares like the tuple of its items."""
+
+    SIZE = 64
+    __slots__ = ("_len", "_runs")
+
+    def __init__(self, items: Iterable = ()):
+        items = tuple(items)
+        size = self.SIZE
+        self._runs = tuple(items[i : i + size] for i in range(0, len(items), size))
+        self._len = len(items)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self):
+        return chain.from_iterable(self._runs)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return tuple(self)[index]
+        if index < 0:
+            index += self._len
+        if not 0 <= index < self._len:
+            raise IndexError("Chunks index out of range")
+        return self._runs[index // self.SIZE][index % self.SIZE]
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, Chunks):
+            return self._len == other._len and tuple(self) == tuple(other)
+        if isinstance(other, tuple):
+            return tuple(self) == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return f"Chunks({tuple(self)!r})"
+
+    def replaced(self, items: Mapping[int, object]) -> Chunks:
+        """A copy with the item at each position of `items` replaced (positions must exist)."""
+        runs = list(self._runs)
+        by_run: dict[int, dict[int, object]] = {}
+        for index, item in items.items():
+            if not 0 <= index < self._len:
+                raise IndexError("Chunks index out of range")
+            by_run.setdefault(index // self.SIZE, {})[index % self.SIZE] = item
+        for number, changes in by_run.items():
+            run = list(runs[number])
+            for offset, item in changes.items():
+                run[offset] = item
+            runs[number] = tuple(run)
+        new = Chunks.__new__(Chunks)
+        new._runs, new._len = tuple(runs), self._len
+        return new
+
+
+def _chunks(items: Sequence) -> Chunks:
+    return items if isinstance(items, Chunks) else Chunks(items)
 
 
 _DELETED = object()
@@ -897,13 +962,10 @@ class _Update:
                 reorder = True
 
         if reorder:
-            arrays = tuple(sorted(index.by_id.values(), key=lambda v: _array_order(v.attachment)))
+            arrays = Chunks(sorted(index.by_id.values(), key=lambda v: _array_order(v.attachment)))
             index.position = CowMap({v.attachment.id: i for i, v in enumerate(arrays)})
         elif changed:
-            as_list = list(old.arrays)
-            for key in changed:
-                as_list[index.position[key]] = index.by_id[key]
-            arrays = tuple(as_list)
+            arrays = _chunks(old.arrays).replaced({index.position[key]: index.by_id[key] for key in changed})
         else:
             arrays = old.arrays
 
@@ -1103,13 +1165,24 @@ class _Update:
                 changed.add(target)
         if not changed:
             return old.sessions, changed
-        # Each target's views are one run of `sessions` (ordered by target): replace those runs.
+        # Each target's views are one run of `sessions` (ordered by target): replace those runs,
+        # in place when each keeps its length (a session's state changed), else in a new list.
+        replaced = {}
+        for target in changed:
+            start = bisect.bisect_left(old.sessions, target, key=_view_target)
+            end = bisect.bisect_right(old.sessions, target, key=_view_target)
+            views = index.session_views.get(target, ())
+            if end - start != len(views):
+                break
+            replaced.update((start + i, view) for i, view in enumerate(views))
+        else:
+            return _chunks(old.sessions).replaced(replaced), changed
         sessions = list(old.sessions)
         for target in changed:
             start = bisect.bisect_left(sessions, target, key=_view_target)
             end = bisect.bisect_right(sessions, target, key=_view_target)
             sessions[start:end] = index.session_views.get(target, ())
-        return tuple(sessions), changed
+        return Chunks(sessions), changed
 
 
 def _session_for(a: Attachment, sessions: list[IscsiSession]) -> tuple[IscsiSession | None, ScsiLun | None]:

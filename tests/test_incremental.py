@@ -303,6 +303,35 @@ def test_copy_on_write_index_map_leaves_its_parents_alone(operations):
     }
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.integers(), max_size=40),
+    st.lists(st.dictionaries(st.integers(0, 39), st.integers()), max_size=5),
+)
+def test_chunked_views_replace_only_their_runs_and_read_as_the_tuple(items, edits):
+    """A derived snapshot's views replace a few items of runs shared with its parent: every
+    sequence reads as the tuple of its items, and an earlier one is left as it was."""
+    from iscsimple.core.snapshot import Chunks
+
+    with mock.patch.object(Chunks, "SIZE", 3):
+        seqs, models = [Chunks(items)], [tuple(items)]
+        for edit in edits:
+            edit = {i: v for i, v in edit.items() if i < len(items)}
+            model = list(models[-1])
+            for i, v in edit.items():
+                model[i] = v
+            seqs.append(seqs[-1].replaced(edit))
+            models.append(tuple(model))
+        for seq, model in zip(seqs, models, strict=True):
+            assert seq == model and tuple(seq) == model and len(seq) == len(model)
+            assert seq == Chunks(model) and hash(seq) == hash(Chunks(model))
+            assert [seq[i] for i in range(-len(model), len(model))] == [*model, *model]
+            assert seq[1:-1] == model[1:-1]
+            with contextlib.suppress(IndexError):
+                seq[len(model)]
+                raise AssertionError("indexed past the end")
+
+
 def test_a_record_replaced_under_its_name_is_read_again(tmp_path):
     """The records directory is compared by the inodes of its listing: a record iscsimple
     rewrites (a new file renamed over it) is read again, the others are not."""
