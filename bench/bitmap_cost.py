@@ -5,22 +5,26 @@
                                                [--disk-gib 16] [--save FILE]
 
 Boots the real-kernel bed (tests/vm: Debian's kernel under qemu TCG, tgt on the guest's loopback)
-holding the machine-wide VM lock (/tmp/iscsimple-vm.lock). Two mirrors of the project's layout
+holding the machine-wide VM lock (/tmp/iscsimple-vm.lock). Three mirrors of the project's layout
 (a local device plus a LUN over iSCSI, write-mostly, built by the project's --build command with
---assume-clean), each DISK_GIB large (sparse), same kind of backing: A without a bitmap, B with a
-bitmap file on its own ext4 (4 KiB blocks, as on a host). One phase per chunk size: B is rebuilt
-with that chunk, left idle until md has cleaned every bit mdadm's new file starts with, warmed
-up, and then one writer of 4 KiB O_DIRECT|O_DSYNC writes, one at a time, writes to A and B in
-turn (A B, B A, ...: a load change on this shared machine hits both alike), in blocks of PAIRS
-pairs, sequential and at random places block by block. A queue-depth-1 writer's throughput is
-1 / its mean latency, so per chunk and pattern the bench prints B's throughput over A's (A's total
-write time over B's, for as many writes) with a 95 % bootstrap confidence interval (resampling
-blocks), the median of the per-block ratios with its interval, and md's bitmap-file writes per
-B write, counted on the device under B's filesystem (md writes the file's blocks itself and
-nothing else writes there): during B's writes, and in all (the daemon's lazy clears may land
-during A's). "At most 5 % slower" is shown for a chunk size only when the interval's lower
-bound is at least 0.95 for both patterns. It also prints what a partial heal copies for 4 MiB
-written as 1024 scattered 4 KiB writes at each chunk size (the other side of the trade-off).
+--assume-clean), each DISK_GIB large (sparse), same kind of backing: A without a bitmap, B with its
+bitmap file in the product's RAM store (ext4 on zram, made by core/bitmapstore.py), C with its
+bitmap file on ext4 with 4 KiB blocks on a loop device, the layout of a bitmap on a local disk's
+filesystem (the loop device's file is in the guest's RAM, so C shows the block layer's path to a
+disk, not a disk's latency). One phase per chunk size: B and C are rebuilt with that chunk, left
+idle until md has cleaned every bit mdadm's new file starts with, warmed up, and then one writer
+of 4 KiB O_DIRECT|O_DSYNC writes, one at a time, writes to A, B and C in turn (A B C, B C A,
+C A B, ...: a load change on this shared machine hits all alike), in blocks of PAIRS turns,
+sequential and at random places block by block. A queue-depth-1 writer's throughput is 1 / its
+mean latency, so per mirror with a bitmap (X = B, C), chunk and pattern the bench prints X's
+throughput over A's (A's total write time over X's, for as many writes) with a 95 % bootstrap
+confidence interval (resampling blocks), the median of the per-block ratios with its interval,
+and md's bitmap-file writes per X write, counted on the device under X's filesystem (md writes
+the file's blocks itself and nothing else writes there): during X's writes, and in all (the
+daemon's lazy clears may land during the others'). "At most 5 % slower" is shown for a chunk
+size only when B's interval's lower bound is at least 0.95 for both patterns. It also prints what
+a partial heal copies for 4 MiB written as 1024 scattered 4 KiB writes at each chunk size (the
+other side of the trade-off).
 """
 
 from __future__ import annotations
@@ -37,8 +41,12 @@ from pathlib import Path
 from heal import BedBench, run_on_bed  # bench/heal.py, beside this file
 
 IQN = "iqn.2026-11.bench.local:cost"
-MD = {"A": "/dev/md/bench-cost-a", "B": "/dev/md/bench-cost-b"}
-BITMAP_DIR = "/var/lib/iscsimple/cost"
+MD = {"A": "/dev/md/bench-cost-a", "B": "/dev/md/bench-cost-b", "C": "/dev/md/bench-cost-c"}
+# Where B's and C's bitmap files live: B in the product's RAM store, C on a disk's layout.
+BITMAP_DIRS = {"B": "/var/lib/iscsimple/cost-ram", "C": "/var/lib/iscsimple/cost-disk"}
+WITH_BITMAP = tuple(BITMAP_DIRS)
+# Each block's turns rotate A B C, B C A, C A B: every mirror writes first, second and third alike.
+ORDERS = (("A", "B", "C"), ("B", "C", "A"), ("C", "A", "B"))
 RESULTS = "/tmp/bitmap-cost.jsonl"
 PATTERNS = ("sequential", "random")
 WRITE = 4096
@@ -48,6 +56,13 @@ WRITE = 4096
 
 
 def guest_main(argv: list[str]) -> None:
+    if argv[0] == "ram-store":
+        from iscsimple.core.bitmapstore import make_ram_store
+        from iscsimple.core.paths import HostPaths
+        from iscsimple.core.run import Deadline
+
+        print(json.dumps({"device": make_ram_store(HostPaths(), Path(argv[1]), Deadline(60))}))
+        return
     cfg = json.loads(Path(argv[0]).read_text())
     with open(RESULTS, "a") as out:
         run_phases(cfg, out)
@@ -65,7 +80,7 @@ def run_phases(cfg: dict, out) -> None:
 
     def build(name: str, chunk: int | None) -> int:
         leg = cfg["legs"][name]
-        file = Path(BITMAP_DIR) / f"chunk-{chunk}" if chunk else None
+        file = Path(BITMAP_DIRS[name]) / f"chunk-{chunk}" if chunk else None
         if file is not None:
             file.unlink(missing_ok=True)
         argv = build_argv(MD[name], leg["lun"], None, file, chunk)
@@ -77,10 +92,10 @@ def run_phases(cfg: dict, out) -> None:
         # md reads the file mdadm just wrote: how many bits it starts with set
         return read_bitmap_file(file).dirty if file else 0
 
-    stat = Path("/sys/block") / Path(cfg["fs_device"]).name / "stat"
+    stats = {name: Path("/sys/block") / Path(dev).name / "stat" for name, dev in cfg["fs_devices"].items()}
 
-    def fs_writes() -> int:
-        return int(stat.read_text().split()[4])  # writes completed
+    def fs_writes() -> dict[str, int]:
+        return {name: int(stat.read_text().split()[4]) for name, stat in stats.items()}  # writes completed
 
     def emit(record: dict) -> None:
         out.write(json.dumps(record) + "\n")
@@ -89,20 +104,22 @@ def run_phases(cfg: dict, out) -> None:
     build("A", None)
     writers = {}
     for chunk in cfg["chunks"]:
-        at_build = build("B", chunk)
-        md_b = os.path.realpath(MD["B"]).rsplit("/", 1)[-1]
-        started = time.monotonic()
-        while "bitmap: 0/" not in mdstat_block(md_b) and time.monotonic() - started < 120:
-            time.sleep(0.2)
-        clean_after = time.monotonic() - started
-        emit(
-            {
-                "chunk": chunk,
-                "bits_at_build": at_build,
-                "clean_after": clean_after,
-                "bitmap": mdstat_block(md_b),
-            }
-        )
+        for name in WITH_BITMAP:
+            at_build = build(name, chunk)
+            md = os.path.realpath(MD[name]).rsplit("/", 1)[-1]
+            started = time.monotonic()
+            while "bitmap: 0/" not in mdstat_block(md) and time.monotonic() - started < 120:
+                time.sleep(0.2)
+            clean_after = time.monotonic() - started
+            emit(
+                {
+                    "chunk": chunk,
+                    "mirror": name,
+                    "bits_at_build": at_build,
+                    "clean_after": clean_after,
+                    "bitmap": mdstat_block(md),
+                }
+            )
         for name in MD:
             for pattern in PATTERNS:
                 writers[(name, pattern)] = Writer(MD[name], pattern, seed=f"{chunk}-{name}-{pattern}")
@@ -112,24 +129,32 @@ def run_phases(cfg: dict, out) -> None:
         while time.monotonic() < phase_end:
             measured = time.monotonic() >= warmup_end
             for pattern in PATTERNS:
-                sums = {"A": [0.0, 0], "B": [0.0, 0]}  # seconds writing, bitmap-file writes meanwhile
-                for pair in range(cfg["pairs"]):
-                    for name in ("A", "B") if pair % 2 == 0 else ("B", "A"):
+                seconds = dict.fromkeys(MD, 0.0)
+                # bitmap-file writes on each store's device while each mirror wrote
+                bitmap_writes = {(name, store): 0 for name in MD for store in WITH_BITMAP}
+                for turn in range(cfg["pairs"]):
+                    for name in ORDERS[turn % len(ORDERS)]:
                         io0 = fs_writes()
-                        sums[name][0] += writers[(name, pattern)].write()
-                        sums[name][1] += fs_writes() - io0
+                        seconds[name] += writers[(name, pattern)].write()
+                        io1 = fs_writes()
+                        for store in WITH_BITMAP:
+                            bitmap_writes[(name, store)] += io1[store] - io0[store]
                 if measured:
-                    emit(
-                        {
-                            "chunk": chunk, "block": block, "pattern": pattern, "pairs": cfg["pairs"],
-                            "a_seconds": sums["A"][0], "b_seconds": sums["B"][0],
-                            "a_bitmap_writes": sums["A"][1], "b_bitmap_writes": sums["B"][1],
-                        }
-                    )  # fmt: skip
+                    record = {"chunk": chunk, "block": block, "pattern": pattern, "pairs": cfg["pairs"]}
+                    for name in MD:
+                        record[f"{name.lower()}_seconds"] = seconds[name]
+                    for store in WITH_BITMAP:  # on each store: during its own mirror's writes, in all
+                        own = bitmap_writes[(store, store)]
+                        record[f"{store.lower()}_bitmap_writes"] = own
+                        record[f"{store.lower()}_bitmap_writes_all"] = sum(
+                            bitmap_writes[(name, store)] for name in MD
+                        )
+                    emit(record)
             block += measured
         for writer in writers.values():
             writer.close()
-        sh("mdadm", "--stop", MD["B"])
+        for name in WITH_BITMAP:
+            sh("mdadm", "--stop", MD[name])
     sh("mdadm", "--stop", MD["A"])
 
 
@@ -171,12 +196,14 @@ class Writer:
 # -- the figures (host side; pure functions) --------------------------------------------------------
 
 
-def blocks_by(records: list[dict]) -> dict[tuple[int, str], list[tuple[float, float]]]:
-    """(chunk, pattern) -> per block of alternating writes: (A's seconds, B's seconds) for as many writes each."""
+def blocks_by(records: list[dict], mirror: str = "B") -> dict[tuple[int, str], list[tuple[float, float]]]:
+    """(chunk, pattern) -> per block of alternating writes: (A's seconds, `mirror`'s seconds) for as many
+    writes each."""
+    key = f"{mirror.lower()}_seconds"
     out: dict[tuple[int, str], list[tuple[float, float]]] = {}
     for r in records:
-        if r["a_seconds"] > 0 and r["b_seconds"] > 0:
-            out.setdefault((r["chunk"], r["pattern"]), []).append((r["a_seconds"], r["b_seconds"]))
+        if r["a_seconds"] > 0 and r.get(key, 0) > 0:
+            out.setdefault((r["chunk"], r["pattern"]), []).append((r["a_seconds"], r[key]))
     return out
 
 
@@ -235,10 +262,12 @@ class CostBench(BedBench):
     def run(self) -> None:
         bed, g, a = self.bed, self.g, self.args
         chunks = [int(k) << 10 for k in a.chunks.split(",")]
-        fs = bed.make_disk("cost-fs", 64)
-        self.sh(["mkfs.ext4", "-q", "-b", "4096", fs])  # a host's /var/lib: 4 KiB blocks
-        self.sh(["mkdir", "-p", BITMAP_DIR])
-        self.sh(["mount", fs, BITMAP_DIR])
+        fs_devices = {"B": self.helper("ram-store", BITMAP_DIRS["B"])["device"]}  # core/bitmapstore.py
+        # C: a host's /var/lib, ext4 with 4 KiB blocks, here on a loop device (RAM under the guest)
+        fs_devices["C"] = bed.make_disk("cost-fs", 64)
+        self.sh(["mkfs.ext4", "-q", "-b", "4096", fs_devices["C"]])
+        self.sh(["mkdir", "-p", BITMAP_DIRS["C"]])
+        self.sh(["mount", fs_devices["C"], BITMAP_DIRS["C"]])
         legs = {}
         disks = {}
         for i, name in enumerate(MD, start=1):
@@ -249,13 +278,13 @@ class CostBench(BedBench):
         for i, name in enumerate(MD, start=1):
             legs[name]["lun"] = bed.lun_device(IQN, i)
         cfg = {
-            "legs": legs, "fs_device": fs, "chunks": chunks, "pairs": a.pairs,
+            "legs": legs, "fs_devices": fs_devices, "chunks": chunks, "pairs": a.pairs,
             "warmup": a.warmup, "phase": a.phase_minutes * 60,
         }  # fmt: skip
         g.run(["tee", "/tmp/bitmap-cost.json"], input=json.dumps(cfg))
         total = len(chunks) * (a.phase_minutes * 60 + a.warmup + 150) + 120
         print(
-            f"A/B on two {a.disk_gib} GiB mirrors, one write each in turn, {a.phase_minutes:g} min per chunk size "
+            f"A/B/C on three {a.disk_gib} GiB mirrors, one write each in turn, {a.phase_minutes:g} min per chunk size "
             f"(at most {total / 60:.0f} min)",
             flush=True,
         )
@@ -270,7 +299,7 @@ class CostBench(BedBench):
             for r in records[shown:]:
                 if "bits_at_build" in r:
                     print(
-                        f"  chunk {r['chunk'] >> 10} KiB: {r['bits_at_build']} bits set in the file mdadm wrote; "
+                        f"  {r['mirror']}, chunk {r['chunk'] >> 10} KiB: {r['bits_at_build']} bits set in the file mdadm wrote; "
                         f"md had cleaned them all after {r['clean_after']:.1f} s idle ({r['bitmap']})",
                         flush=True,
                     )
@@ -288,33 +317,39 @@ class CostBench(BedBench):
             sys.exit(f"the guest's run did not finish cleanly:\n{log[-3000:]}")
 
 
+STORE_NAMES = {"B": "RAM store (zram, the product's)", "C": "disk layout (ext4 on a loop device)"}
+
+
 def report(records: list[dict], disk_bytes: int) -> None:
     from iscsimple.core.bitmap import DEFAULT_CHUNK_BYTES
 
     print(
-        "\nchunk | pattern | writes each | B/A throughput [95 % CI] | block median [95 % CI] "
-        "| writes/s A, B | bitmap writes per B write (during B's writes / all)"
+        "\nmirror | chunk | pattern | writes each | X/A throughput [95 % CI] | block median [95 % CI] "
+        "| writes/s A, X | bitmap writes per X write (during X's writes / all)"
     )
     shown: dict[int, bool] = {}
-    for (chunk, pattern), blocks in sorted(blocks_by(records).items()):
-        ratio, (lo, hi) = throughput_ratio(blocks), bootstrap_ci(blocks, throughput_ratio)
-        per_block = [a / b for a, b in blocks]
-        md, (mlo, mhi) = median(per_block), bootstrap_ci(per_block, median)
-        mine = [r for r in records if r["chunk"] == chunk and r["pattern"] == pattern]
-        writes = sum(r["pairs"] for r in mine)
-        own = sum(r["b_bitmap_writes"] for r in mine) / writes
-        every = (sum(r["b_bitmap_writes"] + r["a_bitmap_writes"] for r in mine)) / writes
-        rates = f"{writes / sum(a for a, _ in blocks):.1f}, {writes / sum(b for _, b in blocks):.1f}"
-        default = " (default)" if chunk == DEFAULT_CHUNK_BYTES else ""
-        print(
-            f"{chunk >> 10} KiB{default} | {pattern} | {writes} | {ratio:.3f} [{lo:.3f}-{hi:.3f}] | "
-            f"{md:.3f} [{mlo:.3f}-{mhi:.3f}] | {rates} | {own:.3f} / {every:.3f}"
-        )
-        shown[chunk] = shown.get(chunk, True) and lo >= 0.95
+    for mirror in WITH_BITMAP:
+        for (chunk, pattern), blocks in sorted(blocks_by(records, mirror).items()):
+            ratio, (lo, hi) = throughput_ratio(blocks), bootstrap_ci(blocks, throughput_ratio)
+            per_block = [a / b for a, b in blocks]
+            md, (mlo, mhi) = median(per_block), bootstrap_ci(per_block, median)
+            mine = [r for r in records if r["chunk"] == chunk and r["pattern"] == pattern]
+            writes = sum(r["pairs"] for r in mine)
+            own = sum(r[f"{mirror.lower()}_bitmap_writes"] for r in mine) / writes
+            every = sum(r[f"{mirror.lower()}_bitmap_writes_all"] for r in mine) / writes
+            rates = f"{writes / sum(a for a, _ in blocks):.1f}, {writes / sum(b for _, b in blocks):.1f}"
+            default = " (default)" if chunk == DEFAULT_CHUNK_BYTES else ""
+            print(
+                f"{mirror}: {STORE_NAMES[mirror]} | {chunk >> 10} KiB{default} | {pattern} | {writes} | "
+                f"{ratio:.3f} [{lo:.3f}-{hi:.3f}] | {md:.3f} [{mlo:.3f}-{mhi:.3f}] | {rates} | {own:.3f} / {every:.3f}"
+            )
+            if mirror == "B":
+                shown[chunk] = shown.get(chunk, True) and lo >= 0.95
     for chunk, ok in sorted(shown.items()):
         verdict = "shown" if ok else "NOT shown"
         print(
-            f"at most 5 % slower at {chunk >> 10} KiB chunks (CI lower bound >= 0.95, both patterns): {verdict}"
+            f"bitmap in the RAM store at most 5 % slower at {chunk >> 10} KiB chunks "
+            f"(CI lower bound >= 0.95, both patterns): {verdict}"
         )
     print("\nwhat a partial heal copies for 4 MiB written as 1024 scattered 4 KiB writes:")
     for disk in (256 << 20, disk_bytes, 100 << 30):

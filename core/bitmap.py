@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .atomic import remove_durably, write_atomic
+from .bitmapstore import bitmap_dir, boot_id
 from .errors import InputError, StateFileError
 from .files import MAX_INPUT_BYTES, load_state_json, read_file
 from .mdstat import mdstat_arrays, read_mdstat_arrays
@@ -145,7 +146,7 @@ def read_bitmap_file(path: Path) -> BitmapFile:
 
 def bitmap_path(paths: HostPaths, label: str) -> Path:
     check_label(label, ValueError)
-    return paths.records / "bitmaps" / label
+    return bitmap_dir(paths) / label
 
 
 # -- does this host support it? -------------------------------------------------------------------
@@ -158,18 +159,22 @@ class BitmapSupport:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
 
 
-def detect_support(paths: HostPaths, mdadm_version) -> BitmapSupport:
-    """A kernel with bitmap files, a records directory on a filesystem md can map, and an mdadm
-    that builds with bitmap files. `mdadm_version()`: what `mdadm --version` printed (None: failed);
-    asked last, so a host that fails the other checks runs no command."""
+def detect_support(paths: HostPaths, mdadm_version, make_store=None) -> BitmapSupport:
+    """A kernel with bitmap files, a bitmaps directory on a filesystem md can map, and an mdadm
+    that builds with bitmap files. `make_store()`: puts the directory on the RAM store when it can
+    (core.bitmapstore.ensure), asked once the kernel is known to have bitmap files.
+    `mdadm_version()`: what `mdadm --version` printed (None: failed); asked last, so a host that
+    fails the other checks runs no command."""
     kernel = _kernel_problem(paths)
     if kernel:
         return BitmapSupport(False, kernel)
-    fs = filesystem_of(paths, paths.records)
+    store = make_store() if make_store else None
+    directory = bitmap_dir(paths)
+    fs = filesystem_of(paths, directory)
     if fs not in BITMAP_FILESYSTEMS:
         return BitmapSupport(
             False,
-            f"{paths.records} is on {fs or 'an unknown filesystem'}; md bitmap files need "
+            f"{directory} is on {fs or 'an unknown filesystem'}; md bitmap files need "
             + " or ".join(sorted(BITMAP_FILESYSTEMS)),
         )
     text = mdadm_version()
@@ -179,7 +184,8 @@ def detect_support(paths: HostPaths, mdadm_version) -> BitmapSupport:
     version = (int(found[1]), int(found[2]))
     if version > MDADM_LAST_WITH_FILES:
         return BitmapSupport(False, f"mdadm {version[0]}.{version[1]} has no bitmap files (removed in 4.4)")
-    return BitmapSupport(True, f"mdadm {version[0]}.{version[1]}, records on {fs}")
+    where = store.description if store else fs
+    return BitmapSupport(True, f"mdadm {version[0]}.{version[1]}, bitmap files on {where}")
 
 
 def _kernel_problem(paths: HostPaths) -> str | None:
@@ -242,13 +248,6 @@ def remember_support(paths: HostPaths, support: BitmapSupport) -> None:
     data = {**asdict(support), "boot_id": boot_id(paths)}
     with contextlib.suppress(OSError):
         write_atomic(paths.state / "bitmap-support.json", json.dumps(data) + "\n", mode=0o644, fsync=False)
-
-
-def boot_id(paths: HostPaths) -> str | None:
-    try:
-        return _small_text(paths.procfs / "sys" / "kernel" / "random" / "boot_id").strip() or None
-    except OSError:
-        return None
 
 
 # -- the instance record: what a partial heal must find unchanged ---------------------------------

@@ -1,7 +1,9 @@
 """The hotplug's side of write-intent bitmaps (core/bitmap.py): build with one, forget it at stop.
 
-A host without support (mdadm >= 4.4, a kernel without bitmap files, records on a
-filesystem md cannot map) builds exactly as before and says why once per boot.
+The files live in RAM (core/bitmapstore.py: zram with ext4, made by the first build of a boot)
+or, where that cannot be made, on the records directory's filesystem. A host without support
+(mdadm >= 4.4, a kernel without bitmap files, bitmap files on a filesystem md cannot map) builds
+exactly as before and says why once per boot.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from iscsimple.core import bitmap as core_bitmap
+from iscsimple.core import bitmapstore
 from iscsimple.core.paths import HostPaths
 from iscsimple.core.run import Deadline
 
@@ -31,7 +34,10 @@ def for_build(paths: HostPaths, label: str, deadline: Deadline) -> BuildBitmap |
     """The bitmap to build LABEL's mirror with, or None (no support: say so once per boot)."""
     fresh = not (paths.state / "bitmap-support.json").exists()
     support = core_bitmap.cached_support(
-        paths, lambda: core_bitmap.detect_support(paths, lambda: mdadm.version(deadline))
+        paths,
+        lambda: core_bitmap.detect_support(
+            paths, lambda: mdadm.version(deadline), lambda: bitmapstore.ensure(paths, deadline)
+        ),
     )
     if not support.supported:
         if fresh:
@@ -39,6 +45,7 @@ def for_build(paths: HostPaths, label: str, deadline: Deadline) -> BuildBitmap |
                 "no write-intent bitmaps on this host (%s): every heal copies the whole disk", support.reason
             )
         return None
+    bitmapstore.ensure(paths, deadline)  # one read of /proc/mounts when it is there; remade if it went
     try:
         file = core_bitmap.prepare_file(paths, label)
     except OSError as e:

@@ -63,3 +63,30 @@ def test_heal_copies_every_touched_chunk_whole():
     assert bitmap_cost.heal_bytes(disk, 64 << 20) == disk  # 1024 writes touch all four chunks
     small, large = bitmap_cost.heal_bytes(disk, 64 << 10), bitmap_cost.heal_bytes(disk, 1 << 20)
     assert 4 << 20 < small < large < disk
+
+
+def three(chunk, pattern, a, b, c, b_writes=16, c_writes=16):
+    return {
+        "chunk": chunk, "block": 0, "pattern": pattern, "pairs": 16,
+        "a_seconds": a, "b_seconds": b, "c_seconds": c,
+        "b_bitmap_writes": b_writes, "b_bitmap_writes_all": b_writes,
+        "c_bitmap_writes": c_writes, "c_bitmap_writes_all": c_writes + 1,
+    }  # fmt: skip
+
+
+def test_report_compares_each_bitmap_store_with_the_mirror_without_and_judges_the_ram_store(capsys):
+    rnd = random.Random(5)
+    records = []
+    for pattern in ("random", "sequential"):
+        for _ in range(40):
+            a = rnd.uniform(0.9, 1.1)
+            records.append(three(64 << 10, pattern, a, a / 0.99 * rnd.uniform(0.99, 1.01), a / 0.8))
+    assert bitmap_cost.blocks_by(records, "C")[(64 << 10, "random")][0][1] == records[0]["c_seconds"]
+    bitmap_cost.report(records, 16 << 30)
+    out = capsys.readouterr().out
+    ram = [line for line in out.splitlines() if line.startswith("B: RAM store")]
+    disk = [line for line in out.splitlines() if line.startswith("C: disk layout")]
+    assert len(ram) == len(disk) == 2
+    ratios = {line[0]: float(line.split(" | ")[4].split()[0]) for line in ram + disk}
+    assert ratios["B"] == pytest.approx(0.99, abs=0.01) and ratios["C"] == pytest.approx(0.8, abs=0.01)
+    assert "at most 5 % slower at 64 KiB chunks (CI lower bound >= 0.95, both patterns): shown" in out

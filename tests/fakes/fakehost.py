@@ -94,6 +94,16 @@ class FakeHost:
         with self.locked() as state:
             state["mdadm_version"] = mdadm_version
 
+    def enable_zram(self) -> None:
+        """A kernel that has the zram module (the fake modprobe loads it)."""
+        with self.locked() as state:
+            state["zram"] = True
+
+    def mounts(self) -> list[list[str]]:
+        """/proc/mounts, split."""
+        path = self.proc / "mounts"
+        return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+
     def refuse_bitmaps(self) -> None:
         """The kernel refuses SET_BITMAP_FILE (e.g. built without CONFIG_MD_BITMAP_FILE)."""
         with self.locked() as state:
@@ -1001,9 +1011,62 @@ def xenstore_rm(host: FakeHost, argv: list[str]) -> int:
     return 0
 
 
+# -- the RAM store's commands: modprobe zram, mkfs.ext4, mount, umount -------------------------
+
+ZRAM_MAJOR = 242
+
+
+def modprobe(host: FakeHost, argv: list[str]) -> int:
+    """zram when the host has it: zram-control, whose hot_add (a plain file here) names zram0, made
+    ready as the kernel's hot_add would."""
+    if argv[:1] != ["zram"] or not host.state().get("zram"):
+        raise _Exit(
+            1,
+            f"modprobe: FATAL: Module {argv[0] if argv else '?'} not found in directory /lib/modules/6.1.0-28-amd64",
+        )
+    control = host.sys / "class" / "zram-control"
+    control.mkdir(parents=True, exist_ok=True)
+    (control / "hot_add").write_text("0\n")
+    (control / "hot_remove").write_text("")
+    device_dir = host.sys / "devices" / "virtual" / "block" / "zram0"
+    host._mk_block("zram0", ZRAM_MAJOR, 0, 0, device_dir)
+    for attr in ("disksize", "reset"):
+        (device_dir / attr).write_text("0\n")
+    return 0
+
+
+def mkfs_ext4(host: FakeHost, argv: list[str]) -> int:
+    if not argv or host.kname_of(argv[-1]) is None:
+        raise _Exit(1, "mkfs.ext4: No such file or directory while trying to determine filesystem size")
+    return 0
+
+
+def mount(host: FakeHost, argv: list[str]) -> int:
+    device, target = argv[-2], argv[-1]
+    fstype = argv[argv.index("-t") + 1] if "-t" in argv else "ext4"
+    if not Path(target).is_dir():
+        raise _Exit(32, f"mount: {target}: mount point does not exist.")
+    with open(host.proc / "mounts", "a") as f:
+        f.write(f"{device} {target} {fstype} rw,nosuid,nodev,noexec,noatime 0 0\n")
+    return 0
+
+
+def umount(host: FakeHost, argv: list[str]) -> int:
+    lines = (host.proc / "mounts").read_text().splitlines(keepends=True)
+    keep = [line for line in lines if line.split()[1] != argv[-1]]
+    if len(keep) == len(lines):
+        raise _Exit(32, f"umount: {argv[-1]}: not mounted.")
+    (host.proc / "mounts").write_text("".join(keep))
+    return 0
+
+
 TOOLS = {
     "iscsiadm": iscsiadm,
     "mdadm": mdadm,
+    "modprobe": modprobe,
+    "mkfs.ext4": mkfs_ext4,
+    "mount": mount,
+    "umount": umount,
     "xenstore-read": xenstore_read,
     "xenstore-write": xenstore_write,
     "xenstore-rm": xenstore_rm,

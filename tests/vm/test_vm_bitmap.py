@@ -1,5 +1,6 @@
 """Partial heal on the real stack: a mirror attached by `block-iscsimple add` gets a write-intent bitmap
-(/var/lib/iscsimple on ext4, as on a host), an outage with writes at known places, the LUN back, and
+in the RAM store (ext4 on a zram device the build mounts at /var/lib/iscsimple/bitmaps, with
+/var/lib/iscsimple itself on ext4, as on a host), an outage with writes at known places, the LUN back, and
 the agent heals through the partial route: md writes only the dirty chunks to the LUN, both legs'
 checksums are equal and every write is there. `remove` deletes the bitmap file with the array."""
 
@@ -49,6 +50,11 @@ def run_scenario(bed, g, xl) -> None:
     md, sd = bed.md_name(LABEL), bed.lun_device(IQN, 1)[5:]
     bitmap = f"{RECORDS}/bitmaps/{LABEL}"
     assert f"file: {bitmap}" in bed.mdstat(), bed.mdstat()
+    store = [line.split() for line in g.read("/proc/mounts").splitlines() if f" {RECORDS}/bitmaps " in line]
+    assert store and re.fullmatch(r"/dev/zram\d+", store[-1][0]) and store[-1][2] == "ext4", store
+    made = re.search(r"bitmap files in RAM: ext4 on \S+ at \S+ \(made in ([0-9.]+) s\)", res.stderr)
+    assert made, res.stderr  # this test's records filesystem hides the bed's store: this add made one
+    record("bitmap: RAM store made by the add (modprobe, mkfs.ext4, mount)", float(made[1]))
     bed.wait_in_sync(md)
 
     agent = [AGENT, "--web.listen-address", LISTEN, "--refresh.interval", "1s", "--log.level", "debug"]
