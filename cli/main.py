@@ -5,6 +5,7 @@
     iscsimple attach SPEC / detach SPEC
     iscsimple convert-config DOMU.cfg ... [--write]
     iscsimple install-hook [--prefix DIR] [--dest FILE] [--force] [--mdadm-names]
+    iscsimple bitmap-store
     iscsimple resolve LABEL --keep local|iscsi          (cli/resolve.py)
     iscsimple migrate-check DOMAIN|LABEL                (cli/migrate.py)
     iscsimple accept-loss lunN@TARGET --host HOST ...   (cli/migrate.py)
@@ -226,6 +227,33 @@ def run_install_hook(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_bitmap_store(sub) -> None:
+    p = sub.add_parser(
+        "bitmap-store",
+        help="put the mirrors' write-intent bitmap files in RAM now (ext4 on a zram device at RECORDS/bitmaps)",
+        description="Make the RAM store for write-intent bitmap files: a zram device with ext4, mounted at "
+        "the records directory's bitmaps/. The first mirror build of a boot makes it when it is not there; "
+        "the Debian package runs this at boot (iscsimple-bitmap-store.service) so that no attach pays for it. "
+        "Exit 0 when the directory is a mount point (the RAM store, or a filesystem mounted there already), "
+        "1 when the RAM store cannot be made: the files then stay on the records directory's filesystem, "
+        "and md writes them to disk before each write to a clean chunk.",
+    )
+    p.set_defaults(run=run_bitmap_store)
+
+
+# modprobe, mkfs.ext4 and mount, each bounded by core.bitmapstore.COMMAND_TIMEOUT
+BITMAP_STORE_SECONDS = 60.0
+
+
+def run_bitmap_store(args: argparse.Namespace) -> int:
+    from iscsimple.core import bitmapstore
+    from iscsimple.core.run import Deadline
+
+    store = bitmapstore.ensure(host_paths(args), Deadline(BITMAP_STORE_SECONDS), retry=True)
+    print(f"{store.directory}: {store.description}")
+    return 0 if store.mounted else 1
+
+
 @dataclass(frozen=True)
 class Lazy:
     """`add_<name>` of a subcommand whose module imports much (resolve: the heal and attach
@@ -254,6 +282,7 @@ SUBCOMMANDS: tuple[Callable, ...] = (
     add_detach,
     add_convert_config,
     add_install_hook,
+    add_bitmap_store,
     Lazy(".resolve", "add_resolve", ("resolve",)),  # iscsimple resolve LABEL --keep local|iscsi
     Lazy(".migrate", "add_migrate_check", ("migrate-check",)),
     Lazy(".migrate", "add_accept_loss", ("accept-loss",)),

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .atomic import remove_durably, write_atomic
-from .bitmapstore import bitmap_dir, boot_id
+from .bitmapstore import bitmap_dir, boot_id, visible_mount
 from .errors import InputError, StateFileError
 from .files import MAX_INPUT_BYTES, load_state_json, read_file
 from .mdstat import mdstat_arrays, read_mdstat_arrays
@@ -210,22 +210,9 @@ def _kernel_problem(paths: HostPaths) -> str | None:
 
 
 def filesystem_of(paths: HostPaths, directory: Path) -> str | None:
-    """The type of the filesystem `directory` is on, from /proc/mounts (longest mount point)."""
-    try:
-        text = _small_text(paths.procfs / "mounts", MAX_INPUT_BYTES)
-    except OSError:
-        return None
-    target = os.path.realpath(directory)
-    best, fstype = "", None
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) < 3:
-            continue
-        mount = parts[1].replace("\\040", " ")
-        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
-        if inside and len(mount) >= len(best):
-            best, fstype = mount, parts[2]
-    return fstype
+    """The type of the filesystem a lookup of `directory` lands on (core.bitmapstore.visible_mount)."""
+    mount = visible_mount(paths, directory)
+    return mount.fstype if mount else None
 
 
 def cached_support(paths: HostPaths, probe) -> BitmapSupport:

@@ -63,6 +63,7 @@ class StoreError(Exception):
 @dataclass(frozen=True)
 class Store:
     directory: Path
+    mounted: bool  # the directory is a mount point: the RAM store, or a filesystem put there on purpose
     ram: bool  # the directory is the zram-backed filesystem
     description: str  # what backs it, or why not RAM
 
@@ -71,23 +72,44 @@ def bitmap_dir(paths: HostPaths) -> Path:
     return paths.records / "bitmaps"
 
 
-def mount_at(paths: HostPaths, directory: Path) -> tuple[str, str] | None:
-    """(source, fstype) of what is mounted exactly at `directory` (the last such mount), from /proc/mounts."""
+@dataclass(frozen=True)
+class Mount:
+    point: str
+    fstype: str
+    source: str
+
+
+def visible_mount(paths: HostPaths, directory: Path) -> Mount | None:
+    """The mount a path lookup of `directory` lands on: of the mounts at the directory or above it,
+    the last in /proc/self/mountinfo (mount order), since a later mount at an ancestor hides the
+    earlier ones below it (a hidden mount is still listed)."""
     try:
-        text = read_file(paths.procfs / "mounts", max_bytes=MAX_INPUT_BYTES).decode("utf-8", "replace")
+        text = read_file(paths.procfs / "self" / "mountinfo", max_bytes=MAX_INPUT_BYTES)
     except OSError:
         return None
-    found = None
     target = os.path.realpath(directory)
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) >= 3 and _unescape(parts[1]) == target:
-            found = (_unescape(parts[0]), parts[2])
+    found = None
+    for line in text.decode("utf-8", "replace").splitlines():
+        fields = line.split()  # ID PARENT MAJ:MIN ROOT POINT OPTIONS [OPTIONAL...] - TYPE SOURCE SUPER
+        if "-" not in fields[5:]:
+            continue
+        dash = fields.index("-", 5)
+        if len(fields) < dash + 3:
+            continue
+        point = _unescape(fields[4])
+        if target == point or target.startswith(point.rstrip("/") + "/"):
+            found = Mount(point, fields[dash + 1], _unescape(fields[dash + 2]))
     return found
 
 
+def mount_at(paths: HostPaths, directory: Path) -> Mount | None:
+    """What is mounted at `directory` itself, if that mount is the visible one."""
+    mount = visible_mount(paths, directory)
+    return mount if mount is not None and mount.point == os.path.realpath(directory) else None
+
+
 def _unescape(field: str) -> str:
-    """/proc/mounts writes space, tab, newline and backslash in paths as octal escapes."""
+    """mountinfo writes space, tab, newline and backslash in paths as octal escapes."""
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
 
 
@@ -95,20 +117,21 @@ def is_ram_source(source: str) -> bool:
     return re.fullmatch(r"/dev/zram\d+", source) is not None
 
 
-def ensure(paths: HostPaths, deadline: Deadline, command=run) -> Store:
+def ensure(paths: HostPaths, deadline: Deadline, command=run, retry: bool = False) -> Store:
     """The bitmaps directory, on the RAM store when it is (or can now be) there. Never raises for
-    the store itself: the caller builds with a bitmap on whatever filesystem the directory is on."""
+    the store itself: the caller builds with a bitmap on whatever filesystem the directory is on.
+    A failure is remembered for the boot; `retry` tries again all the same."""
     directory = bitmap_dir(paths)
     mounted = mount_at(paths, directory)
     if mounted:
-        return Store(directory, is_ram_source(mounted[0]), f"{mounted[1]} on {mounted[0]}")
+        return _found(directory, mounted)
     with hotplug_lock(paths.locks, LOCK_NAME, deadline):
         mounted = mount_at(paths, directory)  # another build may have made it meanwhile
         if mounted:
-            return Store(directory, is_ram_source(mounted[0]), f"{mounted[1]} on {mounted[0]}")
-        failure = _failure_this_boot(paths)
+            return _found(directory, mounted)
+        failure = None if retry else _failure_this_boot(paths)
         if failure is not None:
-            return Store(directory, False, failure)
+            return Store(directory, False, False, failure)
         started = time.monotonic()
         try:
             device = make_ram_store(paths, directory, deadline, command)
@@ -117,10 +140,14 @@ def ensure(paths: HostPaths, deadline: Deadline, command=run) -> Store:
             log.warning("%s: they stay in %s, and md writes them to disk before each write to a clean chunk",
                         reason, directory)  # fmt: skip
             _remember_failure(paths, reason)
-            return Store(directory, False, reason)
+            return Store(directory, False, False, reason)
         log.info("bitmap files in RAM: ext4 on %s at %s (made in %.1f s)", device, directory,
                  time.monotonic() - started)  # fmt: skip
-        return Store(directory, True, f"ext4 on {device}")
+        return Store(directory, True, True, f"ext4 on {device}")
+
+
+def _found(directory: Path, mount: Mount) -> Store:
+    return Store(directory, True, is_ram_source(mount.source), f"{mount.fstype} on {mount.source}")
 
 
 def make_ram_store(paths: HostPaths, directory: Path, deadline: Deadline, command=run) -> str:

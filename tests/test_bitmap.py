@@ -86,7 +86,10 @@ def host(tmp_path: Path, *, release="6.1.0-28-amd64", fs="ext4") -> HostPaths:
     (paths.procfs / "sys" / "kernel" / "random").mkdir(parents=True)
     (paths.procfs / "sys" / "kernel" / "osrelease").write_text(release + "\n")
     (paths.procfs / "sys" / "kernel" / "random" / "boot_id").write_text("boot-1\n")
-    (paths.procfs / "mounts").write_text(f"/dev/sda1 / ext4 rw 0 0\n/dev/x {paths.records} {fs} rw 0 0\n")
+    (paths.procfs / "self").mkdir(parents=True)
+    (paths.procfs / "self" / "mountinfo").write_text(
+        f"22 1 8:1 / / rw - ext4 /dev/sda1 rw\n30 22 254:1 / {paths.records} rw - {fs} /dev/x rw\n"
+    )
     paths.records.mkdir()
     paths.devfs.mkdir()
     return paths

@@ -21,15 +21,27 @@ def host(tmp_path) -> HostPaths:
     return paths
 
 
-def test_mount_at_reads_escaped_paths_and_takes_the_last_mount(tmp_path):
+def test_the_visible_mount_is_the_last_one_at_the_directory_or_above_it(tmp_path):
     paths = host(tmp_path)
+    (paths.procfs / "self").mkdir()
     target = bitmapstore.bitmap_dir(paths)
-    escaped = str(target).replace(" ", "\\040")
-    (paths.procfs / "mounts").write_text(
-        f"/dev/sda1 {escaped}x ext4 rw 0 0\n/dev/zram3 {escaped} ext4 rw 0 0\n/dev/sdb {escaped} xfs rw 0 0\n"
+    records = str(paths.records).replace(" ", "\\040")
+    info = paths.procfs / "self" / "mountinfo"
+    info.write_text(
+        "22 1 8:1 / / rw shared:1 - ext4 /dev/sda1 rw\n"
+        f"40 22 252:3 / {records}/bitmaps rw,noatime shared:5 - ext4 /dev/zram3 rw\n"
+        f"41 22 8:2 / {records}/bitmapsx rw - xfs /dev/sda2 rw\n"
     )
-    assert bitmapstore.mount_at(paths, target) == ("/dev/sdb", "xfs")
+    assert bitmapstore.mount_at(paths, target) == bitmapstore.Mount(str(target), "ext4", "/dev/zram3")
     assert bitmapstore.is_ram_source("/dev/zram3") and not bitmapstore.is_ram_source("/dev/zram3p1")
+    # A filesystem mounted later at the records directory hides the store below it (still listed).
+    info.write_text(info.read_text() + f"42 22 7:0 / {records} rw - ext4 /dev/loop0 rw\n")
+    assert bitmapstore.mount_at(paths, target) is None
+    assert bitmapstore.visible_mount(paths, target) == bitmapstore.Mount(
+        str(paths.records), "ext4", "/dev/loop0"
+    )
+    info.write_text("garbage\n- - -\n1 2 3 4 5 6 - onlytype\n")  # never an error: no mount known
+    assert bitmapstore.visible_mount(paths, target) is None
 
 
 def zram_host(tmp_path) -> HostPaths:

@@ -108,3 +108,21 @@ def test_unreachable_target_is_exit_1_and_leaves_nothing(hp):
     assert line.startswith("iscsimple attach: ") and "Traceback" not in result.stderr
     assert hp.host.md_arrays() == {} and hp.host.session_targets() == []
     assert iscsimple(hp, "status").stdout == "no iscsimple disks are attached on this host\n"
+
+
+def test_bitmap_store_makes_the_ram_store_reports_it_and_retries_a_failure_when_asked(hp):
+    directory = hp.paths.records / "bitmaps"
+    failed = iscsimple(hp, "bitmap-store")  # this host has no zram module yet
+    assert failed.returncode == 1
+    assert "no RAM store for bitmap files (cannot load the zram module" in failed.stdout, failed
+    hp.host.enable_zram()
+    made = iscsimple(hp, "bitmap-store")  # an operator's run tries again despite this boot's failure
+    zram = hp.host.dev / "zram0"
+    assert made.returncode == 0, made.stderr
+    assert made.stdout == f"{directory}: ext4 on {zram}\n"
+    assert [m[:3] for m in hp.host.mounts() if m[1] == str(directory)] == [
+        [str(zram), str(directory), "ext4"]
+    ]
+    again = iscsimple(hp, "bitmap-store")
+    assert again.returncode == 0 and again.stdout == made.stdout
+    assert [c[0] for c in hp.host.calls(("mkfs.ext4",))] == ["mkfs.ext4"], "made once"

@@ -228,6 +228,7 @@ def test_a_subcommand_module_is_imported_only_when_the_command_line_may_run_it()
         "detach",
         "convert-config",
         "install-hook",
+        "bitmap-store",
         "resolve",
         "migrate-check",
         "accept-loss",

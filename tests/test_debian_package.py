@@ -66,6 +66,7 @@ def test_installs_commands_hook_unit_and_data(root):
         ("etc/iscsimple/iscsimple.toml", False),
         ("etc/default/iscsimple-agent", False),
         ("lib/systemd/system/iscsimple-agent.service", False),
+        ("lib/systemd/system/iscsimple-bitmap-store.service", False),
         ("usr/lib/tmpfiles.d/iscsimple.conf", False),
         ("usr/share/iscsimple/alerts/iscsimple.rules.yml", False),
         ("usr/share/iscsimple/grafana/iscsimple.json", False),
@@ -97,6 +98,7 @@ def test_conffiles(deb, tmp_path):
     }
     postinst = (tmp_path / "ctl" / "postinst").read_text()
     assert "deb-systemd-helper enable 'iscsimple-agent.service'" in postinst  # dh_installsystemd
+    assert "deb-systemd-helper enable 'iscsimple-bitmap-store.service'" in postinst
     assert "systemd-tmpfiles" in postinst and "iscsimple.conf" in postinst
 
 

@@ -151,8 +151,8 @@ def test_a_filesystem_already_mounted_there_is_used_as_it_is(hotplug):
     hotplug.host.enable_zram()
     directory = bitmapstore.bitmap_dir(hotplug.paths)
     directory.mkdir(parents=True)
-    with open(hotplug.paths.procfs / "mounts", "a") as f:
-        f.write(f"/dev/mapper/vg0-bitmaps {directory} xfs rw 0 0\n")
+    with open(hotplug.paths.procfs / "self" / "mountinfo", "a") as f:
+        f.write(f"50 30 254:7 / {directory} rw,relatime - xfs /dev/mapper/vg0-bitmaps rw\n")
     hotplug.add(hotplug.vbd(SPEC))
     assert store_calls(hotplug) == []
     assert "--bitmap=" in builds(hotplug)[0]

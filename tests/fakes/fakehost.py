@@ -90,7 +90,8 @@ class FakeHost:
         (self.proc / "sys" / "kernel" / "random").mkdir(parents=True, exist_ok=True)
         (self.proc / "sys" / "kernel" / "osrelease").write_text("6.1.0-28-amd64\n")
         (self.proc / "sys" / "kernel" / "random" / "boot_id").write_text("boot-1\n")
-        (self.proc / "mounts").write_text(f"/dev/root / ext4 rw 0 0\n/dev/vg0/var {records} ext4 rw 0 0\n")
+        with open(self.proc / "self" / "mountinfo", "a") as f:
+            f.write(f"30 22 254:1 / {records} rw,relatime shared:9 - ext4 /dev/vg0/var rw\n")
         with self.locked() as state:
             state["mdadm_version"] = mdadm_version
 
@@ -100,9 +101,9 @@ class FakeHost:
             state["zram"] = True
 
     def mounts(self) -> list[list[str]]:
-        """/proc/mounts, split."""
-        path = self.proc / "mounts"
-        return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+        """(source, mount point, type) of each line of /proc/self/mountinfo."""
+        lines = (self.proc / "self" / "mountinfo").read_text().splitlines()
+        return [[f[f.index("-") + 2], f[4], f[f.index("-") + 1]] for f in map(str.split, lines)]
 
     def refuse_bitmaps(self) -> None:
         """The kernel refuses SET_BITMAP_FILE (e.g. built without CONFIG_MD_BITMAP_FILE)."""
@@ -1046,17 +1047,21 @@ def mount(host: FakeHost, argv: list[str]) -> int:
     fstype = argv[argv.index("-t") + 1] if "-t" in argv else "ext4"
     if not Path(target).is_dir():
         raise _Exit(32, f"mount: {target}: mount point does not exist.")
-    with open(host.proc / "mounts", "a") as f:
-        f.write(f"{device} {target} {fstype} rw,nosuid,nodev,noexec,noatime 0 0\n")
+    dev = os.stat(device).st_rdev
+    with open(host.proc / "self" / "mountinfo", "a") as f:
+        f.write(
+            f"40 22 {os.major(dev)}:{os.minor(dev)} / {target} rw,nosuid,nodev,noexec,noatime - {fstype} {device} rw\n"
+        )
     return 0
 
 
 def umount(host: FakeHost, argv: list[str]) -> int:
-    lines = (host.proc / "mounts").read_text().splitlines(keepends=True)
-    keep = [line for line in lines if line.split()[1] != argv[-1]]
+    mountinfo = host.proc / "self" / "mountinfo"
+    lines = mountinfo.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if line.split()[4] != argv[-1]]
     if len(keep) == len(lines):
         raise _Exit(32, f"umount: {argv[-1]}: not mounted.")
-    (host.proc / "mounts").write_text("".join(keep))
+    mountinfo.write_text("".join(keep))
     return 0
 
 

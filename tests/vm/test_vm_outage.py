@@ -108,7 +108,9 @@ def test_outage_under_io_local_only_then_heal_with_zero_bytes_lost(bed):
     bed.start_target()
     relogged = g.wait_for(session + "/state", "equals", "LOGGED_IN", timeout=60)
     record("outage: target back -> session LOGGED_IN", relogged["at"] - back)
-    healed = g.wait_for(f"/sys/block/{md}/md/dev-{sd}/state", "equals", "in_sync,write_mostly", timeout=180)
+    # A partial heal re-adds the same member, so md keeps its write_error flag from the outage (md
+    # records no bad blocks for arrays without a superblock: the flag only says errors were seen).
+    healed = g.wait_for(f"/sys/block/{md}/md/dev-{sd}/state", "contains", "in_sync,write_mostly", timeout=180)
     record("outage: target back -> iSCSI leg in sync again (agent heal)", healed["at"] - back)
     wait_metric(g, sample_line("iscsimple_array_local_only", "0.0", label=LABEL), timeout=30)
     wait_metric(g, sample_line("iscsimple_array_iscsi_stale", "0.0", label=LABEL), timeout=30)
