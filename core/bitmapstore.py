@@ -64,7 +64,6 @@ class StoreError(Exception):
 class Store:
     directory: Path
     mounted: bool  # the directory is a mount point: the RAM store, or a filesystem put there on purpose
-    ram: bool  # the directory is the zram-backed filesystem
     description: str  # what backs it, or why not RAM
 
 
@@ -113,10 +112,6 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
 
 
-def is_ram_source(source: str) -> bool:
-    return re.fullmatch(r"/dev/zram\d+", source) is not None
-
-
 def ensure(paths: HostPaths, deadline: Deadline, command=run, retry: bool = False) -> Store:
     """The bitmaps directory, on the RAM store when it is (or can now be) there. Never raises for
     the store itself: the caller builds with a bitmap on whatever filesystem the directory is on.
@@ -131,7 +126,7 @@ def ensure(paths: HostPaths, deadline: Deadline, command=run, retry: bool = Fals
             return _found(directory, mounted)
         failure = None if retry else _failure_this_boot(paths)
         if failure is not None:
-            return Store(directory, False, False, failure)
+            return Store(directory, False, failure)
         started = time.monotonic()
         try:
             device = make_ram_store(paths, directory, deadline, command)
@@ -140,14 +135,14 @@ def ensure(paths: HostPaths, deadline: Deadline, command=run, retry: bool = Fals
             log.warning("%s: they stay in %s, and md writes them to disk before each write to a clean chunk",
                         reason, directory)  # fmt: skip
             _remember_failure(paths, reason)
-            return Store(directory, False, False, reason)
+            return Store(directory, False, reason)
         log.info("bitmap files in RAM: ext4 on %s at %s (made in %.1f s)", device, directory,
                  time.monotonic() - started)  # fmt: skip
-        return Store(directory, True, True, f"ext4 on {device}")
+        return Store(directory, True, f"ext4 on {device}")
 
 
 def _found(directory: Path, mount: Mount) -> Store:
-    return Store(directory, True, is_ram_source(mount.source), f"{mount.fstype} on {mount.source}")
+    return Store(directory, True, f"{mount.fstype} on {mount.source}")
 
 
 def make_ram_store(paths: HostPaths, directory: Path, deadline: Deadline, command=run) -> str:
