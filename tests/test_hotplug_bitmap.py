@@ -159,27 +159,37 @@ def test_a_filesystem_already_mounted_there_is_used_as_it_is(hotplug):
     assert "xfs on /dev/mapper/vg0-bitmaps" in (hotplug.paths.state / "bitmap-support.json").read_text()
 
 
-def test_files_of_an_earlier_boot_go_before_the_mount_but_a_running_arrays_file_stops_it(hotplug):
+def a_file_in_the_bitmaps_directory(hotplug, name: str, content: bytes, mdstat: str):
+    """A zram host whose bitmaps directory (not yet a mount point) holds `name`; /proc/mdstat says `mdstat`."""
     hotplug.host.enable_bitmaps(hotplug.paths.records)
     hotplug.host.enable_zram()
     directory = bitmapstore.bitmap_dir(hotplug.paths)
     directory.mkdir(parents=True)
-    (directory / "old-vm").write_bytes(b"bits of a mirror of the last boot")
-    (hotplug.paths.procfs / "mdstat").write_text("Personalities : [raid1]\nunused devices: <none>\n")
+    (directory / name).write_bytes(content)
+    (hotplug.paths.procfs / "mdstat").write_text(mdstat)
+    return directory
+
+
+def test_files_of_an_earlier_boot_go_before_the_mount(hotplug):
+    directory = a_file_in_the_bitmaps_directory(
+        hotplug,
+        "old-vm",
+        b"bits of a mirror of the last boot",
+        "Personalities : [raid1]\nunused devices: <none>\n",
+    )
     hotplug.add(hotplug.vbd(SPEC))
     assert not (directory / "old-vm").exists()
     assert mount_of(hotplug, directory)[2] == "ext4"
 
 
 def test_a_running_arrays_bitmap_file_in_the_directory_keeps_the_store_off(hotplug):
-    hotplug.host.enable_bitmaps(hotplug.paths.records)
-    hotplug.host.enable_zram()
     directory = bitmapstore.bitmap_dir(hotplug.paths)
-    directory.mkdir(parents=True)
-    (directory / "other").write_bytes(b"in use")
-    (hotplug.paths.procfs / "mdstat").write_text(
+    a_file_in_the_bitmaps_directory(
+        hotplug,
+        "other",
+        b"in use",
         "Personalities : [raid1]\nmd127 : active raid1 sdb[1](W) dm-0[0]\n      1048576 blocks super non-persistent [2/2] [UU]\n"
-        f"      bitmap: 0/1 pages [0KB], 64KB chunk, file: {directory}/other\n\nunused devices: <none>\n"
+        f"      bitmap: 0/1 pages [0KB], 64KB chunk, file: {directory}/other\n\nunused devices: <none>\n",
     )
     result = hotplug.add(hotplug.vbd(SPEC))
     assert (directory / "other").read_bytes() == b"in use"
