@@ -131,10 +131,10 @@ class PlainBody:
 
 class GzipBody:
     """A gzip body as the web server writes it: one gzip member (RFC 1952) made of the pieces'
-    compressed bytes one after the other, in runs of about RUN bytes; never joined whole, nor
+    compressed bytes one after the other, in runs of at least RUN bytes; never joined whole, nor
     kept (only the list of the pieces' compressed bytes and the trailer are)."""
 
-    RUN = 256 * 1024
+    RUN = 64 * 1024  # as web.WRITE_CHUNK, and for the same reason
 
     def __init__(self, pieces: Sequence[Piece], trailer: bytes):
         self.chunks = [_GZIP_HEADER, *(p.pack() for p in pieces if p.size), _DEFLATE_END, trailer]
