@@ -502,6 +502,7 @@ class Renderer:
             reuse = {id(view): index for index, view in enumerate(old.views)}
             opened = _OpenedPieces(old)
         new = _Pieces(list(views))
+        views = new.views  # indexed view by view below: a list, not the snapshot's Chunks
         parts = self._parts.get(arrays)
         if parts is None:
             parts = self._parts[arrays] = [_part(arrays, view) for view in views]
