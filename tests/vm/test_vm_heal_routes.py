@@ -269,10 +269,20 @@ def test_another_lun_at_the_same_name_means_a_full_heal(bed):
 
 
 def test_host_without_bitmap_support_builds_and_heals_as_before(bed):
-    """/var/lib/iscsimple on the guest's overlay (md cannot map a file there): no bitmap, said once,
+    """No zram (its control directory hidden under an empty one) and /var/lib/iscsimple on the guest's
+    overlay (md cannot map a file there): the RAM store is not made and undone, no bitmap, said once,
     and the heal is the full copy it always was."""
     g = bed.guest
-    m = attach(bed)
+    g.run(["umount", f"{RECORDS}/bitmaps"], check=False)  # the store the bed made at boot
+    g.run(["mkdir", "-p", "/tmp/no-zram"])
+    g.run(["mount", "--bind", "/tmp/no-zram", "/sys/class/zram-control"])
+    try:
+        m = attach(bed)
+    finally:
+        g.run(["umount", "/sys/class/zram-control"], check=False)
+    assert f" {RECORDS}/bitmaps " not in g.read("/proc/mounts"), "no store may be left half made"
+    store = json.loads(g.read("/run/iscsimple/bitmap-store.json") or "{}")
+    assert "cannot add a zram device" in store.get("reason", ""), store
     support = json.loads(g.read("/run/iscsimple/bitmap-support.json") or "{}")
     assert support.get("supported") is False and "overlay" in support.get("reason", ""), support
     assert "bitmap" not in bed.mdstat().split(m.md, 1)[1].split("\n\n", 1)[0], bed.mdstat()
