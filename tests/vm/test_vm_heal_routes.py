@@ -47,11 +47,11 @@ def helper(g, *argv: str, timeout: float = 300) -> dict:
     return json.loads(g.run([sys.executable, HELPER, "guest", *argv], timeout=timeout).stdout)
 
 
-def mount_records(bed, device: str) -> None:
+def mount_records(bed, device: str, at: str = RECORDS) -> None:
     g = bed.guest
     g.run(["mkfs.ext4", "-q", device])
-    g.run(["mkdir", "-p", RECORDS])
-    g.run(["mount", device, RECORDS])
+    g.run(["mkdir", "-p", at])
+    g.run(["mount", device, at])
 
 
 def attach(bed, extra_toml: str = "[heal]\nenabled = false\n") -> Mirror:
@@ -176,7 +176,10 @@ def test_kicked_bitmap_means_a_full_heal(bed):
     disk = bed.make_disk("routes-records", 16)
     sectors = int(g.run(["blockdev", "--getsz", disk]).stdout)
     g.run(["dmsetup", "create", "routes-records", "--table", f"0 {sectors} linear {disk} 0"])
-    mount_records(bed, "/dev/mapper/routes-records")
+    # Mounted at the bitmaps directory itself, which the build then uses as it is (no RAM store).
+    bitmaps = f"{RECORDS}/bitmaps"
+    g.run(["umount", bitmaps], check=False)  # the store the bed made at boot
+    mount_records(bed, "/dev/mapper/routes-records", at=bitmaps)
     m = None
     try:
         m = attach(bed)
@@ -201,7 +204,7 @@ def test_kicked_bitmap_means_a_full_heal(bed):
     finally:
         if m is not None:
             g.run(["mdadm", "--stop", f"/dev/md/{LABEL}"], check=False, timeout=60)
-        g.run(["umount", "-l", RECORDS], check=False)
+        g.run(["umount", "-l", bitmaps], check=False)
         g.run(["dmsetup", "remove", "--force", "routes-records"], check=False)
 
 
