@@ -45,7 +45,8 @@ def for_build(paths: HostPaths, label: str, deadline: Deadline) -> BuildBitmap |
                 "no write-intent bitmaps on this host (%s): every heal copies the whole disk", support.reason
             )
         return None
-    bitmapstore.ensure(paths, deadline)  # one read of /proc/mounts when it is there; remade if it went
+    if not fresh:  # a fresh probe has just ensured it; else one mountinfo read, remade if it went
+        bitmapstore.ensure(paths, deadline)
     try:
         file = core_bitmap.prepare_file(paths, label)
     except OSError as e:
