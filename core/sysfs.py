@@ -53,6 +53,26 @@ class AttrReader:
         self.dir_fd = dir_fd
         self.relative = relative
 
+    def _bytes(self, attr: str, required: bool) -> bytes | None:
+        """The file's bytes; None when missing or unreadable (an error line if `required`)."""
+        try:
+            if self.dir_fd is None:
+                fd = os.open(os.path.join(self.directory, attr), _READ_FLAGS)
+            else:
+                fd = os.open(self.relative + attr, _READ_FLAGS, dir_fd=self.dir_fd)
+            try:
+                return os.read(fd, _MAX_ATTR_BYTES)
+            finally:
+                os.close(fd)
+        except FileNotFoundError:
+            if required:
+                self.errors.append(f"{os.path.join(self.directory, attr)}: missing")
+            return None
+        except OSError as e:
+            if required:
+                self.errors.append(f"{os.path.join(self.directory, attr)}: unreadable: {e.strerror or e}")
+            return None
+
     def text(self, attr: str, required: bool, empty_ok: bool = True, shared: bool = True) -> str | None:
         """The stripped content, or None if missing, unreadable, not text, or empty when not `empty_ok`.
 
@@ -62,19 +82,12 @@ class AttrReader:
 
         The kernel writes one line of ASCII: bytes that are not UTF-8 or control characters mean
         the tree is not what we think it is, and that is an error even for an optional attribute."""
-        try:
-            if self.dir_fd is None:
-                data = read_bytes(os.path.join(self.directory, attr))
-            else:
-                data = read_bytes(self.relative + attr, self.dir_fd)
-        except FileNotFoundError:
-            if required:
-                self.errors.append(f"{os.path.join(self.directory, attr)}: missing")
+        data = self._bytes(attr, required)
+        if data is None:
             return None
-        except OSError as e:
-            if required:
-                self.errors.append(f"{os.path.join(self.directory, attr)}: unreadable: {e.strerror or e}")
-            return None
+        return self._text(attr, data, required, empty_ok, shared)
+
+    def _text(self, attr: str, data: bytes, required: bool, empty_ok: bool, shared: bool) -> str | None:
         text = _TEXTS.get(data)
         if text is None:
             text = _checked_text(data, shared)
@@ -91,7 +104,20 @@ class AttrReader:
         self, attr: str, required: bool, parse: Callable[[str], T], none_words: tuple[str, ...] = ("none",)
     ) -> T | None:
         """parse(text); None for a missing file, a none word or a value parse rejects (noted in errors)."""
-        text = self.text(attr, required, shared=False)
+        data = self._bytes(attr, required)
+        if data is None:
+            return None
+        # Most values are plain decimal numbers (or major:minor): taken from the bytes at once,
+        # as parse_int / parse_dev would from the decoded text. Anything else goes the long way.
+        digits = data.strip()
+        if parse is parse_int:
+            if digits.isdigit() and len(digits) <= 20:
+                return int(digits)  # type: ignore[return-value]
+        elif parse is parse_dev:
+            major, _, minor = digits.partition(b":")
+            if major.isdigit() and minor.isdigit() and len(major) <= 20 and len(minor) <= 20:
+                return f"{int(major)}:{int(minor)}"  # type: ignore[return-value]
+        text = self._text(attr, data, required, True, False)
         if text is None or text in none_words:
             return None
         try:

@@ -492,3 +492,34 @@ def test_generated_array_reads_back_exactly(members, level, array_state, complet
         )
         for x in expected
     )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.binary(max_size=30),
+        st.from_regex(rb"\A[ \t\n+-]{0,2}[0-9]{0,24}(:[0-9]{0,24})?[ \t\n_]{0,2}\Z"),
+    )
+)
+def test_numbers_taken_from_the_bytes_read_as_the_text_parsers_read_them(data):
+    """AttrReader.parsed takes plain decimal numbers and major:minor from the bytes at once
+    (every sysfs number on a full read); the value, or the error line, is what decoding the
+    text and parse_int / parse_dev give."""
+    from iscsimple.core.sysfs import AttrReader, _checked_text, parse_dev, parse_int
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "attr").write_bytes(data)
+        for parse in (parse_int, parse_dev):
+            errors: list[str] = []
+            got = AttrReader(tmp, errors).parsed("attr", True, parse)
+            text = _checked_text(data, shared=False)
+            if text is None:
+                assert got is None and errors == [f"{tmp}/attr: not text: {data[:40]!r}"]
+                continue
+            try:
+                expected = None if text == "none" else parse(text)
+            except ValueError:
+                assert got is None and errors == [f"{tmp}/attr: cannot parse {text[:80]!r}"]
+                continue
+            assert (got, errors) == (expected, [])
+            assert type(got) is type(expected)
