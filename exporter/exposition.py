@@ -39,7 +39,7 @@ from iscsimple import __version__ as VERSION
 from iscsimple.core.snapshot import HostSnapshot
 
 from .collectors.base import Part, SnapshotCollector
-from .families import Family, encode_value, escape
+from .families import MADE, Family, encode_value, escape
 
 log = logging.getLogger(__name__)
 
@@ -519,10 +519,19 @@ class Renderer:
                     new.hashes[name][start:stop] = old.hashes[name][first : first + stop - start]
                 continue
             lines: dict[str, list[bytes]] = {}  # this block's lines, by family and view
+            # Every view of the block encoded afresh (a first render): one call of the collector for
+            # the block, its samples split by view, instead of one call per view.
+            together = (
+                _block_lines(collector, snapshot, arrays, views[start:stop])
+                if opened is None and stop - start > 1
+                else None
+            )
             for index in range(start, stop):
                 view = views[index]
                 before = reuse.get(id(view))
-                if opened is not None and before is not None and index not in dirty:
+                if together is not None:
+                    found = together[index - start]
+                elif opened is not None and before is not None and index not in dirty:
                     found = {name: opened.lines(name, before) for name in opened.starts}
                 else:
                     found = {f.name: _sample_lines(f) for f in collector.families(snapshot, parts[index])}
@@ -539,6 +548,74 @@ class Renderer:
                 new.hashes[name][start:stop] = array("q", map(hash, family))
         self._pieces[key] = new
         return new
+
+
+class _Recorded(Sequence):
+    """A Part's views that note, as a collector iterates them, how many samples each family
+    made so far holds when each view's turn starts and ends (`MADE` lists the families)."""
+
+    def __init__(self, views: Sequence, made: list[Family]):
+        self.views = views
+        self.made = made
+        # (view index, the families' sample counts at its turn's start, at its end)
+        self.turns: list[tuple[int, list[int], list[int]]] = []
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def __getitem__(self, index):
+        return self.views[index]
+
+    def __iter__(self):
+        made, turns = self.made, self.turns
+        start = [len(f._added) for f in made]
+        for index, view in enumerate(self.views):
+            yield view
+            end = [len(f._added) for f in made]
+            turns.append((index, start, end))
+            start = end
+
+
+def _block_lines(
+    collector: SnapshotCollector, snapshot: HostSnapshot, arrays: bool, views: Sequence
+) -> list[dict[str, bytes]] | None:
+    """Each view's lines by family name, as `collector.families` of a Part of that view alone
+    gives them, from one call for all `views`: every sample added during a view's turn of an
+    iteration over the Part's views is that view's. None (encode view by view) when that does
+    not account for every sample: one added outside a turn (after a list of the views was
+    made, say), or a family that is not a `Family`."""
+    made: list[Family] = []
+    recorded = _Recorded(views, made)
+    part = Part(arrays=recorded) if arrays else Part(sessions=recorded)
+    outer, MADE.families = MADE.families, made
+    try:
+        families = list(collector.families(snapshot, part))
+    finally:
+        MADE.families = outer
+    returned = {id(f) for f in families}
+    if any(type(f) is not Family for f in families) or returned - {id(f) for f in made}:
+        return None
+    found: list[dict[str, bytes]] = [{} for _ in views]
+    lines: dict[int, list[str]] = {}  # each family's lines by sample, once it has any
+    at = [0] * len(made)  # per family: its samples accounted for so far, in the order added
+    for index, start, end in recorded.turns:
+        if start == end:
+            continue  # the turn added no sample
+        view = found[index]
+        for j, count in enumerate(end):
+            if count == at[j] or id(made[j]) not in returned:
+                continue
+            if (start[j] if j < len(start) else 0) != at[j]:
+                return None  # samples added between turns: whose they are is unknown
+            family = made[j]
+            encoded = lines.get(j)
+            if encoded is None:
+                encoded = lines[j] = family.entry_lines()
+            view[family.name] = view.get(family.name, b"") + "".join(encoded[at[j] : count]).encode()
+            at[j] = count
+    if any(len(f._added) != at[j] for j, f in enumerate(made) if id(f) in returned):
+        return None  # samples added after the last turn
+    return found
 
 
 def _same_block(reuse: dict[int, int], views: Sequence, start: int, stop: int, before: int, dirty) -> bool:

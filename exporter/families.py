@@ -12,6 +12,7 @@ test compares them).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 from prometheus_client.core import Metric
@@ -92,6 +93,15 @@ def _template(sample: str, labels: Sequence[str]) -> _Template:
     return template
 
 
+class _Made(threading.local):
+    """The families made in this thread while a renderer records them (`recording`)."""
+
+    families: list[Family] | None = None
+
+
+MADE = _Made()
+
+
 class Family(Metric):
     """A gauge or a counter whose samples are encoded from templates (see the module's doc).
 
@@ -99,6 +109,9 @@ class Family(Metric):
     prometheus_client, which validates them), so they are not validated here again."""
 
     def __init__(self, name: str, documentation: str, labels: Sequence[str], typ: str = "gauge"):
+        made = MADE.families
+        if made is not None:  # a renderer splits these families' samples by view (exposition)
+            made.append(self)
         if typ == "counter" and name.endswith("_total"):
             name = name[:-6]  # as CounterMetricFamily: the samples are NAME_total
         self.name = name
@@ -141,9 +154,14 @@ class Family(Metric):
 
     def encoded(self) -> bytes:
         """The sample lines, exactly as exposition.encode_both writes them for `samples`."""
-        added = self._added
-        if not added:
+        if not self._added:
             return b""
+        return "".join(self.entry_lines()).encode()
+
+    def entry_lines(self) -> list[str]:
+        """The lines of each add_metric / add_one_hot call, in order (a one-hot block is one
+        text of several lines): `encoded` joined, or split by whatever added them."""
+        added = self._added
         template = _TEMPLATES.get((self._sample, tuple(self._labels))) or self._template
         line = template.line.format
         count = len(template.labels)
@@ -163,7 +181,7 @@ class Family(Metric):
                 )
             else:
                 lines.append(template.one_hot(entry[1], entry[2]).format(*labels))
-        return "".join(lines).encode()
+        return lines
 
 
 def gauge(name: str, documentation: str, labels: Sequence[str]) -> Family:

@@ -228,6 +228,83 @@ def test_collectors_render_no_sample_for_the_views_they_do_not_declare(host):
     assert undeclared >= 5  # arrays, safety: no sessions; iscsi: no arrays; hotplug: neither
 
 
+def test_a_block_rendered_in_one_call_gives_each_view_the_lines_it_renders_alone(host):
+    """A full render asks each collector once per block of views and splits the samples by the
+    view whose turn of the iteration added them (exposition._block_lines): for every collector,
+    each view gets exactly the lines a Part of that view alone renders."""
+    from iscsimple.exporter import exposition
+
+    targets = [f"iqn.2003-01.org.example:t{i}" for i in range(3)]
+    for i in range(7):
+        host.attach(f"vm{i}-disk", f"vm{i}", targets[i % 3], i // 3 + 1)
+    for i in (1, 4, 5, 6):
+        host.finish_resync(f"vm{i}-disk")
+    host.advance_resync("vm0-disk", 0.5, speed_kib=1000)
+    host.set_leg_errors("vm5-disk", "local", 2)
+    host.expire_session(targets[1])  # local-only, stale records
+    host.fail_session(targets[2])
+    agent = Agent(AgentOptions(paths=host.paths, udev=False, mdstat_events=False))
+    agent.refresher.refresh_now()
+    snapshot = agent.refresher.snapshot()
+    assert snapshot.stale
+    checked = set()
+    for collector in agent.refresher.collectors:
+        for arrays, views in ((True, snapshot.arrays), (False, snapshot.sessions)):
+            if ("arrays" if arrays else "sessions") not in collector.views:
+                continue
+            together = exposition._block_lines(collector, snapshot, arrays, list(views))
+            assert together is not None, collector.name
+            for view, found in zip(views, together, strict=True):
+                alone = collector.families(snapshot, exposition._part(arrays, view))
+                lines = {f.name: exposition._sample_lines(f) for f in alone}
+                assert found == {name: text for name, text in lines.items() if text}, collector.name
+                checked.update(name for name, text in found.items() if text)
+    assert {
+        "iscsimple_array_info",
+        "iscsimple_lun_stale_since_seconds",
+        "iscsimple_iscsi_lun_state",
+    } <= checked
+
+
+def test_samples_added_after_the_views_were_listed_are_encoded_view_by_view(host):
+    """A collector that adds its samples after going through the views (so no view's turn
+    tells whose they are) is asked view by view: its lines and their per-view lengths are
+    right, and a later change of one view is spliced in its place."""
+    from iscsimple.core.snapshot import Changes, HostSnapshot
+    from iscsimple.exporter import exposition
+    from iscsimple.exporter.collectors.base import SnapshotCollector, gauge
+
+    class Listing(SnapshotCollector):
+        name = "listing"
+        views = frozenset({"arrays"})
+
+        def families(self, snapshot, part):
+            sizes = gauge("test_size", "Size.", ["label"])
+            views = [(v.label, v.md.size_bytes if v.md else 0) for v in part.arrays]
+            for label, size in views:
+                sizes.add_metric([label], float(size or 0))
+            return [sizes]
+
+    for i in range(5):
+        host.attach(f"vm{i}-disk", f"vm{i}", TB, i + 1, size_bytes=(i + 1) << 20)
+    snapshot = HostSnapshot.read(host.paths)
+    assert exposition._block_lines(Listing(lambda: snapshot), snapshot, True, list(snapshot.arrays)) is None
+    renderer = exposition.Renderer([Listing(lambda: snapshot)])
+    first = renderer.render(snapshot)
+    assert parse(first.text.decode())[("test_size", frozenset({("label", "vm3-disk")}))] == 4 << 20
+    lengths = renderer._pieces[("listing", True)].lengths["test_size"]
+    assert list(lengths) == [
+        len(f'test_size{{label="vm{i}-disk"}} {float((i + 1) << 20)}\n') for i in range(5)
+    ]
+    (host.paths.sysfs / "block" / host.md_device("vm2-disk") / "size").write_text("4096\n")
+    updated = snapshot.update(host.paths, Changes(md=frozenset({host.md_device("vm2-disk")})))
+    second = renderer.render(updated)
+    fresh = exposition.Renderer([Listing(lambda: updated)]).render(updated)
+    # Everything but the agent's own families (their durations differ).
+    assert [p.plain() for p in second.text_pieces[:-1]] == [p.plain() for p in fresh.text_pieces[:-1]]
+    assert parse(second.text.decode())[("test_size", frozenset({("label", "vm2-disk")}))] == 4096 * 512
+
+
 def _member_dir(host, label, leg):
     md = host.paths.sysfs / "block" / host.md_device(label) / "md"
     name = host.iscsi_device(label) if leg == "iscsi" else f"dm-{int(label[2:].split('-')[0])}"

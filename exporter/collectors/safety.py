@@ -156,11 +156,6 @@ class SafetyCollector(SnapshotCollector):
     def _bitmaps(self, snapshot: HostSnapshot, part: Part) -> Iterable[Metric]:
         state = self.safety.state
         by_label = state.bitmap_by_label if state.taken == snapshot.taken else {}
-        bitmaps = [
-            by_label[v.label]
-            for v in part.arrays
-            if v.md is not None and v.label in by_label and snapshot.array(v.label) is v
-        ]
         active = gauge(
             "iscsimple_array_bitmap",
             "1 while md keeps the write-intent bitmap file this host built the mirror with (a heal can "
@@ -180,7 +175,10 @@ class SafetyCollector(SnapshotCollector):
             "md's current speed.",
             ["label"],
         )
-        for b in bitmaps:
+        for view in part.arrays:
+            b = by_label.get(view.label) if view.md is not None else None
+            if b is None or snapshot.array(view.label) is not view:
+                continue
             active.add_metric([b.label], 1.0 if b.active else 0.0)
             if b.out_of_sync_bytes is not None:
                 dirty.add_metric([b.label], float(b.out_of_sync_bytes))
@@ -203,14 +201,14 @@ class SafetyCollector(SnapshotCollector):
             "attach refuses this LUN while it is reported (cross-host guard).",
             lun_labels,
         )
-        # A record with its array's part (cached with it), then those of arrays gone.
-        records = [(v.label, standing.get(v.label)) for v in part.arrays if snapshot.array(v.label) is v]
-        if part.rest:
-            records += [(label, standing[label]) for label in self._orphaned(snapshot, standing)]
-        for label, record in records:
-            if record is not None and record.target is not None:
-                domain = vm_name(record.domain_name, record.domain_id, numbered="{}")
-                since.add_metric([host, record.target, str(record.lun or 0), label, domain], record.since)
+        # A record with its array's part (cached with it), then those of arrays gone. Samples are
+        # added while the part's views are iterated, each in its view's turn (exposition splits
+        # the samples of several views by turn).
+        for view in part.arrays:
+            if snapshot.array(view.label) is view:
+                _add_since(since, host, view.label, standing.get(view.label))
+        for label in self._orphaned(snapshot, standing) if part.rest else ():
+            _add_since(since, host, label, standing[label])
         yield since
         attached = gauge(
             "iscsimple_lun_attached",
@@ -219,11 +217,10 @@ class SafetyCollector(SnapshotCollector):
             lun_labels,
         )
         # A mirror's LUN with its array (cached with it), then the plain LUNs.
-        mirrors = [v.attachment for v in part.arrays]
-        plain = self._plain_attachments(snapshot) if part.rest else []
-        for a in (*mirrors, *plain):
-            if a.target is not None:
-                attached.add_metric([host, a.target, str(a.lun), a.label or "", a.domain_name or ""], 1.0)
+        for view in part.arrays:
+            _add_attached(attached, host, view.attachment)
+        for a in self._plain_attachments(snapshot) if part.rest else ():
+            _add_attached(attached, host, a)
         yield attached
         safe = gauge(
             "iscsimple_array_safe_to_migrate",
@@ -265,3 +262,14 @@ class SafetyCollector(SnapshotCollector):
                 if part.rest:
                     seconds.add_metric([], probe.seconds)
                 yield seconds
+
+
+def _add_since(since, host: str, label: str, record: StaleRecord | None) -> None:
+    if record is not None and record.target is not None:
+        domain = vm_name(record.domain_name, record.domain_id, numbered="{}")
+        since.add_metric([host, record.target, str(record.lun or 0), label, domain], record.since)
+
+
+def _add_attached(attached, host: str, a: Attachment) -> None:
+    if a.target is not None:
+        attached.add_metric([host, a.target, str(a.lun), a.label or "", a.domain_name or ""], 1.0)
