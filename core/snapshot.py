@@ -339,8 +339,11 @@ class HostSnapshot:
         return _Index.of(self)
 
     @classmethod
-    def read(cls, paths: HostPaths) -> HostSnapshot:
-        """Read every source once. Each source's failure is recorded, never raised."""
+    def read(cls, paths: HostPaths, md_arrays: Callable[[], MdArrays] | None = None) -> HostSnapshot:
+        """Read every source once. Each source's failure is recorded, never raised.
+
+        `md_arrays`: gives what `read_md_arrays_parts(paths.sysfs)` would, read meanwhile (the
+        agent's start reads the md arrays in another process while this one reads the rest)."""
         sources: dict[str, SourceResult] = {}
         files = _file_signatures(paths)
         registry = Registry(paths)
@@ -349,16 +352,18 @@ class HostSnapshot:
         hotplug = _timed(sources, "hotplug", registry.read_stats, HotplugStats())
         stale_files, _ = _read_stale(sources, StaleRecords(paths), None)
         stale = _records_of(stale_files)
+        if md_arrays is None:
+            md_parts, listing, seconds = read_md_arrays_parts(paths.sysfs)
         started = time.perf_counter()
-        names, listing = md_array_names(paths.sysfs)
-        md_parts = {name: read_md_array_errors(paths.sysfs, name) for name in names}
-        md, md_errors = _md_result(md_parts, listing)
-        sources["md"] = SourceResult(time.perf_counter() - started, tuple(md.errors))
-        started = time.perf_counter()
-        names, listing = iscsi_session_names(paths.sysfs)
+        names, listing_ = iscsi_session_names(paths.sysfs)
         session_parts = read_iscsi_session_parts(paths.sysfs, names)
-        iscsi, iscsi_errors = _iscsi_result(session_parts, listing)
+        iscsi, iscsi_errors = _iscsi_result(session_parts, listing_)
         sources["iscsi"] = SourceResult(time.perf_counter() - started, tuple(iscsi.errors))
+        if md_arrays is not None:
+            md_parts, listing, seconds = md_arrays()
+        md, md_errors = _md_result(md_parts, listing)
+        sources["md"] = SourceResult(seconds, tuple(md.errors))
+        sources["iscsi"] = sources.pop("iscsi")  # in the order they always were
         snapshot = cls.build(attachments, md, iscsi, stale, hotplug, paths=paths, sources=sources)
         return cls._with(
             snapshot, md_errors=md_errors, iscsi_errors=iscsi_errors, files=files, stale_files=stale_files
@@ -507,6 +512,19 @@ def _patched(items: Sequence[T], changed: Mapping[K, T | None], key: Callable[[T
         else:
             result.insert(i, item)
     return result
+
+
+# Each md array's read by kernel name (the array, or None, and its problems), the listing's
+# problems and the seconds it took.
+MdArrays = tuple[dict[str, tuple[MdArray | None, list[str]]], list[str], float]
+
+
+def read_md_arrays_parts(sysfs: Path) -> MdArrays:
+    """Every md array of `sysfs`, as HostSnapshot.read reads them."""
+    started = time.perf_counter()
+    names, listing = md_array_names(sysfs)
+    parts = {name: read_md_array_errors(sysfs, name) for name in names}
+    return parts, listing, time.perf_counter() - started
 
 
 def _file_signatures(paths: HostPaths) -> dict[str, FileSignature]:

@@ -26,6 +26,7 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,8 +43,9 @@ from iscsimple.core.paths import (
     require_given_dirs,
 )
 from iscsimple.core.run import run
-from iscsimple.core.snapshot import EVERYTHING, Changes, HostSnapshot
+from iscsimple.core.snapshot import EVERYTHING, Changes, HostSnapshot, read_md_arrays_parts
 
+from .aside import Aside
 from .collectors import Context, default_collectors
 from .events import ChangePoll, KernelLogWatcher, MdstatDiff, MdstatWatcher, UdevWatcher, udev_monitor
 from .exposition import GzipBody, PlainBody, Rendered
@@ -119,7 +121,9 @@ class Agent:
         def read(previous: HostSnapshot | None, changes: Changes) -> HostSnapshot:
             if previous is None:
                 self.mdstat.read()  # what later md events and polls are compared with
-                return HostSnapshot.read(paths)
+                # The md arrays are read in a child process meanwhile (exporter/aside.py).
+                md_arrays = Aside(partial(read_md_arrays_parts, paths.sysfs))
+                return HostSnapshot.read(paths, md_arrays.result)
             return previous.update(paths, changes)
 
         self.poll = ChangePoll(paths.sysfs, self.mdstat, sessions_every=SESSION_STATES_EVERY)
