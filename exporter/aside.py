@@ -66,24 +66,25 @@ class Aside(Generic[T]):
         if self.pid is None or self._fd is None:
             return self.function()
         fd, self._fd = self._fd, None
-        chunks = []
+        # Unpickled as it is read, through a small buffer: no buffer of the whole answer (a
+        # large block, once freed, raises glibc's mmap threshold and later ones stay in the heap).
+        answer: object = _NONE
         try:
-            while chunk := os.read(fd, _PIPE_SIZE):
-                chunks.append(chunk)
-        except OSError as e:
-            log.warning("reading the answer of child process %d failed: %s", self.pid, e.strerror or e)
-            chunks = []
-        finally:
-            os.close(fd)
-            status = _reap(self.pid)
-        if status == 0 and chunks:
-            try:
-                return pickle.loads(b"".join(chunks))
-            except Exception as e:  # a truncated or garbled answer: do the work here
-                log.warning("the answer of child process %d does not unpickle: %s", self.pid, e)
-        else:
-            log.warning("child process %d gave no answer (wait status %d); reading here", self.pid, status)
+            with os.fdopen(fd, "rb", buffering=_BUFFER) as pipe:
+                answer = pickle.load(pipe)
+                if pipe.read(1):
+                    answer = _NONE  # more than one pickle: not what the child writes
+        except Exception as e:  # the child died, or a truncated or garbled answer: do the work here
+            log.debug("the answer of child process %d cannot be read: %s", self.pid, e)
+        status = _reap(self.pid)
+        if status == 0 and answer is not _NONE:
+            return answer  # type: ignore[return-value]
+        log.warning("child process %d gave no answer (wait status %d); reading here", self.pid, status)
         return self.function()
+
+
+_NONE = object()
+_BUFFER = 64 * 1024
 
 
 def _answer(fd: int, result: object) -> None:
@@ -100,10 +101,7 @@ def _answer(fd: int, result: object) -> None:
 
 
 def _reap(pid: int) -> int:
-    while True:
-        try:
-            return os.waitpid(pid, 0)[1]
-        except InterruptedError:
-            continue
-        except ChildProcessError:
-            return -1
+    try:
+        return os.waitpid(pid, 0)[1]
+    except ChildProcessError:
+        return -1
