@@ -26,6 +26,7 @@ import stat
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -157,12 +158,20 @@ class Agent:
 
     # -- life cycle ---------------------------------------------------------------
 
-    def start(self, udev_monitor_factory=udev_monitor) -> Agent:
+    def start(
+        self, udev_monitor_factory=udev_monitor, on_first_read: Callable[[], object] | None = None
+    ) -> Agent:
+        """Read the host, then start the refresh thread, the event watchers and the schedule.
+
+        `on_first_read` is called as soon as the first body is rendered (the web server starts
+        serving it), before the rest starts."""
+        first_full_read(self.refresher)  # ready before the first scrape
+        self.refresher.start()
+        if on_first_read is not None:
+            on_first_read()
         from apscheduler.schedulers.background import BackgroundScheduler
 
         self.scheduler = BackgroundScheduler(daemon=True)
-        first_full_read(self.refresher)  # ready before the first scrape
-        self.refresher.start()
         o = self.options
         if o.mdstat_events:
             self._watchers.append(
@@ -567,11 +576,10 @@ def _serve(
         return 2
     if web_config.cleartext_passwords:
         log.warning("basic_auth_users without tls_server_config: passwords cross the network in clear")
-    agent.start()
+    agent.start(on_first_read=server.serve_in_thread)  # serving the first body while the rest starts
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    server.serve_in_thread()
     log.info("iscsimple-agent %s listening on %s/metrics", VERSION, server.url)
     if on_ready is not None:
         on_ready(server)

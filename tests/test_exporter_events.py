@@ -422,3 +422,27 @@ def test_the_bitmap_pass_reads_the_md_events_text_and_looks_again_where_it_moved
         agent.refresher.refresh_now(Changes(md=frozenset(moved)))
     assert agent.refresher.snapshot().array(label) is before  # md's sysfs reads the same
     assert sample(agent, "iscsimple_array_bitmap", label) == 1.0
+
+
+def test_the_first_body_is_served_before_the_schedule_and_the_watchers_start(host):
+    """Agent.start calls on_first_read (the web server starts serving) as soon as the first body
+    is rendered, stale records and safety verdicts included; the scheduler and the event
+    watchers start after it."""
+    host.expire_session(TARGET)  # local-only: the first look writes a stale record
+    agent = Agent(AgentOptions(paths=host.paths, refresh_interval=HOUR, udev=False))
+    seen = []
+
+    def on_first_read():
+        body, _ = agent.metrics("")
+        seen.append((agent.scheduler, list(agent._watchers), body))
+
+    agent.start(on_first_read=on_first_read)
+    try:
+        assert len(seen) == 1
+        scheduler, watchers, body = seen[0]
+        assert scheduler is None and watchers == []
+        assert b'iscsimple_array_iscsi_stale{domain="web1",label="web1-disk"} 1.0' in body
+        assert local_only(agent, "web1-disk") == 1
+        assert agent.scheduler is not None and agent.scheduler.running and agent._watchers
+    finally:
+        agent.stop()
