@@ -29,8 +29,10 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import bootmemo
 from .atomic import remove_durably, write_atomic
-from .bitmapstore import bitmap_dir, boot_id, visible_mount
+from .bitmapstore import bitmap_dir, visible_mount
+from .bootmemo import boot_id
 from .errors import InputError, StateFileError
 from .files import MAX_INPUT_BYTES, load_state_json, read_file
 from .mdstat import mdstat_arrays, read_mdstat_arrays
@@ -51,6 +53,7 @@ BITMAP_STALE = 0x2  # md-bitmap.h: the state bit md sets in the file when it sto
 # a random writer pays one synchronous bitmap-page write per write at any chunk size from 64 KiB
 # to 4 MiB (md sets a clean chunk's bit before the write; bench/bitmap_cost.py, README Benchmark).
 DEFAULT_CHUNK_BYTES = 64 << 10
+SUPPORT_MEMO = "bitmap-support.json"  # in the state directory, per boot
 # Filesystems where md can use a bitmap file (the kernel maps its blocks with bmap()).
 BITMAP_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs"})
 # mdadm 4.4 removed bitmap files ("mdadm: remove bitmap file support").
@@ -216,25 +219,19 @@ def filesystem_of(paths: HostPaths, directory: Path) -> str | None:
 
 
 def cached_support(paths: HostPaths, probe) -> BitmapSupport:
-    """Detected once per boot (kept in the volatile state directory); `probe()` detects."""
-    cache = paths.state / "bitmap-support.json"
-    with contextlib.suppress(
-        StateFileError, FileNotFoundError, ValueError, TypeError, KeyError, AttributeError
-    ):
-        data = load_state_json(cache)
-        chunk = data["chunk_bytes"]
-        chunk_ok = isinstance(chunk, int) and not isinstance(chunk, bool) and 4096 <= chunk <= 1 << 30
-        if data.get("boot_id") == boot_id(paths) and isinstance(data["supported"], bool) and chunk_ok:
-            return BitmapSupport(data["supported"], str(data["reason"])[:200], chunk)
+    """Detected once per boot (core.bootmemo); `probe()` detects."""
+    data = bootmemo.recall(paths, SUPPORT_MEMO) or {}
+    chunk, supported = data.get("chunk_bytes"), data.get("supported")
+    chunk_ok = isinstance(chunk, int) and not isinstance(chunk, bool) and 4096 <= chunk <= 1 << 30
+    if isinstance(supported, bool) and chunk_ok:
+        return BitmapSupport(supported, str(data.get("reason", ""))[:200], chunk)
     support = probe()
     remember_support(paths, support)
     return support
 
 
 def remember_support(paths: HostPaths, support: BitmapSupport) -> None:
-    data = {**asdict(support), "boot_id": boot_id(paths)}
-    with contextlib.suppress(OSError):
-        write_atomic(paths.state / "bitmap-support.json", json.dumps(data) + "\n", mode=0o644, fsync=False)
+    bootmemo.remember(paths, SUPPORT_MEMO, asdict(support))
 
 
 # -- the instance record: what a partial heal must find unchanged ---------------------------------

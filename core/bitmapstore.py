@@ -23,8 +23,6 @@ once per boot.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
 import re
@@ -33,9 +31,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import write_atomic
-from .errors import StateFileError
-from .files import MAX_INPUT_BYTES, load_state_json, read_file
+from . import bootmemo
+from .files import MAX_INPUT_BYTES, read_file
 from .locking import hotplug_lock
 from .paths import HostPaths
 from .run import CommandError, Deadline, run
@@ -124,7 +121,8 @@ def ensure(paths: HostPaths, deadline: Deadline, command=run, retry: bool = Fals
         mounted = mount_at(paths, directory)  # another build may have made it meanwhile
         if mounted:
             return _found(directory, mounted)
-        failure = None if retry else _failure_this_boot(paths)
+        memo = None if retry else bootmemo.recall(paths, FAILURE_FILE)
+        failure = str(memo.get("reason", ""))[:300] if memo else None
         if failure is not None:
             return Store(directory, False, failure)
         started = time.monotonic()
@@ -134,7 +132,7 @@ def ensure(paths: HostPaths, deadline: Deadline, command=run, retry: bool = Fals
             reason = f"no RAM store for bitmap files ({e})"
             log.warning("%s: they stay in %s, and md writes them to disk before each write to a clean chunk",
                         reason, directory)  # fmt: skip
-            _remember_failure(paths, reason)
+            bootmemo.remember(paths, FAILURE_FILE, {"reason": reason})
             return Store(directory, False, reason)
         log.info("bitmap files in RAM: ext4 on %s at %s (made in %.1f s)", device, directory,
                  time.monotonic() - started)  # fmt: skip
@@ -238,26 +236,3 @@ def _step(command, argv: list[str], deadline: Deadline, what: str) -> None:
     except CommandError as e:  # CommandTimeout is one
         detail = (e.stderr or "").strip().splitlines()
         raise StoreError(f"cannot {what}: {detail[-1] if detail else e}") from None
-
-
-def boot_id(paths: HostPaths) -> str | None:
-    """The kernel's id of this boot: what a RAM store, an array instance and their records live for."""
-    try:
-        text = read_file(paths.procfs / "sys" / "kernel" / "random" / "boot_id", max_bytes=4096)
-    except OSError:
-        return None
-    return text.decode("ascii", "replace").strip() or None
-
-
-def _failure_this_boot(paths: HostPaths) -> str | None:
-    with contextlib.suppress(StateFileError, FileNotFoundError, ValueError, TypeError, KeyError):
-        data = load_state_json(paths.state / FAILURE_FILE)
-        if isinstance(data, dict) and data["boot_id"] == boot_id(paths) and data["boot_id"] is not None:
-            return str(data["reason"])[:300]
-    return None
-
-
-def _remember_failure(paths: HostPaths, reason: str) -> None:
-    data = {"boot_id": boot_id(paths), "reason": reason}
-    with contextlib.suppress(OSError):
-        write_atomic(paths.state / FAILURE_FILE, json.dumps(data) + "\n", mode=0o644, fsync=False)

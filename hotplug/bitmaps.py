@@ -32,7 +32,7 @@ class BuildBitmap:
 
 def for_build(paths: HostPaths, label: str, deadline: Deadline) -> BuildBitmap | None:
     """The bitmap to build LABEL's mirror with, or None (no support: say so once per boot)."""
-    fresh = not (paths.state / "bitmap-support.json").exists()
+    fresh = not (paths.state / core_bitmap.SUPPORT_MEMO).exists()
     support = core_bitmap.cached_support(
         paths,
         lambda: core_bitmap.detect_support(
