@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from iscsimple.core.sysfs import AttrReader, open_dir, parse_dev, parse_int, read_bytes
 
 __all__ = [
+    "SKIPPED",
     "IscsiReadResult",
     "IscsiSession",
     "ScsiLun",
@@ -134,9 +136,13 @@ class _Gone(Exception):
     pass
 
 
-def read_session_states(sysfs: Path) -> dict[str, str | None]:
+SKIPPED = "(not read)"  # read_session_states: listed, state not read
+
+
+def read_session_states(sysfs: Path, skip: Container[str] = ()) -> dict[str, str | None]:
     """Only the `state` of every session, by name: what a cheap periodic look for session
-    changes needs (the kernel sends no uevent when a session fails or recovers).
+    changes needs (the kernel sends no uevent when a session fails or recovers). A session
+    named in `skip` is listed but not read: its value is SKIPPED.
 
     It runs for every session on every poll, so it opens each `state` relative to one
     descriptor of the class directory and skips AttrReader's error bookkeeping: a state that
@@ -151,6 +157,9 @@ def read_session_states(sysfs: Path) -> dict[str, str | None]:
     try:
         for name in os.listdir(dir_fd):
             if not _SESSION.match(name):
+                continue
+            if name in skip:
+                states[name] = SKIPPED
                 continue
             try:
                 data = read_bytes(name + "/state", dir_fd)

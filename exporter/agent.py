@@ -71,10 +71,11 @@ DEFAULT_LISTEN = f":{DEFAULT_PORT}"
 # The full re-read behind the events and the poll. It costs about 0.6 ms of CPU per array
 # (bench/scrape.py), so at thousands of arrays it is the largest cost of an idle agent.
 DEFAULT_SWEEP = 1800.0
-# While the kernel log announces session failures, every session's state is read once per this
-# many polls (30 s at the default --refresh.interval) instead of on every poll: it is a file per
+# While the kernel log announces session failures, a poll reads only the sessions that are not
+# logged in (one may log in again silently), and every session's state once per this many polls
+# (60 s at the default --refresh.interval): a net under the kernel's lines. It is a file per
 # session, the largest part of an idle agent's cost.
-SESSION_STATES_EVERY = 3
+SESSION_STATES_EVERY = 6
 
 
 @dataclass

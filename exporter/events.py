@@ -54,6 +54,9 @@ class Monitor(Protocol):
 
     def poll(self, timeout: float | None = None) -> Any: ...
 
+    # pyudev's Monitor also has fileno(): the watcher then sleeps in poll() until an event or
+    # stop(); a monitor without one is asked with a one-second timeout.
+
 
 def udev_monitor() -> Monitor | None:
     """A pyudev monitor on the subsystems we care about, or None where udev cannot be watched."""
@@ -119,13 +122,15 @@ class MdstatDiff:
 class ChangePoll:
     """The scheduled look for what the kernel does not announce (run in the refresh thread).
 
-    /proc/mdstat is compared on every poll. Every session's `state` (one file per session) is
-    read on every poll too, unless `announced()` says the kernel log is being followed: the
-    kernel announces no session state change by uevent, but logs each failure (`detected conn
-    error`: FAILED; `session recovery timed out`: FREE) and the KernelLogWatcher re-reads that
-    session at once. Then the states are read once per `sessions_every` polls (a session that
-    logs in again, which is logged by no kernel line, shows by then), and at the next poll after
-    `want_sessions()` (kernel log records were lost)."""
+    /proc/mdstat is compared on every poll, and the session directory listed (a session that
+    appears or goes). Every session's `state` (one file per session) is read on every poll too,
+    unless `announced()` says the kernel log is being followed: the kernel announces no session
+    state change by uevent, but logs each failure of a logged-in session (`detected conn error`:
+    FAILED; `session recovery timed out`: FREE) and the KernelLogWatcher re-reads that session at
+    once. Then each poll reads only the sessions not LOGGED_IN (a session that logs in again is
+    logged by no kernel line: it shows at the next poll), and every session's state once per
+    `sessions_every` polls and at the next poll after `want_sessions()` (kernel log records were
+    lost)."""
 
     def __init__(self, sysfs: Path, mdstat: MdstatDiff | None, sessions_every: int = 1):
         self.sysfs = sysfs
@@ -142,25 +147,34 @@ class ChangePoll:
     def __call__(self, snapshot: HostSnapshot) -> Changes:
         md = self.mdstat.read() if self.mdstat is not None else set()
         self._polls_since_sessions += 1
-        announced = self.announced is not None and self.announced()
-        if announced and not self._sessions_wanted and self._polls_since_sessions < self.sessions_every:
-            return Changes(md=frozenset(md))
-        self._polls_since_sessions = 0
-        self._sessions_wanted = False
         known = {s.name: s.state for s in snapshot.iscsi.sessions}
-        states = read_session_states(self.sysfs)
-        sessions = {n for n in known.keys() | states.keys() if known.get(n, "?") != states.get(n, "?")}
+        announced = self.announced is not None and self.announced()
+        skip: frozenset[str] | set[str] = frozenset()
+        if announced and not self._sessions_wanted and self._polls_since_sessions < self.sessions_every:
+            skip = {name for name, state in known.items() if state == "LOGGED_IN"}
+        else:
+            self._polls_since_sessions = 0
+            self._sessions_wanted = False
+        states = read_session_states(self.sysfs, skip)
+        sessions = {
+            n
+            for n in known.keys() | states.keys()
+            if (n not in states if n in skip else known.get(n, "?") != states.get(n, "?"))
+        }
         return Changes(md=frozenset(md), sessions=frozenset(sessions))
 
 
 class _Watcher:
-    """A daemon thread running `_run` until `stop()`."""
+    """A daemon thread running `_run` until `stop()`. A watcher waits in poll() with its wake
+    descriptor among the others, so it sleeps until something happens or it is stopped: an idle
+    agent's threads do not wake on a timer (each wake-up costs CPU on every host, all day)."""
 
     name = "watcher"
 
     def __init__(self) -> None:
         self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._wake_read, self._wake_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.thread = threading.Thread(target=self._wrapped_run, name=self.name, daemon=True)
 
     def start(self) -> Self:
         self.thread.start()
@@ -168,6 +182,23 @@ class _Watcher:
 
     def stop(self) -> None:
         self._stop.set()
+        with contextlib.suppress(OSError):  # closed already: the thread has ended
+            os.write(self._wake_write, b"x")
+
+    def _poller(self, fd: int, mask: int) -> select.poll:
+        """A poll set of `fd` and the wake descriptor."""
+        poller = select.poll()
+        poller.register(fd, mask)
+        poller.register(self._wake_read, select.POLLIN)
+        return poller
+
+    def _wrapped_run(self) -> None:
+        try:
+            self._run()
+        finally:
+            self._stop.set()
+            os.close(self._wake_read)
+            os.close(self._wake_write)
 
     def _run(self) -> None:
         raise NotImplementedError
@@ -182,20 +213,39 @@ class UdevWatcher(_Watcher):
         super().__init__()
 
     def _run(self) -> None:
+        fileno = getattr(self.monitor, "fileno", None)
+        poller = self._poller(fileno(), select.POLLIN) if fileno is not None else None
         while not self._stop.is_set():
             try:
-                device = self.monitor.poll(timeout=1.0)
+                devices = self._wait(poller, fileno() if fileno is not None else -1)
             except Exception as e:
                 log.warning("udev monitor failed (%s); relying on the schedule", e)
                 return
-            if device is None:
-                continue
-            action = getattr(device, "action", None) or "change"
-            name = getattr(device, "sys_name", None) or "?"
-            subsystem = getattr(device, "subsystem", None) or "?"
-            log.debug("udev: %s %s %s", action, subsystem, name)
-            changes = Changes(devices=frozenset({name})) if name != "?" else Changes(everything=True)
-            self.on_event(f"udev {action} {subsystem} {name}", changes)
+            for device in devices:
+                self._event(device)
+
+    def _wait(self, poller: select.poll | None, fd: int) -> list:
+        """The next devices the monitor has (none when stopped)."""
+        if poller is None:  # a monitor without a descriptor: look at the stop flag every second
+            device = self.monitor.poll(timeout=1.0)
+            return [] if device is None else [device]
+        events = poller.poll()  # the monitor's socket or the wake descriptor
+        if self._stop.is_set():
+            return []
+        if any(f == fd and mask & (select.POLLERR | select.POLLHUP | select.POLLNVAL) for f, mask in events):
+            raise OSError(f"the udev monitor's socket reports an error (poll events {events})")
+        devices = []
+        while (device := self.monitor.poll(timeout=0)) is not None:
+            devices.append(device)
+        return devices
+
+    def _event(self, device) -> None:
+        action = getattr(device, "action", None) or "change"
+        name = getattr(device, "sys_name", None) or "?"
+        subsystem = getattr(device, "subsystem", None) or "?"
+        log.debug("udev: %s %s %s", action, subsystem, name)
+        changes = Changes(devices=frozenset({name})) if name != "?" else Changes(everything=True)
+        self.on_event(f"udev {action} {subsystem} {name}", changes)
 
 
 class MdstatWatcher(_Watcher):
@@ -208,7 +258,7 @@ class MdstatWatcher(_Watcher):
         path: Path,
         on_event: OnEvent,
         opener: Callable[[], Any] | None = None,
-        poll_timeout: float = 1.0,
+        poll_timeout: float | None = None,
         diff: MdstatDiff | None = None,
     ):
         self.path = Path(path)
@@ -226,11 +276,15 @@ class MdstatWatcher(_Watcher):
             return
         with f:
             self.diff.changed(_rearm(f))
-            poller = select.poll()
-            poller.register(f.fileno(), select.POLLPRI | select.POLLERR)
+            poller = self._poller(f.fileno(), select.POLLPRI | select.POLLERR)
+            timeout = None if self.poll_timeout is None else self.poll_timeout * 1000
             while not self._stop.is_set():
-                events = poller.poll(self.poll_timeout * 1000)
-                if not any(mask & (select.POLLPRI | select.POLLERR) for _, mask in events):
+                events = poller.poll(timeout)
+                if self._stop.is_set():
+                    return
+                if not any(
+                    fd == f.fileno() and mask & (select.POLLPRI | select.POLLERR) for fd, mask in events
+                ):
                     continue
                 changed = self.diff.changed(_rearm(f))
                 if changed:
@@ -271,7 +325,7 @@ class KernelLogWatcher(_Watcher):
         path: Path,
         on_event: OnEvent,
         opener: Callable[[], int] | None = None,
-        poll_timeout: float = 1.0,
+        poll_timeout: float | None = None,
         follow_ups: tuple[float, ...] = FOLLOW_UPS,
         kicks: BitmapKicks | None = None,
         on_lost: Callable[[], None] | None = None,
@@ -313,13 +367,17 @@ class KernelLogWatcher(_Watcher):
         self._following = True
         try:
             self._read_earlier_kicks()
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
+            poller = self._poller(fd, select.POLLIN)
             while not self._stop.is_set():
                 now = time.monotonic()
-                wait = min([self.poll_timeout, *(times[0] - now for times in due.values())])
-                events = poller.poll(max(0.0, wait) * 1000)
-                failed, kicked = self._read(fd) if events else (set(), set())
+                waits = [times[0] - now for times in due.values()]
+                if self.poll_timeout is not None:
+                    waits.append(self.poll_timeout)
+                events = poller.poll(max(0.0, min(waits)) * 1000 if waits else None)
+                if self._stop.is_set():
+                    return
+                readable = any(f == fd for f, _ in events)
+                failed, kicked = self._read(fd) if readable else (set(), set())
                 if kicked:
                     self.on_event("kernel log: md dropped a bitmap", Changes(md=frozenset(kicked)))
                 now = time.monotonic()

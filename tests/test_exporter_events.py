@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import select
 import socket
 import threading
 import time
@@ -322,24 +323,26 @@ def test_a_bitmap_md_dropped_is_exported_inactive_though_mdstat_still_shows_it(h
 
 def test_session_states_are_read_less_often_only_while_the_kernel_log_announces_failures(host):
     """The poll reads every session's state on each call unless the kernel log is followed;
-    then once per `sessions_every` calls, and at the next call after kernel log records were lost."""
+    then only the sessions not logged in on each call, every session once per `sessions_every`
+    calls, and every session at the next call after kernel log records were lost."""
     from unittest import mock
 
     from iscsimple.core.snapshot import HostSnapshot
     from iscsimple.exporter import events
 
     snapshot = HostSnapshot.read(host.paths)
+    session = snapshot.array("web1-disk").session.name
     following = [False]
     poll = events.ChangePoll(host.paths.sysfs, None, sessions_every=3)
     poll.announced = lambda: following[0]
     with mock.patch.object(events, "read_session_states", wraps=events.read_session_states) as reads:
 
         def reads_on(calls: int) -> list[bool]:
+            """Per call: whether the logged-in session's state was read."""
             seen = []
             for _ in range(calls):
-                before = reads.call_count
                 poll(snapshot)
-                seen.append(reads.call_count > before)
+                seen.append(session not in reads.call_args.args[1])
             return seen
 
         assert reads_on(3) == [True, True, True]
@@ -349,10 +352,34 @@ def test_session_states_are_read_less_often_only_while_the_kernel_log_announces_
         assert reads_on(2) == [True, False]
         following[0] = False  # the kernel log is no longer read: back to every poll
         assert reads_on(2) == [True, True]
-    host.fail_session(TARGET)
     following[0] = True
+    # A failure the kernel log did not name shows on the next full read, not before.
+    host.fail_session(TARGET)
+    assert [poll(snapshot).sessions for _ in range(3)] == [frozenset(), frozenset(), {session}]
     poll.want_sessions()
-    assert poll(snapshot).sessions == {snapshot.array("web1-disk").session.name}
+    assert poll(snapshot).sessions == {session}
+    # A session that is not logged in is read on every poll: its login again shows at once.
+    failed = HostSnapshot.read(host.paths)
+    assert failed.array("web1-disk").session.state == "FAILED"
+    assert poll(failed).sessions == frozenset()
+    host.restore_session(TARGET)
+    assert poll(failed).sessions == {session}
+
+
+def test_the_poll_sees_a_session_appear_or_go_between_full_reads(host):
+    from iscsimple.core.snapshot import HostSnapshot
+    from iscsimple.exporter import events
+
+    snapshot = HostSnapshot.read(host.paths)
+    session = snapshot.array("web1-disk").session.name
+    poll = events.ChangePoll(host.paths.sysfs, None, sessions_every=100)
+    poll.announced = lambda: True
+    assert poll(snapshot).sessions == frozenset()
+    host.add_target("iqn.2003-01.org.example:second", "192.0.2.99:3260")
+    appeared = poll(snapshot).sessions
+    assert len(appeared) == 1 and session not in appeared
+    host.detach("web1-disk")  # the last user of the target: logged out
+    assert session in poll(snapshot).sessions
 
 
 def test_kernel_log_watcher_says_whether_it_follows_and_reports_lost_records():
@@ -446,3 +473,96 @@ def test_the_first_body_is_served_before_the_schedule_and_the_watchers_start(hos
         assert agent.scheduler is not None and agent.scheduler.running and agent._watchers
     finally:
         agent.stop()
+
+
+class DescriptorMonitor(FakeMonitor):
+    """A fake pyudev.Monitor with a descriptor that is readable while events are queued."""
+
+    def __init__(self):
+        super().__init__()
+        self.read_end, self.write_end = os.pipe2(os.O_NONBLOCK)
+
+    def put(self, device) -> None:
+        self.events.put(device)
+        os.write(self.write_end, b"e")
+
+    def fileno(self) -> int:
+        return self.read_end
+
+    def poll(self, timeout=None):
+        assert timeout == 0, "the watcher waits in its own poll() and asks without waiting"
+        try:
+            os.read(self.read_end, 1)
+        except BlockingIOError:
+            return None
+        return self.events.get_nowait()
+
+
+def idle_watchers(tmp_path):
+    """The three watchers, idle: an mdstat that never signals, a kernel log with no new records,
+    a udev monitor with no events."""
+    from iscsimple.exporter.events import KernelLogWatcher, UdevWatcher
+
+    mdstat = tmp_path / "mdstat"
+    mdstat.write_text("Personalities : [raid1] \nunused devices: <none>\n")
+    kmsg_read, kmsg_write = os.pipe2(os.O_NONBLOCK)
+    monitor = DescriptorMonitor()
+    seen = []
+    watchers = [
+        MdstatWatcher(mdstat, lambda reason, changes: seen.append(changes)),
+        KernelLogWatcher(
+            tmp_path / "kmsg", lambda reason, changes: seen.append(changes), opener=lambda: kmsg_read
+        ),
+        UdevWatcher(monitor, lambda reason, changes: seen.append(changes)),
+    ]
+    return watchers, monitor, seen, kmsg_write
+
+
+def test_idle_watchers_sleep_until_an_event_or_stop(tmp_path):
+    """No timer wakes an idle watcher (each wake-up is CPU an idle agent spends all day): each
+    makes one poll() call and sleeps in it; stop() still ends every one at once."""
+    from unittest import mock
+
+    from iscsimple.exporter import events
+
+    calls = []
+    real_poll = select.poll
+
+    class CountingPoll:
+        def __init__(self):
+            self.real = real_poll()
+
+        def register(self, *args):
+            self.real.register(*args)
+
+        def poll(self, timeout=None):
+            calls.append((threading.current_thread().name, timeout))
+            return self.real.poll(timeout)
+
+    watchers, monitor, seen, kmsg_write = idle_watchers(tmp_path)
+    with mock.patch.object(events.select, "poll", CountingPoll):
+        for w in watchers:
+            w.start()
+        time.sleep(1.5)
+        assert sorted(calls) == [("kmsg", None), ("mdstat", None), ("udev", None)]
+        monitor.put(SimpleNamespace(action="change", subsystem="block", sys_name="sdb"))
+        wait_until(lambda: seen == [events.Changes(devices=frozenset({"sdb"}))])
+        stopped = time.monotonic()
+        for w in watchers:
+            w.stop()
+        for w in watchers:
+            w.thread.join(2.0)
+            assert not w.thread.is_alive(), w.name
+        assert time.monotonic() - stopped < 1.0
+    os.close(kmsg_write)
+
+
+def test_a_udev_socket_error_ends_the_watcher_with_a_warning(caplog):
+    from iscsimple.exporter.events import UdevWatcher
+
+    monitor = DescriptorMonitor()
+    os.close(monitor.write_end)  # the read end now polls POLLHUP
+    watcher = UdevWatcher(monitor, lambda reason, changes: None).start()
+    watcher.thread.join(2.0)
+    assert not watcher.thread.is_alive()
+    assert "udev monitor failed" in caplog.text and "relying on the schedule" in caplog.text
