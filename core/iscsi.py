@@ -156,10 +156,10 @@ def read_session_states(sysfs: Path, skip: Container[str] = ()) -> dict[str, str
     states: dict[str, str | None] = {}
     try:
         for name in os.listdir(dir_fd):
-            if not _SESSION.match(name):
-                continue
-            if name in skip:
+            if name in skip:  # a name the snapshot has: matched when it was read
                 states[name] = SKIPPED
+                continue
+            if not _SESSION.match(name):
                 continue
             try:
                 data = read_bytes(name + "/state", dir_fd)

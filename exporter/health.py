@@ -12,6 +12,7 @@ Its verdicts are exported by collectors.health from an immutable HealthReport.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 from collections import deque
@@ -53,12 +54,13 @@ class HealthChecker:
         self.clock = clock
         self.report = HealthReport()
         self._previous: HostSnapshot | None = None
-        self._progress: dict[str, _SyncProgress] = {}
+        self._progress: dict[str, _SyncProgress] = {}  # by attachment id
         self._changes: dict[tuple[str, str], deque[float]] = {}
         self._change_totals: dict[tuple[str, str], int] = {}
         self._syncing: set[str] = set()  # attachment ids of the arrays that sync
         self._stalled: set[str] = set()
-        self._stalls_scanned = float("-inf")
+        # (when, attachment id, progress since): when that sync is stalled unless it moves
+        self._deadlines: list[tuple[float, str, float]] = []
         self._wrong: set[str] = set()  # ... that have write-mostly on the wrong leg
 
     def observe(self, snapshot: HostSnapshot) -> HealthReport:
@@ -144,45 +146,41 @@ class HealthChecker:
                 times.popleft()
 
     def _stalls(self, snapshot: HostSnapshot, now: float, changed: frozenset[str] | None) -> frozenset[str]:
-        """Syncs without progress for stall_after. Every syncing array is looked at once per
-        1/60 of stall_after (5 s by default: a stall is a matter of minutes); in between only
-        the ones that changed, so a refresh for one array costs the same at any number."""
-        full = changed is None or now - self._stalls_scanned >= self.stall_after / 60
-        keys = self._syncing if full else self._syncing & changed
-        if full:
-            self._stalls_scanned = now
-            self._stalled = set()
-        syncing = set()
+        """Syncs without progress for stall_after. A snapshot derived from the previous one is
+        looked at only where it changed (a sync that moved, started or ended) and where a
+        deadline came (a sync whose progress has not moved for stall_after): a refresh costs the
+        same at any number of syncing arrays. Any other snapshot: every syncing array, and every
+        array that was."""
+        # Not derived: any view may differ. Progress and deadlines stand where the ratio is the same.
+        keys = changed if changed is not None else self._syncing | self._progress.keys()
         for key in sorted(keys):
             view = snapshot.by_id(key)
-            if view is None or not view.syncing:
+            if view is None or not view.syncing:  # stopped syncing, or gone
+                old = view or (self._previous.by_id(key) if self._previous else None)
+                if self._progress.pop(key, None) is not None and old is not None:
+                    self._stalled.discard(old.label)
                 continue
-            syncing.add(view.label)
-            self._stalled.discard(view.label)
             ratio = view.sync_completed_ratio
-            progress = self._progress.get(view.label)
+            progress = self._progress.get(key)
             if progress is None or ratio != progress.ratio:
-                self._progress[view.label] = _SyncProgress(ratio, now)
-                continue
-            if now - progress.since >= self.stall_after:
-                self._stalled.add(view.label)
-                if view.label not in self.report.stalled:
-                    log.warning(
-                        "%s: %s has made no progress for %.0f s (stuck at %.1f%%)",
-                        view.label,
-                        view.sync_action,
-                        now - progress.since,
-                        ratio * 100,
-                    )
-        if full:
-            for label in set(self._progress) - syncing:
-                del self._progress[label]
-        else:
-            for key in changed - self._syncing:  # stopped syncing (or gone) since the last look
-                view = snapshot.by_id(key) or self._previous.by_id(key) if self._previous else None
-                if view is not None:
-                    self._progress.pop(view.label, None)
-                    self._stalled.discard(view.label)
+                self._progress[key] = _SyncProgress(ratio, now)
+                self._stalled.discard(view.label)
+                heapq.heappush(self._deadlines, (now + self.stall_after, key, now))
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, key, since = heapq.heappop(self._deadlines)
+            view = snapshot.by_id(key)
+            progress = self._progress.get(key)
+            if view is None or progress is None or progress.since != since or not view.syncing:
+                continue  # moved since (a later deadline stands), ended, or gone
+            self._stalled.add(view.label)
+            if view.label not in self.report.stalled:
+                log.warning(
+                    "%s: %s has made no progress for %.0f s (stuck at %.1f%%)",
+                    view.label,
+                    view.sync_action,
+                    now - progress.since,
+                    progress.ratio * 100,
+                )
         return frozenset(self._stalled)
 
 
