@@ -132,26 +132,28 @@ class PlainBody:
 class GzipBody:
     """A gzip body as the web server writes it: one gzip member (RFC 1952) made of the pieces'
     compressed bytes one after the other, in runs of at least RUN bytes; never joined whole, nor
-    kept (only the list of the pieces' compressed bytes and the trailer are)."""
+    kept (only the lists of the pieces' compressed bytes and the trailer are)."""
 
     RUN = 64 * 1024  # as web.WRITE_CHUNK, and for the same reason
 
-    def __init__(self, pieces: Sequence[Piece], trailer: bytes):
-        self.chunks = [_GZIP_HEADER, *(p.pack() for p in pieces if p.size), _DEFLATE_END, trailer]
-        self.size = 0
+    def __init__(self, groups: Sequence[_Group], trailer: bytes):
+        self.chunks: list[bytes] = [_GZIP_HEADER]
         self._cuts = [0]  # where each run starts in chunks
-        run = 0
-        for index, chunk in enumerate(self.chunks):
-            self.size += len(chunk)
-            run += len(chunk)
+        self.size = run = len(_GZIP_HEADER)
+        for group in groups:
+            self.chunks.extend(group.packed)
+            self.size += group.packed_size
+            run += group.packed_size
             if run >= self.RUN:
-                self._cuts.append(index + 1)
+                self._cuts.append(len(self.chunks))
                 run = 0
+        self.chunks += (_DEFLATE_END, trailer)
+        self.size += len(_DEFLATE_END) + len(trailer)
 
     @classmethod
     def of(cls, pieces: Sequence[Piece]) -> GzipBody:
-        size = sum(p.size for p in pieces)
-        return cls(pieces, struct.pack("<II", _combined_crc(pieces) & 0xFFFFFFFF, size & 0xFFFFFFFF))
+        groups, crc, size = _GROUPS.of(pieces)
+        return cls(groups, struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF))
 
     def __len__(self) -> int:
         return self.size
@@ -161,6 +163,60 @@ class GzipBody:
         for start, end in pairwise(cuts):
             if start < end:
                 yield b"".join(self.chunks[start:end])
+
+
+@dataclass(frozen=True, slots=True)
+class _Group:
+    """GROUP consecutive pieces of a body: their compressed bytes, and the CRC-32 and length of
+    their lines together."""
+
+    pieces: tuple[Piece, ...]
+    packed: tuple[bytes, ...]
+    packed_size: int
+    crc: int
+    size: int
+
+    @classmethod
+    def of(cls, pieces: tuple[Piece, ...]) -> _Group:
+        packed = tuple(p.pack() for p in pieces if p.size)
+        return cls(pieces, packed, sum(map(len, packed)), _combined_crc(pieces), sum(p.size for p in pieces))
+
+
+class _Groups:
+    """The groups of the last gzip body made, by their pieces' identities. A body made after a
+    refresh shares all but the changed views' pieces with the one before, so it combines the
+    CRCs and gathers the compressed bytes only of the groups holding those (a body at rest,
+    every 10 s, went through ~34 000 pieces at 1000 arrays)."""
+
+    GROUP = 64
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[Piece, ...], _Group] = {}
+        self._lock = threading.Lock()
+
+    def of(self, pieces: Sequence[Piece]) -> tuple[list[_Group], int, int]:
+        """The body's groups, and the CRC-32 and length of all its lines."""
+        with self._lock:
+            last, kept = self._last, {}
+            groups = []
+            for start in range(0, len(pieces), self.GROUP):
+                members = tuple(pieces[start : start + self.GROUP])
+                # A tuple of pieces hashes and compares by the pieces' identities (in C).
+                group = last.get(members) or _Group.of(members)
+                kept[group.pieces] = group
+                groups.append(group)
+            self._last = kept
+        combine = _CRC32_COMBINE
+        if combine is None:  # no libz to call: the CRC of the lines themselves
+            return groups, _combined_crc(pieces), sum(g.size for g in groups)
+        crc = 0
+        for group in groups:
+            if group.size:
+                crc = combine(crc, group.crc, group.size)
+        return groups, crc, sum(g.size for g in groups)
+
+
+_GROUPS = _Groups()
 
 
 @dataclass

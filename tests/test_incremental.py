@@ -588,3 +588,25 @@ def test_the_watchers_collectors_rendered_from_what_changed_equal_a_full_render(
             incremental = renderer.render(pinned[0])
             fresh = Renderer(default_collectors(Context(lambda: pinned[0], health, safety))).render(pinned[0])
             assert body(incremental) == body(fresh)
+
+
+def test_a_gzip_body_combines_again_only_the_groups_whose_pieces_changed():
+    """At rest every refresh makes a new body of almost the same pieces: the groups of pieces
+    the last body had are reused (their CRC and compressed bytes), and the body is the same as
+    one made from scratch."""
+    import gzip
+
+    from iscsimple.exporter.exposition import GzipBody, Piece, _Groups
+
+    pieces = [Piece.of(f"line {i}\n".encode() * (i % 3)) for i in range(1000)]
+    groups = _Groups()
+    with mock.patch.object(exposition, "_GROUPS", groups):
+        first = b"".join(GzipBody.of(pieces))
+        with mock.patch.object(exposition, "_combined_crc", wraps=exposition._combined_crc) as made:
+            assert b"".join(GzipBody.of(pieces)) == first
+            assert made.call_count == 0
+            pieces[500] = Piece.of(b"changed 500\n")
+            again = b"".join(GzipBody.of(pieces))
+            assert made.call_count == 1  # the one group holding piece 500
+    assert gzip.decompress(again) == b"".join(p.plain() for p in pieces)
+    assert again == b"".join(GzipBody.of(pieces))  # the module's memo, from scratch
