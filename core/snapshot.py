@@ -402,10 +402,11 @@ class HostSnapshot:
             by_target.setdefault(s.target, []).append(s)
 
         arrays = []
+        plain_dirs: dict[str, bool] = {}  # devfs's directories seen by lstat in this build
         for a in sorted(attachments, key=_array_order):
             if a.label is None:
                 continue
-            arrays.append(_view_of(a, md.arrays, by_target, stale_by_label, paths))
+            arrays.append(_view_of(a, md.arrays, by_target, stale_by_label, paths, plain_dirs))
 
         sessions = []
         for target in sorted({a.target for a in attachments if a.target}):
@@ -433,10 +434,11 @@ def _view_of(
     sessions_by_target: Mapping[str, list[IscsiSession]],
     stale_by_label: Mapping[str, StaleRecord],
     paths: HostPaths | None,
+    plain_dirs: dict[str, bool] | None = None,
 ) -> ArrayView:
     session, lun = _session_for(a, sessions_by_target.get(a.target or "", []))
     array = _md_for(a, md_arrays, paths)
-    return _array_view(a, array, session, lun, stale_by_label.get(a.label or ""), paths)
+    return _array_view(a, array, session, lun, stale_by_label.get(a.label or ""), paths, plain_dirs)
 
 
 def _session_views(
@@ -1235,10 +1237,11 @@ def _array_view(
     lun: ScsiLun | None,
     stale: StaleRecord | None,
     paths: HostPaths | None,
+    plain_dirs: dict[str, bool] | None = None,
 ) -> ArrayView:
     members = list(md.members) if md else []
     iscsi_names = {n for n in (a.iscsi_device, lun.block if lun else None) if n}
-    local_names = {n for n in (a.local_kernel_name, _kernel_name(a.local_device, paths)) if n}
+    local_names = {n for n in (a.local_kernel_name, _kernel_name(a.local_device, paths, plain_dirs)) if n}
 
     iscsi_member = next((m for m in members if m.name in iscsi_names), None)
     local_member = next((m for m in members if m.name in local_names), None)
@@ -1258,12 +1261,16 @@ def _array_view(
     )
 
 
-def _kernel_name(device: str | None, paths: HostPaths | None) -> str | None:
-    """/dev/vg0/lv → dm-3, resolved under the (possibly injected) devfs."""
+def _kernel_name(
+    device: str | None, paths: HostPaths | None, plain_dirs: dict[str, bool] | None = None
+) -> str | None:
+    """/dev/vg0/lv → dm-3, resolved under the (possibly injected) devfs. `plain_dirs`: what
+    lstat said of devfs's directories (a link or not) so far in this read: every array of a
+    full read has its local device in one of a few (vg0/)."""
     if not device or paths is None or not device.startswith("/dev/"):
         return None
     rel = device[len("/dev/") :]
-    decided, name = _kernel_name_without_realpath(str(paths.devfs), rel)
+    decided, name = _kernel_name_without_realpath(str(paths.devfs), rel, plain_dirs)
     if decided:
         return name
     try:
@@ -1274,7 +1281,9 @@ def _kernel_name(device: str | None, paths: HostPaths | None) -> str | None:
     return name if Path(real).parent == Path(os.path.realpath(paths.devfs)) else None
 
 
-def _kernel_name_without_realpath(devfs: str, rel: str) -> tuple[bool, str | None]:
+def _kernel_name_without_realpath(
+    devfs: str, rel: str, plain_dirs: dict[str, bool] | None = None
+) -> tuple[bool, str | None]:
     """(True, what realpath would give) for the common cases, in two or three syscalls where
     realpath lstats every component of the devfs path too (this runs for every array on a
     full read): a node or a missing name, or a udev link to a node in devfs itself
@@ -1284,7 +1293,13 @@ def _kernel_name_without_realpath(devfs: str, rel: str) -> tuple[bool, str | Non
         return False, None
     try:
         for depth in range(1, len(parts)):
-            if stat.S_ISLNK(os.lstat(os.path.join(devfs, *parts[:depth])).st_mode):
+            directory = os.path.join(devfs, *parts[:depth])
+            plain = plain_dirs.get(directory) if plain_dirs is not None else None
+            if plain is None:
+                plain = not stat.S_ISLNK(os.lstat(directory).st_mode)
+                if plain_dirs is not None:
+                    plain_dirs[directory] = plain
+            if not plain:
                 return False, None
         target = os.readlink(os.path.join(devfs, rel))
     except FileNotFoundError:  # nothing to resolve: realpath keeps the path as it is

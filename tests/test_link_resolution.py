@@ -87,6 +87,17 @@ def test_kernel_name_is_what_realpath_says(tmp_path, device):
     assert snapshot_module._kernel_name(device, paths) == _by_realpath(device, devfs)
 
 
+def test_kernel_name_with_the_directories_of_one_read_remembered(tmp_path):
+    """A full read remembers which of devfs's directories are links (one lstat per directory,
+    not per array): every device, in any order, resolves as realpath says."""
+    devfs = _devfs(tmp_path)
+    paths = HostPaths(devfs=devfs)
+    plain_dirs: dict[str, bool] = {}
+    for device in [*DEVICES, *reversed(DEVICES)]:
+        assert snapshot_module._kernel_name(device, paths, plain_dirs) == _by_realpath(device, devfs), device
+    assert plain_dirs[str(devfs / "vg0")] is True and plain_dirs[str(devfs / "linkdir")] is False
+
+
 def test_kernel_name_through_a_linked_devfs(tmp_path):
     real = _devfs(tmp_path / "real")
     linked = tmp_path / "linked"
