@@ -574,20 +574,19 @@ class Renderer:
                     new.lengths[name][start:stop] = old.lengths[name][first : first + stop - start]
                     new.hashes[name][start:stop] = old.hashes[name][first : first + stop - start]
                 continue
-            lines: dict[str, list[bytes]] = {}  # this block's lines, by family and view
-            # Every view of the block encoded afresh (a first render): one call of the collector for
-            # the block, its samples split by view, instead of one call per view.
+            # This block's lines, by family and view. Every view of the block encoded afresh (a
+            # first render): one call of the collector for the block, its samples split by view,
+            # instead of one call per view.
             together = (
                 _block_lines(collector, snapshot, arrays, views[start:stop])
                 if opened is None and stop - start > 1
                 else None
             )
-            for index in range(start, stop):
+            lines: dict[str, list[bytes]] = {} if together is None else together
+            for index in range(start, stop) if together is None else ():
                 view = views[index]
                 before = reuse.get(id(view))
-                if together is not None:
-                    found = together[index - start]
-                elif opened is not None and before is not None and index not in dirty:
+                if opened is not None and before is not None and index not in dirty:
                     found = {name: opened.lines(name, before) for name in opened.starts}
                 else:
                     found = {f.name: _sample_lines(f) for f in collector.families(snapshot, parts[index])}
@@ -634,10 +633,10 @@ class _Recorded(Sequence):
 
 def _block_lines(
     collector: SnapshotCollector, snapshot: HostSnapshot, arrays: bool, views: Sequence
-) -> list[dict[str, bytes]] | None:
-    """Each view's lines by family name, as `collector.families` of a Part of that view alone
-    gives them, from one call for all `views`: every sample added during a view's turn of an
-    iteration over the Part's views is that view's. None (encode view by view) when that does
+) -> dict[str, list[bytes]] | None:
+    """Per family name (those with samples), each view's lines, as `collector.families` of a
+    Part of that view alone gives them, from one call for all `views`: every sample added
+    during a view's turn of an iteration over the Part's views is that view's. None (encode view by view) when that does
     not account for every sample: one added outside a turn (after a list of the views was
     made, say), or a family that is not a `Family`."""
     made: list[Family] = []
@@ -651,13 +650,12 @@ def _block_lines(
     returned = {id(f) for f in families}
     if any(type(f) is not Family for f in families) or returned - {id(f) for f in made}:
         return None
-    found: list[dict[str, bytes]] = [{} for _ in views]
+    found: dict[str, list[bytes]] = {}
     lines: dict[int, list[str]] = {}  # each family's lines by sample, once it has any
     at = [0] * len(made)  # per family: its samples accounted for so far, in the order added
     for index, start, end in recorded.turns:
         if start == end:
             continue  # the turn added no sample
-        view = found[index]
         for j, count in enumerate(end):
             if count == at[j] or id(made[j]) not in returned:
                 continue
@@ -667,7 +665,10 @@ def _block_lines(
             encoded = lines.get(j)
             if encoded is None:
                 encoded = lines[j] = family.entry_lines()
-            view[family.name] = view.get(family.name, b"") + "".join(encoded[at[j] : count]).encode()
+            lines_of = found.get(family.name)
+            if lines_of is None:
+                lines_of = found[family.name] = [b""] * len(views)
+            lines_of[index] += "".join(encoded[at[j] : count]).encode()
             at[j] = count
     if any(len(f._added) != at[j] for j, f in enumerate(made) if id(f) in returned):
         return None  # samples added after the last turn
