@@ -11,7 +11,8 @@ holding the machine-wide VM lock (/tmp/iscsimple-vm.lock). Three mirrors of the 
 bitmap file in the product's RAM store (ext4 on zram, made by core/bitmapstore.py), C with its
 bitmap file on ext4 with 4 KiB blocks on a loop device, the layout of a bitmap on a local disk's
 filesystem (the loop device's file is in the guest's RAM, so C shows the block layer's path to a
-disk, not a disk's latency). One phase per chunk size: B and C are rebuilt with that chunk, left
+disk, not a disk's latency; with --control, C is built without a bitmap, like A, and C/A is the
+bench's own bias between two identical mirrors). One phase per chunk size: B and C are rebuilt with that chunk, left
 idle until md has cleaned every bit mdadm's new file starts with, warmed up, and then one writer
 of 4 KiB O_DIRECT|O_DSYNC writes, one at a time, writes to A, B and C in turn (A B C, B C A,
 C A B, ...: a load change on this shared machine hits all alike), in blocks of PAIRS turns,
@@ -105,6 +106,12 @@ def run_phases(cfg: dict, out) -> None:
     writers = {}
     for chunk in cfg["chunks"]:
         for name in WITH_BITMAP:
+            if cfg.get("control") and name == "C":  # the control: a second mirror like A
+                build(name, None)
+                emit(
+                    {"chunk": chunk, "mirror": name, "bits_at_build": 0, "clean_after": 0.0, "bitmap": "none"}
+                )
+                continue
             at_build = build(name, chunk)
             md = os.path.realpath(MD[name]).rsplit("/", 1)[-1]
             started = time.monotonic()
@@ -250,6 +257,11 @@ def main() -> None:
     )
     parser.add_argument("--disk-gib", type=int, default=16, help="size of each mirror (sparse)")
     parser.add_argument("--save", type=Path, help="also write the per-block records (JSON lines) here")
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="build C without a bitmap: C/A is then the bench's own bias between two identical mirrors",
+    )
     args = parser.parse_args()
     run_on_bed(
         "bench/bitmap_cost.py", lambda bed, xl, cli: CostBench(bed, xl, cli, args).run(), memory_mib=2048
@@ -279,7 +291,7 @@ class CostBench(BedBench):
             legs[name]["lun"] = bed.lun_device(IQN, i)
         cfg = {
             "legs": legs, "fs_devices": fs_devices, "chunks": chunks, "pairs": a.pairs,
-            "warmup": a.warmup, "phase": a.phase_minutes * 60,
+            "warmup": a.warmup, "phase": a.phase_minutes * 60, "control": a.control,
         }  # fmt: skip
         g.run(["tee", "/tmp/bitmap-cost.json"], input=json.dumps(cfg))
         total = len(chunks) * (a.phase_minutes * 60 + a.warmup + 150) + 120
@@ -312,15 +324,16 @@ class CostBench(BedBench):
             g.kill("cost")
         if a.save:
             a.save.write_text("".join(json.dumps(r) + "\n" for r in records))
-        report([r for r in records if "block" in r], a.disk_gib << 30)
+        report([r for r in records if "block" in r], a.disk_gib << 30, control=a.control)
         if not done or answer["rc"] != 0:
             sys.exit(f"the guest's run did not finish cleanly:\n{log[-3000:]}")
 
 
 STORE_NAMES = {"B": "RAM store (zram, the product's)", "C": "disk layout (ext4 on a loop device)"}
+CONTROL_NAME = "control (no bitmap, like A)"
 
 
-def report(records: list[dict], disk_bytes: int) -> None:
+def report(records: list[dict], disk_bytes: int, control: bool = False) -> None:
     from iscsimple.core.bitmap import DEFAULT_CHUNK_BYTES
 
     print(
@@ -340,7 +353,7 @@ def report(records: list[dict], disk_bytes: int) -> None:
             rates = f"{writes / sum(a for a, _ in blocks):.1f}, {writes / sum(b for _, b in blocks):.1f}"
             default = " (default)" if chunk == DEFAULT_CHUNK_BYTES else ""
             print(
-                f"{mirror}: {STORE_NAMES[mirror]} | {chunk >> 10} KiB{default} | {pattern} | {writes} | "
+                f"{mirror}: {CONTROL_NAME if control and mirror == 'C' else STORE_NAMES[mirror]} | {chunk >> 10} KiB{default} | {pattern} | {writes} | "
                 f"{ratio:.3f} [{lo:.3f}-{hi:.3f}] | {md:.3f} [{mlo:.3f}-{mhi:.3f}] | {rates} | {own:.3f} / {every:.3f}"
             )
             if mirror == "B":
