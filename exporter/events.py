@@ -173,17 +173,21 @@ class _Watcher:
 
     def __init__(self) -> None:
         self._stop = threading.Event()
-        self._wake_read, self._wake_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._wake_read = self._wake_write = -1  # made by start(), closed when the thread ends
+        self._wake_lock = threading.Lock()  # no write to a descriptor number closed and reused
         self.thread = threading.Thread(target=self._wrapped_run, name=self.name, daemon=True)
 
     def start(self) -> Self:
+        self._wake_read, self._wake_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.thread.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
-        with contextlib.suppress(OSError):  # closed already: the thread has ended
-            os.write(self._wake_write, b"x")
+        with self._wake_lock:
+            if self._wake_write >= 0:
+                with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending anyway
+                    os.write(self._wake_write, b"x")
 
     def _poller(self, fd: int, mask: int) -> select.poll:
         """A poll set of `fd` and the wake descriptor."""
@@ -197,8 +201,10 @@ class _Watcher:
             self._run()
         finally:
             self._stop.set()
-            os.close(self._wake_read)
-            os.close(self._wake_write)
+            with self._wake_lock:
+                os.close(self._wake_read)
+                os.close(self._wake_write)
+                self._wake_read = self._wake_write = -1
 
     def _run(self) -> None:
         raise NotImplementedError
