@@ -59,8 +59,10 @@ class HealthChecker:
         self._change_totals: dict[tuple[str, str], int] = {}
         self._syncing: set[str] = set()  # attachment ids of the arrays that sync
         self._stalled: set[str] = set()
-        # (when, attachment id, progress since): when that sync is stalled unless it moves
-        self._deadlines: list[tuple[float, str, float]] = []
+        # (when, attachment id): when that sync is stalled unless it moved; one per syncing array
+        # (a sync that moves every poll must not pile up entries), moved on when it comes
+        self._deadlines: list[tuple[float, str]] = []
+        self._scheduled: set[str] = set()  # attachment ids in _deadlines
         self._wrong: set[str] = set()  # ... that have write-mostly on the wrong leg
 
     def observe(self, snapshot: HostSnapshot) -> HealthReport:
@@ -165,13 +167,20 @@ class HealthChecker:
             if progress is None or ratio != progress.ratio:
                 self._progress[key] = _SyncProgress(ratio, now)
                 self._stalled.discard(view.label)
-                heapq.heappush(self._deadlines, (now + self.stall_after, key, now))
+                if key not in self._scheduled:  # else its deadline moves when it comes
+                    self._scheduled.add(key)
+                    heapq.heappush(self._deadlines, (now + self.stall_after, key))
         while self._deadlines and self._deadlines[0][0] <= now:
-            _, key, since = heapq.heappop(self._deadlines)
+            _, key = heapq.heappop(self._deadlines)
             view = snapshot.by_id(key)
             progress = self._progress.get(key)
-            if view is None or progress is None or progress.since != since or not view.syncing:
-                continue  # moved since (a later deadline stands), ended, or gone
+            if view is None or progress is None or not view.syncing:
+                self._scheduled.discard(key)  # ended, or gone
+                continue
+            if progress.since + self.stall_after > now:  # it moved since: its deadline is later
+                heapq.heappush(self._deadlines, (progress.since + self.stall_after, key))
+                continue
+            self._scheduled.discard(key)  # stalled: a move schedules it again
             self._stalled.add(view.label)
             if view.label not in self.report.stalled:
                 log.warning(

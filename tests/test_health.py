@@ -88,3 +88,23 @@ def test_a_refresh_with_nothing_due_looks_at_no_syncing_array(host):
         snapshot = snapshot.update(host.paths)
         assert len(checker.observe(snapshot).stalled) == len(LABELS)
     assert len(looked) == len(LABELS)  # each due deadline once
+
+
+def test_a_sync_that_moves_every_refresh_keeps_one_deadline(host):
+    """Thousands of syncs moving every poll for the whole stall window must not pile up one
+    deadline per move (memory grows with arrays, not with refreshes)."""
+    now = [0.0]
+    checker = HealthChecker(stall_after=60, clock=lambda: now[0])
+    snapshot = HostSnapshot.read(host.paths)
+    checker.observe(snapshot)
+    names = frozenset(md_of(snapshot, label) for label in LABELS)
+    for step in range(1, 30):
+        now[0] = step * 10.0
+        for label in LABELS:
+            host.advance_resync(label, 0.25 + step / 100)
+        snapshot = snapshot.update(host.paths, Changes(md=names))
+        assert checker.observe(snapshot).stalled == frozenset()
+        assert len(checker._deadlines) == len(LABELS)
+    now[0] = 290 + 60  # the last move was at 290
+    snapshot = snapshot.update(host.paths)
+    assert checker.observe(snapshot).stalled == frozenset(LABELS)
