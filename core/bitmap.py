@@ -51,7 +51,7 @@ BITMAP_STALE = 0x2  # md-bitmap.h: the state bit md sets in the file when it sto
 # A heal copies every chunk an outage touched, whole: 4 MiB of scattered 4 KiB writes copy 64 MiB
 # at 64 KiB chunks, 1 GiB at 1 MiB. Bigger chunks would not make writers cheaper where it costs:
 # a random writer pays one synchronous bitmap-page write per write at any chunk size from 64 KiB
-# to 4 MiB (md sets a clean chunk's bit before the write; bench/bitmap_cost.py, README Benchmark).
+# to 4 MiB (md sets a clean chunk's bit before the write; bench/bitmap_cost.py, docs/benchmarks.md).
 DEFAULT_CHUNK_BYTES = 64 << 10
 SUPPORT_MEMO = "bitmap-support.json"  # in the state directory, per boot
 # Filesystems where md can use a bitmap file (the kernel maps its blocks with bmap()).
