@@ -36,11 +36,18 @@ class CommandError(OperationError):
 
 
 class CommandTimeout(CommandError):
-    def __init__(self, argv: Sequence[str], timeout: float, stderr: str = ""):
-        super().__init__(
-            argv, None, stderr, f"{' '.join(argv)} did not finish within {timeout:.0f} s and was killed"
-        )
+    """A command killed at its time limit. `spent`: why the limit was shorter than the command's
+    own timeout, when an overall Deadline cut it (what was left of a budget): then the budget,
+    not the command's peer, is what ran out, and messages must say so."""
+
+    def __init__(self, argv: Sequence[str], timeout: float, stderr: str = "", spent: str | None = None):
+        if spent:
+            message = f"{' '.join(argv)} did not finish in the {timeout:.1f} s left and was killed: {spent}"
+        else:
+            message = f"{' '.join(argv)} did not finish within {timeout:.0f} s and was killed"
+        super().__init__(argv, None, stderr, message)
         self.timeout = timeout
+        self.spent = spent
 
 
 class DeadlineExceeded(OperationError):
@@ -65,6 +72,11 @@ class Deadline:
         if not_after is not None and not_after < self.expires:
             self.expires = not_after
             self._spent = why or self._spent
+
+    @property
+    def spent(self) -> str:
+        """What it means when this deadline has passed, in words."""
+        return self._spent
 
     def remaining(self) -> float:
         return self.expires - self._clock()
@@ -143,7 +155,8 @@ def run(
         _kill_group(proc)
         stderr = _reap_after_kill(proc)
         log.warning("timed out after %.1f s: %s", limit, " ".join(argv))
-        raise CommandTimeout(argv, limit, stderr or "") from None
+        spent = deadline.spent if deadline is not None and limit < timeout else None
+        raise CommandTimeout(argv, limit, stderr or "", spent) from None
     seconds = time.monotonic() - started
     log.debug("ran in %.2f s, exit %d: %s", seconds, proc.returncode, " ".join(argv))
     result = Result(tuple(argv), proc.returncode, stdout, stderr, seconds)

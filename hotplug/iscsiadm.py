@@ -173,7 +173,11 @@ def _explain(e: CommandError, target: str | None, portal: str | None = None) -> 
     where = f"target {target}" if target else "discovery"
     if portal:
         where += f" at {portal}"
-    if isinstance(e, CommandTimeout):
+    if isinstance(e, CommandTimeout) and e.spent:
+        message = (
+            f"iSCSI {where} did not answer in the {e.timeout:.1f} s left ({' '.join(e.argv[1:])}): {e.spent}"
+        )
+    elif isinstance(e, CommandTimeout):
         message = (
             f"iSCSI {where} did not answer within {e.timeout:.0f} s ({' '.join(e.argv[1:])}); "
             "check that the filer is up and reachable from this host"

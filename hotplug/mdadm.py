@@ -111,6 +111,10 @@ def _run(argv: list[str], timeout: float, deadline: Deadline, what: str, timeout
     try:
         run(argv, timeout=timeout, deadline=deadline)
     except CommandTimeout as e:
+        if e.spent:
+            raise MdadmError(
+                f"{what}: mdadm did not finish in the {e.timeout:.1f} s left: {e.spent}{timeout_hint}"
+            ) from None
         raise MdadmError(f"{what}: mdadm did not finish within {e.timeout:.0f} s{timeout_hint}") from None
     except CommandError as e:
         detail = _last_line(e)

@@ -149,3 +149,38 @@ def test_process_started_is_now_when_proc_is_unreadable(monkeypatch):
     monkeypatch.setattr(builtins, "open", no_proc)
     before = time.monotonic()
     assert before <= process_started() <= time.monotonic()
+
+
+def test_a_command_cut_short_by_the_deadline_says_the_budget_ran_out_not_the_command():
+    """A command given only what was left of the budget, and killed there, did not fail on its own:
+    the error names the budget (libxl's 40 s), so no message blames a filer that had 0.2 s."""
+    why = "35 s have passed since libxl started the script (libxl kills it at 40 s)"
+    deadline = Deadline(30, not_after=time.monotonic() + 0.2, why=why)
+    with pytest.raises(CommandTimeout) as cut:
+        run([sys.executable, "-c", "import time; time.sleep(5)"], timeout=10, deadline=deadline)
+    assert cut.value.spent == why and why in str(cut.value) and cut.value.timeout < 0.3
+    with pytest.raises(CommandTimeout) as own:  # its own timeout, budget to spare: no budget named
+        run([sys.executable, "-c", "import time; time.sleep(5)"], timeout=0.2, deadline=Deadline(30))
+    assert own.value.spent is None and "within 0 s" in str(own.value)
+
+
+def test_iscsiadm_and_mdadm_errors_name_the_spent_budget():
+    from iscsimple.hotplug import iscsiadm, mdadm
+
+    why = "35 s have passed since libxl started the script (libxl kills it at 40 s)"
+    cut = CommandTimeout(["iscsiadm", "-m", "node", "-T", "iqn.x"], 0.04, "", spent=why)
+    message = str(iscsiadm._explain(cut, "iqn.x"))
+    assert why in message and "check that the filer" not in message
+    own = CommandTimeout(["iscsiadm", "-m", "node", "-T", "iqn.x"], 15.0)
+    assert "check that the filer is up" in str(iscsiadm._explain(own, "iqn.x"))
+
+    def timed_out(argv, **kwargs):
+        raise CommandTimeout(argv, 0.04, "", spent=why)
+
+    with pytest.raises(mdadm.MdadmError) as stop:
+        original, mdadm.run = mdadm.run, timed_out
+        try:
+            mdadm.stop("/dev/md/vm1", Deadline(30))
+        finally:
+            mdadm.run = original
+    assert why in str(stop.value) and "the array may still be running" in str(stop.value)
