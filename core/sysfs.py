@@ -57,13 +57,8 @@ class AttrReader:
         """The file's bytes; None when missing or unreadable (an error line if `required`)."""
         try:
             if self.dir_fd is None:
-                fd = os.open(os.path.join(self.directory, attr), _READ_FLAGS)
-            else:
-                fd = os.open(self.relative + attr, _READ_FLAGS, dir_fd=self.dir_fd)
-            try:
-                return os.read(fd, _MAX_ATTR_BYTES)
-            finally:
-                os.close(fd)
+                return read_bytes(os.path.join(self.directory, attr))
+            return read_bytes(self.relative + attr, self.dir_fd)
         except FileNotFoundError:
             if required:
                 self.errors.append(f"{os.path.join(self.directory, attr)}: missing")
