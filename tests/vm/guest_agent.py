@@ -459,7 +459,10 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "records":
         import records  # beside this file
 
-        records.write_records(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], int(sys.argv[6]))
+        interval = float(sys.argv[7]) if len(sys.argv) > 7 else 0.0
+        records.write_records(
+            sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], int(sys.argv[6]), interval
+        )
         return
     if os.getpid() == 1:
         # PID 1 must reap orphans (daemons' children): the parent does that, the child serves.

@@ -54,15 +54,18 @@ def verify(path: str, count: int, direct: bool = True) -> dict:
     return {"count": count, "bad": bad[:20], "bad_total": len(bad)}
 
 
-def write_records(device: str, log: str, start: int, stop: str, limit: int) -> None:
-    """The VM stand-in: records start, start+1, ... with O_DIRECT|O_DSYNC until `stop` exists or `limit`.
-    Each completed write is logged ("seq monotonic-time") after pwrite returns: the log's last line
-    is the last record known on stable storage."""
+def write_records(device: str, log: str, start: int, stop: str, limit: int, interval: float = 0.0) -> None:
+    """The VM stand-in: records start, start+1, ... with O_DIRECT|O_DSYNC until `stop` exists or `limit`,
+    one per `interval` seconds (0: as fast as they complete). Each completed write is logged ("seq
+    monotonic-time") after pwrite returns: the log's last line is the last record known on stable
+    storage. A paced writer lasts: unpaced, a writer that runs through an outage and its heal can
+    reach `limit` (the disk's end) before a migration, and the destination then has nothing to write."""
     import mmap
     import time
 
     fd = os.open(device, os.O_WRONLY | os.O_DIRECT | os.O_DSYNC)
     buf = mmap.mmap(-1, SIZE)
+    began = time.monotonic()
     with open(log, "a", buffering=1) as out:
         seq = start
         while seq < limit and not os.path.exists(stop):
@@ -71,6 +74,8 @@ def write_records(device: str, log: str, start: int, stop: str, limit: int) -> N
             os.pwrite(fd, buf, seq * SIZE)
             out.write(f"{seq} {time.monotonic():.3f}\n")
             seq += 1
+            if interval:  # on a schedule from the start: a slow write does not shift the ones after it
+                time.sleep(max(0.0, began + (seq - start) * interval - time.monotonic()))
     os.close(fd)
 
 

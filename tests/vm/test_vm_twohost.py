@@ -35,6 +35,9 @@ IQN = "iqn.2026-11.test.local:twohost"
 LABEL = "web1"
 MIB = 16
 LIMIT = (MIB << 20) // records.SIZE - 16
+# A VM's pace, 10 writes/s: unpaced, A's writer filled the 16 MiB disk (LIMIT records) during the
+# outage and its heal, and B's writer had nothing left to write after the migration.
+WRITE_INTERVAL = 0.1
 VBD = Vbd(5, 51712)
 LOG = "/tmp/records.log"
 STOP = "/tmp/records.stop"
@@ -93,10 +96,8 @@ def wait_prometheus(bed: TwoHosts, expr: str, what: str, timeout: float = 60) ->
 def start_writer(host: Host, start: int) -> None:
     g = host.guest
     g.run(["rm", "-f", LOG, STOP])
-    g.spawn(
-        "writer",
-        [sys.executable, str(GUEST_AGENT), "records", f"/dev/md/{LABEL}", LOG, str(start), STOP, str(LIMIT)],
-    )
+    args = [f"/dev/md/{LABEL}", LOG, str(start), STOP, str(LIMIT), str(WRITE_INTERVAL)]
+    g.spawn("writer", [sys.executable, str(GUEST_AGENT), "records", *args])
 
 
 def wait_written(host: Host, records_at_least: int, timeout: float = 120) -> int:
