@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .atomic import write_atomic
-from .errors import OperationError
+from .errors import OperationError, time_text
 from .files import load_state_json
 from .paths import HostPaths
 
@@ -90,11 +90,7 @@ class RemoteLun:
         state = ", which is down now (its last report)" if self.down else ""
         if self.since is None:
             return f"{where}{state} has it attached as {self.label}{vm}"
-        return f"{where}{state}: since {_when(self.since)} its local leg of {self.label}{vm} holds writes the iSCSI copy lacks"
-
-
-def _when(since: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(since))
+        return f"{where}{state}: since {time_text(self.since, utc=True)} its local leg of {self.label}{vm} holds writes the iSCSI copy lacks"
 
 
 @dataclass(frozen=True)
@@ -139,9 +135,9 @@ class ClusterGuard:
             if answer["data"].get("resultType") != "vector" or not isinstance(result, list):
                 raise ValueError(f"not a vector: {answer['data'].get('resultType')}")
             return result
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise ClusterUnreachable(
-                f"Prometheus at {self.settings.prometheus_url} gave no usable answer: {e}"
+                f"Prometheus at {self.settings.prometheus_url} gave no usable answer: {str(e)[:200]}"
             ) from None
 
     def stale_elsewhere(self, target: str, lun: int) -> QueryResult:
@@ -173,6 +169,8 @@ class ClusterGuard:
             try:
                 labels = sample["metric"]
                 value = float(sample["value"][1])
+                if not isinstance(labels, dict):
+                    raise TypeError
             except (KeyError, IndexError, TypeError, ValueError):
                 raise ClusterUnreachable(f"Prometheus gave a malformed sample: {sample!r:.200}") from None
             report = RemoteLun(

@@ -7,6 +7,7 @@ script can turn it into an exit code and a sentence, never a traceback.
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 MAX_MESSAGE = 1000
@@ -23,6 +24,17 @@ def os_problem(error: OSError) -> str:
     """An OSError in words: the file and what the system said (no errno noise)."""
     where = f"{error.filename}: " if error.filename else ""
     return f"{where}{error.strerror or error}"
+
+
+def time_text(seconds: float, *, utc: bool = False) -> str:
+    """A time in seconds since the epoch as a date, local or UTC; one that no date can show (a
+    corrupt record's, a wrong Prometheus sample's) in words instead of an OverflowError."""
+    try:
+        if utc:
+            return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
+        return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(seconds))
+    except (OverflowError, OSError, ValueError):
+        return f"{seconds:.6g} s after 1970 (not a date: the time is out of range)"
 
 
 class IscsimpleError(Exception):

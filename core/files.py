@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import stat
 import time
@@ -153,9 +154,36 @@ def load_state_json_at(dir_fd: int, entry: os.DirEntry, path: str) -> object:
     return _state_json(path, lambda: _read_entry(dir_fd, entry, path))
 
 
+# The largest whole number a state file holds (an inode, a ctime in ns, a count): beyond it a
+# number is garbage, and turned into a float (a time check, a metric) it would raise OverflowError.
+MAX_STATE_INT = 2**64
+
+
+def _state_int(text: str) -> int:
+    value = int(text)
+    if not -MAX_STATE_INT < value < MAX_STATE_INT:
+        raise ValueError(f"number {text[:24]}{'...' if len(text) > 24 else ''} is out of range")
+    return value
+
+
+def _state_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 reads as inf
+        raise ValueError(f"number {text[:24]} is out of range")
+    return value
+
+
+def _state_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a number")  # iscsimple never writes NaN or Infinity
+
+
 def _state_json(path: Path | str, read) -> object:
+    """Strict JSON: a number out of range or NaN/Infinity is a corrupt file, not a value every
+    reader would have to check against OverflowError."""
     try:
-        return json.loads(read())
+        return json.loads(
+            read(), parse_int=_state_int, parse_float=_state_float, parse_constant=_state_constant
+        )
     except FileNotFoundError:
         raise
     except (OSError, UnicodeDecodeError) as e:

@@ -36,7 +36,7 @@ STATE_ATTACHING = "attaching"
 STATE_ATTACHED = "attached"
 STATE_DETACHING = "detaching"
 
-_ID_RE = re.compile(r"[A-Za-z0-9_.-]+")
+_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,250}")  # ID.json: a file name (255 bytes at most)
 
 
 @dataclass(frozen=True)
@@ -321,7 +321,7 @@ class Registry:
     def _file(self, attachment_id: str) -> Path:
         if not isinstance(attachment_id, str) or not _ID_RE.fullmatch(attachment_id):
             raise BadAttachmentId(
-                f"bad attachment id {attachment_id!r}: letters, digits, '.', '_' and '-' only "
+                f"bad attachment id {_short(attachment_id)}: at most 250 letters, digits, '.', '_' and '-' "
                 "(from XENBUS_PATH backend/vbd/DOMID/DEVID or the spec)"
             )
         return self.directory / f"{attachment_id}.json"
@@ -343,7 +343,7 @@ class Registry:
         except (ValueError, TypeError) as e:
             raise StateFileError(f"{path}: not a registry entry iscsimple wrote: {e}") from None
         if f"{attachment.id}.json" != name:
-            raise StateFileError(f"{path}: holds the entry of {attachment.id!r}, not of its own name")
+            raise StateFileError(f"{path}: holds the entry of {_short(attachment.id)}, not of its own name")
         return attachment
 
     def put(self, attachment: Attachment) -> Attachment:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .atomic import remove_durably, write_atomic
 from .dirwatch import DirWatch
-from .errors import StateFileError
+from .errors import StateFileError, time_text
 from .files import ensure_dir, load_state_json
 from .paths import HostPaths
 from .registry import vm_name
@@ -47,7 +47,7 @@ class StaleRecord:
     since_source: str = "unknown (written before iscsimple said)"
 
     def describe(self) -> str:
-        when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(self.since))
+        when = time_text(self.since)
         vm = vm_name(self.domain_name, self.domain_id, unknown="an unknown VM")
         return f"since {when} the local leg of {self.label} ({vm}) holds writes its iSCSI copy lacks ({self.reason})"
 

@@ -360,7 +360,7 @@ BAD_ENTRY_FIELDS = {
     "local_device": ["relative", "/dev/../etc/passwd", "/dev/vg\x00x", 3],
     "md_path": ["md/test", "/dev/md/./test"],
     "portal": ["-p", "a b", 3260],
-    "id": ["other-id", 5],
+    "id": ["other-id", 5, "x" * 100000],
     "state": ["ATTACHED!", 1],
     "domain_id": [-1, "1"],
     "write_mostly_leg": ["both"],
@@ -389,6 +389,7 @@ def test_registry_bad_field_is_reported_not_dropped(tmp_path, field, value):
     assert read.attachments == []
     (error,) = read.errors
     assert error.startswith(f"{entry}: ") and "\n" not in error
+    assert len(error) < len(str(entry)) + 400  # a value is quoted short, never echoed whole
     with pytest.raises(OperationError, match=f"^{entry}: "):
         Registry(paths).get("vbd-1-51712")
     snapshot = HostSnapshot.read(paths)
@@ -578,6 +579,12 @@ STALE_CASES = {
     "reason-number": json.dumps({"label": "vm1", "since": 1.0, "reason": 5}).encode(),
     "deep": b"[" * 100000,
     "truncated": b'{"label": "vm1", "since": 1',
+    # Numbers no float holds: math.isfinite() raised OverflowError, and status lost every record.
+    "since-400-digits": b'{"label": "vm1", "since": 1' + b"0" * 400 + b', "reason": "x"}',
+    "recorded-negative-400-digits": b'{"label": "vm1", "since": 1, "recorded": -1'
+    + b"0" * 400
+    + b', "reason": "x"}',
+    "lun-infinity": b'{"label": "vm1", "since": 1, "lun": Infinity, "reason": "x"}',
 }
 
 
@@ -637,11 +644,16 @@ def test_stale_unreadable_record_refuses_the_attach_naming_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("captured", ["06"], indirect=True)  # iSCSI leg faulty: the record stands
-def test_stale_unreadable_record_in_status_and_metrics(captured):
+@pytest.mark.parametrize(
+    "content",
+    ["{", '{"label": "test", "since": 1' + "0" * 400 + ', "reason": "x"}'],
+    ids=["stale-status-truncated", "stale-status-since-400-digits"],
+)
+def test_stale_unreadable_record_in_status_and_metrics(captured, content):
     paths, cli_flags, agent_flags = captured
     record = paths.records / "stale" / "test.json"
     record.parent.mkdir(parents=True)
-    record.write_text("{")
+    record.write_text(content)
     result = run("iscsimple", "status", *cli_flags)
     assert result.returncode == 1
     assert "ISCSI-STALE" in result.stdout
@@ -651,6 +663,123 @@ def test_stale_unreadable_record_in_status_and_metrics(captured):
     assert next(
         line for line in result.stdout.splitlines() if line.startswith("iscsimple_array_iscsi_stale{")
     ).endswith(" 1.0")
+
+
+@pytest.mark.parametrize("captured", ["06"], indirect=True)
+@pytest.mark.parametrize(
+    "since", [1e308, -1e308, -(2**63)], ids=["stale-date-1e308", "stale-date--1e308", "stale-date-int64"]
+)
+def test_stale_record_dated_beyond_any_calendar_is_still_shown(captured, since):
+    """A readable record whose time no date can show (time.localtime raised OverflowError:
+    status and migrate-check said 'internal error' instead of the record)."""
+    paths, cli_flags, _ = captured
+    record = paths.records / "stale" / "test.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"label": "test", "since": since, "reason": "md failed it"}))
+    result = run("iscsimple", "status", *cli_flags)
+    assert_clean_error(result.stderr)
+    assert "ISCSI-STALE" in result.stdout
+    result = run("iscsimple", "migrate-check", "test", *cli_flags)
+    assert result.returncode == 1 and "NOT safe to migrate" in result.stdout
+    assert "not a date" in result.stdout
+    assert_clean_error(result.stderr)
+
+
+# -- numbers no float holds, in every state file ---------------------------------------------------
+
+_BIG = "1" + "0" * 400  # an int of 401 digits: math.isfinite() / float() raise OverflowError on it
+_NOW = 1.7e9
+
+
+def _plant_state(paths: HostPaths, rel: str, text: str) -> Path:
+    path = paths.state / rel if not rel.startswith("records/") else paths.records / rel[len("records/") :]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _read_registry(paths, path):
+    read = Registry(paths).read_all()
+    assert read.attachments == [] and len(read.errors) == 1 and read.errors[0].startswith(str(path))
+
+
+def _read_stats(paths, path):
+    assert Registry(paths).read_stats().totals == {}
+    Registry(paths).record_operation("add", "success", 1.0)
+    assert Registry(paths).read_stats().totals == {"add": {"success": 1}}
+
+
+def _read_resume(paths, path):
+    from iscsimple.core.heal import PendingResumes
+
+    found, errors = PendingResumes(paths).read_all()
+    assert found == {} and str(path) in errors["vm1"]
+
+
+def _read_marker(paths, path):
+    from iscsimple.hotplug.session import SessionMarker, read_marker
+
+    assert read_marker(paths, IQN) == SessionMarker(IQN, None)  # unreadable: still ours
+
+
+def _read_acceptance(paths, path):
+    from iscsimple.core.cluster import Acceptances
+
+    with pytest.raises(OperationError, match="unreadable accepted-loss record"):
+        Acceptances(paths).for_lun(IQN, 1)
+
+
+def _read_instance(paths, path):
+    from iscsimple.core.bitmap import BitmapFileError, read_instance
+
+    with pytest.raises(BitmapFileError, match="bitmap record of vm1"):
+        read_instance(paths, "vm1")
+
+
+def _read_support(paths, path):
+    from iscsimple.core.bitmap import BitmapSupport, cached_support
+
+    (paths.procfs / "sys" / "kernel" / "random").mkdir(parents=True)
+    (paths.procfs / "sys" / "kernel" / "random" / "boot_id").write_text("b\n")
+    probed = BitmapSupport(True, "probed", 65536)
+    assert cached_support(paths, lambda: probed) == probed
+
+
+OUT_OF_RANGE_STATE = {
+    "registry": ("attachments/vbd-1-51712.json", {**GOOD_ENTRY, "created": "@"}, _read_registry),
+    "registry-last": ("attachments/vbd-1-51712.json",
+                      {**GOOD_ENTRY, "last": {"operation": "add", "result": "success", "seconds": "@", "at": 1}},
+                      _read_registry),
+    "stats": ("hotplug-stats.json", {"totals": {"add": {"success": "@"}}}, _read_stats),
+    "resume": ("resumes/vm1.json", {"label": "vm1", "attachment_id": "vbd-1-2", "attachment_created": "@",
+                                    "md_device": "md127", "member": "dm-3", "dev": "253:3"}, _read_resume),
+    "marker": (f"sessions/{IQN}.json", {"target": IQN, "portal": None, "logged_in_at": "@"}, _read_marker),
+    "acceptance": ("records/accepted-loss/x.json",
+                   {"host": "b", "target": IQN, "lun": 1, "since": "@", "label": "vm1"}, _read_acceptance),
+    "bitmap-instance": ("bitmaps/vm1.json", {"label": "vm1", "md_device": "md127", "file": "x", "file_inode": "@",
+                                             "file_dev": 1, "file_ctime_ns": 1, "chunk_bytes": 65536, "boot_id": None,
+                                             "kmsg_seq": None, "local_device": None, "local_rdev_ino": None,
+                                             "iscsi_wwid": None, "iscsi_size_bytes": None, "iscsi_source": True},
+                        _read_instance),
+    "bitmap-support": ("bitmap-support.json", {"supported": True, "reason": "", "chunk_bytes": "@",
+                                               "boot_id": "b"}, _read_support),
+}  # fmt: skip
+OUT_OF_RANGE_CASES = [
+    (w, n) for w in OUT_OF_RANGE_STATE for n in (_BIG, "-" + _BIG, "Infinity", "NaN", "1e400")
+]
+
+
+@pytest.mark.parametrize(
+    ("which", "number"), OUT_OF_RANGE_CASES, ids=[f"state-number-{w}-{n[:6]}" for w, n in OUT_OF_RANGE_CASES]
+)
+def test_state_number_out_of_range_is_a_corrupt_file(tmp_path, which, number):
+    """Every state file is read by files.load_state_json, which takes a number beyond 2**64, NaN
+    or Infinity for a corrupt file: each reader then does what it does with one (an error line,
+    counting from zero, "ours", a probe again), never an OverflowError."""
+    rel, data, check = OUT_OF_RANGE_STATE[which]
+    paths = HostPaths(state=tmp_path / "run", records=tmp_path / "lib", procfs=tmp_path / "proc")
+    path = _plant_state(paths, rel, json.dumps(data).replace('"@"', number))
+    check(paths, path)
 
 
 # -- sysfs ----------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ the hotplug `add`, the agent's heal, `resolve --keep local` — plus its metrics
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import time
@@ -351,3 +352,48 @@ def test_accept_loss(tmp_path, capsys, prom):
     )
     assert _cli(bed, "accept-loss", "lun1@iqn.2001-04.com.example:nope", "--host", "hosta") == 0
     assert "nothing to accept" in capsys.readouterr().out
+
+
+class _Answer(io.BytesIO):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _guard_answering(body: bytes) -> ClusterGuard:
+    return ClusterGuard(settings(None), urlopen=lambda request, timeout: _Answer(body))
+
+
+def _vector(*samples) -> bytes:
+    return json.dumps(
+        {"status": "success", "data": {"resultType": "vector", "result": list(samples)}}
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 100000,
+        _vector({"metric": ["host", "hosta"], "value": [0, "1"]}),
+        _vector({"metric": "x", "value": [0, "1"]}),
+    ],
+    ids=["deep-nesting", "metric-list", "metric-string"],
+)
+def test_a_malformed_answer_is_unreachable_not_a_traceback(body):
+    """RecursionError (deep nesting) and AttributeError (labels not an object) escaped the guard:
+    the hotplug said 'internal error' instead of following on_unreachable."""
+    with pytest.raises(ClusterUnreachable):
+        _guard_answering(body).stale_elsewhere(TARGET, 1)
+
+
+@pytest.mark.parametrize("since", ["1e308", "-1e300"])
+def test_a_stale_report_dated_beyond_any_calendar_still_refuses_in_words(tmp_path, since):
+    """time.gmtime() raised OverflowError on such a sample while the refusal was worded."""
+    body = _vector({"metric": {"host": "hosta", "label": LABEL, "instance": "hosta"}, "value": [0, since]})
+    verdict = check_before_attach(
+        settings(None), SafetyBed(tmp_path).paths, TARGET, 1, guard=_guard_answering(body)
+    )
+    assert not verdict.allowed and verdict.outcome == "refused"
+    assert "host hosta" in verdict.reason and "not a date" in verdict.reason
