@@ -46,6 +46,7 @@ MAX_BUDGET = 35.0
 # Upper bounds that keep a typo from reaching iscsiadm or a timer as an absurd number.
 MAX_SECONDS = 7 * 24 * 3600.0
 MAX_COUNT = 2**31 - 1  # open-iscsi and the kernel keep these in an int
+MAX_INT = 2**63  # TOML integers are 64-bit: a longer one is no value of this file
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,8 @@ def check_config(path: Path | str) -> tuple[Config, list[FileInputError]]:
         return Config(), [
             FileInputError(path, None, "not valid here: arrays or tables nested too deeply for a config file")
         ]
+    except ValueError as e:  # int() past its digit limit ("Exceeds the limit (4300 digits)...")
+        return Config(), [FileInputError(path, None, f"not valid here: {str(e)[:120]}")]
     checker = _Checker(path, text)
     values = checker.check(data)
     errors = sorted(checker.errors, key=lambda e: e.line or 0)
@@ -305,6 +308,8 @@ def _value_problem(kind: str, value) -> str | None:
         return None if 0 < value <= MAX_COUNT else f"must be positive (and at most {MAX_COUNT}), not {value}"
     if not isinstance(value, (int, float)):
         return f"has the wrong type ({type(value).__name__})"
+    if isinstance(value, int) and abs(value) > MAX_INT:  # math.isfinite() would raise OverflowError
+        return f"must be a finite number of seconds, not a number of {len(str(abs(value)))} digits"
     if not math.isfinite(value):  # TOML's nan and inf, and 1e400 (read as inf)
         return f"must be a finite number of seconds, not {value!r}"
     if kind == NUMBER:

@@ -253,6 +253,10 @@ def load_web_config(path: Path) -> WebConfig:
         raise WebConfigError(_yaml_problem(path, e)) from None
     except RecursionError:
         raise WebConfigError(f"--web.config.file {path} is nested too deeply to be a web config") from None
+    except (ValueError, OverflowError) as e:  # a scalar no constructor can build: 2001-13-45, 5000 digits
+        raise WebConfigError(
+            f"--web.config.file {path} holds a value YAML cannot read: {str(e)[:120]}"
+        ) from None
     if data is None:
         return WebConfig()
     if not isinstance(data, dict):

@@ -173,7 +173,8 @@ COUNT_KEYS = [
     (f'targets."{IQN}"', "replacement_timeout"),
 ]
 BAD_NUMBERS = ["nan", "+nan", "-nan", "inf", "+inf", "-inf", "1e400", "-1e400", "-1", "0", "-0.0", "1e300",
-               "-5", '"10"', "true", "[]", "{}", "9223372036854775807"]  # fmt: skip
+               "-5", '"10"', "true", "[]", "{}", "9223372036854775807",
+               "1" + "0" * 400, "-1" + "0" * 400, "0x" + "f" * 100]  # fmt: skip
 BAD_COUNTS = [*BAD_NUMBERS, "2.5", "1.0"]
 
 
@@ -181,8 +182,8 @@ BAD_COUNTS = [*BAD_NUMBERS, "2.5", "1.0"]
     ("section", "key", "value"),
     [(s, k, v) for s, k in SECONDS_KEYS for v in BAD_NUMBERS]
     + [(s, k, v) for s, k in COUNT_KEYS for v in BAD_COUNTS],
-    ids=[f"config-{k}={v}" for s, k in SECONDS_KEYS for v in BAD_NUMBERS]
-    + [f"config-{k}={v}" for s, k in COUNT_KEYS for v in BAD_COUNTS],
+    ids=[f"config-{k}={v}"[:60] for s, k in SECONDS_KEYS for v in BAD_NUMBERS]
+    + [f"config-{k}={v}"[:60] for s, k in COUNT_KEYS for v in BAD_COUNTS],
 )
 def test_config_bad_number(tmp_path, section, key, value):
     path = tmp_path / "iscsimple.toml"
@@ -221,8 +222,15 @@ def test_config_any_float_is_finite_and_positive_or_an_error(tmp_path, value, wh
         "a = " + "[" * 200000 + "\n",
         "a = " + "{b = " * 3000 + "1" + "}" * 3000 + "\n",
         "[iscsi]\nportals = " + "[" * 100000 + "\n",
+        "[heal]\nstable_seconds = " + "1" * 5000 + "\n",  # past int()'s digit limit: a ValueError
     ],
-    ids=["config-deep-array", "config-deep-unclosed", "config-deep-inline-table", "config-deep-portals"],
+    ids=[
+        "config-deep-array",
+        "config-deep-unclosed",
+        "config-deep-inline-table",
+        "config-deep-portals",
+        "config-number-5000-digits",
+    ],
 )
 def test_config_deep_nesting(tmp_path, text):
     path = tmp_path / "iscsimple.toml"

@@ -97,6 +97,9 @@ BAD_TEXTS = [
     ("[" * 2000 + "]" * 2000 + "\n", "nested too deeply"),
     ('"key\\nwith newline": 1\n', "unknown key"),
     ("\t\x01\n", "not valid YAML"),
+    # scalars whose constructor raises ValueError, not a YAMLError (the agent died with a traceback)
+    ("tls_server_config:\n  cert_file: 2001-13-45\n  key_file: b\n", "value YAML cannot read"),
+    ("tls_server_config:\n  cert_file: " + "1" * 5000 + "\n  key_file: b\n", "value YAML cannot read"),
 ]
 
 
