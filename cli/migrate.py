@@ -52,6 +52,12 @@ def run_migrate_check(args: argparse.Namespace) -> int:
         print(
             f"{args.name}: NOT known to be safe to migrate: an unreadable registry entry may be one of its disks: {error}"
         )
+    # Records that could not be listed may hold one of this VM's ("no record" is not known). An
+    # unreadable record file stands as its LABEL's record (view.stale), so only the rest count.
+    of_labels = {r.reason for r in snapshot.stale if r.unreadable}
+    for error in (e for e in snapshot.sources["stale"].errors if e not in of_labels):
+        unsafe += 1
+        print(f"{args.name}: NOT known to be safe to migrate: the stale-copy records cannot be read: {error}")
     for view in views:
         reasons = migrate_blockers(view)
         target = view.attachment.target

@@ -127,6 +127,8 @@ class Resolver:
             self.out(f"{label}: no stale-copy record; nothing to resolve")
             return self._stop_resolved_array(label)
         self.out(f"{label}: {record.describe()}.")
+        if record.unreadable:
+            record = self._details_of_unreadable(label, record)
         if record.target is None:
             self.out("the mirror has no iSCSI leg: nothing to rebuild; the record is cleared")
             if not dry_run:
@@ -141,6 +143,20 @@ class Resolver:
         if dry_run or not started:
             return 0
         return self._wait_and_clear(label, wait)
+
+    def _details_of_unreadable(self, label: str, record: StaleRecord) -> StaleRecord:
+        """An unreadable record names no LUN (its target None is not "no iSCSI leg"): the running
+        array's registry entry tells which; otherwise nothing is done and the record stands."""
+        running = active_md_array(self.paths, label)
+        view = self._view(label) if running else None
+        if view is None or view.attachment.target is None:
+            raise OperationError(
+                f"refusing to resolve {label} with --keep local: its record cannot be read, so which LUN "
+                f"holds the stale copy is unknown; nothing done, the record stands ({self.records.path(label)}). "
+                f"Repair the file (target, lun) and run resolve again, or discard the local writes on purpose: "
+                f"'iscsimple resolve {label} --keep iscsi --yes-discard-local-writes'"
+            )
+        return replace(record, target=view.attachment.target, lun=view.attachment.lun)
 
     def _refuse_lun_in_use_elsewhere(self, record: StaleRecord) -> None:
         """--keep local writes this host's local leg onto the LUN: never while another host uses it."""

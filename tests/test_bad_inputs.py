@@ -693,6 +693,62 @@ def test_stale_record_dated_beyond_any_calendar_is_still_shown(captured, since):
     assert_clean_error(result.stderr)
 
 
+@pytest.mark.parametrize(
+    "dry_run", [[], ["--dry-run"]], ids=["stale-resolve-local", "stale-resolve-local-dry-run"]
+)
+def test_stale_unreadable_record_of_a_stopped_mirror_is_never_cleared_by_keep_local(captured, dry_run):
+    """An unreadable record has no target: `resolve --keep local` took that for "no iSCSI leg",
+    cleared the record (exit 0) and let the next attach rebuild the local leg from the stale LUN."""
+    paths, cli_flags, _ = captured
+    record = paths.records / "stale" / "other.json"
+    record.parent.mkdir(parents=True)
+    record.write_text("{garbage")
+    result = run("iscsimple", "resolve", "other", "--keep", "local", *dry_run, *cli_flags)
+    assert result.returncode == 1, result.stdout
+    assert_clean_error(result.stderr, "refusing to resolve other", str(record))
+    assert "record is cleared" not in result.stdout
+    assert record.read_text() == "{garbage"
+
+
+@pytest.mark.parametrize("captured", ["06"], indirect=True)  # the array runs, its iSCSI leg faulty
+def test_stale_unreadable_record_of_a_running_mirror_heals_the_registrys_lun(captured):
+    """The running array's registry entry names the LUN: --keep local plans the heal of that LUN
+    (here: its session is down, so it cannot) instead of clearing the record as "no iSCSI leg"."""
+    paths, cli_flags, _ = captured
+    record = paths.records / "stale" / "test.json"
+    record.parent.mkdir(parents=True)
+    record.write_text("{garbage")
+    result = run("iscsimple", "resolve", "test", "--keep", "local", "--dry-run", *cli_flags)
+    assert result.returncode == 1, result.stdout
+    assert_clean_error(
+        result.stderr, f"cannot heal test now: no logged-in session to {CAPTURE_TARGET} has LUN 1"
+    )
+    assert record.read_text() == "{garbage"
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink-loop"])
+def test_stale_records_that_cannot_be_listed_make_migrate_check_say_not_known(captured, kind):
+    """The records directory unreadable (a file in its place, a link loop): migrate-check said
+    'safe to migrate', exit 0, as if no record stood; an unreadable record of another LABEL
+    does not block this one (it stands as that LABEL's record)."""
+    paths, cli_flags, _ = captured
+    (paths.records / "stale").mkdir()
+    (paths.records / "stale" / "other.json").write_text("{")
+    result = run("iscsimple", "migrate-check", "test", *cli_flags)
+    assert result.returncode == 0 and "safe to migrate" in result.stdout, result.stdout + result.stderr
+    stale = paths.records / "stale"
+    (stale / "other.json").unlink()
+    stale.rmdir()
+    if kind == "file":
+        stale.write_text("x")
+    else:
+        stale.symlink_to("stale")
+    result = run("iscsimple", "migrate-check", "test", *cli_flags)
+    assert result.returncode == 1, result.stdout
+    assert_clean_error(result.stderr)
+    assert any("NOT known to be safe" in line and str(stale) in line for line in result.stdout.splitlines())
+
+
 # -- numbers no float holds, in every state file ---------------------------------------------------
 
 _BIG = "1" + "0" * 400  # an int of 401 digits: math.isfinite() / float() raise OverflowError on it
