@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from iscsimple.core.config import Config
-from iscsimple.core.errors import OperationError
+from iscsimple.core.errors import OperationError, StateFileError
 from iscsimple.core.locking import hotplug_lock, label_lock_name, target_lock_name
 from iscsimple.core.md import md_kernel_names, md_path
 from iscsimple.core.paths import HostPaths
@@ -49,7 +49,13 @@ def detach(
 def _detach(
     attachment_id: str, paths: HostPaths, config: Config, registry: Registry, deadline: Deadline
 ) -> Attachment | None:
-    attachment = registry.get(attachment_id)
+    try:
+        attachment = registry.get(attachment_id)
+    except StateFileError as e:
+        raise StateFileError(
+            f"cannot detach {attachment_id}: {e}; what it attached is unknown and stays as it is ('iscsimple "
+            "status' lists what runs): stop its mirror and log out by hand, then remove that file"
+        ) from None
     if attachment is None:
         log.info("nothing is attached as %s: nothing to undo", attachment_id)
         return None

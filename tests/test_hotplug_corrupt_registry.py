@@ -94,3 +94,20 @@ def test_remove_keeps_the_session_an_unreadable_entry_may_use(hotplug):
     assert "stays logged in" in result.stderr and str(bad) in result.stderr
     assert hotplug.registry().get(vbd.attachment_id) is None
     bad.unlink()  # sorted out: the next last remove logs out as usual
+
+
+@pytest.mark.parametrize("content", CORRUPTIONS.values(), ids=CORRUPTIONS.keys())
+def test_remove_of_a_disk_whose_own_entry_is_unreadable_says_what_stays(hotplug, content):
+    """The remove cannot know what to undo: it fails (libxl shows it) naming the file and saying
+    that the mirror and the session stay, and how to clear up (before: only the parse error)."""
+    hotplug.host.add_target(IQN, luns={1: 64 << 20})
+    hotplug.mirror("vm1")
+    vbd = hotplug.vbd(f"lun1@{IQN}+vm1")
+    hotplug.add(vbd)
+    own = plant(hotplug, content, f"{vbd.attachment_id}.json")
+    result = hotplug.run("remove", vbd)
+    assert result.returncode == 1
+    error = hotplug.xs(vbd, "hotplug-error")
+    assert error.startswith(f"cannot detach {vbd.attachment_id}: {own}") and "\n" not in error
+    assert "stays as it is" in error and "iscsimple status" in error and "remove that file" in error
+    assert list(hotplug.host.md_arrays()) and hotplug.host.session_targets() == [IQN]  # nothing guessed
