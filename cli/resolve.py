@@ -103,7 +103,7 @@ class Resolver:
         self.out(
             f"will: discard those writes: clear the record ({self.records.path(label)}); the next attach "
             f"rebuilds the local leg {self._local_device(label, record)} from the iSCSI copy "
-            f"(LUN {record.lun} of {record.target}), overwriting it"
+            f"({_lun_words(record)}), overwriting it"
         )
         if dry_run:
             self.out("dry run: nothing done")
@@ -294,6 +294,12 @@ class Resolver:
 
     def _view(self, label: str) -> ArrayView | None:
         return HostSnapshot.read(self.paths).array(label)
+
+
+def _lun_words(record: StaleRecord) -> str:
+    if record.target is None:  # an unreadable record names none ("LUN None of None" before)
+        return "the LUN of the VM's disk spec: the record names none"
+    return f"LUN {record.lun} of {record.target}"
 
 
 # -- CLI ---------------------------------------------------------------------------------------------

@@ -710,6 +710,18 @@ def test_stale_unreadable_record_of_a_stopped_mirror_is_never_cleared_by_keep_lo
     assert record.read_text() == "{garbage"
 
 
+def test_stale_unreadable_record_keep_iscsi_says_no_lun_is_named(captured):
+    """What --keep iscsi will do, for a record without details: it printed '(LUN None of None)'."""
+    paths, cli_flags, _ = captured
+    record = paths.records / "stale" / "other.json"
+    record.parent.mkdir(parents=True)
+    record.write_text("{garbage")
+    result = run("iscsimple", "resolve", "other", "--keep", "iscsi", "--dry-run", *cli_flags)
+    assert result.returncode == 0 and "dry run: nothing done" in result.stdout
+    assert "None" not in result.stdout and "the record names none" in result.stdout
+    assert record.exists()
+
+
 @pytest.mark.parametrize("captured", ["06"], indirect=True)  # the array runs, its iSCSI leg faulty
 def test_stale_unreadable_record_of_a_running_mirror_heals_the_registrys_lun(captured):
     """The running array's registry entry names the LUN: --keep local plans the heal of that LUN
