@@ -205,6 +205,21 @@ class Acceptance:
     label: str = ""
     accepted: float = field(default_factory=time.time)
 
+    @classmethod
+    def from_dict(cls, data: object) -> Acceptance:
+        """What `put` wrote, each field of its type (an acceptance waives a refusal: a value that
+        only converts, such as lun true or 1.9 or a host null, is no acceptance); ValueError naming it."""
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, found {type(data).__name__}")
+        number = (int, float)
+        kinds = {"host": str, "target": str, "lun": int, "since": number, "label": str, "accepted": number}
+        values = {"label": "", "accepted": 0.0} | {k: v for k, v in data.items() if k in kinds}
+        for name, kind in kinds.items():
+            value = values.get(name)
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise ValueError(f"{name} {value!r:.40} is not what iscsimple writes")
+        return cls(**values)
+
     def covers(self, report: RemoteLun) -> bool:
         return report.host == self.host and report.since is not None and abs(report.since - self.since) < 1e-3
 
@@ -239,16 +254,9 @@ class Acceptances:
         for name in names:
             path = self.directory / name
             try:
-                data = load_state_json(path)  # no FIFO, no symlink, bounded: StateFileError otherwise
-                a = Acceptance(
-                    host=str(data["host"]),
-                    target=str(data["target"]),
-                    lun=int(data["lun"]),
-                    since=float(data["since"]),
-                    label=str(data.get("label", "")),
-                    accepted=float(data.get("accepted", 0.0)),
-                )
-            except (OSError, ValueError, KeyError, TypeError, AttributeError, OperationError) as e:
+                # no FIFO, no symlink, bounded: StateFileError otherwise
+                a = Acceptance.from_dict(load_state_json(path))
+            except (OSError, ValueError, OperationError) as e:
                 raise OperationError(
                     f"{path}: unreadable accepted-loss record ({e}); remove or fix it"
                 ) from None

@@ -397,3 +397,19 @@ def test_a_stale_report_dated_beyond_any_calendar_still_refuses_in_words(tmp_pat
     )
     assert not verdict.allowed and verdict.outcome == "refused"
     assert "host hosta" in verdict.reason and "not a date" in verdict.reason
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("lun", True), ("lun", 1.9), ("lun", "1"), ("host", None), ("host", ["hosta"]), ("since", str(SINCE))],
+)
+def test_an_acceptance_of_the_wrong_types_waives_nothing(prom, tmp_path, field, value):
+    """An acceptance lets an attach build over another host's stale report: `lun: true` or 1.9 read
+    as LUN 1, `host: null` as "None", a since string as a time (int()/str()/float() converted them)."""
+    paths = SafetyBed(tmp_path).paths
+    prom.host("hosta").stale[(TARGET, 1, LABEL)] = SINCE
+    path = Acceptances(paths).put(Acceptance("hosta", TARGET, 1, SINCE, LABEL))
+    assert check_before_attach(settings(prom), paths, TARGET, 1).allowed  # as written: it waives
+    path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
+    with pytest.raises(OperationError, match=f"{path}: unreadable accepted-loss record .*{field}"):
+        check_before_attach(settings(prom), paths, TARGET, 1)
