@@ -31,7 +31,7 @@ from .iscsi import (
 )
 from .md import MdArray, MdMember, MdReadResult, md_array_names, md_names_for, read_md_array_errors
 from .paths import HostPaths
-from .registry import LEG_ISCSI, LEG_LOCAL, Attachment, HotplugStats, Registry, RegistryRead, vm_name
+from .registry import LEG_ISCSI, LEG_LOCAL, Attachment, HotplugStats, Registry, vm_name
 from .stale import RecordFiles, StaleRecord, StaleRecords
 from .sysfs import SECTOR
 
@@ -462,10 +462,13 @@ def _timed(sources: dict[str, SourceResult], name: str, read: Callable[[], T], e
     return result
 
 
-def _read_registry(sources: dict[str, SourceResult], registry: Registry) -> list[Attachment]:
-    return _timed(
-        sources, "registry", registry.read_all, RegistryRead([], []), lambda r: r.errors
-    ).attachments
+def _read_registry(
+    sources: dict[str, SourceResult], registry: Registry, known: Sequence[Attachment] = ()
+) -> Sequence[Attachment]:
+    """Every readable entry; `known` (what an update read last) when the directory itself could not
+    be read: unknown is not "nothing attached" (the source's error says it)."""
+    read = _timed(sources, "registry", registry.read_all, None, lambda r: r.errors)
+    return known if read is None else read.attachments
 
 
 def _read_stale(
@@ -481,7 +484,15 @@ def _read_stale(
         read = _timed(
             sources, "stale", lambda: records.read_watched(known, every), None, lambda r: r[0].errors
         )
-    return (RecordFiles(), None) if read is None else read
+    if read is not None:
+        return read
+    if known is None:
+        return RecordFiles(), None
+    # The directory could not be read: unknown is not "no records", so the records read last stand
+    # (the source's error says it); without the watch (it may have lost names), the next read lists.
+    if known.watch is not None:
+        known.watch.close()
+    return RecordFiles(known.files, known.inodes, known.problems), {}
 
 
 def _watching(files: RecordFiles | None) -> bool:
@@ -1059,7 +1070,7 @@ class _Update:
                 continue
             self.files[name] = signature
             if name == "registry":
-                new = tuple(_read_registry(self.sources, registry))
+                new = tuple(_read_registry(self.sources, registry, old.attachments))
                 attachments = old.attachments if new == old.attachments else new
             elif name == "hotplug":
                 new_stats = _timed(self.sources, name, registry.read_stats, HotplugStats())

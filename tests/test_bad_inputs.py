@@ -761,6 +761,34 @@ def test_stale_records_that_cannot_be_listed_make_migrate_check_say_not_known(ca
     assert any("NOT known to be safe" in line and str(stale) in line for line in result.stdout.splitlines())
 
 
+@pytest.mark.parametrize("captured", ["06"], indirect=True)  # a stale record stands for test
+@pytest.mark.parametrize("everything", [False, True], ids=["update-refresh", "update-sweep"])
+def test_a_state_directory_unreadable_mid_run_keeps_what_the_agent_knew(captured, everything):
+    """The agent derives each snapshot from the last (HostSnapshot.update). A records or registry
+    directory that could not be read (here: a file in its place) read as "no records" and "nothing
+    attached": iscsimple_array_iscsi_stale went to 0 and the arrays left /metrics while the danger
+    stood. Now the last records and entries stand, and each source's error names its directory."""
+    import shutil
+
+    from iscsimple.core.snapshot import Changes
+
+    paths, _, _ = captured
+    StaleRecords(paths).put(
+        StaleRecord("test", 1.7e9, "md127", "web1", 1, CAPTURE_TARGET, 1, "sda", None, "seen")
+    )
+    before = HostSnapshot.read(paths)
+    assert before.array("test").stale is not None
+    for directory in (paths.records / "stale", paths.state / "attachments"):
+        shutil.rmtree(directory)
+        directory.write_text("not a directory")
+    after = before.update(paths, Changes(everything=everything))
+    view = after.array("test")
+    assert view is not None and view.stale is not None and view.stale.label == "test"
+    assert str(paths.records / "stale") in after.sources["stale"].errors[0]
+    assert str(paths.state / "attachments") in after.sources["registry"].errors[0]
+    assert HostSnapshot.read(paths).array("test") is None  # a first read knows nothing to keep
+
+
 # -- numbers no float holds, in every state file ---------------------------------------------------
 
 _BIG = "1" + "0" * 400  # an int of 401 digits: math.isfinite() / float() raise OverflowError on it
