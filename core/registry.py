@@ -441,7 +441,10 @@ class Registry:
             return HotplugStats.from_dict(load_state_json(self.stats_path))
         except FileNotFoundError:
             return HotplugStats()
-        except (StateFileError, ValueError, TypeError, AttributeError) as e:
+        except StateFileError as e:  # its message names the file
+            log.warning("ignoring unreadable hotplug statistics: %s", e)
+            return HotplugStats()
+        except (ValueError, TypeError, AttributeError) as e:
             log.warning("ignoring unreadable hotplug statistics %s: %s", self.stats_path, e)
             return HotplugStats()
 
