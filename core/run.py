@@ -143,7 +143,10 @@ def run(
             stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            text=True,
+            # Output is untrusted text: a byte that is not UTF-8 (a name from xenstore or a filer's
+            # discovery) becomes U+FFFD, never a UnicodeDecodeError out of run().
+            encoding="utf-8",
+            errors="replace",
             env=dict(env) if env is not None else None,
             start_new_session=True,  # so a timeout can kill the command and everything it started
         )

@@ -17,6 +17,18 @@ def test_runs_argv_and_captures_output():
     assert result.stderr == "err\n"
 
 
+@pytest.mark.parametrize("locale", ["C", "C.UTF-8"])
+def test_output_that_is_not_utf8_is_replaced_not_an_exception(monkeypatch, locale):
+    """A byte that is not UTF-8 in a command's output (a VM name in xenstore, an iSCSI name a filer
+    offers) raised UnicodeDecodeError out of run(): the hotplug said 'internal error'."""
+    monkeypatch.setenv("LC_ALL", locale)
+    code = "import sys; sys.stdout.buffer.write(b'caf\\xe9\\n'); sys.stderr.buffer.write(b'bad \\xff name\\n'); sys.exit(2)"
+    result = run([sys.executable, "-c", code], check=False)
+    assert result.stdout == "caf\ufffd\n" and result.stderr == "bad \ufffd name\n"
+    with pytest.raises(CommandError, match="bad \ufffd name"):
+        run([sys.executable, "-c", code])
+
+
 def test_refuses_a_shell_string():
     with pytest.raises(TypeError):
         run("echo hi")
