@@ -80,11 +80,15 @@ def holders(paths: HostPaths, name: str) -> list[str]:
 
 
 def mount_points(paths: HostPaths, device: BlockDevice) -> list[str]:
-    """Where the device is mounted, from mountinfo (field 3 is major:minor)."""
+    """Where the device is mounted, from mountinfo (field 3 is major:minor). DeviceError when it
+    cannot be read: the local leg is overwritten, so "cannot tell" is never "not mounted"."""
+    mountinfo = paths.procfs / "self" / "mountinfo"
     try:
-        text = read_file(paths.procfs / "self" / "mountinfo").decode("utf-8", "replace")
-    except OSError:
-        return []
+        text = read_file(mountinfo).decode("utf-8", "replace")
+    except OSError as e:
+        raise DeviceError(
+            f"cannot tell whether {device.path} is mounted: {mountinfo}: {e.strerror or e}"
+        ) from None
     found = []
     for line in text.splitlines():
         fields = line.split()

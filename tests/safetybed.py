@@ -53,6 +53,10 @@ class SafetyBed:
         # As a host has them: the CLI refuses a --state/--records directory that does not exist.
         for directory in (self.paths.state, self.paths.records):
             directory.mkdir(parents=True, exist_ok=True)
+        # As a host has it: an attach refuses a local device it cannot tell is unmounted.
+        mountinfo = self.paths.procfs / "self" / "mountinfo"
+        mountinfo.parent.mkdir(parents=True, exist_ok=True)
+        mountinfo.write_text("22 1 253:0 / / rw,relatime shared:1 - ext4 /dev/mapper/vg0-root rw\n")
         self.running = True
         self.members: list[FakeMember] = [
             FakeMember("dm-3", slot=0, state="in_sync", dev="253:3"),

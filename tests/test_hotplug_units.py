@@ -176,6 +176,21 @@ def test_mount_points_from_mountinfo(tmp_path):
     assert mount_points(paths, BlockDevice("/dev/vg0/x", "dm-4", 253, 4, None)) == []
 
 
+@pytest.mark.parametrize("kind", ["missing", "directory", "fifo"])
+def test_mount_points_unreadable_is_never_not_mounted(tmp_path, kind):
+    """The local leg is overwritten by the build: an unreadable mountinfo returned [] ("not
+    mounted"), so a mounted device could be taken; now the attach is refused naming the file."""
+    mountinfo = tmp_path / "proc" / "self" / "mountinfo"
+    mountinfo.parent.mkdir(parents=True)
+    if kind == "directory":
+        mountinfo.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(mountinfo)
+    paths = HostPaths(procfs=tmp_path / "proc")
+    with pytest.raises(DeviceError, match=f"cannot tell whether /dev/vg0/data is mounted: {mountinfo}"):
+        mount_points(paths, BlockDevice("/dev/vg0/data", "dm-3", 253, 3, None))
+
+
 def test_first_login_settings_make_iscsid_give_up_before_we_kill_iscsiadm():
     from iscsimple.hotplug.session import node_settings
 
