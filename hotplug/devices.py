@@ -227,15 +227,22 @@ def _by_path_mismatch(paths: HostPaths, target: str, lun: int, device: BlockDevi
 # -- md arrays ----------------------------------------------------------------------
 
 
+UNKNOWN_STATE = "unknown"
+
+
 def md_array_state(paths: HostPaths, name: str) -> str | None:
+    """md/array_state of array NAME; None when there is no such array, UNKNOWN_STATE when it is
+    there but its state cannot be read (never taken for stopped: an attach or resolve refuses,
+    a remove tries to stop it)."""
     try:
-        return read_md_array(paths.sysfs, name).array_state
+        state = read_md_array(paths.sysfs, name).array_state
     except SysfsError:
         return None
+    return UNKNOWN_STATE if state is None else state
 
 
 def active_md_array(paths: HostPaths, label: str) -> str | None:
-    """The kernel name of a running array for LABEL, if any."""
+    """The kernel name of a running array for LABEL (or one whose state cannot be read), if any."""
     for name in md_kernel_names(paths, label):
         state = md_array_state(paths, name)
         if state is not None and state not in STOPPED_STATES:

@@ -248,3 +248,21 @@ def test_remove_waits_for_the_kernel_to_delete_the_stopped_md_node(tmp_path, cap
         wait_for_md_gone(paths, "md127", Deadline(30), wait=0.2)
     assert time.monotonic() - started < 5
     assert "md127 is stopped but its node is still listed" in caplog.text
+
+
+@pytest.mark.parametrize("content", [b"\xff\x00", b""], ids=["garbage", "empty"])
+def test_remove_stops_an_array_whose_state_cannot_be_read(hotplug, content):
+    """md/array_state unreadable: remove took the array for gone, skipped mdadm --stop, dropped the
+    registry entry and logged out under a running array (exit 0). Unknown is stopped like a running one."""
+    hotplug.host.add_target(IQN, luns={1: 64 << 20})
+    hotplug.mirror("vm1")
+    vbd = hotplug.vbd(f"lun1@{IQN}+vm1")
+    hotplug.add(vbd)
+    (
+        hotplug.host.root / "sys" / "devices" / "virtual" / "block" / "md127" / "md" / "array_state"
+    ).write_bytes(content)
+    result = hotplug.run("remove", vbd)
+    assert result.returncode == 0, result.stderr
+    assert any(line.startswith("mdadm --stop /dev/md/vm1") for line in hotplug.command_lines())
+    assert hotplug.host.md_arrays() == {} and hotplug.host.session_targets() == []
+    assert hotplug.registry().list() == []

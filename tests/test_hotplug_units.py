@@ -164,6 +164,22 @@ def test_running_array_found_through_dev_md_label(kernel_state):
     assert active_md_array(_paths(kernel_state("11")), "test") is None  # stopped
 
 
+@pytest.mark.parametrize("kind", ["missing", "directory", "garbage"])
+def test_an_array_whose_state_cannot_be_read_is_never_taken_for_stopped(kernel_state, kind):
+    """md127 is there (md/ exists) but md/array_state cannot be read: active_md_array said None
+    ("not running"), so `resolve --keep iscsi` cleared a record under a running VM and an attach
+    went on to build over it. Unknown is running."""
+    root = kernel_state("04")
+    state = root / "sys" / "devices" / "virtual" / "block" / "md127" / "md" / "array_state"
+    state.unlink()
+    if kind == "directory":
+        state.mkdir()
+    elif kind == "garbage":
+        state.write_bytes(b"\xff\x00\x01")
+    assert active_md_array(_paths(root), "test") == "md127"
+    assert active_md_array(_paths(kernel_state("11")), "test") is None  # stopped: still stopped
+
+
 def test_mount_points_from_mountinfo(tmp_path):
     (tmp_path / "proc" / "self").mkdir(parents=True)
     (tmp_path / "proc" / "self" / "mountinfo").write_text(
