@@ -49,7 +49,8 @@ def stale_reason(view: ArrayView) -> str | None:
     means the iSCSI copy is the good one: never stale then.
     """
     md = view.md
-    if md is None or md.array_state in (None, "clear", "inactive"):
+    # An array_state that cannot be read (None) is no proof the array stopped: its members decide.
+    if md is None or md.array_state in ("clear", "inactive"):
         return None
     if not view.iscsi.configured or view.local.state != "in_sync":
         return None

@@ -228,3 +228,15 @@ def test_recovery_is_complete_only_when_idle_and_not_degraded(bed):
     assert view.iscsi.device == "sdb" and view.iscsi.state == "in_sync"
     assert recovery_complete(view)
     assert TARGET in view.attachment.spec
+
+
+@pytest.mark.parametrize(("state", "stale"), [("06", True), ("08", True), ("04", False), ("02", False)])
+def test_an_array_state_that_cannot_be_read_hides_no_stale_copy(kernel_state, state, stale):
+    """md/array_state unreadable (garbage here): stale_reason took the array for stopped and
+    wrote no record, though md listed the iSCSI leg faulty or gone beside an in-sync local leg.
+    The members and md's degraded count decide; only a readable clear/inactive means stopped."""
+    root = kernel_state(state)
+    (root / "sys" / "devices" / "virtual" / "block" / "md127" / "md" / "array_state").write_bytes(b"\xff\x00")
+    view = HostSnapshot.read(_captured(root)).array("test")
+    assert view.md is not None and view.md.array_state is None
+    assert (stale_record(view, now=1000.0) is not None) is stale
