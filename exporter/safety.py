@@ -97,14 +97,18 @@ class StaleDetector:
             # are the only ones where they can differ from this snapshot's.
             touched = set(moved) | self._written
             standing = self._standing.derive()
+            gone = set()
             for label in touched:
                 record = snapshot.stale_record(label)
                 if record is not None:
                     standing[label] = record
                 else:
                     standing.pop(label, None)
-            # Only a view that changed can have become stale; retry the records not written yet.
-            keys = changed | {k for label in self._unwritten for k in snapshot.ids_of(label)}
+                    gone.add(label)
+            # Only a view that changed can have become stale; retry the records not written yet,
+            # and look again at the arrays whose record went (cleared while the copy is still stale,
+            # or written last pass and not read back yet): as a pass over every view would.
+            keys = changed | {k for label in self._unwritten | gone for k in snapshot.ids_of(label)}
             views = [v for v in map(snapshot.by_id, sorted(keys)) if v is not None]
         self._previous = snapshot
         unwritten = set()

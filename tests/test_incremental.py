@@ -529,7 +529,8 @@ def test_the_detectors_carried_records_equal_a_pass_over_everything(steps):
         mdstat = MdstatDiff(host.paths.procfs / "mdstat")
         mdstat.read()
         poll = ChangePoll(host.paths.sysfs, mdstat)
-        detector = StaleDetector(StaleRecords(host.paths))
+        # One clock for both: a record that cannot be written is made afresh on each pass.
+        detector = StaleDetector(StaleRecords(host.paths), clock=lambda: 1.7e9)
         snapshot = HostSnapshot.read(host.paths)
         detector.observe(snapshot)
         for action in steps:
@@ -538,7 +539,9 @@ def test_the_detectors_carried_records_equal_a_pass_over_everything(steps):
             snapshot = snapshot.update(host.paths, changes)
             carried = detector.observe(snapshot)
             assert detector.touched is not None  # the incremental pass ran
-            assert dict(carried) == dict(StaleDetector(StaleRecords(host.paths)).observe(snapshot))
+            assert dict(carried) == dict(
+                StaleDetector(StaleRecords(host.paths), clock=lambda: 1.7e9).observe(snapshot)
+            )
 
 
 @settings(
@@ -610,3 +613,26 @@ def test_a_gzip_body_combines_again_only_the_groups_whose_pieces_changed():
             assert made.call_count == 1  # the one group holding piece 500
     assert gzip.decompress(again) == b"".join(p.plain() for p in pieces)
     assert again == b"".join(GzipBody.of(pieces))  # the module's memo, from scratch
+
+
+def test_a_record_cleared_while_the_copy_is_still_stale_is_written_again(tmp_path):
+    """The detector carried its last pass's records and, for a label whose record went, only
+    dropped it: a record removed by hand while the iSCSI copy was still stale read as healed
+    until the array's view changed. A pass over every view writes it again; so does the carried one."""
+    from iscsimple.exporter.safety import StaleDetector
+
+    host = SimulatedHost(tmp_path)
+    host.attach(LABELS[0], "vm", TARGETS[0], 1)
+    mdstat = MdstatDiff(host.paths.procfs / "mdstat")
+    mdstat.read()
+    poll = ChangePoll(host.paths.sysfs, mdstat)
+    records = StaleRecords(host.paths)
+    detector = StaleDetector(records, clock=lambda: 1.7e9)
+    snapshot = HostSnapshot.read(host.paths)
+    detector.observe(snapshot)
+    for action in [("finish", LABELS[0]), ("expire", TARGETS[0]), ("clear-stale", LABELS[0])]:
+        changes = Changes(md=frozenset(mdstat.read())) | play(host, action) | poll(snapshot)
+        snapshot = snapshot.update(host.paths, changes)
+        standing = detector.observe(snapshot)
+    assert LABELS[0] in standing
+    assert records.get(LABELS[0]) is not None
