@@ -36,7 +36,7 @@ from pathlib import Path
 
 from .atomic import write_atomic
 from .errors import OperationError, time_text
-from .files import load_state_json
+from .files import UnsafeFileError, load_state_json_in, open_state_dir
 from .paths import HostPaths
 
 log = logging.getLogger(__name__)
@@ -245,24 +245,34 @@ class Acceptances:
         """Acceptances of this LUN. An unreadable file is an error (OperationError), never ignored:
         ignoring it could only make the guard refuse, but the operator must hear why."""
         try:
-            names = sorted(n for n in os.listdir(self.directory) if n.endswith(".json"))
+            # Neither the directory nor the records root is reached through a symlink.
+            fd = open_state_dir(self.directory, levels=1)
         except FileNotFoundError:
             return []
+        except UnsafeFileError as e:
+            raise OperationError(f"cannot read {self.directory}: {e}") from None
         except OSError as e:
             raise OperationError(f"cannot read {self.directory}: {e.strerror or e}") from None
-        out = []
-        for name in names:
-            path = self.directory / name
+        try:
             try:
-                # no FIFO, no symlink, bounded: StateFileError otherwise
-                a = Acceptance.from_dict(load_state_json(path))
-            except (OSError, ValueError, OperationError) as e:
-                raise OperationError(
-                    f"{path}: unreadable accepted-loss record ({e}); remove or fix it"
-                ) from None
-            if a.target == target and a.lun == lun:
-                out.append(a)
-        return out
+                names = sorted(n for n in os.listdir(fd) if n.endswith(".json"))
+            except OSError as e:
+                raise OperationError(f"cannot read {self.directory}: {e.strerror or e}") from None
+            out = []
+            for name in names:
+                path = self.directory / name
+                try:
+                    # no FIFO, no symlink, bounded: StateFileError otherwise
+                    a = Acceptance.from_dict(load_state_json_in(fd, name, path))
+                except (OSError, ValueError, OperationError) as e:
+                    raise OperationError(
+                        f"{path}: unreadable accepted-loss record ({e}); remove or fix it"
+                    ) from None
+                if a.target == target and a.lun == lun:
+                    out.append(a)
+            return out
+        finally:
+            os.close(fd)
 
 
 # -- the decisions the hotplug, resolve and the heal share -------------------------------------------

@@ -192,6 +192,18 @@ def _state_json(path: Path | str, read) -> object:
         raise StateFileError(f"{path}: not valid JSON: {str(e)[:80]}") from None
 
 
+def load_state_json_in(dir_fd: int, name: str, path: Path | str) -> object:
+    """load_state_json of file `name` in the directory open as dir_fd (open_state_dir): no
+    symlink followed, neither to the file nor to its directory. `path` names it in errors."""
+    return _state_json(path, lambda: _read_named(dir_fd, name, path))
+
+
+def _read_named(dir_fd: int, name: str, path: Path | str) -> bytes:
+    check_path(name)
+    _require_regular(path, os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    return _open_and_read(path, name, dir_fd, False, MAX_STATE_BYTES)
+
+
 def _read_entry(dir_fd: int, entry: os.DirEntry, path: str) -> bytes:
     check_path(path)
     if not entry.is_file(follow_symlinks=False):
@@ -265,6 +277,47 @@ def check_dir(path: Path | str, *, trusted: Iterable[int] | None = None) -> None
             f"root's state there (chmod go-w {_printable(path)})",
             errno.EPERM,
         )
+
+
+def open_state_dir(path: Path | str, levels: int = 0) -> int:
+    """A descriptor of state directory `path` to read, never reached through a symlink (ensure_dir's
+    read side): `path` and its `levels` parents (the directories iscsimple makes above it) are each
+    opened O_NOFOLLOW relative to the one above, so a planted link is refused, not followed.
+
+    FileNotFoundError passes through (callers decide what absent means); a symlink or anything
+    but a directory there is an UnsafeFileError naming it."""
+    path = Path(path)
+    check_path(path)
+    chain = [*reversed(path.parents[:levels]), path] if levels else [path]
+    fd = os.open(chain[0].parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for directory in chain:
+            try:
+                child = os.open(
+                    directory.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+                )
+            except OSError as e:
+                if e.errno not in (errno.ENOTDIR, errno.ELOOP):
+                    raise
+                mode = os.stat(directory.name, dir_fd=fd, follow_symlinks=False).st_mode
+                if stat.S_ISLNK(mode):
+                    raise UnsafeFileError(
+                        directory,
+                        "is a symbolic link; iscsimple's state directories are never reached through one "
+                        "(put a real directory there)",
+                        errno.ELOOP,
+                    ) from None
+                raise UnsafeFileError(
+                    directory,
+                    f"is {kind_of(mode)}, expected a directory for iscsimple's state",
+                    errno.ENOTDIR,
+                ) from None
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def open_lock_file(path: Path | str, mode: int = 0o600) -> int:

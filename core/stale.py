@@ -21,7 +21,7 @@ from pathlib import Path
 from .atomic import remove_durably, write_atomic
 from .dirwatch import DirWatch
 from .errors import StateFileError, time_text
-from .files import ensure_dir, load_state_json
+from .files import ensure_dir, load_state_json_in, open_state_dir
 from .paths import HostPaths
 from .registry import vm_name
 from .spec import check_label
@@ -68,7 +68,27 @@ class StaleRecords:
         with unknown details that names the file, never as None."""
         path = self.path(label)
         try:
-            return _record_from(load_state_json(path), label)
+            fd = self._open()
+        except FileNotFoundError:
+            return None  # no records directory (yet): no record
+        except OSError as e:
+            # A directory that is a symlink, a file, unreadable: whether LABEL has a record is
+            # unknown, so it has one (details unknown), never none.
+            return _unreadable(label, path, e)
+        try:
+            return self._get_in(fd, label)
+        finally:
+            os.close(fd)
+
+    def _open(self) -> int:
+        """The records directory, reached through no symlink (neither it nor the records root,
+        which iscsimple makes too): one planted there is refused, not followed."""
+        return open_state_dir(self.directory, levels=1)
+
+    def _get_in(self, fd: int, label: str) -> StaleRecord | None:
+        path = self.path(label)
+        try:
+            return _record_from(load_state_json_in(fd, f"{label}.json", path), label)
         except FileNotFoundError:
             return None
         except (StateFileError, ValueError, TypeError) as e:
@@ -76,8 +96,17 @@ class StaleRecords:
 
     def put(self, record: StaleRecord) -> StaleRecord:
         """Write once: the first sighting is the one that matters, so an existing record is kept.
-        Returns the record that stands (the one found, else `record`)."""
-        existing = self.get(record.label)
+        Returns the record that stands (the one found, else `record`). A records directory that
+        cannot be read (a symlink, a file) raises: nothing is written there, nor read as a record."""
+        try:
+            fd = self._open()
+        except FileNotFoundError:
+            existing = None
+        else:
+            try:
+                existing = self._get_in(fd, record.label)
+            finally:
+                os.close(fd)
         if existing is not None:
             return existing
         ensure_dir(self.directory.parent)
@@ -171,6 +200,21 @@ class StaleRecords:
         `gone` ones dropped, and what changed by label."""
         if not moved and not gone:
             return known, {}
+        fd = self._open() if moved else None
+        try:
+            return self._reread_in(fd, known, listing, moved, gone)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _reread_in(
+        self,
+        fd: int | None,
+        known: RecordFiles,
+        listing: Mapping[str, int],
+        moved: set[str],
+        gone: Iterable[str],
+    ) -> tuple[RecordFiles, dict[str, StaleRecord | None]]:
         files, problems, inodes = dict(known.files), dict(known.problems), dict(known.inodes)
         changed: dict[str, StaleRecord | None] = {}
         for name in gone:
@@ -183,7 +227,7 @@ class StaleRecords:
             before = files.pop(name, None)
             problems.pop(name, None)
             inodes[name] = listing[name]
-            found = self._read_file(name)
+            found = self._read_file(fd, name)
             if isinstance(found, str):
                 problems[name] = found
             elif found is None:
@@ -200,19 +244,26 @@ class StaleRecords:
         return RecordFiles(files, inodes, problems), changed
 
     def _inodes(self) -> dict[str, int]:
-        with os.scandir(self.directory) as entries:
-            return {
-                e.name: e.inode() for e in entries if e.name.endswith(".json") and not e.name.startswith(".")
-            }
+        fd = self._open()
+        try:
+            with os.scandir(fd) as entries:
+                return {
+                    e.name: e.inode()
+                    for e in entries
+                    if e.name.endswith(".json") and not e.name.startswith(".")
+                }
+        finally:
+            os.close(fd)
 
-    def _read_file(self, name: str) -> StaleRecord | str | None:
+    def _read_file(self, fd: int | None, name: str) -> StaleRecord | str | None:
         """One record file; a problem line when its name is not a record's; None when it is gone."""
         label = name[: -len(".json")]
         try:
             check_label(label, ValueError)
         except ValueError as e:
             return f"{self.directory / name}: not a record iscsimple writes ({e})"
-        return self.get(label)
+        assert fd is not None
+        return self._get_in(fd, label)
 
 
 _SERIALS = itertools.count()

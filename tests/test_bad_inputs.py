@@ -738,6 +738,32 @@ def test_stale_unreadable_record_of_a_running_mirror_heals_the_registrys_lun(cap
     assert record.read_text() == "{garbage"
 
 
+@pytest.mark.parametrize("where", ["stale", "records-root"])
+def test_stale_records_behind_a_symlinked_directory_are_refused_not_followed(tmp_path, where):
+    """Only the record files were opened O_NOFOLLOW: a symlink in place of records/stale (or of
+    the records root iscsimple makes) was followed, its records read and written as root's. Now it
+    is refused: every LABEL's record is unknown (stands, details unknown), a listing or a write
+    fails naming it, and a snapshot's records source says so."""
+    paths = HostPaths(records=tmp_path / "lib")
+    records = StaleRecords(paths)
+    records.put(StaleRecord("vm1", 1.7e9, "md127", "web1", 1, CAPTURE_TARGET, 1, "sda", None, "seen"))
+    link = records.directory if where == "stale" else paths.records
+    elsewhere = tmp_path / "elsewhere"
+    link.rename(elsewhere)
+    link.symlink_to(elsewhere)
+    for label in ("vm1", "other"):
+        record = records.get(label)
+        assert record is not None and record.unreadable, record
+        assert "symbolic link" in record.reason and str(link) in record.reason
+    with pytest.raises(UnsafeFileError, match="symbolic link"):
+        records.read_all()
+    with pytest.raises(UnsafeFileError, match="symbolic link"):
+        records.put(StaleRecord("vm2", 1.7e9, "md126", "web2", 2, CAPTURE_TARGET, 2, "sdb", None, "seen"))
+    assert sorted(p.name for p in elsewhere.rglob("*.json")) == ["vm1.json"]
+    errors = HostSnapshot.read(paths).sources["stale"].errors
+    assert any("symbolic link" in e and str(link) in e for e in errors)
+
+
 @pytest.mark.parametrize("kind", ["file", "symlink-loop"])
 def test_stale_records_that_cannot_be_listed_make_migrate_check_say_not_known(captured, kind):
     """The records directory unreadable (a file in its place, a link loop): migrate-check said

@@ -146,6 +146,21 @@ def test_acceptance_covers_exactly_the_accepted_report(prom, tmp_path):
     assert path.stat().st_mode & 0o777 == 0o600
 
 
+@pytest.mark.parametrize("where", ["accepted-loss", "records-root"])
+def test_acceptances_behind_a_symlinked_directory_are_refused_not_followed(prom, tmp_path, where):
+    """Only the acceptance files were opened O_NOFOLLOW: a symlink in place of the directory (or of
+    the records root) was followed, and what it pointed to accepted a loss. Now: a clear error."""
+    paths = SafetyBed(tmp_path).paths
+    prom.host("hosta").stale[(TARGET, 1, LABEL)] = SINCE
+    Acceptances(paths).put(Acceptance("hosta", TARGET, 1, SINCE, LABEL))
+    assert check_before_attach(settings(prom), paths, TARGET, 1).outcome == "accepted"
+    link = paths.records / "accepted-loss" if where == "accepted-loss" else paths.records
+    link.rename(tmp_path / "elsewhere")
+    link.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OperationError, match=f"cannot read .*{link}: is a symbolic link"):
+        check_before_attach(settings(prom), paths, TARGET, 1)
+
+
 def test_corrupt_acceptance_is_a_clear_error(prom, tmp_path):
     paths = SafetyBed(tmp_path).paths
     (paths.records / "accepted-loss").mkdir(parents=True)

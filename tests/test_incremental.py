@@ -341,12 +341,12 @@ def test_a_record_replaced_under_its_name_is_read_again(tmp_path):
         records.put(StaleRecord(label, 1.0, "md1", "vm", 1, None, 1, None, None, "test", 1.0))
     known, changed = records.read_moved(None)
     assert set(changed) == {"a", "b"}
-    with mock.patch.object(records, "get", wraps=records.get) as get:
+    with mock.patch.object(records, "_get_in", wraps=records._get_in) as get:
         again, changed = records.read_moved(known)
         assert again is known and changed == {} and not get.called
         write_atomic(records.path("a"), b"{not json", mode=0o600)
         again, changed = records.read_moved(known)
-        assert [c.args for c in get.call_args_list] == [("a",)]
+        assert [c.args[1:] for c in get.call_args_list] == [("a",)]
     assert changed["a"].unreadable and again.errors == [changed["a"].reason]
     records.clear("b")
     _, changed = records.read_moved(again)
@@ -453,7 +453,7 @@ def test_a_watched_records_directory_is_not_listed_and_names_what_changed(tmp_pa
     assert known.watch is not None and known.watch.alive and changed == {}
     with (
         mock.patch.object(records, "_inodes", wraps=records._inodes) as listing,
-        mock.patch.object(records, "get", wraps=records.get) as get,
+        mock.patch.object(records, "_get_in", wraps=records._get_in) as get,
     ):
         again, changed = records.read_watched(known)
         assert again is known and changed == {} and not get.called
@@ -463,7 +463,7 @@ def test_a_watched_records_directory_is_not_listed_and_names_what_changed(tmp_pa
         records.clear("c")
         again, changed = records.read_watched(known)
         assert not listing.called
-    assert sorted(c.args[0] for c in get.call_args_list if c.args[0] != "d") == ["b"]
+    assert sorted(c.args[1] for c in get.call_args_list if c.args[1] != "d") == ["b"]
     assert changed["b"].unreadable and changed["c"] is None and changed["d"] == _record("d")
     assert again.watch is known.watch and set(again.files) == {"a.json", "b.json", "d.json"}
     assert again == records.read_moved(None)[0]
