@@ -59,7 +59,7 @@ def run_migrate_check(args: argparse.Namespace) -> int:
         unsafe += 1
         print(f"{args.name}: NOT known to be safe to migrate: the stale-copy records cannot be read: {error}")
     for view in views:
-        reasons = migrate_blockers(view)
+        reasons = migrate_blockers(view, records_error=snapshot.records_error)
         target = view.attachment.target
         if target is not None and view.iscsi.configured and config.cluster.configured:
             verdict = check_before_attach(config.cluster, paths, target, view.attachment.lun)

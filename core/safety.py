@@ -521,17 +521,25 @@ def _size_problem(sysfs: Path, name: str, view: ArrayView) -> str | None:
     return None
 
 
-def migrate_blockers(view: ArrayView, stale: StaleRecord | None = None) -> list[str]:
+def migrate_blockers(
+    view: ArrayView, stale: StaleRecord | None = None, records_error: str | None = None
+) -> list[str]:
     """Why moving this array's VM to another host now could lose data or fail; empty: safe.
 
     The destination builds its mirror from the iSCSI copy alone, so that copy must be
     complete: iSCSI leg in sync in md, no stale record, the session up. `stale`: the record
     standing for this LABEL if the caller knows it better than the snapshot (the agent's pass).
+    `records_error`: why the records directory could not be read (HostSnapshot.records_error):
+    then no record is not known, so the copy is not known to be complete.
     """
     stale = stale or view.stale
     reasons = []
     if stale is not None:
         reasons.append(f"stale record: {stale.describe()}")
+    elif records_error is not None:
+        reasons.append(
+            f"whether its iSCSI copy is stale is unknown: the stale-copy records cannot be read ({records_error})"
+        )
     if view.md is None:
         reasons.append(f"the array of {view.label} is not running on this host")
     if not view.iscsi.configured:

@@ -266,6 +266,10 @@ class HostSnapshot:
     iscsi_errors: Mapping[str, tuple[str, ...]] | None = field(default=None, compare=False, repr=False)
     files: Mapping[str, FileSignature] = field(default_factory=dict, compare=False, repr=False)
     stale_files: RecordFiles | None = field(default=None, compare=False, repr=False)
+    # Why the records directory could not be read on the last read of it (its source's error
+    # line); None when it could. Then whether an iSCSI copy is stale is unknown beyond the
+    # records read before (an update keeps those): no array is safe to migrate.
+    records_error: str | None = field(default=None, compare=False, repr=False)
     # Attachment ids whose ArrayView is not the previous snapshot's object, and targets whose
     # SessionViews are not: None after a full read (everything may be new).
     changed: frozenset[str] | None = field(default=None, compare=False, repr=False)
@@ -350,7 +354,7 @@ class HostSnapshot:
         # A corrupt registry entry or stale record is an error of its source, never silently dropped.
         attachments = _read_registry(sources, registry)
         hotplug = _timed(sources, "hotplug", registry.read_stats, HotplugStats())
-        stale_files, _ = _read_stale(sources, StaleRecords(paths), None)
+        stale_files, _, records_error = _read_stale(sources, StaleRecords(paths), None)
         stale = _records_of(stale_files)
         if md_arrays is None:
             md_parts, listing, seconds = read_md_arrays_parts(paths.sysfs)
@@ -366,7 +370,12 @@ class HostSnapshot:
         sources["iscsi"] = sources.pop("iscsi")  # in the order they always were
         snapshot = cls.build(attachments, md, iscsi, stale, hotplug, paths=paths, sources=sources)
         return cls._with(
-            snapshot, md_errors=md_errors, iscsi_errors=iscsi_errors, files=files, stale_files=stale_files
+            snapshot,
+            md_errors=md_errors,
+            iscsi_errors=iscsi_errors,
+            files=files,
+            stale_files=stale_files,
+            records_error=records_error,
         )
 
     @classmethod
@@ -473,11 +482,11 @@ def _read_registry(
 
 def _read_stale(
     sources: dict[str, SourceResult], records: StaleRecords, known: RecordFiles | None, every: bool = False
-) -> tuple[RecordFiles, dict[str, StaleRecord | None] | None]:
+) -> tuple[RecordFiles, dict[str, StaleRecord | None] | None, str | None]:
     """The records directory: every file when `known` is None (a full read); else, for an update,
     those new or replaced since `known` as its inotify watch names them (StaleRecords.read_watched;
-    `every`: all of them, the sweep); and the records that changed by label (None: unknown, the
-    read failed)."""
+    `every`: all of them, the sweep); the records that changed by label (None: every one may
+    have); and why the directory could not be read (None: it could)."""
     if known is None:
         read = _timed(sources, "stale", lambda: records.read_moved(None), None, lambda r: r[0].errors)
     else:
@@ -485,14 +494,15 @@ def _read_stale(
             sources, "stale", lambda: records.read_watched(known, every), None, lambda r: r[0].errors
         )
     if read is not None:
-        return read
+        return (*read, None)
+    error = sources["stale"].errors[0]
     if known is None:
-        return RecordFiles(), None
+        return RecordFiles(), None, error
     # The directory could not be read: unknown is not "no records", so the records read last stand
     # (the source's error says it); without the watch (it may have lost names), the next read lists.
     if known.watch is not None:
         known.watch.close()
-    return RecordFiles(known.files, known.inodes, known.problems), {}
+    return RecordFiles(known.files, known.inodes, known.problems), {}, error
 
 
 def _watching(files: RecordFiles | None) -> bool:
@@ -920,6 +930,7 @@ class _Update:
         self.sources = dict(old.sources)
         self.files = dict(old.files)
         self.stale_files = old.stale_files
+        self.records_error = old.records_error
 
     def run(self) -> HostSnapshot:
         old, changes = self.old, self.changes
@@ -1015,6 +1026,7 @@ class _Update:
             iscsi_errors=iscsi_errors,
             files=self.files,
             stale_files=self.stale_files,
+            records_error=self.records_error,
             changed=frozenset(changed),
             changed_targets=frozenset(changed_targets),
             changed_records=frozenset(stale_changed),
@@ -1078,7 +1090,7 @@ class _Update:
             else:
                 # Only the record files new or replaced, except on the sweep (the safety net reads
                 # every one).
-                self.stale_files, found = _read_stale(
+                self.stale_files, found, self.records_error = _read_stale(
                     self.sources, records, old.stale_files, every=everything
                 )
                 if found is None or everything:  # compare every record

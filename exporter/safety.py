@@ -668,6 +668,7 @@ class Safety:
         self.kicks = kicks or BitmapKicks()  # the agent's kernel log watcher fills it
         self._kicks_mark = 0
         self.state = SafetyState()
+        self._records_error: str | None = None  # the records directory's error said last
         self._bitmap_errors: set[str] = set()
         self._bitmap_by_label: dict[str, ArrayBitmap] = {}
         self._bitmap_error_of: dict[str, str] = {}  # the errors among them, by label
@@ -705,6 +706,7 @@ class Safety:
         )
 
     def observe(self, snapshot: HostSnapshot) -> None:
+        self._say_records_error(snapshot.records_error)
         standing = self.detector.observe(snapshot)
         standing = self.healer.observe(snapshot, standing, self.detector.touched)
         computed = self._bitmaps(snapshot)
@@ -716,6 +718,21 @@ class Safety:
             self._bitmap_errors = set(self._bitmap_error_of.values())
             bitmaps = dict(self._bitmap_by_label)
         self.state = SafetyState(snapshot.taken, standing, bitmaps)
+
+    def _say_records_error(self, error: str | None) -> None:
+        """An error line when the records directory cannot be read (once per error), a line when
+        it can again: iscsimple_stale_records_readable says the same."""
+        if error == self._records_error:
+            return
+        if error is not None:
+            log.error(
+                "cannot read the stale-copy records (%s): whether an iSCSI copy is stale is unknown beyond "
+                "the records read before; no array is safe to migrate until they can be read",
+                error,
+            )
+        else:
+            log.warning("the stale-copy records can be read again")
+        self._records_error = error
 
     def _bitmaps(self, snapshot: HostSnapshot) -> list[ArrayBitmap]:
         """Bitmaps of the arrays that changed, and of the degraded ones whose bitmap is in use

@@ -206,3 +206,33 @@ def test_demo_prints_its_url_and_serves_the_scenario(tmp_path):
         assert "demo: OUTAGE" in log
         assert "runs on its LOCAL leg alone" in log
         assert proc.returncode == 0
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink", "symlink-loop"])
+def test_records_not_listable_at_start_are_never_safe_to_migrate(tmp_path, kind):
+    """The agent's first read could not list records/stale (a file in its place, a symlink to a
+    directory, a link loop): iscsimple_array_safe_to_migrate said 1, as if no record stood, and
+    only collector_success said anything. Unknown is not safe: 0, with a metric and a log line."""
+    host = SimulatedHost(tmp_path / "host")
+    host.attach("web1-disk", "web1", TARGET, 1)
+    host.finish_resync("web1-disk")
+    safe = ("iscsimple_array_safe_to_migrate", (("domain", "web1"), ("label", "web1-disk")))
+    readable = ("iscsimple_stale_records_readable", ())
+    r = run_agent("--once", *path_flags(host))
+    assert samples(r.stdout)[safe] == 1 and samples(r.stdout)[readable] == 1, r.stderr
+    stale = host.paths.records / "stale"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    if stale.exists():
+        shutil.rmtree(stale)
+    if kind == "file":
+        stale.write_text("not a directory")
+    elif kind == "symlink":
+        (tmp_path / "elsewhere").mkdir()
+        stale.symlink_to(tmp_path / "elsewhere")
+    else:
+        stale.symlink_to("stale")
+    r = run_agent("--once", *path_flags(host))
+    s = samples(r.stdout)
+    assert s[safe] == 0 and s[readable] == 0, r.stdout
+    assert s[("iscsimple_collector_success", (("collector", "safety"),))] == 0
+    assert "cannot read the stale-copy records" in r.stderr and str(stale) in r.stderr

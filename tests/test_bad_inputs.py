@@ -743,7 +743,7 @@ def test_stale_records_behind_a_symlinked_directory_are_refused_not_followed(tmp
     """Only the record files were opened O_NOFOLLOW: a symlink in place of records/stale (or of
     the records root iscsimple makes) was followed, its records read and written as root's. Now it
     is refused: every LABEL's record is unknown (stands, details unknown), a listing or a write
-    fails naming it, and a snapshot's records source says so."""
+    fails naming it, and a snapshot says the records cannot be read."""
     paths = HostPaths(records=tmp_path / "lib")
     records = StaleRecords(paths)
     records.put(StaleRecord("vm1", 1.7e9, "md127", "web1", 1, CAPTURE_TARGET, 1, "sda", None, "seen"))
@@ -760,8 +760,8 @@ def test_stale_records_behind_a_symlinked_directory_are_refused_not_followed(tmp
     with pytest.raises(UnsafeFileError, match="symbolic link"):
         records.put(StaleRecord("vm2", 1.7e9, "md126", "web2", 2, CAPTURE_TARGET, 2, "sdb", None, "seen"))
     assert sorted(p.name for p in elsewhere.rglob("*.json")) == ["vm1.json"]
-    errors = HostSnapshot.read(paths).sources["stale"].errors
-    assert any("symbolic link" in e and str(link) in e for e in errors)
+    error = HostSnapshot.read(paths).records_error
+    assert error is not None and "symbolic link" in error and str(link) in error
 
 
 @pytest.mark.parametrize("kind", ["file", "symlink-loop"])
@@ -813,6 +813,37 @@ def test_a_state_directory_unreadable_mid_run_keeps_what_the_agent_knew(captured
     assert str(paths.records / "stale") in after.sources["stale"].errors[0]
     assert str(paths.state / "attachments") in after.sources["registry"].errors[0]
     assert HostSnapshot.read(paths).array("test") is None  # a first read knows nothing to keep
+
+
+@pytest.mark.parametrize("everything", [False, True], ids=["update-refresh", "update-sweep"])
+def test_records_not_listable_make_no_array_safe_to_migrate_until_read_again(captured, everything):
+    """A records directory that cannot be listed (a file in its place) left the snapshot with no
+    trace of it but its source's error: the agent's safe_to_migrate said 1 for every array. Now the
+    snapshot says why (records_error), on a first read and on an update, until a read succeeds."""
+    from iscsimple.core.safety import migrate_blockers
+    from iscsimple.core.snapshot import Changes
+
+    paths, _, _ = captured
+    stale = paths.records / "stale"
+    stale.mkdir(parents=True, exist_ok=True)
+    good = HostSnapshot.read(paths)
+    assert good.records_error is None
+    assert migrate_blockers(good.array("test"), records_error=good.records_error) == []
+    aside = paths.records / "aside"
+    stale.rename(aside)
+    stale.write_text("not a directory")
+    first = HostSnapshot.read(paths)
+    assert first.records_error is not None and str(stale) in first.records_error
+    reasons = migrate_blockers(first.array("test"), records_error=first.records_error)
+    assert any("the stale-copy records cannot be read" in r and str(stale) in r for r in reasons)
+    bad = good.update(paths, Changes(everything=everything))
+    assert bad.records_error is not None and str(stale) in bad.records_error
+    still = bad.update(paths, Changes(everything=everything))  # nothing moved: still unknown
+    assert still.records_error == bad.records_error
+    stale.unlink()
+    aside.rename(stale)
+    assert still.update(paths, Changes(everything=everything)).records_error is None
+    assert first.update(paths, Changes(everything=everything)).records_error is None
 
 
 # -- numbers no float holds, in every state file ---------------------------------------------------

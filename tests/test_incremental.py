@@ -26,6 +26,7 @@ from iscsimple.exporter import exposition
 from iscsimple.exporter.collectors import default_collectors
 from iscsimple.exporter.events import ChangePoll, MdstatDiff
 from iscsimple.exporter.exposition import Renderer, render
+from iscsimple.exporter.safety import Safety
 from iscsimple.exporter.simhost import SimulatedHost
 
 TARGETS = [f"iqn.2026-11.test.example:t{i}" for i in range(3)]
@@ -45,13 +46,36 @@ step = st.one_of(
     st.tuples(st.just("stale"), st.sampled_from(LABELS)),
     st.tuples(st.just("clear-stale"), st.sampled_from(LABELS)),
     st.tuples(st.just("corrupt-stale"), st.sampled_from(LABELS)),
+    st.tuples(st.just("records"), st.sampled_from(["unreadable", "readable"])),
 )
+
+
+def records_readable(host: SimulatedHost) -> bool:
+    return not StaleRecords(host.paths).directory.is_file()
+
+
+def set_records_readable(host: SimulatedHost, readable: bool) -> None:
+    """Put a file in place of the records directory (its listing fails), or the directory back."""
+    stale = StaleRecords(host.paths).directory
+    aside = stale.with_name("stale-aside")
+    if readable and stale.is_file():
+        stale.unlink()
+        aside.rename(stale)
+    elif not readable and not stale.is_file():
+        stale.mkdir(parents=True, exist_ok=True)
+        stale.rename(aside)
+        stale.write_text("not a directory")
 
 
 def play(host: SimulatedHost, action: tuple) -> Changes:
     """Do `action` if it applies; the changes no detector would see are returned explicitly."""
     kind, *args = action
     labels = set(host.labels())
+    if kind == "records":
+        set_records_readable(host, args[0] == "readable")
+        return Changes()
+    if kind.endswith("stale") and not records_readable(host):
+        return Changes()  # nothing writes a record there
     if kind == "attach" and args[0] not in labels:
         host.attach(args[0], args[0][:3], args[1], 1 + LABELS.index(args[0]))
         # udev: the new SCSI device (H:C:T:L), its disk and the md array appear.
@@ -97,11 +121,19 @@ def play(host: SimulatedHost, action: tuple) -> Changes:
     return Changes()
 
 
-def same(a: HostSnapshot, b: HostSnapshot) -> None:
+def same(a: HostSnapshot, b: HostSnapshot, known: HostSnapshot | None = None) -> None:
+    """`a` (derived) reads as `b` (a full read). `known`: the last snapshot that could read the
+    records while they cannot be read now: an update keeps its records, a full read has none."""
     assert a.attachments == b.attachments
     assert a.md.arrays == b.md.arrays and list(a.md.arrays) == list(b.md.arrays)
     assert a.md.errors == b.md.errors
     assert a.iscsi == b.iscsi
+    assert a.records_error == b.records_error
+    if known is not None:
+        assert b.records_error is not None and a.stale == known.stale
+        assert [v.stale for v in a.arrays] == [known.stale_record(v.label) for v in a.arrays]
+        assert a.sessions == b.sessions and a.hotplug == b.hotplug
+        return
     assert a.arrays == b.arrays
     assert a.sessions == b.sessions
     assert a.stale == b.stale
@@ -110,6 +142,14 @@ def same(a: HostSnapshot, b: HostSnapshot) -> None:
     for target in {*TARGETS, *(s.target for s in b.iscsi.sessions)}:
         assert a.target_sessions(target) == tuple(s for s in b.iscsi.sessions if s.target == target)
     assert {k: v.errors for k, v in a.sources.items()} == {k: v.errors for k, v in b.sources.items()}
+
+
+def quiet_safety(host: SimulatedHost) -> Safety:
+    """The agent's safety watcher for the safety collector, never observing (its detector would
+    write records the full read then sees): it renders the snapshot's records, no bitmap moves."""
+    safety = Safety.for_host(host.paths, heal=False)
+    safety.bitmap_changes = set()
+    return safety
 
 
 def body(rendered) -> bytes:
@@ -152,8 +192,10 @@ def test_update_equals_full_read(steps, first, records_by, block):
         poll = ChangePoll(host.paths.sysfs, mdstat)
         snapshot = HostSnapshot.read(host.paths)
         pinned = [snapshot]
-        renderer = Renderer(default_collectors(lambda: pinned[0]))
+        safety = quiet_safety(host)
+        renderer = Renderer(default_collectors(lambda: pinned[0], safety=safety))
         renderer.render(snapshot)
+        known = snapshot  # the last snapshot that could read the records
         for action in steps:
             explicit = play(host, action)
             # What the md event watcher would report (md wakes it on every array change),
@@ -161,10 +203,17 @@ def test_update_equals_full_read(steps, first, records_by, block):
             changes = Changes(md=frozenset(mdstat.read())) | explicit | poll(snapshot)
             updated = snapshot.update(host.paths, changes)
             full = HostSnapshot.read(host.paths)
-            same(updated, full)
+            readable = updated.records_error is None
+            same(updated, full, None if readable else known)
+            if readable:
+                known = updated
             pinned[0] = updated
             incremental = renderer.render(updated)
-            assert body(incremental) == body(render(full, default_collectors(lambda full=full: full)))
+            # While the records cannot be read, the update keeps the records read last (a full
+            # read has none): it renders as a fresh render of the same snapshot.
+            expected = full if readable else updated
+            fresh = render(expected, default_collectors(lambda e=expected: e, safety=quiet_safety(host)))
+            assert body(incremental) == body(fresh)
             # Views that read the same are the previous snapshot's objects.
             previous = {v.attachment.id: v for v in snapshot.arrays}
             for view in updated.arrays:
@@ -578,7 +627,9 @@ def test_the_watchers_collectors_rendered_from_what_changed_equal_a_full_render(
         context = Context(lambda: pinned[0], health, safety)
         renderer = Renderer(default_collectors(context))
         for action in [None, *steps]:
-            if action is not None and action[0] == "stale-elsewhere" and action[1] not in host.labels():
+            if action is not None and action[0] == "stale-elsewhere" and not records_readable(host):
+                explicit = Changes()  # nothing writes a record there
+            elif action is not None and action[0] == "stale-elsewhere" and action[1] not in host.labels():
                 # A record whose array is not here (written by a remove): exported on its own.
                 StaleRecords(host.paths).put(_record(action[1]))
                 explicit = Changes()
@@ -613,6 +664,34 @@ def test_a_gzip_body_combines_again_only_the_groups_whose_pieces_changed():
             assert made.call_count == 1  # the one group holding piece 500
     assert gzip.decompress(again) == b"".join(p.plain() for p in pieces)
     assert again == b"".join(GzipBody.of(pieces))  # the module's memo, from scratch
+
+
+def test_records_unreadable_then_readable_re_render_every_safe_to_migrate(tmp_path):
+    """Whether the records can be read changes no view, yet every array's safe_to_migrate
+    depends on it: the incremental render must re-render them (SafetyCollector.dirty), both ways."""
+    host = SimulatedHost(tmp_path)
+    for i, label in enumerate(LABELS[:3]):
+        host.attach(label, "vm", TARGETS[0], 1 + i)
+        host.finish_resync(label)
+    safety = Safety.for_host(host.paths, heal=False)
+    snapshot = HostSnapshot.read(host.paths)
+    pinned = [snapshot]
+    renderer = Renderer(default_collectors(lambda: pinned[0], safety=safety))
+    safety.observe(snapshot)
+    renderer.render(snapshot)
+    for readable in (False, True, False, True):
+        set_records_readable(host, readable)
+        snapshot = snapshot.update(host.paths, Changes())
+        assert not snapshot.changed
+        pinned[0] = snapshot
+        safety.observe(snapshot)
+        text = body(renderer.render(snapshot))
+        current = snapshot
+        assert text == body(render(current, default_collectors(lambda c=current: c, safety=safety)))
+        for label in LABELS[:3]:
+            sample = f'iscsimple_array_safe_to_migrate{{domain="vm",label="{label}"}} '.encode()
+            assert sample + (b"1.0" if readable else b"0.0") in text, text.decode()
+        assert b"iscsimple_stale_records_readable " + (b"1.0" if readable else b"0.0") in text
 
 
 def test_a_record_cleared_while_the_copy_is_still_stale_is_written_again(tmp_path):

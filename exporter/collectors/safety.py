@@ -31,6 +31,9 @@ class SafetyCollector(SnapshotCollector):
         self._orphans: tuple[HostSnapshot, Mapping[str, StaleRecord], list[str]] | None = None
         self._plain: tuple[tuple[Attachment, ...], list[Attachment]] | None = None
         self._last_changed: tuple[Mapping, Mapping, set[str]] | None = None
+        # Whether the records directory could not be read when the arrays were rendered last: every
+        # array's safe_to_migrate depends on it, though no view changes with it.
+        self._records_unknown: bool | None = None
 
     def _host(self) -> str:
         # ClusterSettings.host asks the kernel each time (gethostname): once per setting here.
@@ -47,7 +50,8 @@ class SafetyCollector(SnapshotCollector):
         standing = self.safety.standing_for(snapshot)
         before, self._rendered = self._rendered, standing
         bitmaps = self.safety.bitmap_changes
-        if before is None or bitmaps is None:
+        unknown, self._records_unknown = self._records_unknown, snapshot.records_error is not None
+        if before is None or bitmaps is None or unknown != self._records_unknown:
             return None, set()
         # The records carried over from pass to pass share their layers: what changed is found
         # from those, not by comparing every standing record.
@@ -228,11 +232,22 @@ class SafetyCollector(SnapshotCollector):
             "its session is up and no stale record stands (`iscsimple migrate-check` says why not).",
             ["label", "domain"],
         )
+        records_error = snapshot.records_error
         for view in part.arrays:
-            safe.add_metric(
-                [view.label, view.domain], 0.0 if migrate_blockers(view, standing.get(view.label)) else 1.0
-            )
+            blocked = migrate_blockers(view, standing.get(view.label), records_error)
+            safe.add_metric([view.label, view.domain], 0.0 if blocked else 1.0)
         yield safe
+        readable = gauge(
+            "iscsimple_stale_records_readable",
+            "1 when the agent's last read of the stale-copy records directory (records/stale) succeeded. "
+            "0: it cannot tell whether an iSCSI copy is stale beyond the records it read before, so no "
+            "array is safe to migrate (iscsimple_array_safe_to_migrate 0) until it can; the agent's log "
+            "and `iscsimple status` say why.",
+            [],
+        )
+        if part.rest:
+            readable.add_metric([], 0.0 if records_error is not None else 1.0)
+        yield readable
         probe = self.safety.probe
         configured = gauge(
             "iscsimple_cluster_guard_configured",
