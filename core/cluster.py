@@ -12,7 +12,9 @@ and the Prometheus that scrapes them all answers two questions through its HTTP 
 
 - `stale_elsewhere(target, lun)`: does another host hold writes this LUN lacks? A host
   that is down (its `up` is 0) keeps counting with its *last* report within `lookback`,
-  so a crash does not make its stale copy vanish from the cluster view.
+  so a crash does not make its stale copy vanish from the cluster view; so does a host
+  whose agent cannot read its stale-copy records (`iscsimple_stale_records_readable` 0:
+  restarted so, it reports nothing, though its record may stand).
 - `attached_elsewhere(target, lun)`: does a running host use this LUN now (the heal and
   `resolve --keep local` write onto the LUN; they must not while another host's mirror
   uses it)?
@@ -47,7 +49,11 @@ DURATION_RE = re.compile(r"^[1-9][0-9]*[smhdw]$")
 
 STALE_METRIC = "iscsimple_lun_stale_since_seconds"
 ATTACHED_METRIC = "iscsimple_lun_attached"
-LAST_REPORT_LABEL = "iscsimple_last_report"  # marks a down host's last report in a query's answer
+READABLE_METRIC = "iscsimple_stale_records_readable"
+# Marks a last report (not a current one) in a query's answer, saying why it counts:
+LAST_REPORT_LABEL = "iscsimple_last_report"
+DOWN = "down"  # the host's agent is not scraped successfully now
+RECORDS_UNREADABLE = "records_unreadable"  # its agent cannot read its stale-copy records now
 
 
 class ClusterUnreachable(OperationError):
@@ -83,11 +89,21 @@ class RemoteLun:
     domain: str
     since: float | None = None  # stale reports: when that host's iSCSI copy went stale
     down: bool = False  # the host's agent is not scraped successfully now (its last report counts)
+    records_unreadable: bool = False  # its agent cannot read its stale-copy records (last report counts)
+
+    @property
+    def last(self) -> bool:
+        """A last report that counts though the host does not report it now."""
+        return self.down or self.records_unreadable
 
     def describe(self) -> str:
         vm = f" ({self.domain})" if self.domain else ""
         where = f"host {self.host}" + (f" [{self.instance}]" if self.instance != self.host else "")
-        state = ", which is down now (its last report)" if self.down else ""
+        state = ""
+        if self.down:
+            state = ", which is down now (its last report)"
+        elif self.records_unreadable:
+            state = ", whose agent cannot read its stale-copy records now (its last report)"
         if self.since is None:
             return f"{where}{state} has it attached as {self.label}{vm}"
         return f"{where}{state}: since {time_text(self.since, utc=True)} its local leg of {self.label}{vm} holds writes the iSCSI copy lacks"
@@ -141,10 +157,17 @@ class ClusterGuard:
             ) from None
 
     def stale_elsewhere(self, target: str, lun: int) -> QueryResult:
-        """Other hosts' stale copies of this LUN: reported now, or last reported by a host now down."""
+        """Other hosts' stale copies of this LUN: reported now, or last reported by a host now down
+        or whose agent cannot read its stale-copy records now (`iscsimple_stale_records_readable`
+        0; a host that exports 1, or not that metric, counts with what it reports now)."""
         selector = self._selector(STALE_METRIC, target, lun)
-        last = f"last_over_time({selector}[{self.settings.lookback}]) unless on(instance, job) (up == 1)"
-        promql = f'{selector} or label_replace({last}, "{LAST_REPORT_LABEL}", "1", "instance", ".*")'
+        last = f"last_over_time({selector}[{self.settings.lookback}])"
+        down = f"{last} unless on(instance, job) (up == 1)"
+        unreadable = f"{last} and on(instance, job) ({READABLE_METRIC} == 0)"
+        promql = (
+            f'{selector} or label_replace({down}, "{LAST_REPORT_LABEL}", "{DOWN}", "instance", ".*")'
+            f' or label_replace({unreadable}, "{LAST_REPORT_LABEL}", "{RECORDS_UNREADABLE}", "instance", ".*")'
+        )
         return self._reports(promql, stale=True)
 
     def attached_elsewhere(self, target: str, lun: int) -> QueryResult:
@@ -179,10 +202,11 @@ class ClusterGuard:
                 label=str(labels.get("label", "")),
                 domain=str(labels.get("domain", "")),
                 since=value if stale and math.isfinite(value) else None,
-                down=labels.get(LAST_REPORT_LABEL) == "1",
+                down=labels.get(LAST_REPORT_LABEL) == DOWN,
+                records_unreadable=labels.get(LAST_REPORT_LABEL) == RECORDS_UNREADABLE,
             )
             key = (report.host, report.label)
-            if key not in seen or seen[key].down:
+            if key not in seen or (seen[key].last and not report.last):  # a current report wins
                 seen[key] = report
         return QueryResult(sorted(seen.values(), key=lambda r: (r.host, r.label)), time.monotonic() - start)
 
@@ -313,10 +337,19 @@ def check_before_attach(
         return GuardVerdict(True, outcome, seconds=result.seconds, reports=tuple(result.reports))
     first = blocking[0]
     others = f" (and {len(blocking) - 1} more)" if len(blocking) > 1 else ""
+    if first.records_unreadable:
+        remedy = (
+            f"On host {first.host}: make its stale-copy records directory (/var/lib/iscsimple/stale by "
+            "default) readable again (its agent logs why not; alert IscsimpleStaleRecordsUnreadable), then its agent reports whether the copy is still stale"
+        )
+    else:
+        remedy = (
+            f"On host {first.host}: let its heal finish, or run 'iscsimple resolve {first.label} --keep local "
+            "--wait 3600' there"
+        )
     reason = (
         f"the iSCSI copy of {spec} is stale: {first.describe()}{others}; building the mirror from it would "
-        f"lose those writes. On host {first.host}: let its heal finish, or run 'iscsimple resolve "
-        f"{first.label} --keep local --wait 3600' there. If host {first.host} and its disk are lost, accept "
+        f"lose those writes. {remedy}. If host {first.host} and its disk are lost, accept "
         f"the loss on purpose here: 'iscsimple accept-loss {spec} --host {first.host} "
         "--yes-discard-writes-on-that-host'"
     )

@@ -3,7 +3,11 @@
 It answers the two queries core/cluster.py sends the way Prometheus does for a model of
 hosts: each host is up or down and reports LUN series. An up host's series come back
 as they are; a down host's stale reports come back as its last report (marked
-`iscsimple_last_report="1"`); a down host's attachments not at all. The real
+`iscsimple_last_report="down"`); a down host's attachments not at all. A host whose agent
+cannot read its stale-copy records (`records_readable` False: it restarted so and reports
+no stale series) has its stale reports come back as its last report (marked
+`iscsimple_last_report="records_unreadable"`) only when the query asks for
+`iscsimple_stale_records_readable == 0` — as on Prometheus, where the series are gone. The real
 PromQL is checked against a real Prometheus in tests/e2e/test_cluster_guard.py.
 It can also answer slowly, with an error, or with garbage, and records every query.
 """
@@ -26,6 +30,9 @@ SELECTOR = re.compile(r'(iscsimple_lun_\w+)\{target="([^"]*)",lun="(\d+)",host!=
 class FakeHostReport:
     host: str
     up: bool = True
+    records_readable: bool | None = (
+        None  # iscsimple_stale_records_readable: None = not exported (older agent)
+    )
     stale: dict[tuple[str, int, str], float] = field(default_factory=dict)  # (target, lun, label) -> since
     attached: set[tuple[str, int, str]] = field(default_factory=set)
 
@@ -91,12 +98,17 @@ class FakePrometheus:
                     continue
                 labels = {"job": "iscsimple", "instance": f"{h.host}:9977", "host": h.host}
                 if metric == "iscsimple_lun_stale_since_seconds":
+                    unreadable = h.up and h.records_readable is False
+                    if unreadable and "(iscsimple_stale_records_readable == 0)" not in query:
+                        continue  # its agent exports no stale series now: only its last report tells
                     for (t, n, label), since in h.stale.items():
                         if (t, n) == (target, lun):
                             series = {**labels, "target": t, "lun": str(n), "label": label, "domain": "vm"}
                             series["__name__"] = metric
                             if not h.up:
-                                series["iscsimple_last_report"] = "1"
+                                series["iscsimple_last_report"] = "down"
+                            elif unreadable:
+                                series["iscsimple_last_report"] = "records_unreadable"
                             result.append({"metric": series, "value": [now, repr(since)]})
                 elif metric == "iscsimple_lun_attached" and h.up:
                     for t, n, label in h.attached:

@@ -123,6 +123,55 @@ def test_a_host_that_went_down_still_counts_with_its_last_report(prom, tmp_path)
     assert "down now" in verdict.reason
 
 
+def test_a_host_that_cannot_read_its_records_counts_with_its_last_report(prom, tmp_path):
+    """hosta's agent restarted while it cannot read its stale-copy records: it exports no stale
+    series and its `up` is 1. Only up == 0 kept a last report: the attach was clear and built the
+    mirror from the stale iSCSI copy. Now its last report counts, and the refusal says what to do."""
+    a = prom.host("hosta")
+    a.stale[(TARGET, 1, LABEL)] = SINCE  # its last report, before the restart
+    a.records_readable = False
+    paths = SafetyBed(tmp_path).paths
+    verdict = check_before_attach(settings(prom), paths, TARGET, 1)
+    assert not verdict.allowed and verdict.outcome == "refused"
+    (report,) = verdict.reports
+    assert report.records_unreadable and not report.down and report.since == SINCE
+    assert "host hosta" in verdict.reason and "cannot read its stale-copy records" in verdict.reason
+    assert "make its stale-copy records directory" in verdict.reason and "--keep local" not in verdict.reason
+    assert f"iscsimple accept-loss lun1@{TARGET} --host hosta" in verdict.reason
+    assert "unless on(instance, job) (up == 1)" in prom.queries[-1]
+    Acceptances(paths).put(Acceptance("hosta", TARGET, 1, SINCE, LABEL))  # accept-loss covers it
+    assert check_before_attach(settings(prom), paths, TARGET, 1).outcome == "accepted"
+
+
+@pytest.mark.parametrize("readable", [True, None], ids=["exports-1", "older-agent"])
+def test_a_running_host_that_reads_its_records_counts_with_what_it_reports_now(prom, tmp_path, readable):
+    a = prom.host("hosta")
+    a.records_readable = readable
+    a.attached.add((TARGET, 1, LABEL))
+    assert check_before_attach(settings(prom), SafetyBed(tmp_path).paths, TARGET, 1).outcome == "clear"
+    a.stale[(TARGET, 1, LABEL)] = SINCE
+    verdict = check_before_attach(settings(prom), SafetyBed(tmp_path).paths, TARGET, 1)
+    assert not verdict.allowed and not verdict.reports[0].last and "--keep local" in verdict.reason
+
+
+@pytest.mark.parametrize("why", ["down", "records_unreadable"])
+def test_a_current_report_wins_over_a_last_report_of_the_same_disk(tmp_path, why):
+    """An agent that cannot read its records still exports the records it read before: Prometheus
+    answers that current report and the last one (marked) — one report, the current one."""
+    labels = {"host": "hosta", "label": LABEL, "instance": "hosta:9977"}
+    marked = {**labels, "iscsimple_last_report": why}
+    for order in ((labels, marked), (marked, labels)):
+        body = _vector(*({"metric": m, "value": [0, str(SINCE)]} for m in order))
+        (report,) = _guard_answering(body).stale_elsewhere(TARGET, 1).reports
+        assert not report.last
+    (report,) = (
+        _guard_answering(_vector({"metric": marked, "value": [0, str(SINCE)]}))
+        .stale_elsewhere(TARGET, 1)
+        .reports
+    )
+    assert (report.down, report.records_unreadable) == (why == "down", why == "records_unreadable")
+
+
 def test_no_report_is_clear_and_the_query_time_is_measured(prom, tmp_path):
     prom.host("hosta").attached.add((TARGET, 1, LABEL))  # attached elsewhere is normal at add (migration)
     verdict = check_before_attach(settings(prom), SafetyBed(tmp_path).paths, TARGET, 1)

@@ -2,8 +2,10 @@
 
 What the fake in tests/fakeprometheus.py assumes is checked here on the real thing: a
 stale report comes back while its host is up; it stays (as the host's last report) when
-the host stops answering; it goes once the host answers again without it; a LUN's
-attachment counts only while its host is up; this host's own series never count.
+the host stops answering; it goes once the host answers again without it; it comes back
+(as the last report) while that host's agent, up, cannot read its stale-copy records
+(`iscsimple_stale_records_readable` 0) and goes once it can; a LUN's attachment counts
+only while its host is up; this host's own series never count.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class StandInAgent:
             self.server = None
 
 
-def exposition(host: str, *, stale: bool, attached: bool) -> str:
+def exposition(host: str, *, stale: bool, attached: bool, readable: int | None = None) -> str:
     labels = f'host="{host}",target="{TARGET}",lun="1",label="web1-root",domain="web1"'
     lines = []
     if stale:
@@ -74,6 +76,11 @@ def exposition(host: str, *, stale: bool, attached: bool) -> str:
     if attached:
         lines += ["# TYPE iscsimple_lun_attached gauge", f"iscsimple_lun_attached{{{labels}}} 1"]
     lines += ["# TYPE iscsimple_cluster_guard_configured gauge", "iscsimple_cluster_guard_configured 1"]
+    if readable is not None:  # None: an agent older than the metric
+        lines += [
+            "# TYPE iscsimple_stale_records_readable gauge",
+            f"iscsimple_stale_records_readable {readable}",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -114,6 +121,20 @@ def test_guard_queries_on_a_real_prometheus(tmp_path):
         a.text = exposition("hosta", stale=False, attached=False)  # back, healed (record cleared)
         a.start()
         wait_until(lambda: up(a.address, "1"), 30, "hosta up again")
+        time.sleep(1.5)
+        assert guard.stale_elsewhere(TARGET, 1).reports == []  # an agent without the readable metric
+
+        # Host A's agent restarts unable to read its stale-copy records: up, no stale series.
+        a.text = exposition("hosta", stale=False, attached=True, readable=0)
+        wait_until(lambda: guard.stale_elsewhere(TARGET, 1).reports, 30, "hosta's last report again")
+        reports = guard.stale_elsewhere(TARGET, 1).reports
+        assert [(r.host, r.since, r.records_unreadable, r.down) for r in reports] == [
+            ("hosta", SINCE, True, False)
+        ]
+        assert [r.host for r in guard.attached_elsewhere(TARGET, 1).reports] == ["hosta"]
+
+        a.text = exposition("hosta", stale=False, attached=True, readable=1)  # readable: no record
+        wait_until(lambda: not guard.stale_elsewhere(TARGET, 1).reports, 30, "hosta readable again")
         time.sleep(1.5)
         assert guard.stale_elsewhere(TARGET, 1).reports == []
     finally:
