@@ -54,6 +54,9 @@ READABLE_METRIC = "iscsimple_stale_records_readable"
 LAST_REPORT_LABEL = "iscsimple_last_report"
 DOWN = "down"  # the host's agent is not scraped successfully now
 RECORDS_UNREADABLE = "records_unreadable"  # its agent cannot read its stale-copy records now
+# Not a report: a host whose agent cannot read its stale-copy records uses this LUN (any
+# iscsimple_lun_* series of it): without a report of it, whether its copy is stale is unknown.
+UNKNOWN = "unknown"
 
 
 class ClusterUnreachable(OperationError):
@@ -113,6 +116,9 @@ class RemoteLun:
 class QueryResult:
     reports: list[RemoteLun]
     seconds: float
+    unknown: list[RemoteLun] = field(
+        default_factory=list
+    )  # hosts using the LUN that cannot read their records
 
 
 class ClusterGuard:
@@ -159,14 +165,21 @@ class ClusterGuard:
     def stale_elsewhere(self, target: str, lun: int) -> QueryResult:
         """Other hosts' stale copies of this LUN: reported now, or last reported by a host now down
         or whose agent cannot read its stale-copy records now (`iscsimple_stale_records_readable`
-        0; a host that exports 1, or not that metric, counts with what it reports now)."""
+        0; a host that exports 1, or not that metric, counts with what it reports now). Such a
+        host that uses this LUN now (any iscsimple_lun_* series naming it) is in `unknown`."""
         selector = self._selector(STALE_METRIC, target, lun)
         last = f"last_over_time({selector}[{self.settings.lookback}])"
         down = f"{last} unless on(instance, job) (up == 1)"
         unreadable = f"{last} and on(instance, job) ({READABLE_METRIC} == 0)"
+        any_series = self._selector('__name__=~"iscsimple_lun_.+",', target, lun)
+        uses = (
+            f"count by (host, instance, job, label, domain) "
+            f"({any_series} and on(instance, job) ({READABLE_METRIC} == 0))"
+        )
         promql = (
             f'{selector} or label_replace({down}, "{LAST_REPORT_LABEL}", "{DOWN}", "instance", ".*")'
             f' or label_replace({unreadable}, "{LAST_REPORT_LABEL}", "{RECORDS_UNREADABLE}", "instance", ".*")'
+            f' or label_replace({uses}, "{LAST_REPORT_LABEL}", "{UNKNOWN}", "instance", ".*")'
         )
         return self._reports(promql, stale=True)
 
@@ -181,13 +194,18 @@ class ClusterGuard:
         return time.monotonic() - start
 
     def _selector(self, metric: str, target: str, lun: int) -> str:
+        """`metric{target,lun,host!=ME}`; a metric ending in "," is a first matcher (`{__name__=~...,`)."""
         me = _quote(self.settings.host)
-        return f'{metric}{{target="{_quote(target)}",lun="{int(lun)}",host!="{me}"}}'
+        matchers = f'target="{_quote(target)}",lun="{int(lun)}",host!="{me}"'
+        if metric.endswith(","):
+            return f"{{{metric}{matchers}}}"
+        return f"{metric}{{{matchers}}}"
 
     def _reports(self, promql: str, stale: bool) -> QueryResult:
         start = time.monotonic()
         result = self.query(promql)
         seen: dict[tuple[str, str], RemoteLun] = {}
+        unknown: dict[tuple[str, str], RemoteLun] = {}
         for sample in result:
             try:
                 labels = sample["metric"]
@@ -196,19 +214,27 @@ class ClusterGuard:
                     raise TypeError
             except (KeyError, IndexError, TypeError, ValueError):
                 raise ClusterUnreachable(f"Prometheus gave a malformed sample: {sample!r:.200}") from None
+            mark = labels.get(LAST_REPORT_LABEL)
             report = RemoteLun(
                 host=str(labels.get("host", "?")),
                 instance=str(labels.get("instance", labels.get("host", "?"))),
                 label=str(labels.get("label", "")),
                 domain=str(labels.get("domain", "")),
-                since=value if stale and math.isfinite(value) else None,
-                down=labels.get(LAST_REPORT_LABEL) == DOWN,
-                records_unreadable=labels.get(LAST_REPORT_LABEL) == RECORDS_UNREADABLE,
+                since=value if stale and mark != UNKNOWN and math.isfinite(value) else None,
+                down=mark == DOWN,
+                records_unreadable=mark in (RECORDS_UNREADABLE, UNKNOWN),
             )
             key = (report.host, report.label)
+            if mark == UNKNOWN:
+                unknown.setdefault(key, report)
+                continue
             if key not in seen or (seen[key].last and not report.last):  # a current report wins
                 seen[key] = report
-        return QueryResult(sorted(seen.values(), key=lambda r: (r.host, r.label)), time.monotonic() - start)
+        return QueryResult(
+            sorted(seen.values(), key=lambda r: (r.host, r.label)),
+            time.monotonic() - start,
+            sorted(unknown.values(), key=lambda r: (r.host, r.label)),
+        )
 
 
 def _quote(value: str) -> str:
@@ -327,6 +353,10 @@ def check_before_attach(
         return _unreachable(settings, e, f"whether another host holds newer writes of {spec}")
     accepted = Acceptances(paths).for_lun(target, lun)
     blocking = [r for r in result.reports if not any(a.covers(r) for a in accepted)]
+    reported = {r.host for r in result.reports}  # a host's report (even accepted) speaks for it
+    unknown = [u for u in result.unknown if u.host not in reported]
+    if not blocking and unknown:
+        return _records_unknown(settings, spec, unknown, result.seconds)
     if not blocking:
         outcome = "accepted" if result.reports else "clear"
         if result.reports:
@@ -378,6 +408,40 @@ def check_before_writing_lun(
         f"('iscsimple resolve {first.label} --keep iscsi --yes-discard-local-writes' here)"
     )
     return GuardVerdict(False, "refused", reason, result.seconds, tuple(result.reports))
+
+
+def _records_unknown(
+    settings: ClusterSettings, spec: str, unknown: list[RemoteLun], seconds: float
+) -> GuardVerdict:
+    """Another host uses the LUN, cannot read its stale-copy records and has no report of it within
+    lookback: whether its local leg holds newer writes cannot be told. on_unreachable decides."""
+    first = unknown[0]
+    where = f"host {first.host}" + (f" [{first.instance}]" if first.instance != first.host else "")
+    disk = first.label + (f" ({first.domain})" if first.domain else "")
+    others = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+    what = (
+        f"{where} uses {spec}{f' as {disk}' if first.label else ''} but its agent cannot read its stale-copy "
+        f"records (iscsimple_stale_records_readable 0) and reported no stale copy of it within [cluster] lookback "
+        f"({settings.lookback}){others}: whether its local leg holds writes the iSCSI copy lacks is unknown"
+    )
+    if settings.on_unreachable == "proceed":
+        log.error(
+            "CLUSTER GUARD CANNOT TELL: %s; proceeding because [cluster] on_unreachable = proceed: a stale copy "
+            "on that host would NOT be noticed",
+            what,
+        )
+        return GuardVerdict(True, "unreachable_proceeded", what, seconds, tuple(unknown))
+    return GuardVerdict(
+        False,
+        "unreachable_refused",
+        f"cannot tell whether another host holds newer writes of {spec}: {what}; refusing ([cluster] "
+        f"on_unreachable = refuse). On host {first.host}: make its stale-copy records directory "
+        "(/var/lib/iscsimple/stale by default) readable again (its agent logs why not; alert "
+        "IscsimpleStaleRecordsUnreadable); its agent then reports whether its copy is stale. To go on without "
+        "knowing, set on_unreachable = proceed in [cluster]",
+        seconds,
+        tuple(unknown),
+    )
 
 
 def _unreachable(settings: ClusterSettings, error: ClusterUnreachable, question: str) -> GuardVerdict:

@@ -7,7 +7,9 @@ as they are; a down host's stale reports come back as its last report (marked
 cannot read its stale-copy records (`records_readable` False: it restarted so and reports
 no stale series) has its stale reports come back as its last report (marked
 `iscsimple_last_report="records_unreadable"`) only when the query asks for
-`iscsimple_stale_records_readable == 0` — as on Prometheus, where the series are gone. The real
+`iscsimple_stale_records_readable == 0` — as on Prometheus, where the series are gone — and
+its attachments of the LUN come back marked `iscsimple_last_report="unknown"` when the query
+asks for any `iscsimple_lun_.+` series of such a host. The real
 PromQL is checked against a real Prometheus in tests/e2e/test_cluster_guard.py.
 It can also answer slowly, with an error, or with garbage, and records every query.
 """
@@ -110,6 +112,12 @@ class FakePrometheus:
                             elif unreadable:
                                 series["iscsimple_last_report"] = "records_unreadable"
                             result.append({"metric": series, "value": [now, repr(since)]})
+                    if unreadable and '__name__=~"iscsimple_lun_.+"' in query:
+                        for t, n, label in sorted(h.attached):
+                            if (t, n) == (target, lun):
+                                series = {**labels, "label": label, "domain": "vm"}
+                                series["iscsimple_last_report"] = "unknown"
+                                result.append({"metric": series, "value": [now, "1"]})
                 elif metric == "iscsimple_lun_attached" and h.up:
                     for t, n, label in h.attached:
                         if (t, n) == (target, lun):

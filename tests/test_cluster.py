@@ -154,6 +154,58 @@ def test_a_running_host_that_reads_its_records_counts_with_what_it_reports_now(p
     assert not verdict.allowed and not verdict.reports[0].last and "--keep local" in verdict.reason
 
 
+@pytest.mark.parametrize("policy", ["refuse", "proceed"])
+def test_a_host_using_the_lun_that_cannot_read_its_records_and_has_no_report_is_cannot_tell(
+    prom, tmp_path, policy, caplog
+):
+    """hosta uses the LUN, cannot read its records and reported no stale copy within lookback (its
+    record, if any, was written while it could not export it): the cluster view is unknown, and
+    the attach was clear. Now on_unreachable decides, and the refusal says what to do."""
+    a = prom.host("hosta")
+    a.records_readable = False
+    a.attached.add((TARGET, 1, LABEL))
+    prom.host("hostc").attached.add((TARGET, 1, "other"))  # reads its records: attached is normal
+    paths = SafetyBed(tmp_path).paths
+    verdict = check_before_attach(settings(prom, on_unreachable=policy), paths, TARGET, 1)
+    assert [r.host for r in verdict.reports] == ["hosta"]
+    if policy == "refuse":
+        assert not verdict.allowed and verdict.outcome == "unreachable_refused"
+        assert verdict.reason.startswith(
+            f"cannot tell whether another host holds newer writes of lun1@{TARGET}"
+        )
+        assert f"host hosta [hosta:9977] uses lun1@{TARGET} as {LABEL} (vm)" in verdict.reason
+        assert (
+            "cannot read its stale-copy records" in verdict.reason
+            and "within [cluster] lookback" in verdict.reason
+        )
+        assert "On host hosta: make its stale-copy records directory" in verdict.reason
+        assert "on_unreachable = proceed" in verdict.reason
+    else:
+        assert verdict.allowed and verdict.outcome == "unreachable_proceeded"
+        assert "CLUSTER GUARD CANNOT TELL: host hosta" in caplog.text
+    a.attached = {(TARGET, 2, LABEL)}  # another LUN: this one is not its to know
+    assert check_before_attach(settings(prom, on_unreachable=policy), paths, TARGET, 1).outcome == "clear"
+
+
+def test_a_report_of_a_host_that_cannot_read_its_records_speaks_for_it(prom, tmp_path):
+    """Its last report within lookback refuses (or, accepted, lets the attach go on): not 'cannot tell'."""
+    a = prom.host("hosta")
+    a.records_readable = False
+    a.attached.add((TARGET, 1, LABEL))
+    a.stale[(TARGET, 1, LABEL)] = SINCE
+    paths = SafetyBed(tmp_path).paths
+    assert check_before_attach(settings(prom), paths, TARGET, 1).outcome == "refused"
+    Acceptances(paths).put(Acceptance("hosta", TARGET, 1, SINCE, LABEL))
+    assert check_before_attach(settings(prom), paths, TARGET, 1).outcome == "accepted"
+
+
+def test_the_unknown_arm_is_no_report(tmp_path):
+    """A count of a host's series of the LUN (marked unknown) is never read as a stale since."""
+    labels = {"host": "hosta", "label": LABEL, "instance": "hosta:9977", "iscsimple_last_report": "unknown"}
+    result = _guard_answering(_vector({"metric": labels, "value": [0, "2"]})).stale_elsewhere(TARGET, 1)
+    assert result.reports == [] and [(u.host, u.since) for u in result.unknown] == [("hosta", None)]
+
+
 @pytest.mark.parametrize("why", ["down", "records_unreadable"])
 def test_a_current_report_wins_over_a_last_report_of_the_same_disk(tmp_path, why):
     """An agent that cannot read its records still exports the records it read before: Prometheus

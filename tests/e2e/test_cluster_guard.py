@@ -4,7 +4,8 @@ What the fake in tests/fakeprometheus.py assumes is checked here on the real thi
 stale report comes back while its host is up; it stays (as the host's last report) when
 the host stops answering; it goes once the host answers again without it; it comes back
 (as the last report) while that host's agent, up, cannot read its stale-copy records
-(`iscsimple_stale_records_readable` 0) and goes once it can; a LUN's attachment counts
+(`iscsimple_stale_records_readable` 0) and goes once it can, and such a host's use of a
+LUN it has no report of comes back as unknown; a LUN's attachment counts
 only while its host is up; this host's own series never count.
 """
 
@@ -65,7 +66,9 @@ class StandInAgent:
             self.server = None
 
 
-def exposition(host: str, *, stale: bool, attached: bool, readable: int | None = None) -> str:
+def exposition(
+    host: str, *, stale: bool, attached: bool, readable: int | None = None, lun2: bool = False
+) -> str:
     labels = f'host="{host}",target="{TARGET}",lun="1",label="web1-root",domain="web1"'
     lines = []
     if stale:
@@ -73,8 +76,13 @@ def exposition(host: str, *, stale: bool, attached: bool, readable: int | None =
             "# TYPE iscsimple_lun_stale_since_seconds gauge",
             f"iscsimple_lun_stale_since_seconds{{{labels}}} {SINCE}",
         ]
+    if attached or lun2:
+        lines += ["# TYPE iscsimple_lun_attached gauge"]
     if attached:
-        lines += ["# TYPE iscsimple_lun_attached gauge", f"iscsimple_lun_attached{{{labels}}} 1"]
+        lines += [f"iscsimple_lun_attached{{{labels}}} 1"]
+    if lun2:  # a LUN this host never reported stale
+        labels2 = f'host="{host}",target="{TARGET}",lun="2",label="web2-root",domain="web2"'
+        lines += [f"iscsimple_lun_attached{{{labels2}}} 1"]
     lines += ["# TYPE iscsimple_cluster_guard_configured gauge", "iscsimple_cluster_guard_configured 1"]
     if readable is not None:  # None: an agent older than the metric
         lines += [
@@ -125,18 +133,24 @@ def test_guard_queries_on_a_real_prometheus(tmp_path):
         assert guard.stale_elsewhere(TARGET, 1).reports == []  # an agent without the readable metric
 
         # Host A's agent restarts unable to read its stale-copy records: up, no stale series.
-        a.text = exposition("hosta", stale=False, attached=True, readable=0)
+        a.text = exposition("hosta", stale=False, attached=True, readable=0, lun2=True)
         wait_until(lambda: guard.stale_elsewhere(TARGET, 1).reports, 30, "hosta's last report again")
         reports = guard.stale_elsewhere(TARGET, 1).reports
         assert [(r.host, r.since, r.records_unreadable, r.down) for r in reports] == [
             ("hosta", SINCE, True, False)
         ]
         assert [r.host for r in guard.attached_elsewhere(TARGET, 1).reports] == ["hosta"]
+        lun2 = guard.stale_elsewhere(TARGET, 2)  # used there, never reported stale: unknown
+        assert lun2.reports == [] and [(u.host, u.label, u.domain, u.since) for u in lun2.unknown] == [
+            ("hosta", "web2-root", "web2", None)
+        ]
+        assert guard.stale_elsewhere(TARGET, 3).unknown == []
 
-        a.text = exposition("hosta", stale=False, attached=True, readable=1)  # readable: no record
+        a.text = exposition("hosta", stale=False, attached=True, readable=1, lun2=True)  # readable: no record
         wait_until(lambda: not guard.stale_elsewhere(TARGET, 1).reports, 30, "hosta readable again")
         time.sleep(1.5)
         assert guard.stale_elsewhere(TARGET, 1).reports == []
+        assert guard.stale_elsewhere(TARGET, 2).unknown == []
     finally:
         prometheus.stop()
         for agent in (a, b):
