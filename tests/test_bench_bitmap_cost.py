@@ -25,9 +25,11 @@ def test_blocks_are_grouped_by_chunk_and_pattern_and_empty_ones_dropped():
         block(256, "random", 0.0, 1.0),  # no time measured on one side: no pair
     ]
     assert bitmap_cost.blocks_by(records) == {
-        (64, "random"): [(2.0, 1.0), (1.0, 1.0)],
-        (64, "sequential"): [(1.0, 1.5)],
+        (64, "random", "pwrite"): [(2.0, 1.0), (1.0, 1.0)],  # records before the aio writer: pwrite
+        (64, "sequential", "pwrite"): [(1.0, 1.5)],
     }
+    records.append({**block(64, "random", 3.0, 2.0), "writer": "aio"})
+    assert bitmap_cost.blocks_by(records)[(64, "random", "aio")] == [(3.0, 2.0)]
 
 
 def test_throughput_ratio_is_time_without_over_time_with_for_as_many_writes():
@@ -65,9 +67,9 @@ def test_heal_copies_every_touched_chunk_whole():
     assert 4 << 20 < small < large < disk
 
 
-def three(chunk, pattern, a, b, c, b_writes=16, c_writes=16):
+def three(chunk, pattern, a, b, c, b_writes=16, c_writes=16, writer="aio"):
     return {
-        "chunk": chunk, "block": 0, "pattern": pattern, "pairs": 16,
+        "chunk": chunk, "block": 0, "pattern": pattern, "writer": writer, "pairs": 16,
         "a_seconds": a, "b_seconds": b, "c_seconds": c,
         "b_bitmap_writes": b_writes, "b_bitmap_writes_all": b_writes,
         "c_bitmap_writes": c_writes, "c_bitmap_writes_all": c_writes + 1,
@@ -81,12 +83,66 @@ def test_report_compares_each_bitmap_store_with_the_mirror_without_and_judges_th
         for _ in range(40):
             a = rnd.uniform(0.9, 1.1)
             records.append(three(64 << 10, pattern, a, a / 0.99 * rnd.uniform(0.99, 1.01), a / 0.8))
-    assert bitmap_cost.blocks_by(records, "C")[(64 << 10, "random")][0][1] == records[0]["c_seconds"]
+    assert bitmap_cost.blocks_by(records, "C")[(64 << 10, "random", "aio")][0][1] == records[0]["c_seconds"]
     bitmap_cost.report(records, 16 << 30)
     out = capsys.readouterr().out
     ram = [line for line in out.splitlines() if line.startswith("B: RAM store")]
     disk = [line for line in out.splitlines() if line.startswith("C: disk layout")]
     assert len(ram) == len(disk) == 2
-    ratios = {line[0]: float(line.split(" | ")[4].split()[0]) for line in ram + disk}
+    ratios = {line[0]: float(line.split(" | ")[5].split()[0]) for line in ram + disk}
     assert ratios["B"] == pytest.approx(0.99, abs=0.01) and ratios["C"] == pytest.approx(0.8, abs=0.01)
-    assert "at most 5 % slower at 64 KiB chunks (CI lower bound >= 0.95, both patterns): shown" in out
+    assert (
+        "at most 5 % slower at 64 KiB chunks (CI lower bound >= 0.95, both patterns, aio writer): shown"
+        in out
+    )
+
+
+def test_the_verdict_is_the_vm_path_writers_when_it_ran_and_both_writers_are_shown(capsys):
+    rnd = random.Random(6)
+    records = []
+    for pattern in ("random", "sequential"):
+        for _ in range(40):
+            a = rnd.uniform(0.9, 1.1)
+            records.append(three(64 << 10, pattern, a, a / 0.99 * rnd.uniform(0.99, 1.01), a, writer="aio"))
+            records.append(three(64 << 10, pattern, a, a / 0.9 * rnd.uniform(0.99, 1.01), a, writer="pwrite"))
+    bitmap_cost.report(records, 16 << 30)
+    out = capsys.readouterr().out
+    rows = {
+        (line.split(" | ")[2], line.split(" | ")[3]): line
+        for line in out.splitlines()
+        if line.startswith("B:")
+    }
+    assert set(rows) == {(p, w) for p in ("random", "sequential") for w in ("aio", "pwrite")}
+    assert float(rows[("random", "pwrite")].split(" | ")[5].split()[0]) == pytest.approx(0.9, abs=0.01)
+    assert "(CI lower bound >= 0.95, both patterns, aio writer): shown" in out
+    # without the aio writer the pwrite writer is judged, and fails
+    bitmap_cost.report([r for r in records if r["writer"] == "pwrite"], 16 << 30)
+    assert "(CI lower bound >= 0.95, both patterns, pwrite writer): NOT shown" in capsys.readouterr().out
+
+
+def test_the_aio_writer_writes_its_buffer_at_the_offset_and_says_why_it_cannot(tmp_path):
+    import mmap
+    import os
+
+    from aio import AioWriter
+
+    buf = mmap.mmap(-1, 4096)
+    buf.write(b"\x5a" * 4096)
+    fd = os.open(tmp_path / "disk", os.O_RDWR | os.O_CREAT, 0o600)
+    writer = AioWriter(fd, buf)
+    try:
+        writer.pwrite(3 * 4096)
+        assert os.pread(fd, 4096, 3 * 4096) == b"\x5a" * 4096
+        assert os.path.getsize(tmp_path / "disk") == 4 * 4096
+    finally:
+        writer.close()
+        os.close(fd)
+    readonly = os.open(tmp_path / "disk", os.O_RDONLY)
+    writer = AioWriter(readonly, buf)
+    try:
+        with pytest.raises(OSError) as err:
+            writer.pwrite(0)
+        assert err.value.errno == 9  # EBADF: the descriptor is not open for writing
+    finally:
+        writer.close()
+        os.close(readonly)
