@@ -56,6 +56,7 @@ ORDERS = (("A", "B", "C"), ("B", "C", "A"), ("C", "A", "B"))
 RESULTS = "/tmp/bitmap-cost.jsonl"
 PATTERNS = ("sequential", "random")
 WRITERS = ("aio", "pwrite")  # how a write is submitted: a VM's path first
+XEN_VDEVS = {"A": "xvdb", "B": "xvdc", "C": "xvdd"}  # --xen: each mirror as dom0's own vbd
 WRITE = 4096
 
 
@@ -108,6 +109,22 @@ def run_phases(cfg: dict, out) -> None:
         out.write(json.dumps(record) + "\n")
         out.flush()
 
+    def attach(name: str) -> str:
+        """With --xen: the mirror as a VM's disk is served, through blkfront -> blkback (dom0's own vbd)."""
+        if not cfg.get("xen"):
+            return MD[name]
+        vdev = XEN_VDEVS[name]
+        target = os.path.realpath(MD[name])
+        sh("xl", "block-attach", "0", f"format=raw,vdev={vdev},access=rw,target={target}")
+        deadline = time.monotonic() + 60
+        while not os.path.exists(f"/dev/{vdev}") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return f"/dev/{vdev}"
+
+    def detach(name: str) -> None:
+        if cfg.get("xen"):
+            sh("xl", "block-detach", "0", XEN_VDEVS[name])
+
     build("A", None)
     writers = {}
     for chunk in cfg["chunks"]:
@@ -133,11 +150,13 @@ def run_phases(cfg: dict, out) -> None:
                     "bitmap": mdstat_block(md),
                 }
             )
+        threads = {name: MdThread(os.path.realpath(MD[name]).rsplit("/", 1)[-1]) for name in MD}
         for name in MD:
+            device = attach(name)
             for pattern in PATTERNS:
                 for submit in cfg["writers"]:
                     writers[(name, pattern, submit)] = Writer(
-                        MD[name], pattern, seed=f"{chunk}-{name}-{pattern}-{submit}", submit=submit
+                        device, pattern, seed=f"{chunk}-{name}-{pattern}-{submit}", submit=submit
                     )
         warmup_end = time.monotonic() + cfg["warmup"]
         phase_end = warmup_end + cfg["phase"]
@@ -148,6 +167,7 @@ def run_phases(cfg: dict, out) -> None:
                 seconds = dict.fromkeys(MD, 0.0)
                 # bitmap-file writes on each store's device while each mirror wrote
                 bitmap_writes = {(name, store): 0 for name in MD for store in WITH_BITMAP}
+                switches = {name: thread.switches() for name, thread in threads.items()}
                 for turn in range(cfg["pairs"]):
                     for name in ORDERS[turn % len(ORDERS)]:
                         io0 = fs_writes()
@@ -161,6 +181,10 @@ def run_phases(cfg: dict, out) -> None:
                     }  # fmt: skip
                     for name in MD:
                         record[f"{name.lower()}_seconds"] = seconds[name]
+                        # each array's raid1d: woken per write when md hands the writes to it
+                        record[f"{name.lower()}_md_thread_switches"] = (
+                            threads[name].switches() - switches[name]
+                        )
                     for store in WITH_BITMAP:  # on each store: during its own mirror's writes, in all
                         own = bitmap_writes[(store, store)]
                         record[f"{store.lower()}_bitmap_writes"] = own
@@ -171,9 +195,37 @@ def run_phases(cfg: dict, out) -> None:
             block += measured
         for writer in writers.values():
             writer.close()
+        for name in MD:
+            detach(name)
         for name in WITH_BITMAP:
             sh("mdadm", "--stop", MD[name])
     sh("mdadm", "--stop", MD["A"])
+
+
+class MdThread:
+    """An array's md thread (`mdN_raid1`): its context switches count how often it ran."""
+
+    def __init__(self, md: str):
+        self.status = next(
+            (p / "status" for p in Path("/proc").iterdir() if p.name.isdigit() and _comm(p) == f"{md}_raid1"),
+            None,
+        )
+
+    def switches(self) -> int:
+        if self.status is None:
+            return 0
+        try:
+            text = self.status.read_text()
+        except OSError:
+            return 0
+        return sum(int(line.split()[1]) for line in text.splitlines() if "ctxt_switches:" in line)
+
+
+def _comm(proc: Path) -> str:
+    try:
+        return (proc / "comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def mdstat_block(md: str) -> str:
@@ -281,6 +333,11 @@ def main() -> None:
     parser.add_argument(
         "--writers", default=",".join(WRITERS), help="how writes are submitted: aio (a VM's path), pwrite"
     )
+    parser.add_argument(
+        "--xen",
+        action="store_true",
+        help="boot dom0 under Xen and write to each mirror as dom0's own vbd: blkfront -> blkback -> md",
+    )
     parser.add_argument("--save", type=Path, help="also write the per-block records (JSON lines) here")
     parser.add_argument(
         "--control",
@@ -292,7 +349,10 @@ def main() -> None:
     if not writers or set(writers) - set(WRITERS):
         parser.error(f"--writers: a comma-separated list of {', '.join(WRITERS)}")
     run_on_bed(
-        "bench/bitmap_cost.py", lambda bed, xl, cli: CostBench(bed, xl, cli, args).run(), memory_mib=2048
+        "bench/bitmap_cost.py",
+        lambda bed, xl, cli: CostBench(bed, xl, cli, args).run(),
+        memory_mib=2048,
+        xen=args.xen,
     )
 
 
@@ -320,7 +380,7 @@ class CostBench(BedBench):
         cfg = {
             "legs": legs, "fs_devices": fs_devices, "chunks": chunks, "pairs": a.pairs,
             "warmup": a.warmup, "phase": a.phase_minutes * 60, "control": a.control,
-            "writers": a.writers.split(","),
+            "writers": a.writers.split(","), "xen": a.xen,
         }  # fmt: skip
         g.run(["tee", "/tmp/bitmap-cost.json"], input=json.dumps(cfg))
         total = len(chunks) * (a.phase_minutes * 60 + a.warmup + 150) + 120
@@ -367,7 +427,7 @@ def report(records: list[dict], disk_bytes: int, control: bool = False) -> None:
 
     print(
         "\nmirror | chunk | pattern | writer | writes each | X/A throughput [95 % CI] | block median [95 % CI] "
-        "| writes/s A, X | bitmap writes per X write (during X's writes / all)"
+        "| writes/s A, X | bitmap writes per X write (during X's writes / all) | md thread runs per write A, X"
     )
     ran = {r.get("writer", "pwrite") for r in records}
     judged = next((w for w in WRITERS if w in ran), "pwrite")  # a VM's path when it ran
@@ -386,10 +446,14 @@ def report(records: list[dict], disk_bytes: int, control: bool = False) -> None:
             own = sum(r[f"{mirror.lower()}_bitmap_writes"] for r in mine) / writes
             every = sum(r[f"{mirror.lower()}_bitmap_writes_all"] for r in mine) / writes
             rates = f"{writes / sum(a for a, _ in blocks):.1f}, {writes / sum(b for _, b in blocks):.1f}"
+            runs = ", ".join(
+                f"{sum(r.get(f'{m.lower()}_md_thread_switches', 0) for r in mine) / writes:.2f}"
+                for m in ("A", mirror)
+            )
             default = " (default)" if chunk == DEFAULT_CHUNK_BYTES else ""
             print(
                 f"{mirror}: {CONTROL_NAME if control and mirror == 'C' else STORE_NAMES[mirror]} | {chunk >> 10} KiB{default} | {pattern} | {writer} | {writes} | "
-                f"{ratio:.3f} [{lo:.3f}-{hi:.3f}] | {md:.3f} [{mlo:.3f}-{mhi:.3f}] | {rates} | {own:.3f} / {every:.3f}"
+                f"{ratio:.3f} [{lo:.3f}-{hi:.3f}] | {md:.3f} [{mlo:.3f}-{mhi:.3f}] | {rates} | {own:.3f} / {every:.3f} | {runs}"
             )
             if mirror == "B" and writer == judged:
                 shown[chunk] = shown.get(chunk, True) and lo >= 0.95

@@ -165,9 +165,10 @@ def main() -> None:
     run_on_bed("bench/heal.py", lambda bed, xl, cli: Bench(bed, xl, cli, args).run())
 
 
-def run_on_bed(script: str, bench, memory_mib: int = 1024) -> None:
-    """As root and holding the machine-wide VM lock: boot the real-kernel bed, set it up and
-    call bench(bed, xl, cli) (tests/vm: StorageBed, Xl, the CLI's path); bench/blip.py uses it too."""
+def run_on_bed(script: str, bench, memory_mib: int = 1024, xen: bool = False) -> None:
+    """As root and holding the machine-wide VM lock: boot the real-kernel bed (with `xen`: as dom0
+    under Xen, blkback and blkfront loaded), set it up and call bench(bed, xl, cli) (tests/vm:
+    StorageBed, Xl, the CLI's path); bench/blip.py and bench/bitmap_cost.py use it too."""
     if os.geteuid() != 0:
         sys.exit(f"{script} boots the real-kernel bed: run it as root")
     sys.path.insert(0, str(REPO / "tests" / "vm"))
@@ -176,15 +177,19 @@ def run_on_bed(script: str, bench, memory_mib: int = 1024) -> None:
         print(f"waiting for {VM_LOCK} ...", flush=True)
         fcntl.flock(lock, fcntl.LOCK_EX)
         from storagebed import StorageBed
-        from vmharness import Guest, prepare_kernel
+        from vmharness import Guest, prepare_kernel, prepare_xen
         from xldriver import CLI, Xl
 
         started = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-            guest = Guest.boot(Path(tmp), prepare_kernel(), memory_mib=memory_mib)
+            guest = Guest.boot(
+                Path(tmp), prepare_kernel(), xen=prepare_xen() if xen else None, memory_mib=memory_mib
+            )
             try:
                 bed = StorageBed(guest)
                 bed.setup()
+                if xen:
+                    bed.setup_xen()
                 print(f"booted and set up in {time.monotonic() - started:.0f} s", flush=True)
                 bench(bed, Xl(bed), CLI)
             finally:

@@ -105,6 +105,7 @@ def test_the_verdict_is_the_vm_path_writers_when_it_ran_and_both_writers_are_sho
             a = rnd.uniform(0.9, 1.1)
             records.append(three(64 << 10, pattern, a, a / 0.99 * rnd.uniform(0.99, 1.01), a, writer="aio"))
             records.append(three(64 << 10, pattern, a, a / 0.9 * rnd.uniform(0.99, 1.01), a, writer="pwrite"))
+            records[-1]["b_md_thread_switches"] = 16  # md handed each of B's 16 writes to raid1d
     bitmap_cost.report(records, 16 << 30)
     out = capsys.readouterr().out
     rows = {
@@ -114,6 +115,9 @@ def test_the_verdict_is_the_vm_path_writers_when_it_ran_and_both_writers_are_sho
     }
     assert set(rows) == {(p, w) for p in ("random", "sequential") for w in ("aio", "pwrite")}
     assert float(rows[("random", "pwrite")].split(" | ")[5].split()[0]) == pytest.approx(0.9, abs=0.01)
+    assert rows[("random", "pwrite")].endswith(" | 0.00, 1.00") and rows[("random", "aio")].endswith(
+        " | 0.00, 0.00"
+    )
     assert "(CI lower bound >= 0.95, both patterns, aio writer): shown" in out
     # without the aio writer the pwrite writer is judged, and fails
     bitmap_cost.report([r for r in records if r["writer"] == "pwrite"], 16 << 30)
