@@ -119,6 +119,10 @@ def test_the_verdict_is_the_vm_path_writers_when_it_ran_and_both_writers_are_sho
         " | 0.00, 0.00"
     )
     assert "(CI lower bound >= 0.95, both patterns, aio writer): shown" in out
+    bitmap_cost.report(records, 16 << 30, xen=True)
+    assert "(CI lower bound >= 0.95, both patterns, aio writer, through Xen blkfront -> blkback): shown" in (
+        capsys.readouterr().out
+    )
     # without the aio writer the pwrite writer is judged, and fails
     bitmap_cost.report([r for r in records if r["writer"] == "pwrite"], 16 << 30)
     assert "(CI lower bound >= 0.95, both patterns, pwrite writer): NOT shown" in capsys.readouterr().out
