@@ -156,7 +156,13 @@ def run_phases(cfg: dict, out) -> None:
             for pattern in PATTERNS:
                 for submit in cfg["writers"]:
                     writers[(name, pattern, submit)] = Writer(
-                        device, pattern, seed=f"{chunk}-{name}-{pattern}-{submit}", submit=submit
+                        device,
+                        pattern,
+                        seed=f"{chunk}-{name}-{pattern}-{submit}",
+                        submit=submit,
+                        # each writer's sequential run in its own part of the disk: one writer
+                        # following another through the same chunks would find their bits set
+                        start=WRITERS.index(submit) / len(WRITERS),
                     )
         warmup_end = time.monotonic() + cfg["warmup"]
         phase_end = warmup_end + cfg["phase"]
@@ -241,12 +247,12 @@ def mdstat_block(md: str) -> str:
 
 class Writer:
     """4 KiB O_DIRECT|O_DSYNC writes, one at a time, submitted by `submit` (WRITERS); a sequential
-    writer resumes where it stopped."""
+    writer starts at `start` (a fraction of the disk) and resumes where it stopped."""
 
-    def __init__(self, device: str, pattern: str, seed: str, submit: str = "pwrite"):
+    def __init__(self, device: str, pattern: str, seed: str, submit: str = "pwrite", start: float = 0.0):
         self.fd = os.open(device, os.O_WRONLY | os.O_DIRECT | os.O_DSYNC)
         self.blocks = os.lseek(self.fd, 0, os.SEEK_END) // WRITE
-        self.pattern, self.rnd, self.next = pattern, random.Random(seed), 0
+        self.pattern, self.rnd, self.next = pattern, random.Random(seed), int(start * self.blocks)
         self.buf = mmap.mmap(-1, WRITE)
         self.buf.write(os.urandom(WRITE))
         self.aio = AioWriter(self.fd, self.buf) if submit == "aio" else None
