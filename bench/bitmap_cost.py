@@ -2,10 +2,12 @@
 """The writer's cost of the write-intent bitmap on the real kernel, resolved below the machine's noise.
 
     sudo .venv/bin/python bench/bitmap_cost.py [--chunks 64,4096] [--phase-minutes 5] [--pairs 16]
-                                               [--disk-gib 16] [--save FILE]
+                                               [--disk-gib 16] [--control] [--writers aio,pwrite]
+                                               [--xen] [--save FILE]
 
-Boots the real-kernel bed (tests/vm: Debian's kernel under qemu TCG, tgt on the guest's loopback)
-holding the machine-wide VM lock (/tmp/iscsimple-vm.lock). Three mirrors of the project's layout
+Boots the real-kernel bed (tests/vm: Debian's kernel under qemu TCG, tgt on the guest's loopback;
+with --xen as dom0 under Xen, each mirror attached as dom0's own vbd and written through
+blkfront -> blkback, a VM's path) holding the machine-wide VM lock (/tmp/iscsimple-vm.lock). Three mirrors of the project's layout
 (a local device plus a LUN over iSCSI, write-mostly, built by the project's --build command with
 --assume-clean), each DISK_GIB large (sparse), same kind of backing: A without a bitmap, B with its
 bitmap file in the product's RAM store (ext4 on zram, made by core/bitmapstore.py), C with its
