@@ -6,32 +6,32 @@
                                                [--xen] [--save FILE]
 
 Boots the real-kernel bed (tests/vm: Debian's kernel under qemu TCG, tgt on the guest's loopback;
-with --xen as dom0 under Xen, each mirror attached as dom0's own vbd and written through
-blkfront -> blkback, a VM's path) holding the machine-wide VM lock (/tmp/iscsimple-vm.lock). Three mirrors of the project's layout
-(a local device plus a LUN over iSCSI, write-mostly, built by the project's --build command with
---assume-clean), each DISK_GIB large (sparse), same kind of backing: A without a bitmap, B with its
-bitmap file in the product's RAM store (ext4 on zram, made by core/bitmapstore.py), C with its
-bitmap file on ext4 with 4 KiB blocks on a loop device, the layout of a bitmap on a local disk's
-filesystem (the loop device's file is in the guest's RAM, so C shows the block layer's path to a
-disk, not a disk's latency; with --control, C is built without a bitmap, like A, and C/A is the
-bench's own bias between two identical mirrors). One phase per chunk size: B and C are rebuilt with that chunk, left
-idle until md has cleaned every bit mdadm's new file starts with, warmed up, and then one writer
-of 4 KiB O_DIRECT|O_DSYNC writes, one at a time, writes to A, B and C in turn (A B C, B C A,
-C A B, ...: a load change on this shared machine hits all alike), in blocks of PAIRS turns,
-sequential and at random places block by block, and for each WRITER in turn: `aio` submits each
-write through Linux AIO as Xen's blkback and qemu submit a VM's writes (md then writes the bitmap
-page and submits the write in the submitter's context), `pwrite` is a process's synchronous
-pwrite(), which md hands to the array's raid1d thread when the array has a bitmap (bench/aio.py). A queue-depth-1 writer's throughput is 1 / its
-mean latency, so per mirror with a bitmap (X = B, C), chunk and pattern the bench prints X's
-throughput over A's (A's total write time over X's, for as many writes) with a 95 % bootstrap
-confidence interval (resampling blocks), the median of the per-block ratios with its interval,
-and md's bitmap-file writes per X write, counted on the device under X's filesystem (md writes
-the file's blocks itself and nothing else writes there): during X's writes, and in all (the
-daemon's lazy clears may land during the others'). "At most 5 % slower" is shown for a chunk
-size only when B's interval's lower bound is at least 0.95 for both patterns, with the aio writer
-(a VM's path) when it ran. It also prints what
-a partial heal copies for 4 MiB written as 1024 scattered 4 KiB writes at each chunk size (the
-other side of the trade-off).
+with --xen as dom0 under Xen, each mirror attached as dom0's own vbd and written through blkfront ->
+blkback, a VM's path) holding the machine-wide VM lock (/tmp/iscsimple-vm.lock). Three mirrors of
+the project's layout (a local device plus a LUN over iSCSI, write-mostly, built by the project's
+--build command with --assume-clean), each DISK_GIB large (sparse), same kind of backing: A without
+a bitmap, B with its bitmap file in the product's RAM store (ext4 on zram, made by
+core/bitmapstore.py), C with its bitmap file on ext4 with 4 KiB blocks on a loop device, the layout
+of a bitmap on a local disk's filesystem (the loop device's file is in the guest's RAM, so C shows
+the block layer's path to a disk, not a disk's latency; with --control, C is built without a bitmap,
+like A, and C/A is the bench's own bias between two identical mirrors). One phase per chunk size: B
+and C are rebuilt with that chunk, left idle until md has cleaned every bit mdadm's new file starts
+with, warmed up, and then one writer of 4 KiB O_DIRECT|O_DSYNC writes, one at a time, writes to A, B
+and C in turn (A B C, B C A, C A B, ...: a load change on this shared machine hits all alike), in
+blocks of PAIRS turns, sequential and at random places block by block, and for each WRITER in turn:
+`aio` submits each write through Linux AIO as Xen's blkback and qemu submit a VM's writes (md then
+writes the bitmap page and submits the write in the submitter's context), `pwrite` is a process's
+synchronous pwrite(), which md hands to the array's raid1d thread when the array has a bitmap
+(bench/aio.py). A queue-depth-1 writer's throughput is 1 / its mean latency, so per mirror with a
+bitmap (X = B, C), chunk and pattern the bench prints X's throughput over A's (A's total write time
+over X's, for as many writes) with a 95 % bootstrap confidence interval (resampling blocks), the
+median of the per-block ratios with its interval, and md's bitmap-file writes per X write, counted
+on the device under X's filesystem (md writes the file's blocks itself and nothing else writes
+there): during X's writes, and in all (the daemon's lazy clears may land during the others'). "At
+most 5 % slower" is shown for a chunk size only when B's interval's lower bound is at least 0.95 for
+both patterns, with the aio writer (a VM's path) when it ran. It also prints what a partial heal
+copies for 4 MiB written as 1024 scattered 4 KiB writes at each chunk size (the other side of the
+trade-off).
 """
 
 from __future__ import annotations
