@@ -440,7 +440,8 @@ def report(records: list[dict], disk_bytes: int, control: bool = False, xen: boo
     )
     ran = {r.get("writer", "pwrite") for r in records}
     judged = next((w for w in WRITERS if w in ran), "pwrite")  # a VM's path when it ran
-    shown: dict[int, bool] = {}
+    shown: dict[int, bool] = {}  # by the throughput interval (the criterion)
+    by_median: dict[int, bool] = {}  # by the per-block median's interval (robust to single stalls)
     for mirror in WITH_BITMAP:
         for (chunk, pattern, writer), blocks in sorted(blocks_by(records, mirror).items()):
             ratio, (lo, hi) = throughput_ratio(blocks), bootstrap_ci(blocks, throughput_ratio)
@@ -466,12 +467,16 @@ def report(records: list[dict], disk_bytes: int, control: bool = False, xen: boo
             )
             if mirror == "B" and writer == judged:
                 shown[chunk] = shown.get(chunk, True) and lo >= 0.95
+                by_median[chunk] = by_median.get(chunk, True) and mlo >= 0.95
+    path = f"{judged} writer{', through Xen blkfront -> blkback' if xen else ''}"
     for chunk, ok in sorted(shown.items()):
-        verdict = "shown" if ok else "NOT shown"
         print(
             f"bitmap in the RAM store at most 5 % slower at {chunk >> 10} KiB chunks "
-            f"(CI lower bound >= 0.95, both patterns, {judged} writer"
-            f"{', through Xen blkfront -> blkback' if xen else ''}): {verdict}"
+            f"(CI lower bound >= 0.95, both patterns, {path}): {'shown' if ok else 'NOT shown'}"
+        )
+        print(
+            f"  by the per-block median instead (its CI lower bound >= 0.95, both patterns): "
+            f"{'shown' if by_median[chunk] else 'NOT shown'}"
         )
     print("\nwhat a partial heal copies for 4 MiB written as 1024 scattered 4 KiB writes:")
     for disk in (256 << 20, disk_bytes, 100 << 30):
