@@ -76,13 +76,21 @@ def three(chunk, pattern, a, b, c, b_writes=16, c_writes=16, writer="aio"):
     }  # fmt: skip
 
 
-def test_report_compares_each_bitmap_store_with_the_mirror_without_and_judges_the_ram_store(capsys):
-    rnd = random.Random(5)
+def blocks_of(seed, b_ratio, c_ratio, writer="aio", b_md_thread_switches=0):
+    """40 blocks per pattern: B and C at about the given throughput relative to A's."""
+    rnd = random.Random(seed)
     records = []
     for pattern in ("random", "sequential"):
         for _ in range(40):
             a = rnd.uniform(0.9, 1.1)
-            records.append(three(64 << 10, pattern, a, a / 0.99 * rnd.uniform(0.99, 1.01), a / 0.8))
+            b = a / b_ratio * rnd.uniform(0.99, 1.01)
+            records.append(three(64 << 10, pattern, a, b, a / c_ratio, writer=writer))
+            records[-1]["b_md_thread_switches"] = b_md_thread_switches
+    return records
+
+
+def test_report_compares_each_bitmap_store_with_the_mirror_without_and_judges_the_ram_store(capsys):
+    records = blocks_of(5, 0.99, 0.8)
     assert bitmap_cost.blocks_by(records, "C")[(64 << 10, "random", "aio")][0][1] == records[0]["c_seconds"]
     bitmap_cost.report(records, 16 << 30)
     out = capsys.readouterr().out
@@ -98,14 +106,8 @@ def test_report_compares_each_bitmap_store_with_the_mirror_without_and_judges_th
 
 
 def test_the_verdict_is_the_vm_path_writers_when_it_ran_and_both_writers_are_shown(capsys):
-    rnd = random.Random(6)
-    records = []
-    for pattern in ("random", "sequential"):
-        for _ in range(40):
-            a = rnd.uniform(0.9, 1.1)
-            records.append(three(64 << 10, pattern, a, a / 0.99 * rnd.uniform(0.99, 1.01), a, writer="aio"))
-            records.append(three(64 << 10, pattern, a, a / 0.9 * rnd.uniform(0.99, 1.01), a, writer="pwrite"))
-            records[-1]["b_md_thread_switches"] = 16  # md handed each of B's 16 writes to raid1d
+    # md handed each of B's 16 writes per block to raid1d with the pwrite writer
+    records = blocks_of(6, 0.99, 1.0) + blocks_of(7, 0.9, 1.0, writer="pwrite", b_md_thread_switches=16)
     bitmap_cost.report(records, 16 << 30)
     out = capsys.readouterr().out
     rows = {
