@@ -99,9 +99,14 @@ class RemoteLun:
         """A last report that counts though the host does not report it now."""
         return self.down or self.records_unreadable
 
+    @property
+    def where(self) -> str:
+        """The host as messages name it: "host H", with its scrape instance when that differs."""
+        return f"host {self.host}" + (f" [{self.instance}]" if self.instance != self.host else "")
+
     def describe(self) -> str:
         vm = f" ({self.domain})" if self.domain else ""
-        where = f"host {self.host}" + (f" [{self.instance}]" if self.instance != self.host else "")
+        where = self.where
         state = ""
         if self.down:
             state = ", which is down now (its last report)"
@@ -368,10 +373,7 @@ def check_before_attach(
     first = blocking[0]
     others = f" (and {len(blocking) - 1} more)" if len(blocking) > 1 else ""
     if first.records_unreadable:
-        remedy = (
-            f"On host {first.host}: make its stale-copy records directory (/var/lib/iscsimple/stale by "
-            "default) readable again (its agent logs why not; alert IscsimpleStaleRecordsUnreadable), then its agent reports whether the copy is still stale"
-        )
+        remedy = _records_remedy(first.host)
     else:
         remedy = (
             f"On host {first.host}: let its heal finish, or run 'iscsimple resolve {first.label} --keep local "
@@ -416,7 +418,7 @@ def _records_unknown(
     """Another host uses the LUN, cannot read its stale-copy records and has no report of it within
     lookback: whether its local leg holds newer writes cannot be told. on_unreachable decides."""
     first = unknown[0]
-    where = f"host {first.host}" + (f" [{first.instance}]" if first.instance != first.host else "")
+    where = first.where
     disk = first.label + (f" ({first.domain})" if first.domain else "")
     others = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
     what = (
@@ -435,12 +437,19 @@ def _records_unknown(
         False,
         "unreachable_refused",
         f"cannot tell whether another host holds newer writes of {spec}: {what}; refusing ([cluster] "
-        f"on_unreachable = refuse). On host {first.host}: make its stale-copy records directory "
-        "(/var/lib/iscsimple/stale by default) readable again (its agent logs why not; alert "
-        "IscsimpleStaleRecordsUnreadable); its agent then reports whether its copy is stale. To go on without "
-        "knowing, set on_unreachable = proceed in [cluster]",
+        f"on_unreachable = refuse). {_records_remedy(first.host)}. To go on without knowing, set "
+        "on_unreachable = proceed in [cluster]",
         seconds,
         tuple(unknown),
+    )
+
+
+def _records_remedy(host: str) -> str:
+    """What to do about a host whose agent cannot read its stale-copy records."""
+    return (
+        f"On host {host}: make its stale-copy records directory (/var/lib/iscsimple/stale by default) "
+        "readable again (its agent logs why not; alert IscsimpleStaleRecordsUnreadable), then its agent "
+        "reports whether its copy is still stale"
     )
 
 
