@@ -577,10 +577,12 @@ def _serve(
         return 2
     if web_config.cleartext_passwords:
         log.warning("basic_auth_users without tls_server_config: passwords cross the network in clear")
-    agent.start(on_first_read=server.serve_in_thread)  # serving the first body while the rest starts
+    # Before the start: it serves the first body while the rest starts, and a SIGTERM then (systemd
+    # stopping it at once) must stop it as cleanly as later, not kill it.
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    agent.start(on_first_read=server.serve_in_thread)  # serving the first body while the rest starts
     log.info("iscsimple-agent %s listening on %s/metrics", VERSION, server.url)
     if on_ready is not None:
         on_ready(server)

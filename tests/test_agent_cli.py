@@ -236,3 +236,44 @@ def test_records_not_listable_at_start_are_never_safe_to_migrate(tmp_path, kind)
     assert s[safe] == 0 and s[readable] == 0, r.stdout
     assert s[("iscsimple_collector_success", (("collector", "safety"),))] == 0
     assert "cannot read the stale-copy records" in r.stderr and str(stale) in r.stderr
+
+
+def test_a_stop_signal_while_the_first_body_is_served_stops_the_agent_cleanly():
+    """The web server serves from inside Agent.start (on_first_read), before the scheduler and the
+    watchers: a SIGTERM then (systemd stopping it at once) must reach the agent's stop, not the
+    default action that kills it (a CI run under Debian's python saw exit -15 so)."""
+    import signal
+
+    from iscsimple.exporter import agent as agent_module
+    from iscsimple.exporter.web import WebConfig
+
+    handlers_at_first_body = []
+    events = []
+
+    class StartingAgent:
+        metrics_pieces = healthy = ready = summary = staticmethod(lambda *a: None)
+
+        def start(self, on_first_read):
+            on_first_read()  # serving from here on
+            handler = signal.getsignal(signal.SIGTERM)
+            handlers_at_first_body.append(handler)
+            if callable(handler):
+                handler(signal.SIGTERM, None)  # the SIGTERM arrives now
+
+        def stop(self):
+            events.append("stopped")
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        # on_ready stops a run whose handler came too late, so the test ends either way
+        rc = agent_module._serve(
+            StartingAgent(),
+            ("127.0.0.1", 0),
+            WebConfig(),
+            on_ready=lambda server: signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None),
+        )
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert rc == 0 and events == ["stopped"]
+    assert callable(handlers_at_first_body[0]), "SIGTERM still had its default action (death) while serving"
